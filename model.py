@@ -1,0 +1,814 @@
+"""A hand-written Qwen2 decoder that loads real Hugging Face checkpoints, samples with a KV cache and scores tokens.
+
+Pure PyTorch: no `transformers` import. Module names equal the checkpoint's (`model.layers.0.self_attn.q_proj`, ...),
+unfused, so loading is a strict `load_state_dict` and LoRA (lora.py) can target `q_proj`/`v_proj` by name.
+
+Shape letters (README legend): B batch rows, G group size, T tokens, S cached tokens, V vocab, H query heads,
+K key/value heads, D head dim, C hidden size (channels), N selected positions.
+
+Sections: config · decoder · loading · model location · tokenizer · sampling · scoring.
+"""
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    """The architecture fields of a Qwen2 `config.json`; field names are the file's keys."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 131072
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (128 for Qwen2-1.5B)
+    bos_token_id: int | None = 151643
+    eos_token_id: int | tuple[int, ...] | None = 151643
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else (e,) if isinstance(e, int) else tuple(e)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> Qwen2Config:
+        """Read the keys we implement; refuse a config that turns on anything we do not (naming the key)."""
+        if d.get("model_type") != "qwen2":
+            raise ValueError(f"{source}: model_type is {d.get('model_type')!r}; tokrl implements only 'qwen2'")
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window is true; sliding-window attention is not implemented")
+        if d.get("rope_scaling"):
+            raise ValueError(f"{source}: rope_scaling is {d['rope_scaling']!r}; RoPE scaling is not implemented")
+        rope = d.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta here
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: rope_parameters.rope_type is {rope['rope_type']!r}; only 'default' RoPE")
+        if any(t != "full_attention" for t in d.get("layer_types") or []):
+            raise ValueError(f"{source}: layer_types has {set(d['layer_types'])}; only full_attention is implemented")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act is {d['hidden_act']!r}; Qwen2 uses 'silu'")
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None}
+        if "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = tuple(kw["eos_token_id"])
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in kw:
+                raise ValueError(f"{source}: required key {key!r} is missing")
+        if "eos_token_id" not in d:
+            kw["eos_token_id"] = None
+        cfg = cls(**kw)
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError(f"{source}: num_attention_heads ({cfg.num_attention_heads}) is not a multiple of "
+                             f"num_key_value_heads ({cfg.num_key_value_heads})")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Qwen2Config:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config.json not found (a model directory needs config.json, "
+                                    "tokenizer.json and model.safetensors)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eos_token_id"] = list(self.eos_ids) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
+                "use_sliding_window": False, **{k: v for k, v in d.items() if v is not None}}
+
+
+# Named presets so tests and benchmarks can build real shapes offline.
+PRESETS: dict[str, Qwen2Config] = {
+    "qwen2-1.5b": Qwen2Config(),  # Qwen/Qwen2-1.5B (base): 1,543,714,304 parameters, tied embeddings
+    # CPU-sized, with the real vocabulary, for the benchmark: the LM head is as wide as Qwen2-1.5B's.
+    "qwen2-tiny-realvocab": Qwen2Config(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Qwen2 does), then scale in the weight's dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, T, D) for integer positions (B, T); frequencies in fp32 like the reference."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): the rotate-half convention pairs i with i + D/2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by the angles in cos/sin (B, T, D), rotate-half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, K, S_max, D) each, filled up to `length`.
+
+    `valid` (B, S_max) marks real tokens; it is False for left padding (batched greedy evaluation).
+    """
+
+    def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_size)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.padded = False
+        self.length = 0
+        self.max_len = max_len
+
+    def expand_rows(self, n: int) -> None:
+        """Copy a one-row cache (after a shared prefill) into n rows that can then be written independently.
+
+        A real copy, not `expand()`: expanded views share one storage, so the rows' decoded tokens would overwrite
+        each other (tests/test_model.py::test_group_rows_draw_independent_tokens tells this bug's story)."""
+        assert self.k[0].shape[0] == 1
+        self.k = [k.repeat(n, 1, 1, 1) for k in self.k]
+        self.v = [v.repeat(n, 1, 1, 1) for v in self.v]
+        self.valid = self.valid.repeat(n, 1)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows so that they stop costing compute."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.valid = self.valid.index_select(0, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:  # training / scoring: one unpadded sequence per row, plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            start = cache.length
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, K, S, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask(cache, start, T), enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def cache_mask(cache: KVCache, start: int, T: int) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask for T new queries at cache slots start..start+T-1 over S = start+T keys.
+
+    The cache-aware causal mask: query i sits at slot start+i, so it may see keys 0..start+i -- every cached key
+    plus the new ones up to itself; padded slots are never seen. A single unpadded decode step needs no mask."""
+    if T == 1 and not cache.padded:
+        return None
+    S = start + T
+    slots = torch.arange(S, device=cache.valid.device)
+    causal = slots[None, :] <= (start + torch.arange(T, device=slots.device))[:, None]  # (T, S)
+    return (causal[None] & cache.valid[:, None, :S])[:, None]  # (B, 1, T, S)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """The decoder. `forward` returns final-normed hidden states; `lm_head` is applied by the caller only where
+    logits are needed (the vocabulary is 151,936 wide: a (T, V) tensor is built only when asked for)."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None,
+                   cache: KVCache | None = None) -> torch.Tensor:
+        """Layers start..end-1 on hidden states h (B, T, C) at integer positions (B, T)."""
+        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta, h.dtype)
+        for i in range(start, self.config.num_hidden_layers if end is None else end):
+            h = self.model.layers[i](h, cos, sin, cache, i)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final-normed hidden states (B, T, C). With a cache, the tokens go at its end."""
+        B, T = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache.length
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        h = self.run_layers(self.model.embed_tokens(input_ids), positions, cache=cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(h)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full (B, T, V) logits: for tests and small inputs only."""
+        return self.lm_head(self(input_ids))
+
+    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Random weights (normal(0, std), norms 1, biases 0) for tests and benchmarks."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.normal_(0.0, std, generator=generator)
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Parameter count with shared (tied) tensors counted once."""
+    return sum(p.numel() for p in model.parameters())  # .parameters() already yields a tied tensor once
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading a Hugging Face model directory (config.json + model.safetensors, or shards + model.safetensors.index.json)
+
+IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")  # some old checkpoints store RoPE buffers; we recompute
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory: the shards of the index, or the single model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                                "(tokrl reads safetensors weights only)")
+    return [single]
+
+
+def read_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, up-cast (or cast) to `dtype`, with errors that name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in weight_files(model_dir):
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{f}: cannot read safetensors file, it may be truncated or corrupt ({e})") from None
+        for name, t in tensors.items():
+            if name in state:
+                raise ValueError(f"{f}: tensor {name} also appears in another shard")
+            state[name] = t.to(dtype)
+    return state
+
+
+def check_state_dict(model: Qwen2ForCausalLM, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Name every missing, unexpected or mis-shaped tensor before loading."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # tied: the head is the embedding, the file need not repeat it
+        state.pop("lm_head.weight", None)  # some tied checkpoints store it anyway; the embedding is used
+    for name in [k for k in state if IGNORED_TENSORS.match(k)]:
+        state.pop(name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {expected[k]}" for k in sorted(set(state) & set(expected))
+              if tuple(state[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if shapes:
+        problems.append("mis-shaped tensors " + "; ".join(shapes[:5]))
+    if problems:
+        raise ValueError(f"{where}: checkpoint does not match config.json: " + "; ".join(problems))
+
+
+def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> Qwen2ForCausalLM:
+    """Build the decoder from `model_dir/config.json` on the meta device (no allocation), then assign the checkpoint.
+
+    bf16/fp16 tensors are up-cast to `dtype` (fp32 by default: the paper trains in fp32)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model directory not found")
+    cfg = Qwen2Config.from_json(model_dir / "config.json")
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    state = read_state_dict(model_dir, dtype)
+    check_state_dict(model, state, model_dir)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:  # assign=True replaced the Parameters: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval()
+
+
+def save_model(model: Qwen2ForCausalLM, model_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write config.json + model.safetensors in the Hugging Face layout (tests and benchmarks build checkpoints)."""
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: (v if dtype is None else v.to(dtype)).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    (model_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model location: a local directory, the Hugging Face cache, or a download into that cache.
+# Standard library only, so that a machine without huggingface_hub can still fetch Qwen2-1.5B, and a machine
+# without network can use what another tool (huggingface_hub, transformers) already put in the cache.
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_CHUNK = 8 * 2**20  # 8 MiB: few syscalls, small memory
+_TIMEOUT_S = 30.0  # per socket operation, not per file: a 3 GB shard may take minutes
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model is neither cached nor downloadable; the message says how to place the files by hand."""
+
+
+def hf_cache_dir() -> pathlib.Path:
+    """The huggingface_hub cache root: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return pathlib.Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return pathlib.Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def resolve_model_dir(name_or_path: str, *, revision: str = "main", allow_download: bool = True,
+                      progress: bool = True) -> pathlib.Path:
+    """Return a directory holding config.json, tokenizer.json and the safetensors weights.
+
+    Order: an existing local directory (used as is, even if it also looks like a repo id); then the
+    Hugging Face cache (`models--{owner}--{name}/snapshots/{commit}`); then, if `allow_download` and
+    $HF_HUB_OFFLINE is not set, a resumable HTTPS download into that same cache layout.
+    """
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return path
+    if not _REPO_ID.fullmatch(name_or_path) or ".." in name_or_path:
+        raise ValueError(f"{name_or_path!r} is neither an existing directory nor a Hugging Face repo id "
+                         f"of the form owner/name (e.g. Qwen/Qwen2-1.5B)")
+    repo_dir = hf_cache_dir() / ("models--" + name_or_path.replace("/", "--"))
+    snap = _cached_snapshot(repo_dir, revision)
+    if snap is not None and _snapshot_complete(snap):
+        return snap
+    if not allow_download or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise ModelNotFoundError(f"{name_or_path}@{revision} is not in the cache {repo_dir} and downloading "
+                                 f"is off. {_by_hand(name_or_path, revision)}")
+    return _download_snapshot(name_or_path, revision, repo_dir, progress)
+
+
+# --- cache -------------------------------------------------------------------------------------------------
+
+def _known_commit(repo_dir: pathlib.Path, revision: str) -> str | None:
+    """A commit hash is its own snapshot; a branch or tag is looked up in refs/ (written by any tool)."""
+    if _COMMIT.fullmatch(revision):
+        return revision
+    ref = repo_dir / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def _cached_snapshot(repo_dir: pathlib.Path, revision: str) -> pathlib.Path | None:
+    commit = _known_commit(repo_dir, revision)
+    # No ref but a folder named after the revision: our own download from a server without X-Repo-Commit.
+    for name in (commit, _safe_dirname(revision)):
+        if name and (repo_dir / "snapshots" / name).is_dir():
+            return repo_dir / "snapshots" / name
+    return None
+
+
+def _weight_files(snap: pathlib.Path) -> list[str] | None:
+    """Weight file names the snapshot needs (the index and its shards, or the single file); None: unknown."""
+    index = snap / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (needs a weight_map): {e!r}") from e
+        for s in shards:  # names come from the server: never let one escape the snapshot folder
+            if pathlib.PurePosixPath(s).name != s or s.startswith("."):
+                raise ValueError(f"{index} lists an unsafe shard name {s!r}")
+        return [index.name, *shards]
+    return ["model.safetensors"] if (snap / "model.safetensors").is_file() else None
+
+
+def _snapshot_complete(snap: pathlib.Path) -> bool:
+    weights = _weight_files(snap)
+    return weights is not None and all((snap / f).is_file() for f in ["config.json", "tokenizer.json", *weights])
+
+
+def _safe_dirname(revision: str) -> str:
+    return revision.replace("/", "--")  # e.g. refs/pr/1 becomes one folder, not three
+
+
+def _write_ref(repo_dir: pathlib.Path, revision: str, commit: str) -> None:
+    ref = repo_dir / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(ref.name + ".tmp")
+    tmp.write_text(commit)  # no newline, as huggingface_hub writes it
+    os.replace(tmp, ref)
+
+
+def _by_hand(repo: str, revision: str) -> str:
+    page = f"https://huggingface.co/{repo}" + ("" if revision == "main" else f"/tree/{revision}")
+    return (f"To place the files by hand: on a machine with network access, download config.json, "
+            f"tokenizer.json, tokenizer_config.json, generation_config.json and model.safetensors (or the "
+            f"sharded model-0000k-of-0000n.safetensors with model.safetensors.index.json) from {page}, copy "
+            f"them into one directory and pass that directory to --model.")
+
+
+# --- download ----------------------------------------------------------------------------------------------
+
+def _download_snapshot(repo: str, revision: str, repo_dir: pathlib.Path, progress: bool) -> pathlib.Path:
+    token = os.environ.get("HF_TOKEN") or None
+    base = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + f"/{repo}/resolve/"
+    commit, first = _known_commit(repo_dir, revision), None
+    if commit is None:  # the first file's response tells the commit, hence the snapshot folder
+        first = _guard(repo, revision, "config.json", lambda: _open(base + _q(revision) + "/config.json", token))
+        header = first.headers.get("X-Repo-Commit", "")
+        commit = header if _COMMIT.fullmatch(header) else _safe_dirname(revision)
+        if commit != revision:
+            _write_ref(repo_dir, revision, commit)
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    # Later files are pinned to the commit, so a branch that moves mid-download cannot mix two versions.
+    url = base + _q(commit if _COMMIT.fullmatch(commit) else revision) + "/"
+
+    def fetch(name: str, required: bool = True, resp=None) -> bool:
+        if (snap / name).is_file():
+            if resp is not None:
+                resp.close()
+            return True  # finished by an earlier, interrupted run
+        return _guard(repo, revision, name, lambda: _download_file(url + name, snap / name, token, progress,
+                                                                 resp, required))
+
+    fetch("config.json", resp=first)
+    fetch("generation_config.json", required=False)
+    fetch("tokenizer.json")
+    fetch("tokenizer_config.json", required=False)
+    if fetch("model.safetensors.index.json", required=False):  # sharded: fetch every shard it lists
+        for name in _weight_files(snap)[1:]:
+            fetch(name)
+    else:
+        fetch("model.safetensors")
+    if not _snapshot_complete(snap):  # e.g. a shard listed in the index is missing on the server
+        raise ModelNotFoundError(f"download of {repo}@{revision} left {snap} incomplete. "
+                                 f"{_by_hand(repo, revision)}")
+    return snap
+
+
+def _q(revision: str) -> str:
+    return urllib.parse.quote(revision, safe="")
+
+
+def _guard(repo: str, revision: str, name: str, step):
+    """Run one network step; turn any failure into an error that names the file and the way out."""
+    try:
+        return step()
+    except urllib.error.HTTPError as e:
+        hint = " (no such repo, or a gated/private one: set HF_TOKEN)" if e.code in (401, 403) else ""
+        why = f"HTTP {e.code} {e.reason}{hint}"
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    raise ModelNotFoundError(f"could not download {name} of {repo}@{revision}: {why}. Running again resumes "
+                             f"a partial download. {_by_hand(repo, revision)}")
+
+
+def _open(url: str, token: str | None, offset: int = 0):
+    req = urllib.request.Request(url)
+    if token:  # unredirected: the LFS redirect goes to a CDN that must not see the token
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    return urllib.request.urlopen(req, timeout=_TIMEOUT_S)
+
+
+def _download_file(url: str, dest: pathlib.Path, token: str | None, progress: bool, resp=None,
+                   required: bool = True) -> bool:
+    """Stream url into dest.incomplete, resuming it if present; rename to dest once the size checks out.
+
+    Returns False for an optional file the server does not have (404)."""
+    part = dest.with_name(dest.name + ".incomplete")
+    offset = part.stat().st_size if part.is_file() else 0
+    if resp is None:
+        try:
+            resp = _open(url, token, offset)
+        except urllib.error.HTTPError as e:
+            if e.code == 404 and not required:
+                return False
+            if e.code != 416:  # 416: the part is already whole (or stale); start over
+                raise
+            part.unlink()
+            offset, resp = 0, _open(url, token)
+    with resp:
+        if resp.status == 206:
+            start, total = _content_range(resp.headers.get("Content-Range", ""))
+            if start != offset:
+                part.unlink()
+                raise OSError(f"server resumed {dest.name} at byte {start}, asked for {offset}; run again")
+        else:  # 200: the server ignored Range (or none was sent), so the body is the whole file
+            offset = 0
+            # X-Linked-Size is the LFS file size; the CDN a redirect lands on only sends Content-Length.
+            size = resp.headers.get("X-Linked-Size") or resp.headers.get("Content-Length")
+            total = int(size) if size else None
+        with open(part, "ab" if offset else "wb") as f:
+            done = _copy(resp, f, dest.name, offset, total, progress)
+    if total is not None and done != total:
+        if done > total:
+            part.unlink()  # more than announced: the part cannot be trusted for a resume
+        raise OSError(f"{dest.name}: got {done} of {total} bytes (connection cut?)")
+    os.replace(part, dest)  # atomic: a file without .incomplete is always whole
+    return True
+
+
+def _content_range(value: str) -> tuple[int, int | None]:
+    m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", value.strip())
+    if m is None:
+        raise OSError(f"bad Content-Range header {value!r}")
+    return int(m[1]), None if m[2] == "*" else int(m[2])
+
+
+def _copy(resp, f, name: str, done: int, total: int | None, progress: bool) -> int:
+    """Copy the body in chunks, with a `\\r` progress line on stderr; return the file's size so far."""
+    t0 = last = time.monotonic()
+    got = 0
+    while chunk := resp.read(_CHUNK):
+        f.write(chunk)
+        got += len(chunk)
+        now = time.monotonic()
+        if progress and now - last >= 0.5:
+            _show(name, done + got, total, got / (now - t0))
+            last = now
+    if progress:
+        _show(name, done + got, total, got / max(time.monotonic() - t0, 1e-9))
+        sys.stderr.write("\n")
+    return done + got
+
+
+def _show(name: str, done: int, total: int | None, rate: float) -> None:
+    of = f" / {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
+    sys.stderr.write(f"\r{name}: {done / 1e6:.1f}{of} {rate / 1e6:.1f} MB/s")
+    sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+
+class Tokenizer:
+    """`tokenizer.json` through the `tokenizers` library. Special tokens written in the text are recognised."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer.json not found")
+        try:
+            self.tk = _Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(f"{path}: cannot read tokenizer ({e})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+
+def chatml(system: str, user: str, assistant_prefix: str = "") -> str:
+    """Qwen's ChatML: system and user turns, then the assistant turn opened (and optionally prefilled)."""
+    return (f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{user}{IM_END}\n"
+            f"{IM_START}assistant\n{assistant_prefix}")
+
+
+def eos_ids(model_dir: str | os.PathLike | None, cfg: Qwen2Config, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """Token ids that end a completion: config.json's and generation_config.json's eos_token_id, plus
+    <|endoftext|> and <|im_end|> when the tokenizer has them (SPEC.md: both end a completion)."""
+    ids = set(cfg.eos_ids)
+    gen = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if gen is not None and gen.is_file():
+        try:
+            e = json.loads(gen.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{gen}: not valid JSON ({err})") from None
+        ids.update([e] if isinstance(e, int) else e or [])
+    for tok in (ENDOFTEXT, IM_END):
+        if tokenizer is not None and (i := tokenizer.token_id(tok)) is not None:
+            ids.add(i)
+    return tuple(sorted(ids))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """One token per row from logits (B, V): greedy when temperature == 0, else temperature + top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:  # nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass strictly before a token already reaches top_p
+        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+StopFn = Callable[[list[int]], bool]
+
+
+def _decode(model: Qwen2ForCausalLM, cache: KVCache, logits: torch.Tensor, pad: torch.Tensor, max_new_tokens: int,
+            temperature: float, top_p: float, generator, eos: Sequence[int], stop: StopFn | None,
+            suppress: Sequence[int]) -> list[list[int]]:
+    """Decode rows of `cache` from their last logits (B, V) until each stops; finished rows are dropped."""
+    out: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    rows = list(range(logits.shape[0]))  # original row of each live cache row
+    eos = set(eos)
+    for step in range(max_new_tokens):
+        if suppress:
+            logits[:, list(suppress)] = float("-inf")
+        tok = next_token(logits, temperature, top_p, generator)  # (B,)
+        keep = []
+        for r, t in enumerate(tok.tolist()):
+            out[rows[r]].append(t)
+            if t not in eos and not (stop and stop(out[rows[r]])):
+                keep.append(r)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):  # drop finished rows from the cache: they stop costing compute
+            idx = torch.tensor(keep, device=tok.device)
+            cache.keep_rows(idx)
+            tok, pad, rows = tok[idx], pad[idx], [rows[r] for r in keep]
+        positions = (cache.length - pad)[:, None]  # (B, 1): a left-padded row starts at position 0 after its pad
+        logits = model.lm_head(model(tok[:, None], cache, positions)[:, -1])  # (B, V)
+    return out
+
+
+@torch.no_grad()
+def sample(model: Qwen2ForCausalLM, prompt: Sequence[int], num_samples: int, max_new_tokens: int, *,
+           temperature: float, generator: torch.Generator | None, top_p: float = 1.0, eos: Sequence[int] = (),
+           stop: StopFn | None = None, suppress: Sequence[int] = ()) -> list[list[int]]:
+    """G = num_samples completions of one prompt: the prompt is prefilled once and its cache copied to G rows.
+
+    Each row stops at an EOS token (kept in its completion), when `stop(tokens)` is true, or at max_new_tokens.
+    Returns the G completions as token lists (generated tokens only)."""
+    if not prompt:
+        raise ValueError("sample: the prompt is empty")
+    p = next(model.parameters())
+    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, p.device, p.dtype)
+    h = model(torch.tensor([list(prompt)], device=p.device), cache)[:, -1]  # (1, C)
+    logits = model.lm_head(h).expand(num_samples, -1).clone()  # (G, V): G independent draws from one distribution
+    cache.expand_rows(num_samples)
+    pad = torch.zeros(num_samples, dtype=torch.long, device=p.device)
+    return _decode(model, cache, logits, pad, max_new_tokens, temperature, top_p, generator, eos, stop, suppress)
+
+
+@torch.no_grad()
+def greedy(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+           eos: Sequence[int] = (), stop: StopFn | None = None) -> list[list[int]]:
+    """Greedy completions of B different prompts in one batch (left-padded; padding is masked out)."""
+    p = next(model.parameters())
+    B, T = len(prompts), max(len(x) for x in prompts)
+    pad = torch.tensor([T - len(x) for x in prompts], device=p.device)  # (B,)
+    ids = torch.tensor([[0] * (T - len(x)) + list(x) for x in prompts], device=p.device)  # (B, T)
+    cache = KVCache(model.config, B, T + max_new_tokens, p.device, p.dtype)
+    cache.valid[:, :T] = torch.arange(T, device=p.device)[None] >= pad[:, None]
+    cache.padded = bool(pad.any())
+    positions = (torch.arange(T, device=p.device)[None] - pad[:, None]).clamp(min=0)  # (B, T)
+    logits = model.lm_head(model(ids, cache, positions)[:, -1])  # (B, V)
+    return _decode(model, cache, logits, pad, max_new_tokens, 0.0, 1.0, None, eos, stop, ())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def logprobs_at(model: Qwen2ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log π(target | prefix) from final-normed hidden states (N, C) of the prefixes; targets (N,) or (N, M).
+
+    The LM head runs on these N rows only: a (N, V) tensor, never (T, V) for a whole sequence."""
+    logits = model.lm_head(hidden).float()  # (N, V)
+    t = targets[:, None] if targets.dim() == 1 else targets  # (N, M)
+    lp = logits.gather(-1, t) - logits.logsumexp(-1, keepdim=True)  # (N, M): no (N, V) log_softmax copy
+    return lp.squeeze(-1) if targets.dim() == 1 else lp
+
+
+def token_logprobs(model: Qwen2ForCausalLM, input_ids: Sequence[int] | torch.Tensor,
+                   positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """log π(x_p | x_<p) for each position p (p >= 1) of one sequence x: (N,)."""
+    p = next(model.parameters())
+    ids = torch.as_tensor(input_ids, device=p.device)
+    pos = torch.as_tensor(positions, device=p.device)
+    if pos.numel() and int(pos.min()) < 1:
+        raise ValueError("token_logprobs: position 0 has no prefix to condition on")
+    hidden = model(ids[None])[0]  # (T, C)
+    return logprobs_at(model, hidden[pos - 1], ids[pos])  # the state at p-1 predicts the token at p

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny Qwen2 checkpoints and a tiny byte-level tokenizer, built by the tests themselves.
+
+Nothing here touches the network. `TOKRL_ASSETS` (set by .ci/run) points at the shared folder with the real Qwen2
+tokenizer and configs; tests that need it skip without it."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import model as M  # noqa: E402
+
+SPECIALS = [M.ENDOFTEXT, M.IM_START, M.IM_END]
+
+
+def assets() -> Path:
+    """The shared assets folder, or skip the test."""
+    p = os.environ.get("TOKRL_ASSETS")
+    if not p or not Path(p).is_dir():
+        pytest.skip("TOKRL_ASSETS is not set (the shared folder with the real Qwen2 tokenizer, configs and data)")
+    return Path(p)
+
+
+def write_byte_tokenizer(path: Path) -> int:
+    """A byte-level BPE with no merges: ids 0..255 are the 256 bytes, then the three Qwen special tokens.
+
+    Every text encodes (one token per byte), so the tiny models can run the real prompts. Returns the vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda c: ord(c))
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+    tk.add_special_tokens([AddedToken(s, special=True) for s in SPECIALS])
+    tk.save(str(path))
+    return len(vocab) + len(SPECIALS)
+
+
+TINY_VOCAB = 272  # 256 bytes + 3 specials, padded (like Qwen2's 151,936) beyond the tokenizer's 259 ids
+
+
+def tiny_config(**kw) -> M.Qwen2Config:
+    base = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
+                tie_word_embeddings=True, bos_token_id=256, eos_token_id=256)
+    base.update(kw)
+    return M.Qwen2Config(**base)
+
+
+def make_checkpoint(path: Path, cfg: M.Qwen2Config | None = None, seed: int = 0, std: float = 0.02,
+                    dtype: torch.dtype | None = None) -> Path:
+    """A random-weight tokrl model written as a Hugging Face directory with the byte tokenizer (no transformers)."""
+    cfg = cfg or tiny_config()
+    m = M.Qwen2ForCausalLM(cfg)
+    m.init_weights(torch.Generator().manual_seed(seed), std=std)
+    M.save_model(m, path, dtype)
+    write_byte_tokenizer(path / "tokenizer.json")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [256, 258]}))
+    return path
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    return make_checkpoint(tmp_path / "tiny")
+
+
+def hf_checkpoint(path: Path, *, tie: bool, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                  seed: int = 0, layers: int = 3):
+    """A tiny random Qwen2 built and saved by transformers (the oracle). Returns (path, transformers model)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=tie, bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    torch.manual_seed(seed)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers initialises biases to zero; make them random so they are tested too
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    hf.to(dtype).save_pretrained(path, **kw)
+    write_byte_tokenizer(path / "tokenizer.json")
+    return path, hf.float()
