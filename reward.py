@@ -123,10 +123,10 @@ def extract_final_answer(text: str, max_len: int = MAX_EXPR_LEN) -> str | None:
 _TOKEN = re.compile(r"\s+|(\d+(?:\.\d+)?|\.\d+)|(\\[A-Za-z]+|\\[;:! $])|(\*\*|pi(?![A-Za-z])|[-+*/^(){}%$×÷−·])")
 _ALIASES = {"\\frac": "frac", "\\dfrac": "frac", "\\tfrac": "frac", "\\sqrt": "sqrt", "\\pi": "pi", "pi": "pi",
             "\\cdot": "*", "\\times": "*", "×": "*", "·": "*", "\\div": "/", "÷": "/", "−": "-", "**": "^"}
-# Dropped tokens: LaTeX spacing and sizing, dollar signs, and "%" ([our choice] a unit, not /100, because GSM8K
+# Dropped tokens: LaTeX spacing and sizing, dollar signs, and "%" (our choice: a unit, not /100, because GSM8K
 # writes a percentage answer as the bare number, e.g. "#### 25" for 25%).
 _DROPPED = {"\\left", "\\right", "\\;", "\\:", "\\!", "\\ ", "\\$", "$", "%"}
-_STARTS_PRIMARY = {"(", "{", "frac", "sqrt", "pi"}  # tokens after which implicit multiplication applies: 2\sqrt{2}
+_STARTS_PRIMARY = {"(", "{", "frac", "sqrt", "pi"}  # implicit multiplication before these: 2\sqrt{2}, 3(1+2)
 
 
 class _Refused(Exception):
@@ -295,7 +295,10 @@ def _with_alarm(fn: Callable[[], bool], timeout_s: float) -> bool:
         if armed:  # a late signal after fn() returned is ignored
             raise _Timeout
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+    except ValueError:  # a sub-interpreter's main thread cannot set handlers
+        return _with_thread(fn, timeout_s)
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout_s, 0.05)  # re-fires every 50 ms should a bare except eat one
         try:

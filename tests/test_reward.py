@@ -63,7 +63,7 @@ def test_exact_match_reward(text, answer, expected):
 @pytest.mark.parametrize("text, expected", [
     ("so \\boxed{\\frac{3}{4}} done", "\\frac{3}{4}"),              # balanced braces
     ("\\boxed{1} then \\boxed{2}", "2"),                             # the last box
-    ("\\boxed{1} and \\boxed{2", "2"),          # unclosed last box falls through to a number
+    ("\\boxed{1} and \\boxed{2", "2"),                               # unclosed last box: falls through
     ("The answer is 0.75.", "0.75"),                                 # trailing period dropped
     ("the answer is: 18 apples.\nok", "18"),                         # stops at the first word
     ("The answer is $\\frac{1}{2}$.", "$\\frac{1}{2}$"),
@@ -71,6 +71,8 @@ def test_exact_match_reward(text, answer, expected):
     ("blah\n#### 1,234", "1,234"),
     ("I get 3/4 of 12, i.e. 9", "9"),
     ("roughly 3/4", "3/4"),
+    ("so \\frac{3}{4} of it", "\\frac{3}{4}"),                     # last-number rule reads \frac{a}{b} whole
+    ("a loss of -\\frac{1}{2}", "-\\frac{1}{2}"),
     ("1,234.5 total", "1234.5"),
     ("nothing here", None),
 ])
@@ -116,7 +118,7 @@ def test_sympy_reward_matches(text, answer):
     ("The answer is 0.76.", 0.75),
     ("#### 17", "18"),
     ("no answer here", "18"),
-    ("The answer is x + 1", "18"),          # letters are not whitelisted -> falls through, no number -> 0
+    ("The answer is x + 1", "18"),          # no expression after the marker: falls through to the last number, 1
     ("\\boxed{1/0}", "18"),                 # division by zero refused
 ])
 def test_sympy_reward_mismatches(text, answer):
@@ -198,6 +200,13 @@ def test_timeout_with_alarm_on_main_thread(monkeypatch):
     assert time.monotonic() - start < 0.2 + 0.5
     assert signal.getsignal(signal.SIGALRM) is handler_before   # previous handler restored
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0          # no timer left armed
+
+
+def test_real_slow_simplify_is_cut_off():
+    # (1+√2+√3+√5)^64 − 1: simplify expands a huge radical expression (seconds); the alarm stops it
+    start = time.monotonic()
+    assert sympy_reward("\\boxed{(1+\\sqrt{2}+\\sqrt{3}+\\sqrt{5})^{64}}", "1", timeout_s=0.3) == 0.0
+    assert time.monotonic() - start < 0.3 + 1.0
 
 
 def test_timeout_with_thread_fallback_off_main_thread(monkeypatch):

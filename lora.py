@@ -1,0 +1,234 @@
+"""LoRA (Hu et al. 2021) on chosen linear layers of model.py's Qwen2 — tag L1 — saved and loaded in PEFT's format.
+
+    h = W0·x + b0 + (α/r)·B·A·x        A (r, C_in) Kaiming-uniform,  B (C_out, r) zero  →  step 0 equals the base model
+
+`LoRALinear` keeps the wrapped layer's own `weight` and `bias` Parameters, so the base model's parameter names do not
+change; the adapter adds `lora_A` and `lora_B`. `adapters_off(model)` switches every adapter off, so the same module
+serves as π_ref without a second copy of the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TARGETS = ("q_proj", "v_proj")  # the paper adapts the query and value projections
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear with a low-rank update. Shares the base layer's weight and bias Parameters (frozen)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator | None = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))  # (r, C_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))  # (C_out, r)
+        # Kaiming-uniform with a = sqrt(5): nn.Linear's own default, and PEFT's (so both libraries start alike)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / r
+        self.enabled = True
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # W0·x + b0
+        if self.enabled and not self.merged:
+            y = y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)  # [L1] + (α/r)·B·A·x
+        return y
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * self.lora_B @ self.lora_A  # (C_out, C_in)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight()
+            self.merged = False
+
+
+def num_lora_layers(num_layers: int, fraction: float) -> int:
+    """round(fraction·L), rounding halves up. [decided] (SPEC.md): 9 of 28 layers for 1/3, 7 of 28 for 1/4."""
+    return int(math.floor(fraction * num_layers + 0.5))
+
+
+def apply_lora(model: nn.Module, r: int, fraction: float, alpha: float | None = None,
+               targets: Sequence[str] = TARGETS, generator: torch.Generator | None = None) -> list[int]:
+    """Freeze the model and put LoRA on `targets` of the last round(fraction·L) layers. Returns those layer indices.
+
+    [decided] (SPEC.md): α = r (scale 1) unless given, no dropout."""
+    layers = model.model.layers
+    n = num_lora_layers(len(layers), fraction)
+    if not 1 <= n <= len(layers):
+        raise ValueError(f"LoRA fraction {fraction} of {len(layers)} layers selects {n} layers; need 1..{len(layers)}")
+    model.requires_grad_(False)
+    chosen = list(range(len(layers) - n, len(layers)))
+    for i in chosen:
+        attn = layers[i].self_attn
+        for name in targets:
+            setattr(attn, name, LoRALinear(getattr(attn, name), r, r if alpha is None else alpha, generator))
+    return chosen
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+
+
+def first_lora_layer(model: nn.Module) -> int:
+    """Index of the lowest layer that holds an adapter: the layers below it have nothing to train."""
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        if any(isinstance(m, LoRALinear) for m in layer.modules()):
+            return i
+    return len(layers)
+
+
+def l2_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ_{W ∈ LoRA} ‖W‖²_2 over every A and B (the squared Frobenius norm), the regulariser of E10."""
+    return sum(p.pow(2).sum() for p in lora_parameters(model))  # [E10] Σ_W ‖W‖²
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """π_ref: the same module with every adapter switched off (no second copy of the weights)."""
+    mods = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in mods):
+        raise RuntimeError("adapters_off: the adapters are merged into the weights; unmerge() them first")
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, e in zip(mods, before):
+            m.enabled = e
+
+
+def merge(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.unmerge()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PEFT's on-disk format: adapter_config.json + adapter_model.safetensors with keys
+#   base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   (r, C_in)
+#   base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   (C_out, r)
+
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_config(model: nn.Module, base_model: str = "") -> dict:
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapters")
+    r, alpha = mods[0][1].r, mods[0][1].alpha
+    targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods})
+    layers = sorted({int(n.split(".")[2]) for n, _ in mods})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": r,
+            "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": targets, "layers_to_transform": layers,
+            "layers_pattern": "layers", "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, m in lora_modules(model):
+        out[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+    return out
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename over `path`: a crash never leaves a half-written file under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str = "") -> None:
+    """Write the adapter in PEFT's format (loadable by peft.PeftModel.from_pretrained and by vLLM's LoRA loader)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(model)
+    cfg = json.dumps(adapter_config(model, base_model), indent=2) + "\n"
+    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(cfg))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
+                 generator: torch.Generator | None = None) -> list[int]:
+    """Apply LoRA as described by a PEFT adapter_config.json, then load its weights (strictly). Returns the layers."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path, w_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found (a PEFT adapter directory holds adapter_config.json and "
+                                    "adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type LORA, no DoRA, no bias)")
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    L = len(model.model.layers)
+    layers = cfg.get("layers_to_transform")
+    layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+    r = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", r))
+    if cfg.get("use_rslora"):
+        alpha = alpha * math.sqrt(r)  # rsLoRA scales by α/√r = (α·√r)/r: store α·√r for our α/r
+    model.requires_grad_(False)
+    for i in layers:
+        attn = model.model.layers[i].self_attn
+        for name in targets:
+            if not hasattr(attn, name):
+                raise ValueError(f"{cfg_path}: target module {name!r} is not an attention projection of Qwen2")
+            setattr(attn, name, LoRALinear(getattr(attn, name), r, alpha, generator))
+    state = load_file(str(w_path))
+    want = {f"{PEFT_PREFIX}{n}.{ab}.weight": (m, ab) for n, m in lora_modules(model) for ab in ("lora_A", "lora_B")}
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{w_path}: adapter tensors do not match its config: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for key, (m, ab) in want.items():
+            p = getattr(m, ab)
+            if tuple(state[key].shape) != tuple(p.shape):
+                raise ValueError(f"{w_path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
+            p.copy_(state[key])
+    return layers

@@ -1,0 +1,151 @@
+"""lora.py — L1: step 0 equals the base model, only A and B learn, the paper's layer and parameter counts,
+merge/unmerge, adapters off = π_ref, and the PEFT on-disk format both ways (peft is the oracle)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import hf_checkpoint, make_checkpoint, tiny_config
+import lora
+import model as M
+
+
+def tiny_model(tmp_path, **kw):
+    return M.load_model(make_checkpoint(tmp_path / "m", tiny_config(**kw)))
+
+
+IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
+
+
+def train_a_little(m, steps=3):
+    opt = torch.optim.AdamW(lora.lora_parameters(m), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        m.logits(IDS).pow(2).mean().backward()
+        opt.step()
+
+
+def test_fresh_adapter_gives_exactly_the_base_logits(tmp_path):
+    m = tiny_model(tmp_path)
+    with torch.no_grad():
+        base = m.logits(IDS)
+    lora.apply_lora(m, r=4, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m.logits(IDS), base)  # B = 0: the update is exactly zero
+    assert all(mod.lora_A.abs().sum() > 0 for _, mod in lora.lora_modules(m))  # A is not zero (Kaiming)
+
+
+def test_only_A_and_B_receive_gradients(tmp_path):
+    m = tiny_model(tmp_path)
+    lora.apply_lora(m, r=4, fraction=0.5)
+    m.logits(IDS).pow(2).mean().backward()
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert trainable == with_grad
+    assert trainable == {f"model.layers.{i}.self_attn.{t}.lora_{ab}" for i in (2, 3) for t in ("q_proj", "v_proj")
+                         for ab in "AB"}
+    # B gets a gradient at step 0 (A does not, since B = 0 multiplies it): the first update moves B only
+    mods = dict(lora.lora_modules(m))
+    assert mods["model.layers.3.self_attn.q_proj"].lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fraction,r,layers,params", [(1 / 3, 16, 9, 700_416), (1 / 4, 8, 7, 272_384)])
+def test_paper_layer_and_parameter_counts_for_qwen2_1_5b(fraction, r, layers, params):
+    """q_proj: A (r, 1536) + B (1536, r); v_proj: A (r, 1536) + B (256, r) -> r·(1536+1536+1536+256) = r·4,864 a layer.
+    SVAMP: 9 layers × 4,864·16 = 700,416. Multiplication: 7 × 4,864·8 = 272,384."""
+    with torch.device("meta"):
+        m = M.Qwen2ForCausalLM(M.PRESETS["qwen2-1.5b"])
+        chosen = lora.apply_lora(m, r=r, fraction=fraction)
+    assert chosen == list(range(28 - layers, 28))
+    assert sum(p.numel() for p in lora.lora_parameters(m)) == params
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == params
+
+
+def test_round_half_up():
+    assert [lora.num_lora_layers(28, f) for f in (1 / 3, 1 / 4, 0.5)] == [9, 7, 14]
+    assert lora.num_lora_layers(10, 0.25) == 3  # 2.5 rounds up (Python's round() would give 2)
+    with pytest.raises(ValueError, match="selects 0 layers"):
+        lora.apply_lora(M.Qwen2ForCausalLM(tiny_config()), r=2, fraction=0.01)
+
+
+def test_merged_equals_unmerged_and_adapters_off_equals_base(tmp_path):
+    m = tiny_model(tmp_path)
+    with torch.no_grad():
+        base = m.logits(IDS)
+    lora.apply_lora(m, r=4, fraction=0.5)
+    train_a_little(m)
+    with torch.no_grad():
+        adapted = m.logits(IDS)
+        assert (adapted - base).abs().max() > 1e-4  # training moved the policy
+        with lora.adapters_off(m):
+            assert torch.equal(m.logits(IDS), base)  # π_ref: exactly the base model, after training
+        assert torch.equal(m.logits(IDS), adapted)  # and back on afterwards
+        lora.merge(m)
+        assert (m.logits(IDS) - adapted).abs().max() < 1e-5
+        with pytest.raises(RuntimeError, match="unmerge"):
+            with lora.adapters_off(m):
+                pass
+        lora.unmerge(m)
+        assert (m.logits(IDS) - adapted).abs().max() < 1e-5
+        with lora.adapters_off(m):
+            assert (m.logits(IDS) - base).abs().max() < 1e-5
+
+
+def test_l2_penalty_by_hand(tmp_path):
+    m = tiny_model(tmp_path)
+    lora.apply_lora(m, r=2, fraction=0.25)  # one layer, q and v
+    with torch.no_grad():
+        for _, mod in lora.lora_modules(m):
+            mod.lora_A.fill_(0.5)
+            mod.lora_B.fill_(1.0)
+    # q: A 2×64 of 0.25 -> 32, B 64×2 of 1 -> 128; v: A 2×64 -> 32, B 32×2 -> 64: total 256
+    assert float(lora.l2_penalty(m).detach()) == pytest.approx(256.0)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = tiny_model(tmp_path)
+    lora.apply_lora(m, r=4, fraction=0.5)
+    train_a_little(m)
+    lora.save_adapter(m, tmp_path / "adapter", base_model="tiny")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 4 and cfg["layers_to_transform"] == [2, 3]
+    assert cfg["target_modules"] == ["q_proj", "v_proj"]
+    m2 = tiny_model(tmp_path)
+    assert lora.load_adapter(m2, tmp_path / "adapter") == [2, 3]
+    with torch.no_grad():
+        assert torch.equal(m2.logits(IDS), m.logits(IDS))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.load_adapter(tiny_model(tmp_path), tmp_path / "nowhere")
+
+
+def test_peft_loads_what_tokrl_saved_and_tokrl_loads_what_peft_saved(tmp_path):
+    peft = pytest.importorskip("peft")
+    path, hf = hf_checkpoint(tmp_path / "hf", tie=True, layers=4)
+    ours = M.load_model(path)
+    lora.apply_lora(ours, r=4, fraction=0.5, generator=torch.Generator().manual_seed(1))
+    train_a_little(ours)
+    lora.save_adapter(ours, tmp_path / "ad", base_model=str(path))
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
+    with torch.no_grad():
+        err = (pm(IDS).logits - ours.logits(IDS)).abs().max()
+        with lora.adapters_off(ours):
+            moved = (pm(IDS).logits - ours.logits(IDS)).abs().max()
+    print(f"\npeft vs tokrl adapter logits: max abs err {err:.3e} (adapter moved logits by {moved:.3e})")
+    assert err < 1e-5 and moved > 1e-4
+
+    # the other way: an adapter made and trained in peft, loaded by tokrl
+    _, hf2 = hf_checkpoint(tmp_path / "hf2", tie=True, layers=4)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 3])
+    pm2 = peft.get_peft_model(hf2, cfg)
+    with torch.no_grad():
+        for n, p in pm2.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm2.save_pretrained(tmp_path / "peft_ad")
+    ours2 = M.load_model(tmp_path / "hf2")
+    assert lora.load_adapter(ours2, tmp_path / "peft_ad") == [1, 3]
+    with torch.no_grad():
+        err2 = (pm2(IDS).logits - ours2.logits(IDS)).abs().max()
+    assert err2 < 1e-5
