@@ -11,7 +11,11 @@ import torch
 from conftest import TINY_VOCAB, assets, hf_checkpoint, make_checkpoint, tiny_config, write_byte_tokenizer
 import model as M
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
 
 
 def batch_of_prompts(seed=0, B=3, T=17):
