@@ -1,0 +1,217 @@
+"""tokrl.py — E2, E4, E5/E6/Alg1, E3/Alg2, E10: hand-computed numbers, and every per-completion fast path against
+the slow, obvious batched computation (full forward, full log_softmax) on a tiny model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_checkpoint, tiny_config
+import lora
+import model as M
+import tokrl
+
+
+# --- E2 -----------------------------------------------------------------------------------------------------------
+
+def test_advantages_by_hand():
+    # rewards [1,0,0,1]: μ = 0.5, σ (population) = 0.5 -> Â = ±0.5/(0.5 + 1e-4) = ±0.99980004
+    a = tokrl.group_advantages([1, 0, 0, 1])
+    assert a.tolist() == pytest.approx([0.5 / 0.5001, -0.5 / 0.5001, -0.5 / 0.5001, 0.5 / 0.5001], abs=1e-12)
+    assert a.abs().sub(1).abs().max() < 1e-3  # ±1 within the epsilon
+    # [2, 0, 1]: μ = 1, σ = sqrt(2/3) (divide by G = 3, not G − 1)
+    s = math.sqrt(2 / 3)
+    assert tokrl.group_advantages([2, 0, 1]).tolist() == pytest.approx([1 / (s + 1e-4), -1 / (s + 1e-4), 0.0])
+    assert tokrl.group_advantages([0.7] * 5).tolist() == [0.0] * 5  # zero-variance group
+
+
+# --- E4 -----------------------------------------------------------------------------------------------------------
+
+def test_kl_estimator_closed_form():
+    logp = torch.log(torch.tensor([0.5, 0.2, 0.9]))
+    assert tokrl.kl_estimator(logp, logp).tolist() == [0.0, 0.0, 0.0]
+    # π_θ = 0.5, π_ref = 0.25: 0.5 − log 0.5 − 1 = 0.19314718
+    got = tokrl.kl_estimator(torch.log(torch.tensor(0.5)), torch.log(torch.tensor(0.25)))
+    assert float(got) == pytest.approx(0.5 - math.log(0.5) - 1, abs=1e-7)
+    # π_θ = 0.25, π_ref = 0.5: 2 − log 2 − 1 = 0.30685282; always >= 0
+    got = tokrl.kl_estimator(torch.log(torch.tensor(0.25)), torch.log(torch.tensor(0.5)))
+    assert float(got) == pytest.approx(2 - math.log(2) - 1, abs=1e-7)
+    x = torch.randn(1000)
+    assert (tokrl.kl_estimator(x, torch.randn(1000)) >= 0).all()
+
+
+# --- E5 / E6 / Alg1 -----------------------------------------------------------------------------------------------
+
+def test_selection_rules():
+    g = torch.Generator().manual_seed(0)
+    for T, alpha, k in [(300, 50, 100), (300, 100, 100), (40, 50, 100), (300, 0, 25), (200, 3, 5)]:
+        for _ in range(20):
+            s = tokrl.select_tokens(T, alpha, k, 0.5, g)
+            assert s[: min(alpha, T)] == list(range(min(alpha, T)))  # the first α always selected
+            assert len(s) <= max(k, min(alpha, T))  # never more than k after α
+            assert s == sorted(set(s)) and all(0 <= t < T for t in s)
+            if len(s) == k and T > alpha:
+                assert s[-1] >= alpha - 1  # stopped at k: nothing after the k-th
+    # α = 3, k = 5, P = 1: positions 0, 1, 2 by rule, 3 and 4 by coin, then stop
+    assert tokrl.select_tokens(100, 3, 5, 1.0, g) == [0, 1, 2, 3, 4]
+    assert tokrl.select_tokens(100, 3, 5, 0.0, g) == [0, 1, 2]  # P = 0: only the first α
+
+
+def test_selected_fraction_matches_P_and_is_seeded():
+    s = tokrl.select_tokens(20000, 0, 10**9, 0.5, torch.Generator().manual_seed(1))
+    assert abs(len(s) / 20000 - 0.5) < 0.02  # binomial sd = 0.0035
+    s3 = tokrl.select_tokens(20000, 0, 10**9, 0.3, torch.Generator().manual_seed(1))
+    assert abs(len(s3) / 20000 - 0.3) < 0.02
+    a = tokrl.select_tokens(300, 50, 100, 0.5, torch.Generator().manual_seed(7))
+    b = tokrl.select_tokens(300, 50, 100, 0.5, torch.Generator().manual_seed(7))
+    assert a == b
+
+
+# --- the loss mask ------------------------------------------------------------------------------------------------
+
+def test_loss_mask_holds_eos_and_not_padding():
+    # prompt of 2; completion 0 = [a, b, EOS] (3 tokens), completion 1 = [EOS] (1 token), padded to 5
+    m = tokrl.loss_mask(2, [3, 1], 5)
+    assert m.int().tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
+
+
+# --- gradients: per-completion fast path == batched slow path -------------------------------------------------------
+
+EOS = 256
+PROMPT = [10, 11, 12, 13]
+# completions share prefixes (for T-SPMO), have different lengths, two end with EOS
+COMPLETIONS = [[5, 6, 7, 8, EOS], [5, 6, 9], [5, 7, 7, 7, 7, 7, EOS], [6, 6]]
+REWARDS = [1.0, 0.0, 0.0, 1.0]
+
+
+def adapted_model(tmp_path, seed=0):
+    m = M.load_model(make_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=4), std=0.1))
+    lora.apply_lora(m, r=4, fraction=0.5, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # a trained-looking adapter, so π_θ ≠ π_ref and the KL term has a gradient
+        for p in lora.lora_parameters(m):
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(seed + p.numel()))
+    return m
+
+
+def grads(m):
+    return torch.cat([p.grad.flatten() for p in lora.lora_parameters(m)])
+
+
+def zero(m):
+    for p in lora.lora_parameters(m):
+        p.grad = None
+
+
+def batched_grpo_loss(m, selection=None, pad=EOS):
+    G = len(COMPLETIONS)
+    T = len(PROMPT) + max(map(len, COMPLETIONS))
+    ids = torch.tensor([PROMPT + y + [pad] * (T - len(PROMPT) - len(y)) for y in COMPLETIONS])
+    mask = tokrl.loss_mask(len(PROMPT), [len(y) for y in COMPLETIONS], T)
+    if selection is not None:
+        sel = torch.zeros_like(mask)
+        for i, s in enumerate(selection):
+            sel[i, [len(PROMPT) + t for t in s]] = True
+        mask = mask & sel
+    logits = m.logits(ids)  # (G, T, V): the whole thing
+    with torch.no_grad(), lora.adapters_off(m):
+        ref_logits = m.logits(ids)
+    return tokrl.grpo_loss_batched(logits, ref_logits, ids, mask, REWARDS, beta=0.5)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo"])
+def test_per_completion_gradient_equals_batched_gradient(tmp_path, algo):
+    m = adapted_model(tmp_path)
+    selection = None
+    if algo == "sgrpo":
+        g = torch.Generator().manual_seed(3)
+        selection = [tokrl.select_tokens(len(y), 2, 3, 0.5, g) for y in COMPLETIONS]
+        assert any(len(s) < len(y) for s, y in zip(selection, COMPLETIONS))  # the selection drops tokens
+    loss_slow = batched_grpo_loss(m, selection)
+    loss_slow.backward()
+    slow = grads(m)
+    zero(m)
+    st = tokrl.grpo_backward(m, PROMPT, COMPLETIONS, REWARDS, beta=0.5, selection=selection)
+    fast = grads(m)
+    assert st.loss == pytest.approx(float(loss_slow), abs=1e-6)
+    assert st.forwards == 4 and st.tokens_in_loss == (17 if selection is None else sum(map(len, selection)))
+    rel = (fast - slow).norm() / slow.norm()
+    print(f"\n{algo}: per-completion vs batched gradient, relative error {rel:.2e}")
+    assert slow.norm() > 0 and rel < 1e-5
+
+
+def test_padding_is_outside_the_loss_even_when_pad_is_eos(tmp_path):
+    """Pad with EOS or with another id: the batched loss (and so its gradient) must not change, and it must
+    equal the per-completion loss, where no padding exists at all."""
+    m = adapted_model(tmp_path)
+    with torch.no_grad():
+        a, b = batched_grpo_loss(m, pad=EOS), batched_grpo_loss(m, pad=99)
+    st = tokrl.grpo_backward(m, PROMPT, COMPLETIONS, REWARDS, beta=0.5)
+    assert float(a) == pytest.approx(float(b), abs=1e-7) and st.loss == pytest.approx(float(a), abs=1e-6)
+
+
+def test_eos_is_in_the_loss(tmp_path):
+    """Dropping the final EOS of completion 0 changes the per-completion loss: its log-prob is a term."""
+    m = adapted_model(tmp_path)
+    with torch.no_grad():
+        lp, _ = tokrl.policy_and_ref_logprobs(m, PROMPT + COMPLETIONS[0], torch.arange(4, 9), with_ref=False)
+    assert lp.shape == (5,)  # 5 tokens: 5, 6, 7, 8 and EOS
+    full = torch.log_softmax(m.logits(torch.tensor([PROMPT + COMPLETIONS[0]]))[0], -1)
+    assert (lp - full[3:8].gather(-1, torch.tensor(COMPLETIONS[0])[:, None]).squeeze(-1)).abs().max() < 1e-5
+
+
+def test_frozen_bottom_and_adapters_off_give_the_full_model_logprobs(tmp_path):
+    m = adapted_model(tmp_path)
+    ids = PROMPT + COMPLETIONS[2]
+    pos = torch.tensor([4, 6, 10])
+    lp, ref = tokrl.policy_and_ref_logprobs(m, ids, pos, with_ref=True)
+    assert lp.requires_grad and not ref.requires_grad
+    with torch.no_grad():
+        assert (lp - M.token_logprobs(m, ids, pos)).abs().max() < 1e-5
+        with lora.adapters_off(m):
+            assert (ref - M.token_logprobs(m, ids, pos)).abs().max() < 1e-5
+    assert (lp - ref).abs().max() > 1e-3  # the adapter matters
+
+
+def tspmo_slow(m, lam, use_log=False):
+    """E10 the obvious way: every completion's full forward and log_softmax, U and A from the raw lists."""
+    pi = {}
+    for y in COMPLETIONS:
+        lp = torch.log_softmax(m.logits(torch.tensor([PROMPT + y]))[0], -1)  # (T, V)
+        for t in range(len(y)):
+            v = lp[len(PROMPT) + t - 1, y[t]]
+            pi[(tuple(y[:t]), y[t])] = v if use_log else v.exp()
+    return -tokrl.tspmo_objective_bruteforce(pi, COMPLETIONS, REWARDS) + lam * lora.l2_penalty(m)
+
+
+def test_tspmo_gradient_equals_bruteforce_and_uses_pi_not_log_pi(tmp_path):
+    m = adapted_model(tmp_path)
+    tspmo_slow(m, lam=0.01).backward()
+    slow = grads(m)
+    zero(m)
+    st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, REWARDS, lam=0.01)
+    fast = grads(m)
+    # |U| by hand: completion 0 gives 5 edges; completion 1 adds (5,6)->9: 1; completion 2 adds (5)->7, then four
+    # more 7s and EOS: 6; completion 3 adds (root)->6 and (6)->6: 2. 5 + 1 + 6 + 2 = 14
+    assert st.edges == 14
+    rel = (fast - slow).norm() / slow.norm()
+    print(f"\nT-SPMO: per-target vs brute-force gradient, relative error {rel:.2e}")
+    assert rel < 1e-5
+    zero(m)
+    tspmo_slow(m, lam=0.01, use_log=True).backward()
+    assert (grads(m) - fast).norm() / fast.norm() > 0.05  # a log-π objective gives a different gradient
+
+
+def test_tspmo_evaluates_each_needed_prefix_once(tmp_path):
+    """Rewards [1,0,0,1]: root mean 1/2. Needed prefixes (an edge with A ≠ 0): root (5: 1/3−1/2, 6: 1−1/2),
+    [5] (6: 1/2−1/3, 7: 0−1/3), [5,6] (7: 1−1/2, 9: 0−1/2). The deepest, [5,6], lies on completion 0 together
+    with [5] and the root: one forward pass covers all three."""
+    m = adapted_model(tmp_path)
+    st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, REWARDS, lam=0.0)
+    assert st.forwards == 1
+    # nonzero-advantage tokens: c0 at 0,1,2; c1 at 0,1,2; c2 at 0,1; c3 at 0 -> 9 of 17 generated tokens
+    assert st.tokens_in_loss == 9 and st.tokens_generated == 17
+    zero(m)
+    st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, [0.3] * 4, lam=0.0)
+    assert st.forwards == 0 and st.zero_variance
+

@@ -1,0 +1,248 @@
+"""The paper's objectives, each with per-completion backward, and the slow batched paths they are tested against.
+
+    E2   group advantages            group_advantages
+    E4   KL estimator                kl_estimator
+    E3   GRPO objective / Alg2       grpo_backward (every token)      ·  grpo_loss_batched (slow path)
+    E5   S-GRPO objective            grpo_backward (selected tokens)  ·  grpo_loss_batched with a selection
+    E6   token selection / Alg1      select_tokens
+    E10  T-SPMO objective            tspmo_backward (trie.py computes E7–E9)
+
+Conventions: a completion y is the generated tokens only (EOS included when it was generated); the prompt x is never
+in a loss. Every `*_backward` runs forward and backward one completion at a time (Alg2), so at most one sequence's
+activations live at once; the caller zeroes gradients before and takes the optimizer step after. Losses are −J.
+
+Memory and time (each tested against its slow path):
+  * layers below the first LoRA layer run without autograd (they hold nothing to train), and their output is
+    shared by the policy and the reference forward (identical weights: adapters only sit above);
+  * the LM head runs only at the positions that enter the loss — never a (T, V) tensor for a whole sequence;
+  * a sequence is cut after the last position that enters the loss (causal attention: later tokens change nothing);
+  * T-SPMO evaluates each prefix with a non-zero-advantage edge exactly once (trie.PrefixTrie.targets).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+import lora
+from model import Qwen2ForCausalLM, logprobs_at
+from trie import PrefixTrie
+
+ADV_EPS = 1e-4  # [decided] (SPEC.md) Â = (R − μ)/(σ + 1e-4)
+CLIP_EPS = 0.2  # PPO clip ε. With μ = 1 update per group ρ ≡ 1 and the clip never acts; kept to match E3 as written
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# E2, E4, E6: the small formulas
+
+
+def group_advantages(rewards: Sequence[float] | torch.Tensor, eps: float = ADV_EPS) -> torch.Tensor:
+    """Â_i = (R_i − μ_R)/(σ_R + eps), μ and σ over the G rewards of one prompt; σ is the population standard
+    deviation (divide by G, not G − 1). Equal rewards give Â = 0 for every completion (a zero-variance group)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    return (r - r.mean()) / (r.std(correction=0) + eps)  # [E2] ([decided] + 1e-4: SPEC.md)
+
+
+def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token D_KL[π_θ ‖ π_ref] ≈ π_ref/π_θ − log(π_ref/π_θ) − 1 at the sampled token (the k3 estimator).
+    ≥ 0, and exactly 0 where the two policies agree. Gradient flows through log π_θ only."""
+    d = ref_logp - logp  # log(π_ref/π_θ)
+    return d.exp() - d - 1  # [E4]
+
+
+def select_tokens(T: int, alpha: int, k: int, p: float, generator: torch.Generator | None) -> list[int]:
+    """Alg1: the 0-based positions of a T-token completion that enter the S-GRPO loss.
+
+    Scan t = 0 … T−1: t < α is always included; else, while fewer than k are included, t is included with
+    probability P; once k are included, stop. [decided] (SPEC.md) 0-based: the first α generated tokens are included.
+    The T uniforms are drawn at once from `generator` (its own stream, not the sampler's)."""
+    u = torch.rand(T, generator=generator).tolist()
+    chosen: list[int] = []
+    for t in range(T):  # [Alg1]
+        if t < alpha:
+            chosen.append(t)  # [E6] 1 if t < α
+        elif len(chosen) < k:
+            if u[t] < p:
+                chosen.append(t)  # [E6] Bernoulli(P) if t ≥ α and |T_i| < k
+        else:
+            break  # [E6] 0 otherwise: |T_i| = k, nothing later can enter
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loss mask of the batched (slow) path
+
+
+def loss_mask(prompt_len: int, lengths: Sequence[int], total_len: int) -> torch.Tensor:
+    """(G, total_len) bool: True where the token at that position is a completion token that enters the loss.
+
+        position   0 … P−1  |  P … P+|y_i|−1              |  P+|y_i| … total_len−1
+        token      prompt   |  completion (EOS last if    |  padding
+                            |  it was generated)          |
+        mask       0        |  1                          |  0
+
+    EOS is inside the mask (choosing to stop is an action); padding never is — even when pad id == EOS id, since
+    the mask comes from the lengths, not from token ids. Position t's log-prob is read from the logits at t − 1."""
+    pos = torch.arange(total_len)[None, :]  # (1, T)
+    n = torch.as_tensor(list(lengths))[:, None]  # (G, 1)
+    return (pos >= prompt_len) & (pos < prompt_len + n)  # (G, T)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward passes for the loss: frozen bottom without autograd, adapted top with it
+
+
+def _bottom(model: Qwen2ForCausalLM, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedding and the layers below the first LoRA layer, without autograd: (1, T, C) hidden and (1, T) positions."""
+    dev = model.lm_head.weight.device
+    x = torch.tensor([ids], device=dev)  # (1, T)
+    pos = torch.arange(len(ids), device=dev)[None]  # (1, T)
+    with torch.no_grad():
+        h = model.run_layers(model.model.embed_tokens(x), pos, 0, lora.first_lora_layer(model))
+    return h, pos
+
+
+def _top(model: Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The layers from the first LoRA layer up and the final norm; hidden states (N, C) at `rows` only."""
+    h = model.run_layers(h, pos, lora.first_lora_layer(model))
+    return model.model.norm(h[0, rows])  # RMSNorm is per position: normalise only the rows we read
+
+
+def policy_and_ref_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: torch.Tensor, with_ref: bool):
+    """log π_θ(ids[p] | ids[:p]) with gradient and, if asked, log π_ref (adapters off, no gradient): (N,) each."""
+    h, pos = _bottom(model, ids)
+    targets = torch.tensor(ids, device=h.device)[positions]
+    logp = logprobs_at(model, _top(model, h, pos, positions - 1), targets)  # state at p−1 predicts token p
+    ref = None
+    if with_ref:
+        with torch.no_grad(), lora.adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
+            ref = logprobs_at(model, _top(model, h, pos, positions - 1), targets)
+    return logp, ref
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GRPO (E3, Alg2) and S-GRPO (E5, E6, Alg1)
+
+
+@dataclass
+class StepStats:
+    loss: float = 0.0  # −J as backpropagated (summed over the per-completion pieces)
+    kl: float = 0.0  # mean per-token KL estimate over the tokens in the loss
+    tokens_in_loss: int = 0  # GRPO/S-GRPO: positions in the loss; T-SPMO: tokens whose edge has A ≠ 0
+    tokens_generated: int = 0
+    forwards: int = 0  # forward+backward passes taken
+    edges: int = 0  # T-SPMO: |U|
+    zero_variance: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def grpo_token_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: float, beta: float,
+                         clip_eps: float = CLIP_EPS) -> torch.Tensor:
+    """Per-token min[ρ·Â, clip(ρ, 1−ε, 1+ε)·Â] − β·D_KL with ρ = π_θ/π_θold and π_θold = π_θ detached (μ = 1).
+
+    ρ = exp(log π_θ − log π_θ.detach()) is 1 in value and its gradient is ∇log π_θ: this is E5's
+    π_θ/π_θ|no-grad, and E3's clip is inactive at ρ = 1."""
+    ratio = torch.exp(logp - logp.detach())  # ρ = π_θ/π_θold, = 1 in value
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [E3] / [E5]
+    kl = kl_estimator(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    return surrogate - beta * kl  # [E3] the term in braces
+
+
+def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
+                  rewards: Sequence[float], *, beta: float, selection: Sequence[Sequence[int]] | None = None,
+                  scale: float = 1.0) -> StepStats:
+    """Alg2: per-completion forward (policy and reference) and backward of −J/G; gradients accumulate in .grad.
+
+    selection=None is GRPO (E3: every token of y_i). With S-GRPO's T_i from `select_tokens`, it is E5: the mean runs
+    over T_i only, and only those positions reach the LM head. `scale` divides the loss further (accumulating over
+    several prompts for the effective-batch ablation)."""
+    G, P = len(completions), len(prompt)
+    adv = group_advantages(rewards)
+    st = StepStats(tokens_generated=sum(map(len, completions)), zero_variance=bool((adv == 0).all()))
+    kl_sum = 0.0
+    for i, y in enumerate(completions):
+        T_i = list(range(len(y))) if selection is None else list(selection[i])  # GRPO: all t; S-GRPO: T_i
+        if not T_i:
+            continue  # an empty completion (or selection) has no token to score
+        ids = list(prompt) + list(y[: max(T_i) + 1])  # causal: tokens after the last scored one change nothing
+        positions = torch.tensor([P + t for t in T_i], device=model.lm_head.weight.device)
+        logp, ref = policy_and_ref_logprobs(model, ids, positions, with_ref=beta != 0)
+        J_i = grpo_token_objective(logp, ref, float(adv[i]), beta).mean()  # [E3] (1/|y_i|)·Σ_t, [E5] (1/|T_i|)·Σ_{t∈T_i}
+        loss = -J_i / G * scale  # [Alg2] loss divided by G, then backward per completion
+        loss.backward()
+        st.loss += float(loss.detach())
+        st.tokens_in_loss += len(T_i)
+        st.forwards += 1
+        if ref is not None:
+            kl_sum += float(kl_estimator(logp.detach(), ref).sum())
+    st.kl = kl_sum / max(st.tokens_in_loss, 1)
+    return st
+
+
+def grpo_loss_batched(logits: torch.Tensor, ref_logits: torch.Tensor | None, ids: torch.Tensor,
+                      mask: torch.Tensor, rewards: Sequence[float], beta: float) -> torch.Tensor:
+    """The slow, obvious GRPO/S-GRPO loss (−J) on a padded batch: full (G, T, V) log_softmax, masked means.
+
+    logits (G, T, V) of ids (G, T); mask (G, T) from `loss_mask` (ANDed with the S-GRPO selection for E5)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (G, T−1)
+    ref = None
+    if ref_logits is not None:
+        ref = torch.log_softmax(ref_logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    m = mask[:, 1:].to(logp.dtype)  # token t is predicted at t − 1
+    adv = group_advantages(rewards).to(logp)[:, None]  # (G, 1): one advantage for every token of y_i
+    per_token = grpo_token_objective(logp, ref, adv, beta)  # (G, T−1)
+    J = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()  # [E3] (1/G)·Σ_i (1/|y_i|)·Σ_t
+    return -J
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# T-SPMO (E10 over the trie's E7–E9)
+
+
+def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
+                   rewards: Sequence[float], *, lam: float, scale: float = 1.0) -> StepStats:
+    """−J_TSPMO = −(1/|U|)·Σ_{(p,v)∈U} π_θ(v|p)·A(v|p) + λ·Σ_W ‖W‖², backpropagated per forward pass.
+
+    |U| counts every edge of the trie, A = 0 ones too; those add nothing to the gradient, so the model runs only on
+    the prefixes that have an edge with A ≠ 0, each once, on one completion that contains it (trie.targets)."""
+    trie = PrefixTrie(completions, rewards)  # [E7] [E8] [E9] per edge
+    U = len(trie.edges)
+    P = len(prompt)
+    dev = model.lm_head.weight.device
+    st = StepStats(edges=U, tokens_generated=sum(map(len, completions)))
+    st.tokens_in_loss = round(trie.nonzero_token_fraction() * st.tokens_generated)
+    st.zero_variance = len(set(rewards)) == 1
+    for tg in trie.targets():
+        y = completions[tg.completion]
+        ids = list(prompt) + list(y[: max(tg.positions)])  # the longest prefix needed on this completion
+        rows = torch.tensor([P + j - 1 for j in tg.positions], device=dev)  # last token of prompt∘y[:j] predicts v
+        width = max(map(len, tg.tokens))
+        tokens = torch.tensor([t + [0] * (width - len(t)) for t in tg.tokens], device=dev)  # (N, M), padded
+        adv = torch.tensor([a + [0.0] * (width - len(a)) for a in tg.advantages], device=dev)  # padding has A = 0
+        h, pos = _bottom(model, ids)
+        pi = logprobs_at(model, _top(model, h, pos, rows), tokens).exp()  # (N, M) π_θ(v|p): the probability
+        J_part = (pi * adv).sum() / U  # [E10] π_θ(v|p)·A(v|p) — π, not log π, as the paper writes it
+        loss = -J_part * scale
+        loss.backward()
+        st.loss += float(loss.detach())
+        st.forwards += 1
+    if lam:
+        reg = lam * lora.l2_penalty(model) * scale  # [E10] − λ·Σ_W ‖W‖² in J, so + in the loss
+        reg.backward()
+        st.loss += float(reg.detach())
+    return st
+
+
+def tspmo_objective_bruteforce(pi: dict[tuple[tuple[int, ...], int], torch.Tensor],
+                               completions: Sequence[Sequence[int]], rewards: Sequence[float]) -> torch.Tensor:
+    """The slow, obvious E10 policy term from raw token lists (no trie): U = every distinct (prefix, token) pair,
+    E[R|p] and E[R|p∘v] as plain means over the completions that start with p and p∘v; π from `pi[(p, v)]`."""
+    U = {(tuple(y[:t]), y[t]) for y in completions for t in range(len(y))}
+
+    def mean_reward(prefix: tuple[int, ...]) -> float:
+        rs = [r for y, r in zip(completions, rewards) if tuple(y[: len(prefix)]) == prefix]
+        return sum(rs) / len(rs)
+
+    total = sum(pi[(p, v)] * (mean_reward(p + (v,)) - mean_reward(p)) for p, v in U)  # E9 − E8 = E7
+    return total / len(U)
