@@ -189,18 +189,23 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str =
     atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(cfg))
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
-                 generator: torch.Generator | None = None) -> list[int]:
-    """Apply LoRA as described by a PEFT adapter_config.json, then load its weights (strictly). Returns the layers."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
+def _adapter_files(adapter_dir: Path) -> tuple[Path, Path]:
     cfg_path, w_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: not found (a PEFT adapter directory holds adapter_config.json and "
                                     "adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
+    return cfg_path, w_path
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
+                 generator: torch.Generator | None = None) -> list[int]:
+    """Apply LoRA as described by a PEFT adapter_config.json, then load its weights (strictly). Returns the layers."""
+    cfg_path, _ = _adapter_files(Path(adapter_dir))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
         raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type LORA, no DoRA, no bias)")
     targets = cfg["target_modules"]
@@ -219,11 +224,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
             if not hasattr(attn, name):
                 raise ValueError(f"{cfg_path}: target module {name!r} is not an attention projection of Qwen2")
             setattr(attn, name, LoRALinear(getattr(attn, name), r, alpha, generator))
+    load_adapter_weights(model, adapter_dir)
+    return layers
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Copy a PEFT adapter's A and B into the model's existing adapters; every tensor must match by name and shape."""
+    from safetensors.torch import load_file
+
+    _, w_path = _adapter_files(Path(adapter_dir))
     state = load_file(str(w_path))
     want = {f"{PEFT_PREFIX}{n}.{ab}.weight": (m, ab) for n, m in lora_modules(model) for ab in ("lora_A", "lora_B")}
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:
-        raise ValueError(f"{w_path}: adapter tensors do not match its config: missing {missing[:4]}, "
+        raise ValueError(f"{w_path}: adapter tensors do not match the model's adapters: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
     with torch.no_grad():
         for key, (m, ab) in want.items():
@@ -231,4 +245,3 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
             if tuple(state[key].shape) != tuple(p.shape):
                 raise ValueError(f"{w_path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
             p.copy_(state[key])
-    return layers

@@ -1,0 +1,758 @@
+"""Train Qwen2 with GRPO, S-GRPO or T-SPMO under LoRA, as in Lee & Tong (2025), on one GPU (or the CPU).
+
+    python train.py --algo tspmo --task mult                  # the paper's settings for (algo, task)
+    python train.py --algo sgrpo --task svamp --steps 10      # any setting can be overridden
+    python train.py --resume runs/mult-tspmo-20261122-101500  # continue exactly where it stopped
+    python train.py --task mult --eval-only [--adapter DIR]   # accuracy of the base model or of an adapter
+
+Deviations from the paper and choices it leaves open (README "Choices the paper leaves open" lists the same):
+  1. T-SPMO replay takes its own optimizer step after each replayed group (the paper: "the policy model is updated
+     again"); a training step of T-SPMO with replay therefore makes 1 + C_success + C_failure optimizer steps.
+  2. The gsm8k task (prompt, SymPy reward, LoRA and step settings) is an extension; the paper has no such run.
+  3. Evaluation cadence (--eval-every) and checkpoint cadence are ours; the paper gives neither.
+  4. A zero-variance group still takes its update: GRPO/S-GRPO still backpropagate the β·KL term (E3/E5 keep it when
+     Â = 0), T-SPMO only the λ·‖W‖² term. The step is logged with zero_variance = true.
+
+Sections: settings · tasks · evaluation · checkpoints · plot · the training loop · command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import lora
+import model as M
+import tokrl
+from reward import exact_match_reward, sympy_reward
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    algo: str = "tspmo"  # grpo | sgrpo | tspmo
+    task: str = "mult"  # mult | svamp | gsm8k
+    model: str = "Qwen/Qwen2-1.5B"  # a directory, or a repo id found in / downloaded to the Hugging Face cache
+    data: str | None = None  # svamp / gsm8k data (file or directory); None: the tokrl cache, downloaded if absent
+    out: str | None = None  # run directory; None: runs/{task}-{algo}-{time}
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "float32"  # the paper trains in fp32
+    seed: int = 0
+    # training (paper, section IV-A)
+    steps: int = 350
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # [decided] (SPEC.md) torch's AdamW default; the paper names none
+    group_size: int = 50  # G
+    accum: int = 1  # prompts per optimizer step (effective batch; the paper's ablation uses 8)
+    temperature: float = 0.3
+    top_p: float = 1.0  # the paper names no top-p: plain temperature sampling
+    max_new_tokens: int = 300
+    beta: float = 0.01  # KL weight of GRPO / S-GRPO (E3, E5)
+    lam: float = 0.01  # λ of T-SPMO's L2 term (E10)
+    # LoRA
+    lora_fraction: float = 0.25
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # [decided] (SPEC.md) α = r
+    # S-GRPO token selection (E6)
+    alpha: int = 50
+    k: int = 100
+    p: float = 0.5  # [decided] (SPEC.md) the paper does not give P
+    # T-SPMO replay
+    replay_success: int = 1
+    replay_failure: int = 0
+    replay_threshold: float = 1.0  # [decided] (SPEC.md) r = 1.0
+    # evaluation and bookkeeping (ours)
+    eval_every: int = 50
+    eval_limit: int | None = None  # evaluate on the first N test examples (None: all)
+    eval_batch: int = 32
+    save_every: int = 10
+
+
+COMMON = dict(lr=1e-4, beta=0.01, lam=0.01, temperature=0.3, max_new_tokens=300)
+TASK_DEFAULTS = {  # LoRA per task (paper IV-A); S-GRPO (α, k) (Table III); replay (Table V)
+    "mult": dict(lora_fraction=1 / 4, lora_rank=8, alpha=50, k=100, replay_success=1, replay_failure=0),
+    "svamp": dict(lora_fraction=1 / 3, lora_rank=16, alpha=100, k=100, replay_success=0, replay_failure=0),
+    "gsm8k": dict(lora_fraction=1 / 3, lora_rank=16, alpha=100, k=100, replay_success=0, replay_failure=0),  # ours
+}
+STEPS = {("mult", "tspmo"): 350, ("mult", "sgrpo"): 450, ("mult", "grpo"): 450,
+         ("svamp", "tspmo"): 400, ("svamp", "sgrpo"): 325, ("svamp", "grpo"): 325,
+         ("gsm8k", "tspmo"): 400, ("gsm8k", "sgrpo"): 325, ("gsm8k", "grpo"): 325}  # gsm8k: ours, as svamp
+GROUP = {"grpo": 8, "sgrpo": 8, "tspmo": 50}
+
+
+def paper_defaults(algo: str, task: str) -> dict:
+    """The paper's settings for (algo, task); gsm8k is our extension and borrows SVAMP's."""
+    return {**COMMON, **TASK_DEFAULTS[task], "steps": STEPS[task, algo], "group_size": GROUP[algo]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks: each gives its examples, its prompt, its stop rule and its reward
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file (and the record)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOKRL_CACHE", Path.home() / ".cache" / "tokrl"))
+
+
+def fetch(url: str, dest: Path) -> Path:
+    """Download url to dest atomically (data sets only; tests always pass --data)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".incomplete")
+    print(f"downloading {url} -> {dest}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        raise DataError(f"cannot download {url} ({e}); download it on a machine with network access and pass "
+                        f"its path with --data (or put it at {dest})") from None
+    os.replace(tmp, dest)
+    return dest
+
+
+class Task:
+    name = ""
+    mult_prompt = False
+
+    def __init__(self, tokenizer: M.Tokenizer):
+        self.tok = tokenizer
+
+    def prompt(self, ex) -> str: ...
+
+    def reward(self, text: str, ex) -> float: ...
+
+    def stop(self):
+        """A per-row stop rule for sampling (None: EOS and max_new_tokens only)."""
+        return None
+
+    def train_stream(self, rng: random.Random):
+        """Training examples, one per step, forever; all randomness from `rng` (its state is checkpointed)."""
+        ...
+
+    def test_set(self) -> list: ...
+
+
+class Mult(Task):
+    """3×3-digit multiplication (paper Appendix A). A, B uniform in [101, 999]."""
+
+    name = "mult"
+    TEST_SEED, TEST_SIZE = 20250429, 3000  # the test set is fixed: the same on every run, whatever --seed
+
+    @functools.cached_property
+    def _test(self) -> list[tuple[int, int]]:
+        rng, pairs = random.Random(self.TEST_SEED), {}
+        while len(pairs) < self.TEST_SIZE:
+            ab = (rng.randint(101, 999), rng.randint(101, 999))
+            pairs.setdefault(ab, None)  # distinct pairs, in order of first draw
+        return list(pairs)
+
+    def test_set(self):
+        return self._test
+
+    def train_stream(self, rng):
+        test = set(self._test)
+        while True:
+            ab = (rng.randint(101, 999), rng.randint(101, 999))
+            if ab not in test:  # training pairs exclude the test pairs
+                yield ab
+
+    def prompt(self, ex):
+        a, b = ex  # [decided] (SPEC.md) Appendix A rendered in Qwen's ChatML, the assistant turn prefilled
+        return M.chatml("You are a helpful AI assistant.", f"What's {a} multiplied by {b}? Don't use a calculator.",
+                        "Let's break this problem down step by step.")
+
+    def reward(self, text, ex):
+        return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
+
+
+def _line_stop(tok: M.Tokenizer, begun: re.Pattern):
+    """Stop a row at the first newline after `begun` has matched (checked only when a token holds a newline)."""
+    piece = functools.lru_cache(maxsize=None)(lambda t: tok.decode([t], skip_special_tokens=False))
+
+    def stop(tokens: list[int]) -> bool:
+        if "\n" not in piece(tokens[-1]):
+            return False
+        text = tok.decode(tokens)
+        return bool(begun.search(text[: text.rfind("\n")]))
+
+    return stop
+
+
+class Svamp(Task):
+    """SVAMP (Patel et al. 2021), 700 train / 300 test; prompt of paper Appendix A-B."""
+
+    name = "svamp"
+    URL = "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json"
+
+    def __init__(self, tokenizer, data: str | None, seed: int):
+        super().__init__(tokenizer)
+        self.train, self.test, self.split_note = self.load(data, seed)
+
+    @classmethod
+    def load(cls, data: str | None, seed: int):
+        path = Path(data) if data else cache_dir() / "svamp"
+        if data is None and not (path / "SVAMP.json").is_file() and not (path / "train.json").is_file():
+            fetch(cls.URL, path / "SVAMP.json")
+        if path.is_dir() and (path / "train.json").is_file() and (path / "test.json").is_file():
+            return cls.read(path / "train.json"), cls.read(path / "test.json"), f"train/test files in {path}"
+        file = path / "SVAMP.json" if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(f"{path}: no SVAMP data (a directory with train.json and test.json, or SVAMP.json)")
+        records = cls.read(file)
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)  # no split files: a seeded 70/30 split, reported at start
+        n_train = round(0.7 * len(records))
+        note = f"seeded split (seed {seed}) of {file}: {n_train} train / {len(records) - n_train} test"
+        return [records[i] for i in order[:n_train]], [records[i] for i in order[n_train:]], note
+
+    @staticmethod
+    def read(file: Path) -> list[dict]:
+        try:
+            records = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{file}: cannot read SVAMP JSON ({e})") from None
+        if not isinstance(records, list) or not records:
+            raise DataError(f"{file}: expected a non-empty JSON list of SVAMP records")
+        for i, r in enumerate(records):
+            ok = isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("Body", "Question"))
+            if not ok or not isinstance(r.get("Answer"), (int, float)) or isinstance(r.get("Answer"), bool):
+                rid = r.get("ID", "no ID") if isinstance(r, dict) else type(r).__name__
+                raise DataError(f"{file}: record {i} ({rid}) needs string Body and Question and a numeric Answer")
+        return records
+
+    def train_stream(self, rng):
+        while True:  # epochs in a fresh shuffled order
+            order = list(range(len(self.train)))
+            rng.shuffle(order)
+            yield from (self.train[i] for i in order)
+
+    def test_set(self):
+        return self.test
+
+    def prompt(self, ex):
+        return f"Problem: {ex['Body'].strip()} {ex['Question'].strip()}\nAnswer:"
+
+    def reward(self, text, ex):
+        return exact_match_reward(text, ex["Answer"])  # [P1]
+
+    def stop(self):
+        # [decided] (SPEC.md) stop at the first newline after the answer has begun (the prompt asks for one number)
+        return _line_stop(self.tok, re.compile(r"\S"))
+
+
+class Gsm8k(Task):
+    """GSM8K (Cobbe et al. 2021): our extension, with the SymPy oracle (S1) as the reward."""
+
+    name = "gsm8k"
+    URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
+
+    def __init__(self, tokenizer, data: str | None):
+        super().__init__(tokenizer)
+        path = Path(data) if data else cache_dir() / "gsm8k"
+        for split in ("train", "test"):
+            if data is None and not (path / f"{split}.jsonl").is_file():
+                fetch(self.URL.format(split), path / f"{split}.jsonl")
+        self.train, self.test = self.read(path / "train.jsonl"), self.read(path / "test.jsonl")
+
+    @staticmethod
+    def read(file: Path) -> list[dict]:
+        if not file.is_file():
+            raise DataError(f"{file}: GSM8K file not found (a directory with train.jsonl and test.jsonl)")
+        out = []
+        for i, line in enumerate(file.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                answer = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+                out.append({"question": r["question"], "answer": answer})
+                assert "####" in r["answer"] and answer and isinstance(r["question"], str)
+            except (json.JSONDecodeError, KeyError, IndexError, AttributeError, TypeError, AssertionError):
+                raise DataError(f"{file}: line {i + 1} is not a GSM8K record "
+                                '({"question": ..., "answer": "... #### N"})') from None
+        if not out:
+            raise DataError(f"{file}: no records")
+        return out
+
+    train_stream = Svamp.train_stream
+
+    def test_set(self):
+        return self.test
+
+    def prompt(self, ex):  # ours: the paper has no GSM8K prompt
+        return f"Problem: {ex['question'].strip()}\nSolve it step by step, then give the final answer after '####'.\n"
+
+    def reward(self, text, ex):
+        return sympy_reward(text, ex["answer"])  # [S1]
+
+    def stop(self):
+        return _line_stop(self.tok, re.compile(r"####\s*\S"))
+
+
+def make_task(cfg: Settings, tokenizer: M.Tokenizer) -> Task:
+    if cfg.task == "mult":
+        return Mult(tokenizer)
+    if cfg.task == "svamp":
+        return Svamp(tokenizer, cfg.data, cfg.seed)
+    if cfg.task == "gsm8k":
+        return Gsm8k(tokenizer, cfg.data)
+    raise ValueError(f"unknown task {cfg.task!r}: choose mult, svamp or gsm8k")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy, batched, accuracy = mean reward ([decided] SPEC.md)
+
+
+def evaluate(net, tok, task: Task, cfg: Settings, eos) -> dict:
+    data = task.test_set()[: cfg.eval_limit]
+    t0, correct, examples = time.time(), 0.0, []
+    for i in range(0, len(data), cfg.eval_batch):
+        batch = data[i: i + cfg.eval_batch]
+        prompts = [tok.encode(task.prompt(ex)) for ex in batch]
+        outs = M.greedy(net, prompts, cfg.max_new_tokens, eos=eos, stop=task.stop())
+        for ex, out in zip(batch, outs):
+            text = tok.decode(out)
+            r = task.reward(text, ex)
+            correct += r
+            if len(examples) < 3:
+                examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text, "reward": r})
+    return {"accuracy": correct / max(len(data), 1), "n": len(data), "seconds": round(time.time() - t0, 2),
+            "examples": examples}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: checkpoints/step-NNNNNN/ written under a temporary name and renamed; `latest` names the newest
+
+
+def rng_state(gens: dict) -> dict:
+    return {"sample": gens["sample"].get_state(), "select": gens["select"].get_state(),
+            "data": gens["data"].getstate(), "replay": gens["replay"].getstate()}
+
+
+def save_checkpoint(run: Path, step: int, net, opt, gens, cfg: Settings, keep: int = 2) -> Path:
+    root = run / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora.save_adapter(net, tmp / "adapter", base_model=cfg.model)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(gens)}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # the directory appears complete, or not at all
+    lora.atomic_write(run / "checkpoints" / "latest", lambda p: Path(p).write_text(final.name + "\n"))
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    latest = run / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    path = run / "checkpoints" / latest.read_text().strip()
+    return path if (path / "state.pt").is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plot: an SVG of the training reward and the test accuracy against step (the paper's Figure 1), no dependency
+
+
+def svg_plot(metrics: list[dict], evals: list[dict], title: str) -> str:
+    W, H, pad = 440, 300, 46
+
+    def panel(x0, name, pts, color):
+        out = [f'<g transform="translate({x0},0)"><text x="{W / 2}" y="20" text-anchor="middle">{name}</text>',
+               f'<rect x="{pad}" y="30" width="{W - pad - 10}" height="{H - 30 - pad}" fill="none" stroke="#999"/>']
+        xmax = max([p[0] for p in pts] + [1])
+
+        def xy(s, v):
+            return pad + (W - pad - 10) * s / xmax, 30 + (H - 30 - pad) * (1 - v)
+
+        for v in (0, 0.25, 0.5, 0.75, 1.0):
+            y = xy(0, v)[1]
+            out.append(f'<text x="{pad - 4}" y="{y + 4}" text-anchor="end" font-size="11">{v:g}</text>')
+        for s in (0, xmax // 2, xmax):
+            x = xy(s, 0)[0]
+            out.append(f'<text x="{x}" y="{H - pad + 16}" text-anchor="middle" font-size="11">{s}</text>')
+        out.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="12">step</text>')
+        if pts:
+            line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, min(max(v, 0), 1)) for s, v in pts))
+            out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
+            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>'
+                    for x, y in (xy(s, v) for s, v in pts)] if len(pts) < 40 else []
+        return out + ["</g>"]
+
+    rewards = [m["reward_mean"] for m in metrics]
+    smooth = [(m["step"], sum(rewards[max(0, i - 9): i + 1]) / len(rewards[max(0, i - 9): i + 1]))
+              for i, m in enumerate(metrics)]  # moving mean over the last 10 steps
+    acc = [(e["step"], e["accuracy"]) for e in evals]
+    body = panel(0, "train reward (mean of 10 steps)", smooth, "#1f77b4") + \
+        panel(W, "test accuracy", acc, "#d62728")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H + 20}" font-family="sans-serif">'
+            f'<text x="{W}" y="{H + 14}" text-anchor="middle" font-size="12">{title}</text>'
+            + "".join(body) + "</svg>\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+class StopRequest:
+    """First Ctrl-C: finish the current step, checkpoint, exit. Second: stop at once (the last checkpoint stays)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to quit now; the last checkpoint stays)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak)
+
+
+def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float) -> tokrl.StepStats:
+    """Backward of one group with the chosen objective (the caller steps the optimizer)."""
+    if algo == "tspmo":
+        return tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam, scale=scale)  # [E10]
+    selection = None
+    if algo == "sgrpo":
+        selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"]) for y in completions]  # [Alg1]
+    return tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale)
+
+
+def check_finite(net, st: tokrl.StepStats) -> None:
+    bad = not math.isfinite(st.loss) or any(not torch.isfinite(p.grad).all()
+                                            for p in lora.lora_parameters(net) if p.grad is not None)
+    if bad:
+        raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
+
+
+class Trainer:
+    def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos):
+        self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
+        self.dev = next(net.parameters()).device
+        self.opt = torch.optim.AdamW(lora.lora_parameters(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.gens = {"sample": torch.Generator(self.dev).manual_seed(cfg.seed),  # sampling completions
+                     "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
+                     "data": random.Random(cfg.seed + 2), "replay": random.Random(cfg.seed + 3)}
+        self.step = 0
+
+    def sample_group(self, prompt_ids, prefix=()):
+        """G completions of prompt∘prefix with their rewards (the reward reads prefix + completion)."""
+        cfg = self.cfg
+        outs = M.sample(self.net, list(prompt_ids) + list(prefix), cfg.group_size, cfg.max_new_tokens - len(prefix),
+                        temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
+                        stop=self.task.stop())
+        return outs, [self.task.reward(self.tok.decode(list(prefix) + o), self.ex) for o in outs]
+
+    def replay(self, prompt_ids, completions, rewards) -> list[tokrl.StepStats]:
+        """T-SPMO replay: restart from a random cut of chosen completions of this group, one update each."""
+        cfg, rng = self.cfg, self.gens["replay"]
+        good = [i for i, r in enumerate(rewards) if r >= cfg.replay_threshold]  # R_success = {y : R(y) >= r}
+        bad = [i for i, r in enumerate(rewards) if r < cfg.replay_threshold]  # R_fail = {y : R(y) < r}
+        picks = rng.sample(good, min(cfg.replay_success, len(good))) + rng.sample(bad, min(cfg.replay_failure,
+                                                                                        len(bad)))
+        stats = []
+        for i in picks:
+            y = completions[i]
+            j = rng.randint(0, len(y) - 1)  # cut uniform in [0, |y| − 1]: the prefix is prompt + y_1 … y_j
+            if cfg.max_new_tokens - j < 1:
+                continue
+            conts, rs = self.sample_group(prompt_ids, y[:j])
+            self.opt.zero_grad(set_to_none=True)
+            st = tokrl.tspmo_backward(self.net, list(prompt_ids) + list(y[:j]), conts, rs, lam=cfg.lam)  # [E10]
+            check_finite(self.net, st)
+            self.opt.step()  # deviation 1 (module docstring): each replayed group is its own update
+            st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs)}
+            stats.append(st)
+        return stats
+
+    def train_step(self, stream) -> dict:
+        cfg, t0 = self.cfg, time.time()
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        self.opt.zero_grad(set_to_none=True)
+        rewards_all, stats, lengths, replays = [], [], [], []
+        for _ in range(cfg.accum):
+            self.ex = next(stream)
+            prompt_ids = self.tok.encode(self.task.prompt(self.ex))
+            completions, rewards = self.sample_group(prompt_ids)
+            st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum)
+            check_finite(self.net, st)
+            rewards_all += rewards
+            lengths += [len(y) for y in completions]
+            stats.append(st)
+        self.opt.step()
+        if cfg.algo == "tspmo":
+            replays = self.replay(prompt_ids, completions, rewards)
+        secs = time.time() - t0
+        n = len(rewards_all)
+        mean = sum(rewards_all) / n
+        gen_tokens = sum(lengths) + sum(s.tokens_generated for s in replays)
+        return {"step": self.step + 1, "reward_mean": mean,
+                "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards_all) / n),
+                "zero_variance": any(s.zero_variance for s in stats),
+                "loss_token_fraction": sum(s.tokens_in_loss for s in stats) / max(sum(lengths), 1),
+                "loss": sum(s.loss for s in stats), "kl": sum(s.kl for s in stats) / len(stats),
+                "len_mean": sum(lengths) / n, "len_max": max(lengths), "forwards": sum(s.forwards for s in stats),
+                "edges": sum(s.edges for s in stats), "replays": [s.extra for s in replays],
+                "seconds": round(secs, 3), "tokens_per_s": round(gen_tokens / secs, 1),
+                "peak_mem_gb": round(peak_memory_gb(self.dev), 3)}
+
+
+def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
+    done = m["step"] - first_step
+    eta = (time.time() - started) / max(done, 1) * (steps - m["step"])
+    return (f"step {m['step']:>4}/{steps} | reward {m['reward_mean']:.3f}±{m['reward_std']:.3f}"
+            f"{' (zero-var)' if m['zero_variance'] else ''} | loss {m['loss']:+.4f} | kl {m['kl']:.4f} | "
+            f"in-loss {100 * m['loss_token_fraction']:.1f}% | len {m['len_mean']:.0f} | {m['seconds']:.1f} s | "
+            f"{m['tokens_per_s']:.0f} tok/s | mem {m['peak_mem_gb']:.2f} GB | eta {datetime.timedelta(seconds=int(eta))}")
+
+
+def read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if max_step is None or r["step"] <= max_step]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    lora.atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def load_everything(cfg: Settings):
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    model_dir = M.resolve_model_dir(cfg.model)
+    net = M.load_model(model_dir, dtype=dtype, device=cfg.device)
+    tok = M.Tokenizer(model_dir / "tokenizer.json")
+    return net, tok, M.eos_ids(model_dir, net.config, tok)
+
+
+def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None) -> dict:
+    """The whole run; returns the final evaluation. `task` lets tests plug in a toy task."""
+    torch.manual_seed(cfg.seed)  # nothing should draw from the global RNG; this only pins what might
+    net, tok, eos = load_everything(cfg)
+    task = task or make_task(cfg, tok)
+    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha,
+                    generator=torch.Generator().manual_seed(cfg.seed + 4))  # [L1]
+    tr = Trainer(cfg, run, net, tok, task, eos)
+    metrics, evals = [], []
+    if resume:
+        ck = latest_checkpoint(run)
+        if ck is None:
+            raise SystemExit(f"error: {run} has no checkpoint to resume from (checkpoints/latest)")
+        lora.load_adapter_weights(net, ck / "adapter")
+        state = torch.load(ck / "state.pt", weights_only=False)
+        tr.opt.load_state_dict(state["optimizer"])
+        tr.step = state["step"]
+        r = state["rng"]
+        tr.gens["sample"].set_state(r["sample"]), tr.gens["select"].set_state(r["select"])
+        tr.gens["data"].setstate(r["data"]), tr.gens["replay"].setstate(r["replay"])
+        metrics = read_jsonl(run / "metrics.jsonl", tr.step)  # drop steps logged after the checkpoint
+        evals = read_jsonl(run / "eval.jsonl", tr.step)
+        write_jsonl(run / "metrics.jsonl", metrics)
+        write_jsonl(run / "eval.jsonl", evals)
+        print(f"resumed {run} at step {tr.step} from {ck.name}")
+    if hasattr(task, "split_note"):
+        print(f"data: {task.split_note}")
+    # the data stream is rebuilt from the restored RNG state: the same next examples as an uninterrupted run
+    stream = task.train_stream(tr.gens["data"])
+
+    def log_eval(step):
+        with torch.no_grad():
+            e = {"step": step, **evaluate(net, tok, task, cfg, eos)}
+        evals.append(e)
+        write_jsonl(run / "eval.jsonl", evals)
+        print(f"eval  step {step:>4} | accuracy {e['accuracy']:.4f} on {e['n']} | {e['seconds']:.0f} s", flush=True)
+
+    if not evals:
+        log_eval(tr.step)
+    started, first = time.time(), tr.step
+    with StopRequest() as stop:
+        while tr.step < cfg.steps and not stop.requested:
+            try:
+                m = tr.train_step(stream)
+            except NonFiniteLoss as e:
+                ck = latest_checkpoint(run)
+                raise SystemExit(f"error: {e} at step {tr.step + 1}; stopped without saving it. The last good "
+                                 f"checkpoint is {ck or 'none (no checkpoint was written yet)'}") from None
+            tr.step = m["step"]
+            metrics.append(m)
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            print(progress_line(m, cfg.steps, started, first), flush=True)
+            if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps:
+                log_eval(tr.step)
+            if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stop.requested:
+                save_checkpoint(run, tr.step, net, tr.opt, tr.gens, cfg)
+            (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
+    if stop.requested and tr.step < cfg.steps:
+        print(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
+        return evals[-1]
+    if not evals or evals[-1]["step"] != tr.step:
+        log_eval(tr.step)
+    (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
+    lora.save_adapter(net, run / "adapter", base_model=cfg.model)
+    print(f"done: accuracy {evals[-1]['accuracy']:.4f}; adapter in {run / 'adapter'} (PEFT format)")
+    return evals[-1]
+
+
+def eval_only(cfg: Settings, adapter: str | None, out: Path | None) -> dict:
+    net, tok, eos = load_everything(cfg)
+    task = make_task(cfg, tok)
+    if adapter:
+        lora.load_adapter(net, adapter)
+    with torch.no_grad():
+        e = evaluate(net, tok, task, cfg, eos)
+    print(f"accuracy {e['accuracy']:.4f} on {e['n']} {cfg.task} test examples "
+          f"({'adapter ' + adapter if adapter else 'base model'})")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps({"adapter": adapter, **e}, indent=2) + "\n")
+    return e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def paper_table() -> str:
+    rows = ["paper defaults (Lee & Tong 2025; gsm8k is ours):",
+            "  task   algo   steps  G   LoRA frac/rank  S-GRPO α,k  replay C_succ,C_fail",]
+    for task in TASK_DEFAULTS:
+        for algo in GROUP:
+            d = paper_defaults(algo, task)
+            rows.append(f"  {task:<6} {algo:<6} {d['steps']:<6} {d['group_size']:<3} "
+                        f"{d['lora_fraction']:.3g}/{d['lora_rank']:<11} {d['alpha']},{d['k']:<8}  "
+                        f"{d['replay_success']},{d['replay_failure']}")
+    rows.append("  all: AdamW lr 1e-4 (weight decay 0.01), beta = lambda = 0.01, temperature 0.3, "
+                "300 new tokens, fp32, one prompt per step, P = 0.5, replay threshold r = 1.0")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=paper_table(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    S = Settings()
+    g = p.add_argument_group("run")
+    g.add_argument("--algo", choices=["grpo", "sgrpo", "tspmo"], help="objective (default tspmo)")
+    g.add_argument("--task", choices=["mult", "svamp", "gsm8k"], help="task (default mult)")
+    g.add_argument("--model", help=f"model directory or Hugging Face repo id (default {S.model})")
+    g.add_argument("--data", help="svamp: dir with train.json+test.json (700/300) or SVAMP.json (seeded split); "
+                                  "gsm8k: dir with train.jsonl+test.jsonl (default: ~/.cache/tokrl, downloaded)")
+    g.add_argument("--out", help="run directory (default runs/{task}-{algo}-{time})")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    g.add_argument("--eval-only", action="store_true", help="evaluate the base model (or --adapter) and exit")
+    g.add_argument("--adapter", help="with --eval-only: a PEFT LoRA adapter directory")
+    g.add_argument("--device", help=f"default {S.device}")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 (the paper's)")
+    g.add_argument("--seed", type=int, help="default 0")
+    g = p.add_argument_group("training (defaults: the paper's for the chosen algo and task)")
+    g.add_argument("--steps", type=int, help="optimizer steps (paper: see table below)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (1e-4)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.01; the paper names none)")
+    g.add_argument("--group-size", "-G", type=int, help="completions per prompt (GRPO/S-GRPO 8, T-SPMO 50)")
+    g.add_argument("--accum", type=int, help="prompts per optimizer step (1; the ablation uses 8)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (0.3)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling (1.0: off; the paper names none)")
+    g.add_argument("--max-new-tokens", type=int, help="completion length limit (300)")
+    g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO (0.01)")
+    g.add_argument("--lam", type=float, help="L2 weight on LoRA, T-SPMO (0.01)")
+    g = p.add_argument_group("LoRA (paper: mult last 1/4 of layers, rank 8; svamp last 1/3, rank 16)")
+    g.add_argument("--lora-fraction", type=float, help="fraction of the last layers adapted")
+    g.add_argument("--lora-rank", type=int, help="rank r")
+    g.add_argument("--lora-alpha", type=float, help="alpha (default r: scale 1)")
+    g = p.add_argument_group("S-GRPO token selection (paper: mult α=50, k=100; svamp α=100, k=100)")
+    g.add_argument("--alpha", type=int, help="first α tokens always in the loss")
+    g.add_argument("--k", type=int, help="at most k tokens in the loss")
+    g.add_argument("--p", type=float, help="probability of a later token (0.5; the paper gives none)")
+    g = p.add_argument_group("T-SPMO replay (paper: mult 1 success, 0 failures; svamp none)")
+    g.add_argument("--replay-success", type=int, help="C_success")
+    g.add_argument("--replay-failure", type=int, help="C_failure")
+    g.add_argument("--replay-threshold", type=float, help="reward r separating success from failure (1.0)")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, help="steps between test evaluations (50; 0: start and end only)")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples (default all)")
+    g.add_argument("--eval-batch", type=int, help="prompts per greedy batch (32)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints (10)")
+    return p
+
+
+def resolve(args: argparse.Namespace, base: Settings | None = None) -> Settings:
+    """Settings = Settings() defaults ← the paper's for (algo, task) ← a resumed run's ← what the user typed."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
+             if getattr(args, f.name, None) is not None}
+    if base is not None:
+        return dataclasses.replace(base, **given)
+    algo, task = given.get("algo", Settings.algo), given.get("task", Settings.task)
+    return Settings(**{**paper_defaults(algo, task), "algo": algo, "task": task, **given})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.json").is_file():
+            raise SystemExit(f"error: {run} is not a tokrl run directory (no config.json)")
+        saved = json.loads((run / "config.json").read_text())
+        cfg = resolve(args, Settings(**{k: v for k, v in saved.items() if k in Settings.__dataclass_fields__}))
+    else:
+        cfg = resolve(args)
+    try:
+        if args.eval_only:
+            eval_only(cfg, args.adapter, Path(cfg.out) if cfg.out else None)
+            return 0
+        if not args.resume:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{stamp}")
+            if (run / "metrics.jsonl").is_file():
+                raise SystemExit(f"error: {run} already holds a run; use --resume {run} or another --out")
+            run.mkdir(parents=True, exist_ok=True)
+            cfg = dataclasses.replace(cfg, out=str(run))
+        print("settings: " + json.dumps(dataclasses.asdict(cfg)))
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        train(cfg, run, resume=bool(args.resume))
+    except (DataError, M.ModelNotFoundError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
