@@ -58,7 +58,7 @@ class Settings:
     # training (paper, section IV-A)
     steps: int = 350
     lr: float = 1e-4
-    weight_decay: float = 0.01  # [decided] (SPEC.md) torch's AdamW default; the paper names none
+    weight_decay: float = 0.01  # [decided] (SPEC.md) AdamW weight decay 0.01, torch's default; the paper names none
     group_size: int = 50  # G
     accum: int = 1  # prompts per optimizer step (effective batch; the paper's ablation uses 8)
     temperature: float = 0.3
@@ -485,6 +485,7 @@ class Trainer:
     def replay(self, prompt_ids, completions, rewards) -> list[tokrl.StepStats]:
         """T-SPMO replay: restart from a random cut of chosen completions of this group, one update each."""
         cfg, rng = self.cfg, self.gens["replay"]
+        # [decided] (SPEC.md) the replay pool is the G completions just generated for this prompt
         good = [i for i, r in enumerate(rewards) if r >= cfg.replay_threshold]  # R_success = {y : R(y) >= r}
         bad = [i for i, r in enumerate(rewards) if r < cfg.replay_threshold]  # R_fail = {y : R(y) < r}
         picks = rng.sample(good, min(cfg.replay_success, len(good))) + rng.sample(bad, min(cfg.replay_failure,
@@ -524,7 +525,7 @@ class Trainer:
             replays = self.replay(prompt_ids, completions, rewards)
         secs = time.time() - t0
         n = len(rewards_all)
-        mean = sum(rewards_all) / n
+        mean = sum(rewards_all) / n  # [E1] J(θ) = E_{Y~π_θ}[r(Y)], estimated by the mean reward of the group
         gen_tokens = sum(lengths) + sum(s.tokens_generated for s in replays)
         return {"step": self.step + 1, "reward_mean": mean,
                 "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards_all) / n),

@@ -303,3 +303,16 @@ def test_paper_defaults_resolve_per_algo_and_task():
         (325, 8, 1 / 3, 16, 100, 100)
     cfg = train.resolve(train.build_parser().parse_args(["--algo", "tspmo", "--task", "mult", "--steps", "7"]))
     assert (cfg.steps, cfg.group_size, cfg.replay_success, cfg.replay_failure, cfg.lora_rank) == (7, 50, 1, 0, 8)
+
+
+def test_logged_reward_is_the_E1_estimate(tmp_path, tiny, monkeypatch):
+    """E1: J(θ) = E_{Y~π_θ}[r(Y)] is logged as the group's mean reward. A group with rewards [1, 0, 0, 1] logs
+    mean 0.5 and (population) std 0.5; GRPO puts all 3 + 2 + 1 + 2 = 8 generated tokens in the loss."""
+    fixed = ([[5, 6, 7], [5, 9], [8], [5, 6]], [1.0, 0.0, 0.0, 1.0])
+    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, prefix=(): fixed)
+    run = tmp_path / "r"
+    train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run),
+                "--eval-limit", "0"])
+    m = train.read_jsonl(run / "metrics.jsonl")[0]
+    assert (m["reward_mean"], m["reward_std"], m["zero_variance"]) == (0.5, 0.5, False)
+    assert (m["len_mean"], m["len_max"], m["loss_token_fraction"], m["forwards"]) == (2.0, 3, 1.0, 4)

@@ -1,0 +1,455 @@
+"""tokrl against transformers (+ PEFT) on random-weight Qwen2 models. Run by hand; pytest does not collect it.
+
+    python tests/benchmark.py                 # CPU: sections 1-2 on qwen2-tiny-realvocab (about 6 min on 2 cores)
+    python tests/benchmark.py --full          # + section 3, the full Qwen2-1.5B shape in fp32 (about 25 min more)
+    python tests/benchmark.py --device cuda   # GPU: sections 1-2 on both presets, section 3 with real sampling
+    python tests/benchmark.py --quick         # short sequences: checks that the script runs, numbers mean little
+
+1. Sampling: new tokens per second, G = 8 and G = 50 completions of one prompt, N new tokens (EOS suppressed in
+   both), tokrl `model.sample` against `generate(num_return_sequences=G, do_sample=True)`.
+2. One training step per algorithm (paper's multiplication settings) on fixed completions: seconds and peak memory,
+   tokrl against transformers + PEFT computing the same loss the obvious way (full forward, full log_softmax).
+3. Full Qwen2-1.5B shape, fp32: peak memory and time of a whole step of GRPO (G=8), S-GRPO (G=8), T-SPMO (G=50,
+   one replay) on 300-token completions, and the projected time of a full paper run.
+
+Both libraries load the same safetensors directory (written by tokrl) and must give the same logits before anything
+is timed. Each training measurement runs in a fresh subprocess (this script with --one NAME) so that its peak memory
+is its own: the GPU's max_memory_allocated, or on the CPU the peak resident set size (reset through
+/proc/self/clear_refs just before the step).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lora  # noqa: E402
+import model as M  # noqa: E402
+import tokrl  # noqa: E402
+from trie import PrefixTrie  # noqa: E402
+
+# The paper's multiplication settings (SPEC.md "Training settings", S-GRPO / T-SPMO).
+TEMPERATURE, BETA, LAM, LR, WD = 0.3, 0.01, 0.01, 1e-4, 0.01
+LORA_R, LORA_FRACTION = 8, 1 / 4
+ALPHA, K, P_SELECT = 50, 100, 0.5  # S-GRPO (α, k) for mult; P is [decided]
+G_GRPO, G_TSPMO = 8, 50
+STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350}  # mult, for the projection of a full run
+NAMES = {"grpo": "GRPO (G=8)", "sgrpo": "S-GRPO (G=8)", "tspmo": "T-SPMO (G=50, +1 replay)"}
+EOS = (151643, 151645)  # <|endoftext|>, <|im_end|>: both suppressed, so every row makes exactly N tokens
+GiB = 2 ** 30
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Machine, models, memory
+
+
+def header(dev: torch.device) -> None:
+    import peft
+    import transformers
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor())
+    gpu = f", GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ", no GPU used"
+    print(f"# tokrl benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}\n")
+    print(f"CPU {cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}, "
+          f"RAM {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.0f} GiB")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {peft.__version__}; fp32 everywhere; random weights (normal, std 0.02)")
+    print("Ratios: speed = tokrl tok/s ÷ transformers tok/s (> 1: tokrl faster); time and memory = tokrl ÷ "
+          "reference (< 1: tokrl better). GiB = 2^30 bytes.\n")
+
+
+def build_checkpoint(preset: str, path: Path) -> None:
+    """Random weights made once by tokrl and written as a Hugging Face directory that both libraries load."""
+    with torch.device("meta"):  # no allocation yet: the 1.5B shape would otherwise be initialised twice
+        m = M.Qwen2ForCausalLM(M.PRESETS[preset])
+    m.to_empty(device="cpu")
+    m.lm_head.weight = m.model.embed_tokens.weight  # to_empty unties the shared tensor
+    m.init_weights(torch.Generator().manual_seed(0), std=0.02)
+    M.save_model(m, path)
+
+
+def load_hf(path: Path, dev: torch.device):
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+
+
+@torch.no_grad()
+def parity(tk, hf, dev) -> float:
+    """Max abs logit difference on 16 tokens: the two models must be the same function before we time them."""
+    ids = torch.randint(0, EOS[0], (1, 16), generator=torch.Generator().manual_seed(3)).to(dev)
+    err = float((tk.logits(ids) - hf(ids).logits).abs().max())
+    assert err < 1e-4, f"tokrl and transformers disagree on the same weights: max abs logit error {err:.2e}"
+    return err
+
+
+class Meter:
+    """Peak memory of one region: GPU max_memory_allocated, or CPU peak RSS (VmHWM, reset via clear_refs)."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+
+    def rss(self, key: str) -> int:
+        for ln in open("/proc/self/status"):
+            if ln.startswith(key + ":"):
+                return int(ln.split()[1]) * 1024
+        raise RuntimeError(f"no {key} in /proc/self/status")
+
+    def start(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = torch.cuda.memory_allocated(self.dev)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: peak RSS := current RSS
+            self.base = self.rss("VmRSS")
+
+    def peak(self) -> int:
+        if self.dev.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.dev)
+        return self.rss("VmHWM")
+
+
+def sync(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Section 1: sampling
+
+
+def sampling(tk, hf, dev, N: int) -> None:
+    prompt = torch.randint(0, EOS[0], (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.tensor([prompt], device=dev)
+
+    def ours(G, n):
+        out = M.sample(tk, prompt, G, n, temperature=TEMPERATURE, top_p=1.0, eos=EOS, suppress=EOS,
+                       generator=torch.Generator(dev).manual_seed(2))
+        assert all(len(y) == n for y in out)
+
+    def theirs(G, n):  # min_new_tokens = N: transformers' own way of suppressing EOS until N tokens
+        torch.manual_seed(2)
+        out = hf.generate(ids, do_sample=True, num_return_sequences=G, max_new_tokens=n, min_new_tokens=n,
+                          temperature=TEMPERATURE, top_k=0, top_p=1.0, pad_token_id=EOS[0], eos_token_id=list(EOS))
+        assert out.shape == (G, len(prompt) + n)
+
+    def tok_per_s(fn, G):
+        fn(G, 4)  # warm-up
+        best = float("inf")
+        for _ in range(2):  # best of 2
+            t0 = sync(dev)
+            fn(G, N)
+            best = min(best, sync(dev) - t0)
+        return G * N / best
+
+    print(f"## 1. Sampling: {N} new tokens per completion after a 40-token prompt, temperature {TEMPERATURE}, "
+          "top_p 1.0, EOS suppressed; best of 2 after a warm-up\n")
+    rows = []
+    for G in (G_GRPO, G_TSPMO):
+        a, b = tok_per_s(ours, G), tok_per_s(theirs, G)
+        rows.append([f"G = {G}", f"{a:.0f}", f"{b:.0f}", f"{a / b:.2f}"])
+    table(["completions", "tokrl tok/s", "transformers tok/s", "speed ratio"], rows)
+
+
+def table(head: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fixed workloads: the completions every training measurement uses
+
+
+def rand_tokens(n: int, g: torch.Generator) -> list[int]:
+    return torch.randint(0, EOS[0], (n,), generator=g).tolist()
+
+
+def tree_completions(G: int, T: int, g: torch.Generator) -> list[list[int]]:
+    """G completions of T tokens that share prefixes like low-temperature samples of a trained model: each follows an
+    earlier one (picked at random) up to a uniform random cut, then goes its own way (so the trie has G−1 branches)."""
+    ys = [rand_tokens(T, g)]
+    for i in range(1, G):
+        j, cut = int(torch.randint(i, (), generator=g)), int(torch.randint(T, (), generator=g))
+        ys.append(ys[j][:cut] + rand_tokens(T - cut, g))
+    return ys
+
+
+def rewards(G: int, g: torch.Generator) -> list[float]:
+    r = (torch.rand(G, generator=g) < 0.3).float().tolist()  # exact-match-like 0/1 rewards
+    r[0], r[1] = 1.0, 0.0  # never a zero-variance group: it would give no gradient and time nothing
+    return r
+
+
+def common_prefix(ys: list[list[int]]) -> float:
+    """Mean length of the shared prefix over all pairs of completions."""
+    lens = [next((t for t, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
+            for i, a in enumerate(ys) for b in ys[i + 1:]]
+    return sum(lens) / len(lens)
+
+
+def workload(prompt: list[int], ys8: list[list[int]], T: int, seed: int) -> dict:
+    """GRPO/S-GRPO on ys8 (8 completions) and a T-SPMO step: 50 tree completions plus one replay group.
+
+    Replay (SPEC.md, mult C_success = 1): one successful completion, a uniform cut j, 50 continuations of T − j
+    tokens from prompt + y[:j] (so no training sequence is longer than prompt + T)."""
+    g = torch.Generator().manual_seed(seed)
+    sel = [tokrl.select_tokens(len(y), ALPHA, K, P_SELECT, g) for y in ys8]
+    ys50, r50 = tree_completions(G_TSPMO, T, g), rewards(G_TSPMO, g)
+    y = ys50[next(i for i, r in enumerate(r50) if r >= 1.0)]
+    j = int(torch.randint(len(y), (), generator=g))
+    return {"prompt": prompt, "grpo": [ys8, rewards(G_GRPO, g), sel],
+            "tspmo": [ys50, r50], "replay": [prompt + y[:j], tree_completions(G_TSPMO, T - j, g),
+                                             rewards(G_TSPMO, g)]}
+
+
+def trie_info(w: dict) -> str:
+    t = PrefixTrie(*w["tspmo"])
+    return (f"T-SPMO group: {len(t.edges)} edges, {len(t.targets())} forwards, "
+            f"{100 * t.nonzero_token_fraction():.1f}% of tokens with A != 0; replay cut after "
+            f"{len(w['replay'][0]) - len(w['prompt'])} tokens")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two implementations of a training step
+
+
+def ours_backward(model, kind, prompt, ys, rs, sel):
+    if kind == "tspmo":
+        tokrl.tspmo_backward(model, prompt, ys, rs, lam=LAM)
+    else:
+        tokrl.grpo_backward(model, prompt, ys, rs, beta=BETA, selection=sel if kind == "sgrpo" else None)
+
+
+def padded(prompt, ys, dev):
+    T = len(prompt) + max(map(len, ys))
+    # Right padding needs no attention mask: attention is causal, so no real token sees the padding.
+    return torch.tensor([prompt + y + [EOS[0]] * (T - len(prompt) - len(y)) for y in ys], device=dev)  # (G, T)
+
+
+def hf_backward(pm, kind, prompt, ys, rs, sel, rows: int = G_GRPO):
+    """The obvious way: full forward of every row with grad, full (G, T, V) log_softmax, reference forward with the
+    adapters disabled, tokrl's batched loss. T-SPMO goes 8 rows at a time (50 rows at once would not fit in 24 GiB)."""
+    dev, P = pm.device, len(prompt)
+    if kind != "tspmo":
+        ids = padded(prompt, ys, dev)
+        mask = tokrl.loss_mask(P, [len(y) for y in ys], ids.shape[1])  # (G, T)
+        if kind == "sgrpo":
+            chosen = torch.zeros_like(mask)
+            for i, s in enumerate(sel):
+                chosen[i, [P + t for t in s]] = True
+            mask &= chosen
+        logits = pm(input_ids=ids, use_cache=False).logits  # (G, T, V)
+        with torch.no_grad(), pm.disable_adapter():
+            ref = pm(input_ids=ids, use_cache=False).logits
+        tokrl.grpo_loss_batched(logits, ref, ids, mask.to(dev), rs, BETA).backward()
+        return
+    t = PrefixTrie(ys, rs)
+    U = len(t.edges)
+    for s in range(0, len(ys), rows):
+        ids = padded(prompt, ys[s:s + rows], dev)
+        w = torch.zeros(ids.shape, device=dev)  # (B, T) weight of π at each token
+        for b, y in enumerate(ys[s:s + rows]):
+            for j in range(len(y)):  # an edge (p, v) lies on count(p∘v) rows: each row carries 1/count of it
+                c = t.paths[s + b][j + 1]
+                w[b, P + j] = t.advantage(c) / (U * t.count[c])
+        logits = pm(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        (-(logp.exp() * w[:, 1:]).sum()).backward()  # E10: π, not log π
+    (LAM * sum(p.pow(2).sum() for p in pm.parameters() if p.requires_grad)).backward()
+
+
+def one(args) -> None:
+    """--one BACKEND-KIND: load, add LoRA, warm up, then measure one optimizer step (and sampling, if asked)."""
+    backend, kind = args.one.split("-")
+    dev, work = torch.device(args.device), Path(args.work)
+    w = json.loads((work / "work.json").read_text())
+    if backend == "parity":
+        print("RESULT", json.dumps({"err": parity(M.load_model(args.ckpt, device=dev), load_hf(args.ckpt, dev), dev)}))
+        return
+    if backend == "tokrl":
+        model = M.load_model(args.ckpt, device=dev)
+        lora.apply_lora(model, r=LORA_R, fraction=LORA_FRACTION, generator=torch.Generator().manual_seed(4))
+        lora.save_adapter(model, work / "adapter")  # PEFT starts from these very A and B
+        params = lora.lora_parameters(model)
+        backward = lambda *a: ours_backward(model, kind, *a)  # noqa: E731
+    else:
+        import peft
+        from safetensors.torch import load_file
+        hf = load_hf(args.ckpt, dev)
+        L = hf.config.num_hidden_layers
+        cfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_R, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                              layers_to_transform=list(range(L - lora.num_lora_layers(L, LORA_FRACTION), L)))
+        pm = peft.get_peft_model(hf, cfg)
+        res = peft.set_peft_model_state_dict(pm, load_file(str(work / "adapter" / "adapter_model.safetensors")))
+        assert not res.unexpected_keys, res.unexpected_keys
+        params = [p for p in pm.parameters() if p.requires_grad]
+        backward = lambda *a: hf_backward(pm, kind, *a)  # noqa: E731
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
+    groups = [[w["prompt"], *w["grpo"]]] if kind != "tspmo" else [[w["prompt"], *w["tspmo"], None],
+                                                                    [*w["replay"], None]]
+    short = [[y[:8] for y in ys[:2]] for _, ys, *_ in groups[:1]]
+    backward(groups[0][0], short[0], [0.0, 1.0], [[0, 1]] * 2)  # warm-up: first-call costs stay out of the timing
+    opt.zero_grad(set_to_none=True)
+    meter = Meter(dev)
+    meter.start()
+    t_sample, t_train, grads = [], [], None
+    for prompt, ys, rs, sel in groups:
+        if args.sample:  # section 3: sample the group first (shortened to args.sample tokens on the CPU)
+            t0 = sync(dev)
+            M.sample(model, prompt, len(ys), args.sample, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
+                     generator=torch.Generator(dev).manual_seed(5))
+            t_sample.append([sync(dev) - t0, len(ys[0])])
+        t0 = sync(dev)
+        backward(prompt, ys, rs, sel)
+        if grads is None:  # the first update's gradient, to check that both sides compute the same loss
+            grads = torch.cat([p.grad.flatten() for p in params]).cpu()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t_train.append(sync(dev) - t0)
+    peak = meter.peak()
+    torch.save(grads, work / f"grad-{args.one}.pt")
+    print("RESULT", json.dumps({"train": sum(t_train), "sample": t_sample, "peak": peak, "inc": peak - meter.base}))
+
+
+def measure(name: str, ckpt: Path, work: Path, dev: torch.device, sample: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--one", name, "--ckpt", str(ckpt), "--work", str(work), "--device", str(dev),
+           "--sample", str(sample)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if p.returncode or line is None:
+        raise RuntimeError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def grad_err(work: Path, kind: str) -> float:
+    a, b = (torch.load(work / f"grad-{x}-{kind}.pt") for x in ("tokrl", "hf"))
+    return float((a - b).norm() / b.norm())
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections 2 and 3
+
+
+def training(preset: str, ckpt: Path, work: Path, dev, prompt, ys8, T) -> None:
+    mem = "max_memory_allocated" if dev.type == "cuda" else "peak RSS"
+    print(f"## 2. One training step, {preset}: seconds and {mem} (GiB; Δ = growth during the step)\n")
+    w = workload(prompt, ys8, T, seed=6)
+    (work / "work.json").write_text(json.dumps(w))
+    print(f"Prompt {len(prompt)} tokens; GRPO/S-GRPO: the {len(ys8)} completions of {len(ys8[0])} tokens sampled "
+          f"above (mean shared prefix {common_prefix(ys8):.1f} tokens: a random-weight model diverges at once, so "
+          f"T-SPMO uses {G_TSPMO} tree-structured completions of {T} tokens instead, see tree_completions). "
+          f"{trie_info(w)}. LoRA r={LORA_R} on q_proj/v_proj of the last {LORA_FRACTION:g} of the layers, AdamW "
+          f"lr {LR:g}, wd {WD:g}, β = λ = {BETA:g}, S-GRPO (α, k, P) = ({ALPHA}, {K}, {P_SELECT}). Reference: "
+          "transformers + PEFT, full forward + full log_softmax + reference forward, tokrl.grpo_loss_batched "
+          "(T-SPMO: E10 as per-token weights, 8 rows at a time), same LoRA init. Each cell is a fresh process.\n")
+    rows = []
+    for kind in ("grpo", "sgrpo", "tspmo"):
+        a, b = (measure(f"{x}-{kind}", ckpt, work, dev) for x in ("tokrl", "hf"))
+        rows.append([NAMES[kind], f"{a['train']:.2f}", f"{b['train']:.2f}", f"{a['train'] / b['train']:.2f}",
+                     f"{gib(a['peak'])} (Δ {gib(a['inc'])})", f"{gib(b['peak'])} (Δ {gib(b['inc'])})",
+                     f"{a['peak'] / b['peak']:.2f} (Δ {a['inc'] / b['inc']:.2f})", f"{grad_err(work, kind):.1e}"])
+    table(["algorithm", "tokrl s", "reference s", "time ratio", "tokrl peak", "reference peak", "memory ratio",
+           "grad rel. err"], rows)
+
+
+def full_size(ckpt: Path, work: Path, dev, n_sample: int) -> None:
+    T, on_gpu = 300, dev.type == "cuda"
+    g = torch.Generator().manual_seed(7)
+    prompt = rand_tokens(50, g)
+    w = workload(prompt, [rand_tokens(T, g) for _ in range(G_GRPO)], T, seed=8)
+    (work / "work.json").write_text(json.dumps(w))
+    mem = "max_memory_allocated" if on_gpu else "peak RSS"
+    print(f"## 3. Full Qwen2-1.5B shape, fp32: a whole step ({mem}, GiB)\n")
+    print(f"Training sequences: 50-token prompt + {T}-token completions (random tokens for GRPO/S-GRPO; "
+          f"{trie_info(w)}). "
+          + ("Sampling runs for real (300 tokens, EOS suppressed)." if n_sample >= T else
+             f"SAMPLING IS SHORTENED to {n_sample} new tokens per group (CPU); its time is extrapolated linearly to "
+             f"the group's length. The training sequences are never shortened.") + "\n")
+    print(f"Parity with transformers: max abs logit error "
+          f"{measure('parity-x', ckpt, work, dev)['err']:.1e}\n")
+    rows, proj = [], []
+    for kind in ("grpo", "sgrpo", "tspmo"):
+        r = measure(f"tokrl-{kind}", ckpt, work, dev, sample=n_sample)
+        s_meas = sum(s for s, _ in r["sample"])
+        s_full = sum(s * n / n_sample for s, n in r["sample"])  # == s_meas when nothing was shortened
+        rows.append([NAMES[kind], f"{s_meas:.1f}", f"{r['train']:.1f}", gib(r["peak"]), gib(r["inc"]),
+                     "yes" if r["peak"] < 40 * GiB else "NO", "yes" if r["peak"] < 12 * GiB else "no"])
+        proj.append([NAMES[kind], str(STEPS[kind]), f"{s_full + r['train']:.0f}",
+                     f"{STEPS[kind] * (s_full + r['train']) / 3600:.1f}"])
+    kinds = ("grpo", "sgrpo", "tspmo") if on_gpu else ("grpo",)  # the reference on CPU: GRPO only, for time
+    for kind in kinds:
+        r = measure(f"hf-{kind}", ckpt, work, dev)
+        rows.append([f"reference {NAMES[kind]} (transformers + PEFT, no sampling)", "-", f"{r['train']:.1f}",
+                     gib(r["peak"]), gib(r["inc"]), "yes" if r["peak"] < 40 * GiB else "NO",
+                     "yes" if r["peak"] < 12 * GiB else "no"])
+    table(["step", "sampling s" + ("" if on_gpu else f" ({n_sample} tok)"), "training s", "peak", "Δ",
+           "< 40 GiB", "< 12 GiB"], rows)
+    where = "GPU" if on_gpu else (f"THIS CPU ({os.cpu_count()} cores), sampling extrapolated from {n_sample} tokens, "
+                                  "NOT a GPU")
+    print(f"Projected full paper run (mult step counts, SPEC.md) on {where}; evaluation not included:\n")
+    table(["algorithm", "steps", "s/step (sampling + training)", "hours"], proj)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
+                    help="section 3, the full Qwen2-1.5B shape (default: on with a GPU, off on the CPU)")
+    ap.add_argument("--quick", action="store_true", help="short sequences in sections 1-2")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement in this fresh process
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--sample", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return one(args)
+    dev = torch.device(args.device)
+    full = dev.type == "cuda" if args.full is None else args.full
+    header(dev)
+    N, T = (16, 48) if args.quick else (64, 200)
+    presets = ["qwen2-tiny-realvocab"] + (["qwen2-1.5b"] if dev.type == "cuda" else [])
+    with tempfile.TemporaryDirectory(prefix="tokrl-bench-") as tmp:
+        for preset in presets:
+            ckpt, work = Path(tmp) / preset, Path(tmp) / f"work-{preset}"
+            work.mkdir()
+            build_checkpoint(preset, ckpt)
+            tk, hf = M.load_model(ckpt, device=dev), load_hf(ckpt, dev)
+            print(f"{preset}: {M.num_parameters(tk) / 1e6:.0f} M parameters; parity with transformers: max abs "
+                  f"logit error {parity(tk, hf, dev):.1e}\n")
+            sampling(tk, hf, dev, N)
+            prompt = torch.randint(0, EOS[0], (40,), generator=torch.Generator().manual_seed(9)).tolist()
+            ys8 = M.sample(tk, prompt, G_GRPO, T, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
+                           generator=torch.Generator(dev).manual_seed(10))
+            del tk, hf  # the measurements run in subprocesses: free this memory for them
+            training(preset, ckpt, work, dev, prompt, ys8, T)
+        if full:
+            ckpt, work = Path(tmp) / "qwen2-1.5b", Path(tmp) / "work-full"
+            work.mkdir()
+            if not ckpt.is_dir():
+                build_checkpoint("qwen2-1.5b", ckpt)
+            full_size(ckpt, work, dev, n_sample=300 if dev.type == "cuda" else 8)
+
+
+if __name__ == "__main__":
+    main()

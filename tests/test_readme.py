@@ -1,0 +1,73 @@
+"""The README's equation index, the code's tags and the tests stay in sync; so do SPEC.md's decided choices."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import ROOT, assets
+
+TAG = re.compile(r"\[(E\d+|Alg\d|L\d|P\d|S\d)\]")
+SOURCES = ["model.py", "lora.py", "reward.py", "trie.py", "tokrl.py", "train.py"]
+
+
+def readme_index() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Equation index", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if re.match(r"\| (E\d+|Alg\d|L\d|P\d|S\d) \|", line)]
+    return {r[1].strip(): r[-2] for r in rows}
+
+
+def code_tags() -> dict[str, set[str]]:
+    tags: dict[str, set[str]] = {}
+    for f in SOURCES:
+        for t in TAG.findall((ROOT / f).read_text()):
+            tags.setdefault(t, set()).add(f)
+    return tags
+
+
+def test_every_readme_tag_is_in_the_code_and_back():
+    index, code = readme_index(), code_tags()
+    assert set(index) == set(code), f"README only: {set(index) - set(code)}; code only: {set(code) - set(index)}"
+    assert {"E1", "E2", "E3", "E4", "E5", "E6", "E7", "E8", "E9", "E10", "Alg1", "Alg2", "L1", "P1", "S1",
+            "S2"} == set(index)
+
+
+def test_the_index_points_at_functions_that_carry_the_tag():
+    for tag, where in readme_index().items():
+        refs = re.findall(r"`(\w+\.py):([\w.]+)`", where)
+        assert refs, f"{tag}: no file:function in the README"
+        for file, func in refs:
+            src = (ROOT / file).read_text()
+            name = func.split(".")[-1]
+            assert re.search(rf"(def|class) {name}\b", src), f"{tag}: {file} has no {func}"
+        assert any(f"[{tag}]" in (ROOT / file).read_text() for file, _ in refs), f"{tag}: not tagged in {refs}"
+
+
+def test_every_tag_has_a_test():
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_readme.py")
+    for tag in readme_index():
+        assert re.search(rf"\b{tag}\b", tests), f"no test mentions {tag}"
+
+
+def test_readme_lists_every_decided_choice_of_the_spec():
+    spec = (assets() / "SPEC.md").read_text().split("## Notation", 1)[1]  # the intro explains the marker
+    n_spec = len(re.findall(r"\*\*\[decided", spec))
+    readme = (ROOT / "README.md").read_text().split("## Choices the paper leaves open", 1)[1].split("\n## ")[0]
+    n_readme = len(re.findall(r"^\d+\. \*\*\[decided\]\*\*", readme, flags=re.M))
+    assert n_spec == n_readme == 13
+
+
+def test_every_decided_choice_is_commented_in_the_code():
+    lines = "".join((ROOT / f).read_text() for f in SOURCES).splitlines()
+    decided = "\n".join(" ".join(lines[i: i + 2]) for i, line in enumerate(lines) if "[decided]" in line)
+    for needle in ["round(fraction·L)", "α = r", "leading minus sign", "partial products", "+ 1e-4", "0-based",
+                   "does not give P", "replay pool", "r = 1.0", "weight decay", "ChatML", "first newline",
+                   "Evaluation: greedy"]:
+        assert needle in decided, f"no [decided] comment (on its line or the next) says {needle!r}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    cmd = re.search(r"^(python3 -m pytest[^\n]*)$", ci, flags=re.M).group(1)
+    assert f"\n{cmd}\n" in readme
