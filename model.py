@@ -214,13 +214,17 @@ def cache_mask(cache: KVCache, start: int, T: int) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask for T new queries at cache slots start..start+T-1 over S = start+T keys.
 
     The cache-aware causal mask: query i sits at slot start+i, so it may see keys 0..start+i -- every cached key
-    plus the new ones up to itself; padded slots are never seen. A single unpadded decode step needs no mask."""
+    plus the new ones up to itself; padded slots are never seen, except that a padding query sees itself, so that
+    no row is fully masked (some attention kernels return NaN for such a row, and 0·NaN would then reach the real
+    rows through the padding's values). A single unpadded decode step needs no mask."""
     if T == 1 and not cache.padded:
         return None
     S = start + T
     slots = torch.arange(S, device=cache.valid.device)
-    causal = slots[None, :] <= (start + torch.arange(T, device=slots.device))[:, None]  # (T, S)
-    return (causal[None] & cache.valid[:, None, :S])[:, None]  # (B, 1, T, S)
+    query_slots = (start + torch.arange(T, device=slots.device))[:, None]  # (T, 1)
+    causal = slots[None, :] <= query_slots  # (T, S)
+    itself = slots[None, :] == query_slots  # (T, S)
+    return ((causal[None] & cache.valid[:, None, :S]) | itself[None])[:, None]  # (B, 1, T, S)
 
 
 class MLP(nn.Module):

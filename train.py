@@ -580,7 +580,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
         if ck is None:
             raise SystemExit(f"error: {run} has no checkpoint to resume from (checkpoints/latest)")
         lora.load_adapter_weights(net, ck / "adapter")
-        state = torch.load(ck / "state.pt", weights_only=False)
+        state = torch.load(ck / "state.pt", weights_only=True)
         tr.opt.load_state_dict(state["optimizer"])
         tr.step = state["step"]
         r = state["rng"]

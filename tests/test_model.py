@@ -275,3 +275,17 @@ def test_untied_checkpoint_without_lm_head_is_refused(tmp_path):
     save_file(state, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match="lm_head.weight"):
         M.load_model(d)
+
+
+def test_padding_rows_are_never_fully_masked():
+    """Every query row of the mask sees at least one key (itself when it is padding), and real rows never see
+    padding: a fully masked row makes some attention kernels return NaN, which 0·NaN carries into real rows."""
+    cfg = tiny_config(num_hidden_layers=1)
+    cache = M.KVCache(cfg, 2, 8, "cpu", torch.float32)
+    cache.valid[0, :3] = False  # row 0: 3 slots of left padding
+    cache.padded = True
+    mask = M.cache_mask(cache, 0, 5)[:, 0]  # (B, T, S)
+    assert mask.any(-1).all()
+    assert mask[0, 3:, :3].sum() == 0  # real queries of row 0 never see its padding
+    assert mask[0, :3, :3].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # padding sees only itself
+    assert mask[1].int().tolist() == torch.ones(5, 5).tril().int().tolist()  # unpadded row: plain causal
