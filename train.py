@@ -569,6 +569,9 @@ def load_everything(cfg: Settings):
 def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None) -> dict:
     """The whole run; returns the final evaluation. `task` lets tests plug in a toy task."""
     torch.manual_seed(cfg.seed)  # nothing should draw from the global RNG; this only pins what might
+    # CPU: arithmetic on denormal floats (below 1.2e-38) is slow; flushing them to zero changes no result that matters
+    # and made a zero-variance backward 30x faster on the test machine
+    torch.set_flush_denormal(True)
     net, tok, eos = load_everything(cfg)
     task = task or make_task(cfg, tok)
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha,
