@@ -140,8 +140,9 @@ class Task:
 
     def reward(self, text: str, ex) -> float: ...
 
-    def stop(self):
-        """A per-row stop rule for sampling (None: EOS and max_new_tokens only)."""
+    def stop(self, prefix=()):
+        """A per-row stop rule for sampling (None: EOS and max_new_tokens only); `prefix`: completion tokens that
+        precede the sampled ones (a replay's cut), which the rule reads too."""
         return None
 
     def train_stream(self, rng: random.Random):
@@ -184,14 +185,14 @@ class Mult(Task):
         return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
 
 
-def _line_stop(tok: M.Tokenizer, begun: re.Pattern):
+def _line_stop(tok: M.Tokenizer, begun: re.Pattern, prefix=()):
     """Stop a row at the first newline after `begun` has matched (checked only when a token holds a newline)."""
     piece = functools.lru_cache(maxsize=None)(lambda t: tok.decode([t], skip_special_tokens=False))
 
     def stop(tokens: list[int]) -> bool:
         if "\n" not in piece(tokens[-1]):
             return False
-        text = tok.decode(tokens)
+        text = tok.decode(list(prefix) + tokens)
         return bool(begun.search(text[: text.rfind("\n")]))
 
     return stop
@@ -254,9 +255,9 @@ class Svamp(Task):
     def reward(self, text, ex):
         return exact_match_reward(text, ex["Answer"])  # [P1]
 
-    def stop(self):
+    def stop(self, prefix=()):
         # [decided] (SPEC.md) stop at the first newline after the answer has begun (the prompt asks for one number)
-        return _line_stop(self.tok, re.compile(r"\S"))
+        return _line_stop(self.tok, re.compile(r"\S"), prefix)
 
 
 class Gsm8k(Task):
@@ -304,8 +305,8 @@ class Gsm8k(Task):
     def reward(self, text, ex):
         return sympy_reward(text, ex["answer"])  # [S1]
 
-    def stop(self):
-        return _line_stop(self.tok, re.compile(r"####\s*\S"))
+    def stop(self, prefix=()):
+        return _line_stop(self.tok, re.compile(r"####\s*\S"), prefix)
 
 
 def make_task(cfg: Settings, tokenizer: M.Tokenizer) -> Task:
@@ -479,7 +480,7 @@ class Trainer:
         cfg = self.cfg
         outs = M.sample(self.net, list(prompt_ids) + list(prefix), cfg.group_size, cfg.max_new_tokens - len(prefix),
                         temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
-                        stop=self.task.stop())
+                        stop=self.task.stop(prefix))
         return outs, [self.task.reward(self.tok.decode(list(prefix) + o), self.ex) for o in outs]
 
     def replay(self, prompt_ids, completions, rewards) -> list[tokrl.StepStats]:

@@ -316,3 +316,16 @@ def test_logged_reward_is_the_E1_estimate(tmp_path, tiny, monkeypatch):
     m = train.read_jsonl(run / "metrics.jsonl")[0]
     assert (m["reward_mean"], m["reward_std"], m["zero_variance"]) == (0.5, 0.5, False)
     assert (m["len_mean"], m["len_max"], m["loss_token_fraction"], m["forwards"]) == (2.0, 3, 1.0, 4)
+
+
+def test_svamp_stop_rule_reads_the_replay_prefix(tmp_path):
+    """[decided] SVAMP stops at the first newline after the answer has begun; a replay's prefix counts as begun."""
+    from conftest import write_byte_tokenizer
+    write_byte_tokenizer(tmp_path / "tok.json")
+    tok = M.Tokenizer(tmp_path / "tok.json")
+    task = train.Svamp(tok, str(write_svamp(tmp_path / "s")), 0)
+    enc = tok.encode
+    assert not task.stop()(enc("\n"))  # a newline before any answer: keep going
+    assert not task.stop()(enc(" 14"))  # no newline yet
+    assert task.stop()(enc(" 145\n"))  # answer, then newline: stop
+    assert task.stop(prefix=enc(" 14"))(enc("\n"))  # the answer began in the replayed prefix
