@@ -1,9 +1,9 @@
 """tokrl against transformers (+ PEFT) on random-weight Qwen2 models. Run by hand; pytest does not collect it.
 
-    python tests/benchmark.py                 # CPU: sections 1-2 on qwen2-tiny-realvocab (about 6 min on 2 cores)
-    python tests/benchmark.py --full          # + section 3, the full Qwen2-1.5B shape in fp32 (about 25 min more)
+    python tests/benchmark.py                 # CPU: all three sections (about 16 min on 2 cores, 18 GiB of RAM)
+    python tests/benchmark.py --no-full       # CPU: sections 1-2 only, on qwen2-tiny-realvocab (about 6 min)
     python tests/benchmark.py --device cuda   # GPU: sections 1-2 on both presets, section 3 with real sampling
-    python tests/benchmark.py --quick         # short sequences: checks that the script runs, numbers mean little
+    python tests/benchmark.py --quick         # short sequences, no section 3: checks that the script runs
 
 1. Sampling: new tokens per second, G = 8 and G = 50 completions of one prompt, N new tokens (EOS suppressed in
    both), tokrl `model.sample` against `generate(num_return_sequences=G, do_sample=True)`.
@@ -14,8 +14,8 @@
 
 Both libraries load the same safetensors directory (written by tokrl) and must give the same logits before anything
 is timed. Each training measurement runs in a fresh subprocess (this script with --one NAME) so that its peak memory
-is its own: the GPU's max_memory_allocated, or on the CPU the peak resident set size (reset through
-/proc/self/clear_refs just before the step).
+is its own: the GPU's max_memory_allocated, or on the CPU the peak resident set size (VmHWM, reset through
+/proc/self/clear_refs just before the step; Δ = peak − resident size before the step).
 """
 from __future__ import annotations
 
@@ -97,31 +97,25 @@ def parity(tk, hf, dev) -> float:
     return err
 
 
-class Meter:
-    """Peak memory of one region: GPU max_memory_allocated, or CPU peak RSS (VmHWM, reset via clear_refs)."""
+def memory_reset(dev: torch.device) -> int:
+    """Start a peak-memory region; returns the memory in use now (bytes)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        return torch.cuda.memory_allocated(dev)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: the peak RSS (VmHWM) := the current RSS
+    return status_bytes("VmRSS")
 
-    def __init__(self, dev: torch.device):
-        self.dev = dev
 
-    def rss(self, key: str) -> int:
-        for ln in open("/proc/self/status"):
-            if ln.startswith(key + ":"):
-                return int(ln.split()[1]) * 1024
-        raise RuntimeError(f"no {key} in /proc/self/status")
+def memory_peak(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    # VmHWM, not ru_maxrss: ru_maxrss also keeps the parent's peak from before exec, which clear_refs cannot reset
+    return status_bytes("VmHWM")
 
-    def start(self) -> None:
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
-            torch.cuda.reset_peak_memory_stats(self.dev)
-            self.base = torch.cuda.memory_allocated(self.dev)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: peak RSS := current RSS
-            self.base = self.rss("VmRSS")
 
-    def peak(self) -> int:
-        if self.dev.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.dev)
-        return self.rss("VmHWM")
+def status_bytes(key: str) -> int:
+    return next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith(key + ":"))
 
 
 def sync(dev: torch.device) -> float:
@@ -184,7 +178,7 @@ def rand_tokens(n: int, g: torch.Generator) -> list[int]:
 
 def tree_completions(G: int, T: int, g: torch.Generator) -> list[list[int]]:
     """G completions of T tokens that share prefixes like low-temperature samples of a trained model: each follows an
-    earlier one (picked at random) up to a uniform random cut, then goes its own way (so the trie has G−1 branches)."""
+    earlier one (picked at random) up to a uniform random cut, then goes its own way (the trie has G−1 branches)."""
     ys = [rand_tokens(T, g)]
     for i in range(1, G):
         j, cut = int(torch.randint(i, (), generator=g)), int(torch.randint(T, (), generator=g))
@@ -231,6 +225,27 @@ def trie_info(w: dict) -> str:
 # The two implementations of a training step
 
 
+def sample_group(model, prompt, G: int, L: int, n: int, dev) -> tuple[float, float]:
+    """Sample G completions of L tokens (EOS suppressed); returns (seconds measured, seconds for L tokens).
+
+    n < L (CPU, section 3): sample 1 and n tokens and extrapolate the per-token cost to L, and fill a KV cache of the
+    full length first, so that the step's memory includes what full-length sampling would hold."""
+    def run(k: int) -> float:
+        t0 = sync(dev)
+        M.sample(model, prompt, G, k, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
+                 generator=torch.Generator(dev).manual_seed(5))
+        return sync(dev) - t0
+    if n >= L:
+        t = run(L)
+        return t, t
+    cache = M.KVCache(model.config, G, len(prompt) + L, dev, torch.float32)
+    for x in cache.k + cache.v:
+        x.zero_()  # written pages only: an untouched allocation does not count in the RSS
+    del cache
+    t1, tn = run(1), run(n)  # the prefill is paid once, the decoding cost grows with the tokens
+    return t1 + tn, t1 + (tn - t1) * (L - 1) / (n - 1)
+
+
 def ours_backward(model, kind, prompt, ys, rs, sel):
     if kind == "tspmo":
         tokrl.tspmo_backward(model, prompt, ys, rs, lam=LAM)
@@ -265,11 +280,12 @@ def hf_backward(pm, kind, prompt, ys, rs, sel, rows: int = G_GRPO):
     U = len(t.edges)
     for s in range(0, len(ys), rows):
         ids = padded(prompt, ys[s:s + rows], dev)
-        w = torch.zeros(ids.shape, device=dev)  # (B, T) weight of π at each token
+        w = torch.zeros(ids.shape)  # (B, T) weight of π at each token
         for b, y in enumerate(ys[s:s + rows]):
             for j in range(len(y)):  # an edge (p, v) lies on count(p∘v) rows: each row carries 1/count of it
                 c = t.paths[s + b][j + 1]
                 w[b, P + j] = t.advantage(c) / (U * t.count[c])
+        w = w.to(dev)
         logits = pm(input_ids=ids, use_cache=False).logits  # (B, T, V)
         logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         (-(logp.exp() * w[:, 1:]).sum()).backward()  # E10: π, not log π
@@ -280,6 +296,8 @@ def one(args) -> None:
     """--one BACKEND-KIND: load, add LoRA, warm up, then measure one optimizer step (and sampling, if asked)."""
     backend, kind = args.one.split("-")
     dev, work = torch.device(args.device), Path(args.work)
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)  # as train.py does, for both libraries
     w = json.loads((work / "work.json").read_text())
     if backend == "parity":
         print("RESULT", json.dumps({"err": parity(M.load_model(args.ckpt, device=dev), load_hf(args.ckpt, dev), dev)}))
@@ -305,18 +323,16 @@ def one(args) -> None:
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
     groups = [[w["prompt"], *w["grpo"]]] if kind != "tspmo" else [[w["prompt"], *w["tspmo"], None],
                                                                     [*w["replay"], None]]
-    short = [[y[:8] for y in ys[:2]] for _, ys, *_ in groups[:1]]
-    backward(groups[0][0], short[0], [0.0, 1.0], [[0, 1]] * 2)  # warm-up: first-call costs stay out of the timing
+    # Warm-up, so that first-call costs stay out of the timing and every weight is resident before the memory is
+    # read (safetensors maps the file: a weight is paged in when first touched). The two warm-up completions differ
+    # at their first token, so that T-SPMO too has an edge with A != 0 and runs a forward.
+    backward(groups[0][0], [list(range(1, 9)), list(range(11, 19))], [0.0, 1.0], [[0, 1]] * 2)
     opt.zero_grad(set_to_none=True)
-    meter = Meter(dev)
-    meter.start()
+    base = memory_reset(dev)
     t_sample, t_train, grads = [], [], None
     for prompt, ys, rs, sel in groups:
-        if args.sample:  # section 3: sample the group first (shortened to args.sample tokens on the CPU)
-            t0 = sync(dev)
-            M.sample(model, prompt, len(ys), args.sample, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
-                     generator=torch.Generator(dev).manual_seed(5))
-            t_sample.append([sync(dev) - t0, len(ys[0])])
+        if args.sample:  # section 3: a whole step samples the group first
+            t_sample.append(sample_group(model, prompt, len(ys), len(ys[0]), args.sample, dev))
         t0 = sync(dev)
         backward(prompt, ys, rs, sel)
         if grads is None:  # the first update's gradient, to check that both sides compute the same loss
@@ -324,9 +340,10 @@ def one(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         t_train.append(sync(dev) - t0)
-    peak = meter.peak()
+    peak = memory_peak(dev)
     torch.save(grads, work / f"grad-{args.one}.pt")
-    print("RESULT", json.dumps({"train": sum(t_train), "sample": t_sample, "peak": peak, "inc": peak - meter.base}))
+    print("RESULT", json.dumps({"train": sum(t_train), "sample": [sum(x) for x in zip(*t_sample)] or [0, 0],
+                                "peak": peak, "inc": peak - base}))
 
 
 def measure(name: str, ckpt: Path, work: Path, dev: torch.device, sample: int = 0) -> dict:
@@ -387,29 +404,29 @@ def full_size(ckpt: Path, work: Path, dev, n_sample: int) -> None:
     print(f"Training sequences: 50-token prompt + {T}-token completions (random tokens for GRPO/S-GRPO; "
           f"{trie_info(w)}). "
           + ("Sampling runs for real (300 tokens, EOS suppressed)." if n_sample >= T else
-             f"SAMPLING IS SHORTENED to {n_sample} new tokens per group (CPU); its time is extrapolated linearly to "
-             f"the group's length. The training sequences are never shortened.") + "\n")
-    print(f"Parity with transformers: max abs logit error "
-          f"{measure('parity-x', ckpt, work, dev)['err']:.1e}\n")
+             f"SAMPLING IS SHORTENED (CPU): 1 and {n_sample} new tokens per group, the per-token time extrapolated "
+             "to the group's length; a KV cache of the full length is filled in its place, so the memory is that of "
+             "full-length sampling. The training sequences are never shortened.") + "\n")
+    print(f"Parity with transformers: max abs logit error {measure('parity-x', ckpt, work, dev)['err']:.1e}\n")
+
+    def row(name, r, s_meas):
+        return [name, f"{s_meas:.1f}" if s_meas else "-", f"{r['train']:.1f}", f"{s_meas + r['train']:.1f}",
+                gib(r["peak"]), gib(r["inc"]), "yes" if r["peak"] < 40 * GiB else "NO",
+                "yes" if r["peak"] < 12 * GiB else "no"]
+
     rows, proj = [], []
     for kind in ("grpo", "sgrpo", "tspmo"):
         r = measure(f"tokrl-{kind}", ckpt, work, dev, sample=n_sample)
-        s_meas = sum(s for s, _ in r["sample"])
-        s_full = sum(s * n / n_sample for s, n in r["sample"])  # == s_meas when nothing was shortened
-        rows.append([NAMES[kind], f"{s_meas:.1f}", f"{r['train']:.1f}", gib(r["peak"]), gib(r["inc"]),
-                     "yes" if r["peak"] < 40 * GiB else "NO", "yes" if r["peak"] < 12 * GiB else "no"])
+        s_meas, s_full = r["sample"]  # equal when nothing was shortened
+        rows.append(row(NAMES[kind], r, s_meas))
         proj.append([NAMES[kind], str(STEPS[kind]), f"{s_full + r['train']:.0f}",
                      f"{STEPS[kind] * (s_full + r['train']) / 3600:.1f}"])
-    kinds = ("grpo", "sgrpo", "tspmo") if on_gpu else ("grpo",)  # the reference on CPU: GRPO only, for time
-    for kind in kinds:
-        r = measure(f"hf-{kind}", ckpt, work, dev)
-        rows.append([f"reference {NAMES[kind]} (transformers + PEFT, no sampling)", "-", f"{r['train']:.1f}",
-                     gib(r["peak"]), gib(r["inc"]), "yes" if r["peak"] < 40 * GiB else "NO",
-                     "yes" if r["peak"] < 12 * GiB else "no"])
-    table(["step", "sampling s" + ("" if on_gpu else f" ({n_sample} tok)"), "training s", "peak", "Δ",
+    for kind in ("grpo", "sgrpo", "tspmo") if on_gpu else ("grpo",):  # on the CPU the reference runs GRPO only
+        rows.append(row(f"reference {NAMES[kind]}: transformers + PEFT, no sampling", measure(f"hf-{kind}", ckpt,
+                                                                                            work, dev), 0.0))
+    table(["step", "sampling s" + ("" if on_gpu else f" (1 + {n_sample} tok)"), "training s", "step s", "peak", "Δ",
            "< 40 GiB", "< 12 GiB"], rows)
-    where = "GPU" if on_gpu else (f"THIS CPU ({os.cpu_count()} cores), sampling extrapolated from {n_sample} tokens, "
-                                  "NOT a GPU")
+    where = "GPU" if on_gpu else f"THIS CPU ({os.cpu_count()} cores, NOT a GPU; sampling extrapolated)"
     print(f"Projected full paper run (mult step counts, SPEC.md) on {where}; evaluation not included:\n")
     table(["algorithm", "steps", "s/step (sampling + training)", "hours"], proj)
 
@@ -418,7 +435,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
-                    help="section 3, the full Qwen2-1.5B shape (default: on with a GPU, off on the CPU)")
+                    help="section 3, the full Qwen2-1.5B shape (default: on, except with --quick)")
     ap.add_argument("--quick", action="store_true", help="short sequences in sections 1-2")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement in this fresh process
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -428,7 +445,7 @@ def main() -> None:
     if args.one:
         return one(args)
     dev = torch.device(args.device)
-    full = dev.type == "cuda" if args.full is None else args.full
+    full = not args.quick if args.full is None else args.full
     header(dev)
     N, T = (16, 48) if args.quick else (64, 200)
     presets = ["qwen2-tiny-realvocab"] + (["qwen2-1.5b"] if dev.type == "cuda" else [])
@@ -445,13 +462,15 @@ def main() -> None:
             ys8 = M.sample(tk, prompt, G_GRPO, T, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
                            generator=torch.Generator(dev).manual_seed(10))
             del tk, hf  # the measurements run in subprocesses: free this memory for them
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             training(preset, ckpt, work, dev, prompt, ys8, T)
         if full:
             ckpt, work = Path(tmp) / "qwen2-1.5b", Path(tmp) / "work-full"
             work.mkdir()
             if not ckpt.is_dir():
                 build_checkpoint("qwen2-1.5b", ckpt)
-            full_size(ckpt, work, dev, n_sample=300 if dev.type == "cuda" else 8)
+            full_size(ckpt, work, dev, n_sample=300 if dev.type == "cuda" else 16)
 
 
 if __name__ == "__main__":
