@@ -1,6 +1,6 @@
 """tokrl against transformers (+ PEFT) on random-weight Qwen2 models. Run by hand; pytest does not collect it.
 
-    python tests/benchmark.py                 # CPU: all three sections (about 16 min on 2 cores, 18 GiB of RAM)
+    python tests/benchmark.py                 # CPU: all three sections (about 15 min on 2 cores, 18 GiB of RAM)
     python tests/benchmark.py --no-full       # CPU: sections 1-2 only, on qwen2-tiny-realvocab (about 6 min)
     python tests/benchmark.py --device cuda   # GPU: sections 1-2 on both presets, section 3 with real sampling
     python tests/benchmark.py --quick         # short sequences, no section 3: checks that the script runs

@@ -289,3 +289,24 @@ def test_padding_rows_are_never_fully_masked():
     assert mask[0, 3:, :3].sum() == 0  # real queries of row 0 never see its padding
     assert mask[0, :3, :3].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # padding sees only itself
     assert mask[1].int().tolist() == torch.ones(5, 5).tril().int().tolist()  # unpadded row: plain causal
+
+
+@pytest.mark.parametrize("V", [256, 300, 1000])
+def test_two_level_draw_has_the_distribution_of_multinomial(V):
+    """draw() picks a block of 128 by its mass, then an entry in it by its mass: P = P(block)·P(entry | block) = p.
+    Chi-square of 200,000 draws against p: with V − 1 degrees of freedom it is about V − 1 (sd sqrt(2(V − 1)));
+    a wrong inner or outer step (e.g. uniform within the block) gives tens of thousands."""
+    g = torch.Generator().manual_seed(V)
+    p = torch.rand(V, generator=g) ** 3
+    p[::7] = 0.0  # zero-mass entries are never drawn
+    p /= p.sum()
+    counts = torch.zeros(V)
+    for _ in range(10):
+        idx = M.draw(p.expand(20_000, V).contiguous(), g)
+        counts += torch.bincount(idx, minlength=V).float()
+    assert counts[::7].sum() == 0
+    expected = p * counts.sum()
+    nz = expected > 0
+    chi2 = float(((counts[nz] - expected[nz]) ** 2 / expected[nz]).sum())
+    df = int(nz.sum()) - 1
+    assert chi2 < df + 6 * (2 * df) ** 0.5, f"chi2 {chi2:.0f} for {df} degrees of freedom"
