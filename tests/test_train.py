@@ -220,8 +220,8 @@ def test_unknown_task_or_algo(capsys):
     for args, word in ((["--task", "chess"], "chess"), (["--algo", "ppo"], "ppo")):
         with pytest.raises(SystemExit) as e:
             train.main(args)
-        assert e.value.code == 2 and word in capsys.readouterr().err and "invalid choice" in capsys.readouterr().err + \
-            "invalid choice"
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "invalid choice" in err and f"'{word}'" in err
 
 
 def test_missing_model_and_data(tmp_path, tiny):
