@@ -13,24 +13,20 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
   4. A zero-variance group still takes its update: GRPO/S-GRPO still backpropagate the β·KL term (E3/E5 keep it when
      Â = 0), T-SPMO only the λ·‖W‖² term. The step is logged with zero_variance = true.
 
-Sections: settings · tasks · evaluation · checkpoints · plot · the training loop · command line.
+Sections: settings · evaluation · the training loop · command line. Tasks and data: tasks.py; checkpoints and logs:
+checkpoints.py; the plot: plot.py.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import math
-import os
 import random
-import re
-import shutil
 import signal
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +35,9 @@ import torch
 import lora
 import model as M
 import tokrl
-from reward import exact_match_reward, sympy_reward
+from checkpoints import latest_checkpoint, read_jsonl, save_checkpoint, write_jsonl
+from plot import svg_plot
+from tasks import DataError, Task, make_task
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -103,223 +101,6 @@ def paper_defaults(algo: str, task: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tasks: each gives its examples, its prompt, its stop rule and its reward
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file (and the record)."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TOKRL_CACHE", Path.home() / ".cache" / "tokrl"))
-
-
-def fetch(url: str, dest: Path) -> Path:
-    """Download url to dest atomically (data sets only; tests always pass --data)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".incomplete")
-    print(f"downloading {url} -> {dest}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except OSError as e:
-        raise DataError(f"cannot download {url} ({e}); download it on a machine with network access and pass "
-                        f"its path with --data (or put it at {dest})") from None
-    os.replace(tmp, dest)
-    return dest
-
-
-class Task:
-    name = ""
-    mult_prompt = False
-
-    def __init__(self, tokenizer: M.Tokenizer):
-        self.tok = tokenizer
-
-    def prompt(self, ex) -> str: ...
-
-    def reward(self, text: str, ex) -> float: ...
-
-    def stop(self, prefix=()):
-        """A per-row stop rule for sampling (None: EOS and max_new_tokens only); `prefix`: completion tokens that
-        precede the sampled ones (a replay's cut), which the rule reads too."""
-        return None
-
-    def train_stream(self, rng: random.Random):
-        """Training examples, one per step, forever; all randomness from `rng` (its state is checkpointed)."""
-        ...
-
-    def test_set(self) -> list: ...
-
-
-class Mult(Task):
-    """3×3-digit multiplication (paper Appendix A). A, B uniform in [101, 999]."""
-
-    name = "mult"
-    TEST_SEED, TEST_SIZE = 20250429, 3000  # the test set is fixed: the same on every run, whatever --seed
-
-    @functools.cached_property
-    def _test(self) -> list[tuple[int, int]]:
-        rng, pairs = random.Random(self.TEST_SEED), {}
-        while len(pairs) < self.TEST_SIZE:
-            ab = (rng.randint(101, 999), rng.randint(101, 999))
-            pairs.setdefault(ab, None)  # distinct pairs, in order of first draw
-        return list(pairs)
-
-    def test_set(self):
-        return self._test
-
-    def train_stream(self, rng):
-        test = set(self._test)
-        while True:
-            ab = (rng.randint(101, 999), rng.randint(101, 999))
-            if ab not in test:  # training pairs exclude the test pairs
-                yield ab
-
-    def prompt(self, ex):
-        a, b = ex  # [decided] (SPEC.md) Appendix A rendered in Qwen's ChatML, the assistant turn prefilled
-        return M.chatml("You are a helpful AI assistant.", f"What's {a} multiplied by {b}? Don't use a calculator.",
-                        "Let's break this problem down step by step.")
-
-    def reward(self, text, ex):
-        return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
-
-
-def _line_stop(tok: M.Tokenizer, begun: re.Pattern, prefix=()):
-    """Stop a row at the first newline after `begun` has matched (checked only when a token holds a newline)."""
-    piece = functools.lru_cache(maxsize=None)(lambda t: tok.decode([t], skip_special_tokens=False))
-
-    def stop(tokens: list[int]) -> bool:
-        if "\n" not in piece(tokens[-1]):
-            return False
-        text = tok.decode(list(prefix) + tokens)
-        return bool(begun.search(text[: text.rfind("\n")]))
-
-    return stop
-
-
-class Svamp(Task):
-    """SVAMP (Patel et al. 2021), 700 train / 300 test; prompt of paper Appendix A-B."""
-
-    name = "svamp"
-    URL = "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json"
-
-    def __init__(self, tokenizer, data: str | None, seed: int):
-        super().__init__(tokenizer)
-        self.train, self.test, self.split_note = self.load(data, seed)
-
-    @classmethod
-    def load(cls, data: str | None, seed: int):
-        path = Path(data) if data else cache_dir() / "svamp"
-        if data is None and not (path / "SVAMP.json").is_file() and not (path / "train.json").is_file():
-            fetch(cls.URL, path / "SVAMP.json")
-        if path.is_dir() and (path / "train.json").is_file() and (path / "test.json").is_file():
-            return cls.read(path / "train.json"), cls.read(path / "test.json"), f"train/test files in {path}"
-        file = path / "SVAMP.json" if path.is_dir() else path
-        if not file.is_file():
-            raise DataError(f"{path}: no SVAMP data (a directory with train.json and test.json, or SVAMP.json)")
-        records = cls.read(file)
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)  # no split files: a seeded 70/30 split, reported at start
-        n_train = round(0.7 * len(records))
-        note = f"seeded split (seed {seed}) of {file}: {n_train} train / {len(records) - n_train} test"
-        return [records[i] for i in order[:n_train]], [records[i] for i in order[n_train:]], note
-
-    @staticmethod
-    def read(file: Path) -> list[dict]:
-        try:
-            records = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{file}: cannot read SVAMP JSON ({e})") from None
-        if not isinstance(records, list) or not records:
-            raise DataError(f"{file}: expected a non-empty JSON list of SVAMP records")
-        for i, r in enumerate(records):
-            ok = isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("Body", "Question"))
-            if not ok or not isinstance(r.get("Answer"), (int, float)) or isinstance(r.get("Answer"), bool):
-                rid = r.get("ID", "no ID") if isinstance(r, dict) else type(r).__name__
-                raise DataError(f"{file}: record {i} ({rid}) needs string Body and Question and a numeric Answer")
-        return records
-
-    def train_stream(self, rng):
-        while True:  # epochs in a fresh shuffled order
-            order = list(range(len(self.train)))
-            rng.shuffle(order)
-            yield from (self.train[i] for i in order)
-
-    def test_set(self):
-        return self.test
-
-    def prompt(self, ex):
-        return f"Problem: {ex['Body'].strip()} {ex['Question'].strip()}\nAnswer:"
-
-    def reward(self, text, ex):
-        return exact_match_reward(text, ex["Answer"])  # [P1]
-
-    def stop(self, prefix=()):
-        # [decided] (SPEC.md) stop at the first newline after the answer has begun (the prompt asks for one number)
-        return _line_stop(self.tok, re.compile(r"\S"), prefix)
-
-
-class Gsm8k(Task):
-    """GSM8K (Cobbe et al. 2021): our extension, with the SymPy oracle (S1) as the reward."""
-
-    name = "gsm8k"
-    URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
-
-    def __init__(self, tokenizer, data: str | None):
-        super().__init__(tokenizer)
-        path = Path(data) if data else cache_dir() / "gsm8k"
-        for split in ("train", "test"):
-            if data is None and not (path / f"{split}.jsonl").is_file():
-                fetch(self.URL.format(split), path / f"{split}.jsonl")
-        self.train, self.test = self.read(path / "train.jsonl"), self.read(path / "test.jsonl")
-
-    @staticmethod
-    def read(file: Path) -> list[dict]:
-        if not file.is_file():
-            raise DataError(f"{file}: GSM8K file not found (a directory with train.jsonl and test.jsonl)")
-        out = []
-        for i, line in enumerate(file.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                answer = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
-                out.append({"question": r["question"], "answer": answer})
-                assert "####" in r["answer"] and answer and isinstance(r["question"], str)
-            except (json.JSONDecodeError, KeyError, IndexError, AttributeError, TypeError, AssertionError):
-                raise DataError(f"{file}: line {i + 1} is not a GSM8K record "
-                                '({"question": ..., "answer": "... #### N"})') from None
-        if not out:
-            raise DataError(f"{file}: no records")
-        return out
-
-    train_stream = Svamp.train_stream
-
-    def test_set(self):
-        return self.test
-
-    def prompt(self, ex):  # ours: the paper has no GSM8K prompt
-        return f"Problem: {ex['question'].strip()}\nSolve it step by step, then give the final answer after '####'.\n"
-
-    def reward(self, text, ex):
-        return sympy_reward(text, ex["answer"])  # [S1]
-
-    def stop(self, prefix=()):
-        return _line_stop(self.tok, re.compile(r"####\s*\S"), prefix)
-
-
-def make_task(cfg: Settings, tokenizer: M.Tokenizer) -> Task:
-    if cfg.task == "mult":
-        return Mult(tokenizer)
-    if cfg.task == "svamp":
-        return Svamp(tokenizer, cfg.data, cfg.seed)
-    if cfg.task == "gsm8k":
-        return Gsm8k(tokenizer, cfg.data)
-    raise ValueError(f"unknown task {cfg.task!r}: choose mult, svamp or gsm8k")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: greedy, batched, accuracy = mean reward ([decided] SPEC.md)
 
 
@@ -338,79 +119,6 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos) -> dict:
                 examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text, "reward": r})
     return {"accuracy": correct / max(len(data), 1), "n": len(data), "seconds": round(time.time() - t0, 2),
             "examples": examples}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: checkpoints/step-NNNNNN/ written under a temporary name and renamed; `latest` names the newest
-
-
-def rng_state(gens: dict) -> dict:
-    return {"sample": gens["sample"].get_state(), "select": gens["select"].get_state(),
-            "data": gens["data"].getstate(), "replay": gens["replay"].getstate()}
-
-
-def save_checkpoint(run: Path, step: int, net, opt, gens, cfg: Settings, keep: int = 2) -> Path:
-    root = run / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_adapter(net, tmp / "adapter", base_model=cfg.model)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(gens)}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # the directory appears complete, or not at all
-    lora.atomic_write(run / "checkpoints" / "latest", lambda p: Path(p).write_text(final.name + "\n"))
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    latest = run / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    path = run / "checkpoints" / latest.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Plot: an SVG of the training reward and the test accuracy against step (the paper's Figure 1), no dependency
-
-
-def svg_plot(metrics: list[dict], evals: list[dict], title: str) -> str:
-    W, H, pad = 440, 300, 46
-
-    def panel(x0, name, pts, color):
-        out = [f'<g transform="translate({x0},0)"><text x="{W / 2}" y="20" text-anchor="middle">{name}</text>',
-               f'<rect x="{pad}" y="30" width="{W - pad - 10}" height="{H - 30 - pad}" fill="none" stroke="#999"/>']
-        xmax = max([p[0] for p in pts] + [1])
-
-        def xy(s, v):
-            return pad + (W - pad - 10) * s / xmax, 30 + (H - 30 - pad) * (1 - v)
-
-        for v in (0, 0.25, 0.5, 0.75, 1.0):
-            y = xy(0, v)[1]
-            out.append(f'<text x="{pad - 4}" y="{y + 4}" text-anchor="end" font-size="11">{v:g}</text>')
-        for s in (0, xmax // 2, xmax):
-            x = xy(s, 0)[0]
-            out.append(f'<text x="{x}" y="{H - pad + 16}" text-anchor="middle" font-size="11">{s}</text>')
-        out.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="12">step</text>')
-        if pts:
-            line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, min(max(v, 0), 1)) for s, v in pts))
-            out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
-            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>'
-                    for x, y in (xy(s, v) for s, v in pts)] if len(pts) < 40 else []
-        return out + ["</g>"]
-
-    rewards = [m["reward_mean"] for m in metrics]
-    smooth = [(m["step"], sum(rewards[max(0, i - 9): i + 1]) / len(rewards[max(0, i - 9): i + 1]))
-              for i, m in enumerate(metrics)]  # moving mean over the last 10 steps
-    acc = [(e["step"], e["accuracy"]) for e in evals]
-    body = panel(0, "train reward (mean of 10 steps)", smooth, "#1f77b4") + \
-        panel(W, "test accuracy", acc, "#d62728")
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H + 20}" font-family="sans-serif">'
-            f'<text x="{W}" y="{H + 14}" text-anchor="middle" font-size="12">{title}</text>'
-            + "".join(body) + "</svg>\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -548,16 +256,6 @@ def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
             f"{m['tokens_per_s']:.0f} tok/s | mem {m['peak_mem_gb']:.2f} GB | eta {datetime.timedelta(seconds=int(eta))}")
 
 
-def read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if max_step is None or r["step"] <= max_step]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    lora.atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-
 
 def load_everything(cfg: Settings):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
@@ -574,7 +272,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     # and made a zero-variance backward 30x faster on the test machine
     torch.set_flush_denormal(True)
     net, tok, eos = load_everything(cfg)
-    task = task or make_task(cfg, tok)
+    task = task or make_task(cfg.task, tok, cfg.data, cfg.seed)
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha,
                     generator=torch.Generator().manual_seed(cfg.seed + 4))  # [L1]
     tr = Trainer(cfg, run, net, tok, task, eos)
@@ -626,7 +324,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
             if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps:
                 log_eval(tr.step)
             if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stop.requested:
-                save_checkpoint(run, tr.step, net, tr.opt, tr.gens, cfg)
+                save_checkpoint(run, tr.step, net, tr.opt, tr.gens, cfg.model)
             (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
     if stop.requested and tr.step < cfg.steps:
         print(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
@@ -641,7 +339,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
 
 def eval_only(cfg: Settings, adapter: str | None, out: Path | None) -> dict:
     net, tok, eos = load_everything(cfg)
-    task = make_task(cfg, tok)
+    task = make_task(cfg.task, tok, cfg.data, cfg.seed)
     if adapter:
         lora.load_adapter(net, adapter)
     with torch.no_grad():

@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import ROOT, assets
 
 TAG = re.compile(r"\[(E\d+|Alg\d|L\d|P\d|S\d)\]")
-SOURCES = ["model.py", "lora.py", "reward.py", "trie.py", "tokrl.py", "train.py"]
+SOURCES = ["model.py", "lora.py", "reward.py", "trie.py", "tokrl.py", "train.py", "tasks.py", "checkpoints.py"]
 
 
 def readme_index() -> dict[str, str]:

@@ -13,6 +13,8 @@ import torch
 from conftest import make_checkpoint, tiny_config
 import lora
 import model as M
+import checkpoints
+import tasks
 import train
 
 SMALL = ["--device", "cpu", "-G", "4", "--max-new-tokens", "12", "--eval-limit", "3", "--eval-every", "2",
@@ -52,14 +54,14 @@ def test_each_algo_and_task_runs_end_to_end(tmp_path, tiny, algo, task):
                        *SMALL, *data]) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["algo"] == algo and cfg["task"] == task and cfg["steps"] == 3 and cfg["group_size"] == 4
-    metrics = train.read_jsonl(run / "metrics.jsonl")
+    metrics = checkpoints.read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert 0 <= m["reward_mean"] <= 1 and 1 <= m["len_mean"] <= 12 and m["peak_mem_gb"] > 0
         assert 0 <= m["loss_token_fraction"] <= 1
     if algo == "grpo":
         assert all(m["loss_token_fraction"] == 1.0 for m in metrics)  # every generated token is in the loss
-    evals = train.read_jsonl(run / "eval.jsonl")
+    evals = checkpoints.read_jsonl(run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3] and all(e["n"] == 3 for e in evals)
     assert (run / "curves.svg").read_text().startswith("<svg")
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000003"
@@ -80,7 +82,7 @@ def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
     """4 steps straight, or 2 steps, stop, resume for 2 more: the same adapter weights and the same metrics.
     On the toy task (rewards vary, so the weights move and every step's samples differ), through the real CLI."""
     d = digit_model(tmp_path / "digits")
-    monkeypatch.setattr(train, "make_task", lambda cfg, tok: SevenTask(tok))
+    monkeypatch.setattr(train, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", algo, "--model", str(d), "--device", "cpu", "-G", "6", "--max-new-tokens", "1",
               "--temperature", "1.0", "--lr", "3e-2", "--lora-fraction", "1", "--eval-every", "0", "--save-every", "2",
               "--alpha", "0", "--k", "1"]
@@ -91,7 +93,7 @@ def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(float(v.abs().sum()) > 0 for k, v in a.items() if "lora_B" in k)  # the policy did move
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-    ma, mb = train.read_jsonl(tmp_path / "a" / "metrics.jsonl"), train.read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    ma, mb = checkpoints.read_jsonl(tmp_path / "a" / "metrics.jsonl"), checkpoints.read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert strip(ma) == strip(mb) and len(ma) == 4
     assert len({m["reward_mean"] for m in ma}) > 1 or len({m["loss"] for m in ma}) > 1
 
@@ -99,8 +101,8 @@ def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
 def test_resume_continues_the_mult_data_stream(tmp_path, tiny, monkeypatch):
     """The training pairs after a resume are the ones an uninterrupted run would draw next."""
     seen = []
-    real_prompt = train.Mult.prompt
-    monkeypatch.setattr(train.Mult, "prompt", lambda self, ex: seen.append(ex) or real_prompt(self, ex))
+    real_prompt = tasks.Mult.prompt
+    monkeypatch.setattr(tasks.Mult, "prompt", lambda self, ex: seen.append(ex) or real_prompt(self, ex))
     common = ["--algo", "sgrpo", "--task", "mult", "--model", str(tiny), *SMALL, "--eval-every", "0"]
     train.main([*common, "--steps", "4", "--eval-limit", "0", "--out", str(tmp_path / "a")])
     straight, seen[:] = list(seen), []
@@ -117,8 +119,8 @@ def test_resume_drops_steps_logged_after_the_checkpoint(tmp_path, tiny):
     with open(run / "metrics.jsonl", "a") as f:  # a crash after step 3 was logged but before it was saved
         f.write(json.dumps({"step": 3, "reward_mean": 0.0}) + "\n")
     train.main(["--resume", str(run), "--steps", "3"])
-    assert [m["step"] for m in train.read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
-    assert "len_mean" in train.read_jsonl(run / "metrics.jsonl")[-1]
+    assert [m["step"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    assert "len_mean" in checkpoints.read_jsonl(run / "metrics.jsonl")[-1]
 
 
 # --- learning ------------------------------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def digit_model(path: Path) -> Path:
     return path
 
 
-class SevenTask(train.Task):
+class SevenTask(tasks.Task):
     """One answer token out of ten: reward 1 when the model's one-token answer is 7 (chance: 10% under a uniform
     policy)."""
     name = "seven"
@@ -169,7 +171,7 @@ def test_each_algorithm_learns_the_toy_task(tmp_path, algo, G, steps):
     with torch.no_grad():
         p7 = torch.softmax(net.logits(torch.tensor([tok.encode(SevenTask(tok).prompt(None))]))[0, -1], -1)[7]
     final = train.train(cfg, run, task=SevenTask(tok))
-    rewards = [m["reward_mean"] for m in train.read_jsonl(run / "metrics.jsonl")]
+    rewards = [m["reward_mean"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")]
     early, late = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"\n{algo}: π(7) at start {float(p7):.3f}; mean reward first 5 steps {early:.2f}, last 5 {late:.2f}")
     assert float(p7) < 0.25  # the base model rarely says 7
@@ -179,7 +181,7 @@ def test_each_algorithm_learns_the_toy_task(tmp_path, algo, G, steps):
 # --- the multiplication data ---------------------------------------------------------------------------------------
 
 def test_mult_test_set_is_fixed_and_disjoint_from_training():
-    t1, t2 = train.Mult(None), train.Mult(None)
+    t1, t2 = tasks.Mult(None), tasks.Mult(None)
     assert t1.test_set() == t2.test_set() and len(t1.test_set()) == 3000 and len(set(t1.test_set())) == 3000
     assert all(101 <= a <= 999 and 101 <= b <= 999 for a, b in t1.test_set())
     test = set(t1.test_set())
@@ -191,20 +193,20 @@ def test_mult_test_set_is_fixed_and_disjoint_from_training():
 
 
 def test_svamp_split_files_and_seeded_split(tmp_path):
-    tr, te, note = train.Svamp.load(str(write_svamp(tmp_path / "s")), seed=0)
+    tr, te, note = tasks.Svamp.load(str(write_svamp(tmp_path / "s")), seed=0)
     assert (len(tr), len(te)) == (7, 3) and "train/test files" in note
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "SVAMP.json").write_text((tmp_path / "s" / "train.json").read_text())
-    tr, te, note = train.Svamp.load(str(tmp_path / "one" / "SVAMP.json"), seed=0)
+    tr, te, note = tasks.Svamp.load(str(tmp_path / "one" / "SVAMP.json"), seed=0)
     assert (len(tr), len(te)) == (5, 2) and "seeded split (seed 0)" in note
 
 
 def test_real_svamp_and_gsm8k_files_load():
     from conftest import assets
     root = assets() / "data"
-    tr, te, _ = train.Svamp.load(str(root / "svamp"), seed=0)
+    tr, te, _ = tasks.Svamp.load(str(root / "svamp"), seed=0)
     assert (len(tr), len(te)) == (700, 300) and te[0]["ID"] == "chal-736"
-    g = train.Gsm8k(None, str(root / "gsm8k"))
+    g = tasks.Gsm8k(None, str(root / "gsm8k"))
     assert (len(g.train), len(g.test)) == (7473, 1319) and g.test[0]["answer"] == "18"
 
 
@@ -313,7 +315,7 @@ def test_logged_reward_is_the_E1_estimate(tmp_path, tiny, monkeypatch):
     run = tmp_path / "r"
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run),
                 "--eval-limit", "0"])
-    m = train.read_jsonl(run / "metrics.jsonl")[0]
+    m = checkpoints.read_jsonl(run / "metrics.jsonl")[0]
     assert (m["reward_mean"], m["reward_std"], m["zero_variance"]) == (0.5, 0.5, False)
     assert (m["len_mean"], m["len_max"], m["loss_token_fraction"], m["forwards"]) == (2.0, 3, 1.0, 4)
 
@@ -323,7 +325,7 @@ def test_svamp_stop_rule_reads_the_replay_prefix(tmp_path):
     from conftest import write_byte_tokenizer
     write_byte_tokenizer(tmp_path / "tok.json")
     tok = M.Tokenizer(tmp_path / "tok.json")
-    task = train.Svamp(tok, str(write_svamp(tmp_path / "s")), 0)
+    task = tasks.Svamp(tok, str(write_svamp(tmp_path / "s")), 0)
     enc = tok.encode
     assert not task.stop()(enc("\n"))  # a newline before any answer: keep going
     assert not task.stop()(enc(" 14"))  # no newline yet

@@ -1,0 +1,236 @@
+"""The tasks: each gives its examples, its prompt, its stop rule and its reward.
+
+    mult   3×3-digit multiplication (paper Appendix A), exact match of the last integer (P1)
+    svamp  SVAMP (Patel et al. 2021), 700 train / 300 test, exact match (P1)
+    gsm8k  GSM8K (Cobbe et al. 2021), our extension, the SymPy oracle (S1)
+
+A task's training stream draws all its randomness from one `random.Random` whose state the checkpoint holds.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+
+import model as M
+from reward import exact_match_reward, sympy_reward
+
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file (and the record)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOKRL_CACHE", Path.home() / ".cache" / "tokrl"))
+
+
+def fetch(url: str, dest: Path) -> Path:
+    """Download url to dest atomically (data sets only; tests always pass --data)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".incomplete")
+    print(f"downloading {url} -> {dest}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        raise DataError(f"cannot download {url} ({e}); download it on a machine with network access and pass "
+                        f"its path with --data (or put it at {dest})") from None
+    os.replace(tmp, dest)
+    return dest
+
+
+class Task:
+    name = ""
+    mult_prompt = False
+
+    def __init__(self, tokenizer: M.Tokenizer):
+        self.tok = tokenizer
+
+    def prompt(self, ex) -> str: ...
+
+    def reward(self, text: str, ex) -> float: ...
+
+    def stop(self, prefix=()):
+        """A per-row stop rule for sampling (None: EOS and max_new_tokens only); `prefix`: completion tokens that
+        precede the sampled ones (a replay's cut), which the rule reads too."""
+        return None
+
+    def train_stream(self, rng: random.Random):
+        """Training examples, one per step, forever; all randomness from `rng` (its state is checkpointed)."""
+        ...
+
+    def test_set(self) -> list: ...
+
+
+class Mult(Task):
+    """3×3-digit multiplication (paper Appendix A). A, B uniform in [101, 999]."""
+
+    name = "mult"
+    TEST_SEED, TEST_SIZE = 20250429, 3000  # the test set is fixed: the same on every run, whatever --seed
+
+    @functools.cached_property
+    def _test(self) -> list[tuple[int, int]]:
+        rng, pairs = random.Random(self.TEST_SEED), {}
+        while len(pairs) < self.TEST_SIZE:
+            ab = (rng.randint(101, 999), rng.randint(101, 999))
+            pairs.setdefault(ab, None)  # distinct pairs, in order of first draw
+        return list(pairs)
+
+    def test_set(self):
+        return self._test
+
+    def train_stream(self, rng):
+        test = set(self._test)
+        while True:
+            ab = (rng.randint(101, 999), rng.randint(101, 999))
+            if ab not in test:  # training pairs exclude the test pairs
+                yield ab
+
+    def prompt(self, ex):
+        a, b = ex  # [decided] (SPEC.md) Appendix A rendered in Qwen's ChatML, the assistant turn prefilled
+        return M.chatml("You are a helpful AI assistant.", f"What's {a} multiplied by {b}? Don't use a calculator.",
+                        "Let's break this problem down step by step.")
+
+    def reward(self, text, ex):
+        return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
+
+
+def _line_stop(tok: M.Tokenizer, begun: re.Pattern, prefix=()):
+    """Stop a row at the first newline after `begun` has matched (checked only when a token holds a newline)."""
+    piece = functools.lru_cache(maxsize=None)(lambda t: tok.decode([t], skip_special_tokens=False))
+
+    def stop(tokens: list[int]) -> bool:
+        if "\n" not in piece(tokens[-1]):
+            return False
+        text = tok.decode(list(prefix) + tokens)
+        return bool(begun.search(text[: text.rfind("\n")]))
+
+    return stop
+
+
+class Svamp(Task):
+    """SVAMP (Patel et al. 2021), 700 train / 300 test; prompt of paper Appendix A-B."""
+
+    name = "svamp"
+    URL = "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json"
+
+    def __init__(self, tokenizer, data: str | None, seed: int):
+        super().__init__(tokenizer)
+        self.train, self.test, self.split_note = self.load(data, seed)
+
+    @classmethod
+    def load(cls, data: str | None, seed: int):
+        path = Path(data) if data else cache_dir() / "svamp"
+        if data is None and not (path / "SVAMP.json").is_file() and not (path / "train.json").is_file():
+            fetch(cls.URL, path / "SVAMP.json")
+        if path.is_dir() and (path / "train.json").is_file() and (path / "test.json").is_file():
+            return cls.read(path / "train.json"), cls.read(path / "test.json"), f"train/test files in {path}"
+        file = path / "SVAMP.json" if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(f"{path}: no SVAMP data (a directory with train.json and test.json, or SVAMP.json)")
+        records = cls.read(file)
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)  # no split files: a seeded 70/30 split, reported at start
+        n_train = round(0.7 * len(records))
+        note = f"seeded split (seed {seed}) of {file}: {n_train} train / {len(records) - n_train} test"
+        return [records[i] for i in order[:n_train]], [records[i] for i in order[n_train:]], note
+
+    @staticmethod
+    def read(file: Path) -> list[dict]:
+        try:
+            records = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{file}: cannot read SVAMP JSON ({e})") from None
+        if not isinstance(records, list) or not records:
+            raise DataError(f"{file}: expected a non-empty JSON list of SVAMP records")
+        for i, r in enumerate(records):
+            ok = isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("Body", "Question"))
+            if not ok or not isinstance(r.get("Answer"), (int, float)) or isinstance(r.get("Answer"), bool):
+                rid = r.get("ID", "no ID") if isinstance(r, dict) else type(r).__name__
+                raise DataError(f"{file}: record {i} ({rid}) needs string Body and Question and a numeric Answer")
+        return records
+
+    def train_stream(self, rng):
+        while True:  # epochs in a fresh shuffled order
+            order = list(range(len(self.train)))
+            rng.shuffle(order)
+            yield from (self.train[i] for i in order)
+
+    def test_set(self):
+        return self.test
+
+    def prompt(self, ex):
+        return f"Problem: {ex['Body'].strip()} {ex['Question'].strip()}\nAnswer:"
+
+    def reward(self, text, ex):
+        return exact_match_reward(text, ex["Answer"])  # [P1]
+
+    def stop(self, prefix=()):
+        # [decided] (SPEC.md) stop at the first newline after the answer has begun (the prompt asks for one number)
+        return _line_stop(self.tok, re.compile(r"\S"), prefix)
+
+
+class Gsm8k(Task):
+    """GSM8K (Cobbe et al. 2021): our extension, with the SymPy oracle (S1) as the reward."""
+
+    name = "gsm8k"
+    URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
+
+    def __init__(self, tokenizer, data: str | None):
+        super().__init__(tokenizer)
+        path = Path(data) if data else cache_dir() / "gsm8k"
+        for split in ("train", "test"):
+            if data is None and not (path / f"{split}.jsonl").is_file():
+                fetch(self.URL.format(split), path / f"{split}.jsonl")
+        self.train, self.test = self.read(path / "train.jsonl"), self.read(path / "test.jsonl")
+
+    @staticmethod
+    def read(file: Path) -> list[dict]:
+        if not file.is_file():
+            raise DataError(f"{file}: GSM8K file not found (a directory with train.jsonl and test.jsonl)")
+        out = []
+        for i, line in enumerate(file.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                answer = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+                out.append({"question": r["question"], "answer": answer})
+                assert "####" in r["answer"] and answer and isinstance(r["question"], str)
+            except (json.JSONDecodeError, KeyError, IndexError, AttributeError, TypeError, AssertionError):
+                raise DataError(f"{file}: line {i + 1} is not a GSM8K record "
+                                '({"question": ..., "answer": "... #### N"})') from None
+        if not out:
+            raise DataError(f"{file}: no records")
+        return out
+
+    train_stream = Svamp.train_stream
+
+    def test_set(self):
+        return self.test
+
+    def prompt(self, ex):  # ours: the paper has no GSM8K prompt
+        return f"Problem: {ex['question'].strip()}\nSolve it step by step, then give the final answer after '####'.\n"
+
+    def reward(self, text, ex):
+        return sympy_reward(text, ex["answer"])  # [S1]
+
+    def stop(self, prefix=()):
+        return _line_stop(self.tok, re.compile(r"####\s*\S"), prefix)
+
+
+def make_task(name: str, tokenizer: M.Tokenizer, data: str | None = None, seed: int = 0) -> Task:
+    if name == "mult":
+        return Mult(tokenizer)
+    if name == "svamp":
+        return Svamp(tokenizer, data, seed)
+    if name == "gsm8k":
+        return Gsm8k(tokenizer, data)
+    raise ValueError(f"unknown task {name!r}: choose mult, svamp or gsm8k")
