@@ -11,16 +11,9 @@ Sections: config · decoder · loading · model location · tokenizer · samplin
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import os
-import pathlib
 import re
-import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,13 +289,12 @@ class Qwen2ForCausalLM(nn.Module):
         return self.lm_head(self(input_ids))
 
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        """Random weights (normal(0, std), norms 1, biases 0) for tests and benchmarks."""
+        """Random weights for tests and benchmarks: norms 1, every other tensor normal(0, std), biases included
+        (nonzero biases are exercised by the parity tests)."""
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                if name.endswith("norm.weight"):  # input_layernorm, post_attention_layernorm, model.norm
                     p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.normal_(0.0, std, generator=generator)
                 else:
                     p.normal_(0.0, std, generator=generator)
 
@@ -416,246 +408,78 @@ def save_model(model: Qwen2ForCausalLM, model_dir: str | os.PathLike, dtype: tor
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model location: a local directory, the Hugging Face cache, or a download into that cache.
-# Standard library only, so that a machine without huggingface_hub can still fetch Qwen2-1.5B, and a machine
-# without network can use what another tool (huggingface_hub, transformers) already put in the cache.
+# Model location: a local directory as it is; else a repo id through huggingface_hub, which owns the cache layout,
+# offline mode, tokens, mirrors and resumable, verified downloads (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN,
+# HF_ENDPOINT, as it defines them). tokrl decides only which files it needs and what to say when they cannot be had.
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-_CHUNK = 8 * 2**20  # 8 MiB: few syscalls, small memory
-_TIMEOUT_S = 30.0  # per socket operation, not per file: a 3 GB shard may take minutes
+# What tokrl reads (fnmatch patterns); nothing else of a repo is fetched (no *.bin, *.gguf, *.pth, README, ...).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 
 
 class ModelNotFoundError(RuntimeError):
-    """The model is neither cached nor downloadable; the message says how to place the files by hand."""
+    """The model is neither a directory, nor cached, nor downloadable; the message says how to place it by hand."""
 
 
-def hf_cache_dir() -> pathlib.Path:
-    """The huggingface_hub cache root: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return pathlib.Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return pathlib.Path.home() / ".cache" / "huggingface" / "hub"
+def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path:
+    """A directory holding config.json, tokenizer.json and the safetensors weights.
 
-
-def resolve_model_dir(name_or_path: str, *, revision: str = "main", allow_download: bool = True,
-                      progress: bool = True) -> pathlib.Path:
-    """Return a directory holding config.json, tokenizer.json and the safetensors weights.
-
-    Order: an existing local directory (used as is, even if it also looks like a repo id); then the
-    Hugging Face cache (`models--{owner}--{name}/snapshots/{commit}`); then, if `allow_download` and
-    $HF_HUB_OFFLINE is not set, a resumable HTTPS download into that same cache layout.
-    """
-    path = pathlib.Path(name_or_path).expanduser()
+    An existing directory is used as it is, even where a cached repo has the same name. Anything else must be a
+    repo id: found in the Hugging Face cache (with the network off too), else downloaded into it.
+    `revision`: a branch, tag or commit hash (None: the repo's main branch)."""
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return path
-    if not _REPO_ID.fullmatch(name_or_path) or ".." in name_or_path:
-        raise ValueError(f"{name_or_path!r} is neither an existing directory nor a Hugging Face repo id "
-                         f"of the form owner/name (e.g. Qwen/Qwen2-1.5B)")
-    repo_dir = hf_cache_dir() / ("models--" + name_or_path.replace("/", "--"))
-    snap = _cached_snapshot(repo_dir, revision)
-    if snap is not None and _snapshot_complete(snap):
-        return snap
-    if not allow_download or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise ModelNotFoundError(f"{name_or_path}@{revision} is not in the cache {repo_dir} and downloading "
-                                 f"is off. {_by_hand(name_or_path, revision)}")
-    return _download_snapshot(name_or_path, revision, repo_dir, progress)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
-
-# --- cache -------------------------------------------------------------------------------------------------
-
-def _known_commit(repo_dir: pathlib.Path, revision: str) -> str | None:
-    """A commit hash is its own snapshot; a branch or tag is looked up in refs/ (written by any tool)."""
-    if _COMMIT.fullmatch(revision):
-        return revision
-    ref = repo_dir / "refs" / revision
-    return ref.read_text().strip() if ref.is_file() else None
-
-
-def _cached_snapshot(repo_dir: pathlib.Path, revision: str) -> pathlib.Path | None:
-    commit = _known_commit(repo_dir, revision)
-    # No ref but a folder named after the revision: our own download from a server without X-Repo-Commit.
-    for name in (commit, _safe_dirname(revision)):
-        if name and (repo_dir / "snapshots" / name).is_dir():
-            return repo_dir / "snapshots" / name
-    return None
-
-
-def _weight_files(snap: pathlib.Path) -> list[str] | None:
-    """Weight file names the snapshot needs (the index and its shards, or the single file); None: unknown."""
-    index = snap / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (needs a weight_map): {e!r}") from e
-        for s in shards:  # names come from the server: never let one escape the snapshot folder
-            if pathlib.PurePosixPath(s).name != s or s.startswith("."):
-                raise ValueError(f"{index} lists an unsafe shard name {s!r}")
-        return [index.name, *shards]
-    return ["model.safetensors"] if (snap / "model.safetensors").is_file() else None
-
-
-def _snapshot_complete(snap: pathlib.Path) -> bool:
-    weights = _weight_files(snap)
-    return weights is not None and all((snap / f).is_file() for f in ["config.json", "tokenizer.json", *weights])
-
-
-def _safe_dirname(revision: str) -> str:
-    return revision.replace("/", "--")  # e.g. refs/pr/1 becomes one folder, not three
-
-
-def _write_ref(repo_dir: pathlib.Path, revision: str, commit: str) -> None:
-    ref = repo_dir / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(ref.name + ".tmp")
-    tmp.write_text(commit)  # no newline, as huggingface_hub writes it
-    os.replace(tmp, ref)
-
-
-def _by_hand(repo: str, revision: str) -> str:
-    page = f"https://huggingface.co/{repo}" + ("" if revision == "main" else f"/tree/{revision}")
-    return (f"To place the files by hand: on a machine with network access, download config.json, "
-            f"tokenizer.json, tokenizer_config.json, generation_config.json and model.safetensors (or the "
-            f"sharded model-0000k-of-0000n.safetensors with model.safetensors.index.json) from {page}, copy "
-            f"them into one directory and pass that directory to --model.")
-
-
-# --- download ----------------------------------------------------------------------------------------------
-
-def _download_snapshot(repo: str, revision: str, repo_dir: pathlib.Path, progress: bool) -> pathlib.Path:
-    token = os.environ.get("HF_TOKEN") or None
-    base = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + f"/{repo}/resolve/"
-    commit, first = _known_commit(repo_dir, revision), None
-    if commit is None:  # the first file's response tells the commit, hence the snapshot folder
-        first = _guard(repo, revision, "config.json", lambda: _open(base + _q(revision) + "/config.json", token))
-        header = first.headers.get("X-Repo-Commit", "")
-        commit = header if _COMMIT.fullmatch(header) else _safe_dirname(revision)
-        if commit != revision:
-            _write_ref(repo_dir, revision, commit)
-    snap = repo_dir / "snapshots" / commit
-    snap.mkdir(parents=True, exist_ok=True)
-    # Later files are pinned to the commit, so a branch that moves mid-download cannot mix two versions.
-    url = base + _q(commit if _COMMIT.fullmatch(commit) else revision) + "/"
-
-    def fetch(name: str, required: bool = True, resp=None) -> bool:
-        if (snap / name).is_file():
-            if resp is not None:
-                resp.close()
-            return True  # finished by an earlier, interrupted run
-        return _guard(repo, revision, name, lambda: _download_file(url + name, snap / name, token, progress,
-                                                                 resp, required))
-
-    fetch("config.json", resp=first)
-    fetch("generation_config.json", required=False)
-    fetch("tokenizer.json")
-    fetch("tokenizer_config.json", required=False)
-    if fetch("model.safetensors.index.json", required=False):  # sharded: fetch every shard it lists
-        for name in _weight_files(snap)[1:]:
-            fetch(name)
-    else:
-        fetch("model.safetensors")
-    if not _snapshot_complete(snap):  # e.g. a shard listed in the index is missing on the server
-        raise ModelNotFoundError(f"download of {repo}@{revision} left {snap} incomplete. "
-                                 f"{_by_hand(repo, revision)}")
-    return snap
-
-
-def _q(revision: str) -> str:
-    return urllib.parse.quote(revision, safe="")
-
-
-def _guard(repo: str, revision: str, name: str, step):
-    """Run one network step; turn any failure into an error that names the file and the way out."""
     try:
-        return step()
-    except urllib.error.HTTPError as e:
-        hint = " (no such repo, or a gated/private one: set HF_TOKEN)" if e.code in (401, 403) else ""
-        why = f"HTTP {e.code} {e.reason}{hint}"
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-    raise ModelNotFoundError(f"could not download {name} of {repo}@{revision}: {why}. Running again resumes "
-                             f"a partial download. {_by_hand(repo, revision)}")
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ValueError(f"{name_or_path!r} is neither an existing directory nor a Hugging Face repo id "
+                         "(owner/name, e.g. Qwen/Qwen2-1.5B)") from None
+    try:
+        snap = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=list(MODEL_FILES)))
+    except RepositoryNotFoundError as e:  # a gated or private repo without a token looks the same
+        why = f"no such repo on {constants.ENDPOINT}, or a gated/private one (set HF_TOKEN): {_first_line(e)}"
+    except RevisionNotFoundError as e:
+        why = f"no revision {revision!r}: {_first_line(e)}"
+    except Exception as e:  # unreachable Hub, HF_HUB_OFFLINE, a connection cut after the library's retries, ...
+        how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"cannot be fetched from {constants.ENDPOINT}"
+        why = f"not in the cache {constants.HF_HUB_CACHE} and {how} ({type(e).__name__}: {_first_line(e)})"
+    else:
+        if not (missing := _missing_files(snap)):
+            return snap
+        why = f"{snap} lacks {'; '.join(missing)}"
+    raise ModelNotFoundError(f"{name_or_path} (revision {revision or 'main'}): {why}. "
+                             f"{_by_hand(name_or_path, revision, constants.ENDPOINT, constants.HF_HUB_CACHE)}")
 
 
-def _open(url: str, token: str | None, offset: int = 0):
-    req = urllib.request.Request(url)
-    if token:  # unredirected: the LFS redirect goes to a CDN that must not see the token
-        req.add_unredirected_header("Authorization", f"Bearer {token}")
-    if offset:
-        req.add_header("Range", f"bytes={offset}-")
-    return urllib.request.urlopen(req, timeout=_TIMEOUT_S)
+def _missing_files(snap: Path) -> list[str]:
+    """What tokrl needs that a snapshot lacks: a repo without safetensors weights, or a partial offline cache."""
+    missing = [name for name in ("config.json", "tokenizer.json") if not (snap / name).is_file()]
+    try:
+        weight_files(snap)
+    except FileNotFoundError as e:
+        missing.append(f"its safetensors weights ({e})")
+    return missing
 
 
-def _download_file(url: str, dest: pathlib.Path, token: str | None, progress: bool, resp=None,
-                   required: bool = True) -> bool:
-    """Stream url into dest.incomplete, resuming it if present; rename to dest once the size checks out.
-
-    Returns False for an optional file the server does not have (404)."""
-    part = dest.with_name(dest.name + ".incomplete")
-    offset = part.stat().st_size if part.is_file() else 0
-    if resp is None:
-        try:
-            resp = _open(url, token, offset)
-        except urllib.error.HTTPError as e:
-            if e.code == 404 and not required:
-                return False
-            if e.code != 416:  # 416: the part is already whole (or stale); start over
-                raise
-            part.unlink()
-            offset, resp = 0, _open(url, token)
-    with resp:
-        if resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range", ""))
-            if start != offset:
-                part.unlink()
-                raise OSError(f"server resumed {dest.name} at byte {start}, asked for {offset}; run again")
-        else:  # 200: the server ignored Range (or none was sent), so the body is the whole file
-            offset = 0
-            # X-Linked-Size is the LFS file size; the CDN a redirect lands on only sends Content-Length.
-            size = resp.headers.get("X-Linked-Size") or resp.headers.get("Content-Length")
-            total = int(size) if size else None
-        with open(part, "ab" if offset else "wb") as f:
-            done = _copy(resp, f, dest.name, offset, total, progress)
-    if total is not None and done != total:
-        if done > total:
-            part.unlink()  # more than announced: the part cannot be trusted for a resume
-        raise OSError(f"{dest.name}: got {done} of {total} bytes (connection cut?)")
-    os.replace(part, dest)  # atomic: a file without .incomplete is always whole
-    return True
+def _by_hand(repo_id: str, revision: str | None, endpoint: str, cache: str) -> str:
+    page = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision else "")
+    folder = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    return (f"To place it by hand, on a machine with network access: either download config.json, "
+            f"generation_config.json, tokenizer.json and model.safetensors (or model.safetensors.index.json and the "
+            f"model-*-of-*.safetensors shards it lists) from {page} into one directory, copy it here and pass "
+            f"--model DIR; or run `hf download {repo_id}` there and copy its models--{repo_id.replace('/', '--')} "
+            f"cache folder to {folder}")
 
 
-def _content_range(value: str) -> tuple[int, int | None]:
-    m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", value.strip())
-    if m is None:
-        raise OSError(f"bad Content-Range header {value!r}")
-    return int(m[1]), None if m[2] == "*" else int(m[2])
-
-
-def _copy(resp, f, name: str, done: int, total: int | None, progress: bool) -> int:
-    """Copy the body in chunks, with a `\\r` progress line on stderr; return the file's size so far."""
-    t0 = last = time.monotonic()
-    got = 0
-    while chunk := resp.read(_CHUNK):
-        f.write(chunk)
-        got += len(chunk)
-        now = time.monotonic()
-        if progress and now - last >= 0.5:
-            _show(name, done + got, total, got / (now - t0))
-            last = now
-    if progress:
-        _show(name, done + got, total, got / max(time.monotonic() - t0, 1e-9))
-        sys.stderr.write("\n")
-    return done + got
-
-
-def _show(name: str, done: int, total: int | None, rate: float) -> None:
-    of = f" / {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
-    sys.stderr.write(f"\r{name}: {done / 1e6:.1f}{of} {rate / 1e6:.1f} MB/s")
-    sys.stderr.flush()
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

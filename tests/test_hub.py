@@ -1,267 +1,274 @@
-"""resolve_model_dir: local directory, Hugging Face cache, resumable download. Never touches the real network:
-a ThreadingHTTPServer on 127.0.0.1 plays the Hub (`/{owner}/{name}/resolve/{revision}/{file}`)."""
+"""resolve_model_dir: what tokrl decides on top of huggingface_hub. A local directory wins; a repo id that the library
+cached is found with the network off and loads; only the files tokrl reads are fetched; a model that cannot be had
+gives one message saying what to place by hand and where.
+
+Never touches the real network. huggingface_hub reads HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and HF_ENDPOINT
+once, at import, so each resolution runs in a fresh interpreter with those variables set as a user would set them,
+HF_ENDPOINT always pointing at 127.0.0.1: a FakeHub thread that answers the four requests snapshot_download makes, or
+a closed port (the network is down). The cache is laid out by the library itself, through a download from the FakeHub.
+"""
+from __future__ import annotations
+
+import hashlib
 import http.server
 import json
-import pathlib
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
+import torch
 
-from model import ModelNotFoundError, hf_cache_dir, resolve_model_dir
+from conftest import ROOT, make_checkpoint
+import model as M
 
 REPO = "owner/tiny"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-CONFIG = b'{"model_type": "qwen2"}'
-TOKENIZER = b'{"version": "1.0"}'
-WEIGHTS = bytes(range(256)) * 40  # 10240 bytes, no two halves alike
+MAIN = "0123456789abcdef0123456789abcdef01234567"  # the commit the main branch points to
+V1 = "89abcdef0123456789abcdef0123456789abcdef"  # the commit of tag v1
+SERVER_LIFETIME_S = 120  # a FakeHub stops by itself after this, whatever happens to the test
 
 
 class FakeHub:
-    """Serves `files` for REPO at any revision, with X-Repo-Commit, Content-Length, Range and 404.
+    """The Hub endpoints snapshot_download uses, on 127.0.0.1, for `repos` = {repo_id: {commit: {file: bytes}}}:
 
-    `truncate`: file names whose body stops halfway although Content-Length announces the whole file.
-    `ignore_range`: answer a Range request with 200 and the whole file, as some proxies do."""
+    GET  /api/models/{repo}/revision/{rev}     -> {"sha": commit}  (rev: a branch/tag of `refs`, or a commit)
+    GET  /api/models/{repo}/tree/{commit}       -> the file list
+    HEAD /{repo}/resolve/{commit}/{file}        -> X-Repo-Commit, ETag, Content-Length
+    GET  /{repo}/resolve/{commit}/{file}        -> the bytes
+    Unknown repos and revisions get the Hub's 404 with its X-Error-Code. `requests` records (method, path, auth)."""
 
-    def __init__(self, files: dict[str, bytes], truncate: tuple[str, ...] = (), ignore_range: bool = False):
-        self.files, self.truncate, self.ignore_range = files, truncate, ignore_range
-        self.requests, self.auth = [], []  # requests: (file, Range header); auth: Authorization headers
+    def __init__(self, repos: dict[str, dict[str, dict[str, bytes]]], refs: dict[tuple[str, str], str]):
+        self.repos, self.refs, self.requests = repos, refs, []
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                parts = self.path.split("/")  # ['', owner, name, 'resolve', revision, file]
-                name = parts[5] if len(parts) == 6 and parts[3] == "resolve" else None
-                hub.requests.append((name, self.headers.get("Range")))
-                hub.auth.append(self.headers.get("Authorization"))
-                body = hub.files.get(name) if "/".join(parts[1:3]) == REPO else None
-                if body is None:
-                    self.send_error(404)
-                    return
-                ranged = self.headers.get("Range") and not hub.ignore_range
-                start = int(self.headers["Range"][6:-1]) if ranged else 0  # "bytes=N-"
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                sent = body[start:]
-                self.wfile.write(sent[: len(sent) // 2] if name in hub.truncate else sent)
+                hub.answer(self, body=True)
+
+            def do_HEAD(self):
+                hub.answer(self, body=False)
 
             def log_message(self, *args):
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.timer = threading.Timer(SERVER_LIFETIME_S, self.server.shutdown)
+        self.timer.daemon = True
+        self.timer.start()
 
-    def close(self):
+    def answer(self, h: http.server.BaseHTTPRequestHandler, body: bool) -> None:
+        self.requests.append((h.command, h.path, h.headers.get("Authorization")))
+        path = h.path.split("?")[0]
+        for repo, commits in self.repos.items():
+            if path.startswith(f"/api/models/{repo}/revision/"):
+                rev = path.rsplit("/", 1)[1]
+                commit = self.refs.get((repo, rev), rev)
+                if commit not in commits:
+                    return self.send(h, 404, b"{}", body, {"X-Error-Code": "RevisionNotFound"})
+                info = {"id": repo, "sha": commit, "siblings": [{"rfilename": f} for f in commits[commit]]}
+                return self.send(h, 200, json.dumps(info).encode(), body)
+            if path.startswith(f"/api/models/{repo}/tree/"):
+                files = commits.get(path.rsplit("/", 1)[1], {})
+                tree = [{"type": "file", "path": f, "size": len(b), "oid": git_oid(b)} for f, b in files.items()]
+                return self.send(h, 200, json.dumps(tree).encode(), body)
+            if path.startswith(f"/{repo}/resolve/"):
+                commit, name = path[len(f"/{repo}/resolve/"):].split("/", 1)
+                data = commits.get(commit, {}).get(name)
+                if data is None:
+                    return self.send(h, 404, b"", body, {"X-Error-Code": "EntryNotFound"})
+                return self.send(h, 200, data, body, {"X-Repo-Commit": commit, "ETag": f'"{git_oid(data)}"'})
+        self.send(h, 404, b"{}", body, {"X-Error-Code": "RepoNotFound"} if path.startswith("/api/models/") else {})
+
+    @staticmethod
+    def send(h, status: int, data: bytes, body: bool, headers: dict[str, str] | None = None) -> None:
+        h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if body:
+            h.wfile.write(data)
+
+    def fetched(self) -> set[str]:
+        """Names of the files whose bytes were downloaded."""
+        return {p.rsplit("/", 1)[1] for m, p, _ in self.requests if m == "GET" and "/resolve/" in p}
+
+    def close(self) -> None:
+        self.timer.cancel()
         self.server.shutdown()
         self.server.server_close()
 
 
-def single_file_repo() -> dict[str, bytes]:
-    return {"config.json": CONFIG, "tokenizer.json": TOKENIZER, "model.safetensors": WEIGHTS}
+def git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:  # bind then close: nothing listens there, so connecting is refused
+    with socket.socket() as s:  # bind then close: nothing listens there, so a connection is refused
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    for var in ("HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path / "hub"
+RESOLVE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import model as M
+for arg in sys.argv[2:]:
+    name, _, revision = arg.partition("@")
+    try:
+        print(json.dumps({"dir": str(M.resolve_model_dir(name, revision=revision or None))}))
+    except Exception as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"""
 
 
-@pytest.fixture
-def hub(cache, monkeypatch):
-    servers = []
-
-    def start(files, **kw):
-        servers.append(FakeHub(files, **kw))
-        monkeypatch.setenv("HF_ENDPOINT", servers[-1].url)
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
+def hub_env(**env: str) -> dict[str, str]:
+    """This process's environment without any HF_* variable, plus `env`; HF_ENDPOINT is always on 127.0.0.1."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.setdefault("HF_ENDPOINT", closed_port_url())
+    assert env["HF_ENDPOINT"].startswith("http://127.0.0.1:")
+    return {**base, "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1", **env}
 
 
-def snapshot(cache) -> pathlib.Path:
-    return cache / "models--owner--tiny" / "snapshots" / COMMIT
+def resolve(*names: str, cwd: Path | None = None, **env: str) -> list[dict]:
+    """resolve_model_dir(name[@revision]) for each name, in one fresh interpreter with `env` set."""
+    r = subprocess.run([sys.executable, "-c", RESOLVE, str(ROOT), *names], env=hub_env(**env), cwd=cwd,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
 
 
-# --- local directory and bad names -------------------------------------------------------------------------
-
-def test_local_directory_returned_as_is(tmp_path):
-    (tmp_path / "config.json").write_bytes(CONFIG)
-    assert resolve_model_dir(str(tmp_path)) == tmp_path
-
-
-def test_local_directory_without_config_names_dir_and_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json") as e:
-        resolve_model_dir(str(tmp_path))
-    assert str(tmp_path) in str(e.value)
+def repo_files(src: Path) -> dict[str, bytes]:
+    """A checkpoint directory's files, plus files a real repo has that tokrl must not download."""
+    files = {p.name: p.read_bytes() for p in src.iterdir()}
+    return {**files, "pytorch_model.bin": b"\0" * 4096, "README.md": b"# tiny\n", "model.gguf": b"\0" * 64}
 
 
-@pytest.mark.parametrize("name", ["./nope/x/y", "no such thing", "owner/../x", "gpt2"])
-def test_neither_directory_nor_repo_id(name, cache):
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """A tiny model downloaded once through a FakeHub into HF_HOME by huggingface_hub; the hub is then stopped."""
+    tmp = tmp_path_factory.mktemp("hub")
+    src = make_checkpoint(tmp / "src")
+    hub = FakeHub({REPO: {MAIN: repo_files(src)}}, {(REPO, "main"): MAIN})
+    try:
+        [got] = resolve(REPO, HF_HOME=str(tmp / "home"), HF_ENDPOINT=hub.url, HF_TOKEN="hf_secret")
+    finally:
+        hub.close()
+    return {"home": tmp / "home", "src": src, "got": got, "requests": hub.requests, "fetched": hub.fetched()}
+
+
+def snapshot(hub_cache: Path, commit: str) -> Path:
+    return hub_cache / "models--owner--tiny" / "snapshots" / commit
+
+
+# --- download into the library's cache ---------------------------------------------------------------------------------
+
+def test_download_lands_in_the_hf_cache_and_fetches_only_what_tokrl_reads(cached):
+    snap = snapshot(cached["home"] / "hub", MAIN)
+    assert cached["got"] == {"dir": str(snap)}
+    assert cached["fetched"] == {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"}
+    # the library's layout: refs/main names the commit, snapshot files link to content-addressed blobs
+    assert (cached["home"] / "hub" / "models--owner--tiny" / "refs" / "main").read_text() == MAIN
+    assert (snap / "model.safetensors").is_symlink()
+    assert (snap / "model.safetensors").read_bytes() == (cached["src"] / "model.safetensors").read_bytes()
+    # HF_TOKEN is sent to the endpoint on every Hub request
+    assert {auth for _, path, auth in cached["requests"] if "owner/tiny" in path} == {"Bearer hf_secret"}
+
+
+def test_cached_model_is_found_with_the_network_off_and_loads(cached):
+    snap = str(snapshot(cached["home"] / "hub", MAIN))
+    assert resolve(REPO, HF_HOME=str(cached["home"]), HF_HUB_OFFLINE="1") == [{"dir": snap}]
+    ids = torch.tensor([[5, 9, 200, 17]])
+    with torch.no_grad():
+        assert torch.equal(M.load_model(snap).logits(ids), M.load_model(cached["src"]).logits(ids))
+    text = "12 x 3 = 36"
+    assert M.Tokenizer(Path(snap) / "tokenizer.json").encode(text) == M.Tokenizer(cached["src"] / "tokenizer.json").encode(text)
+
+
+def test_local_directory_wins_over_a_cached_repo_of_the_same_name(cached, tmp_path):
+    make_checkpoint(tmp_path / "owner" / "tiny", seed=1)  # ./owner/tiny exists in the working directory
+    got = resolve(REPO, cwd=tmp_path, HF_HOME=str(cached["home"]), HF_HUB_OFFLINE="1")
+    assert got == [{"dir": REPO}]
+    # elsewhere the same name comes from the cache, here with HF_HUB_OFFLINE unset and the Hub unreachable
+    elsewhere = resolve(REPO, cwd=tmp_path / "owner", HF_HOME=str(cached["home"]))
+    assert elsewhere == [{"dir": str(snapshot(cached["home"] / "hub", MAIN))}]
+
+
+def test_revision_and_hf_hub_cache_are_honoured(tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    v1 = {**repo_files(src), "config.json": (src / "config.json").read_bytes() + b"\n"}  # another commit
+    hub = FakeHub({REPO: {MAIN: repo_files(src), V1: v1}}, {(REPO, "main"): MAIN, (REPO, "v1"): V1})
+    env = dict(HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "elsewhere"))  # HF_HUB_CACHE wins
+    try:
+        assert resolve(f"{REPO}@v1", HF_ENDPOINT=hub.url, **env) == [{"dir": str(snapshot(tmp_path / "elsewhere",
+                                                                                            V1))}]
+    finally:
+        hub.close()
+    assert not (tmp_path / "home").exists()
+    got = resolve(f"{REPO}@v1", f"{REPO}@{V1}", REPO, HF_HUB_OFFLINE="1", **env)
+    assert got[0] == got[1] == {"dir": str(snapshot(tmp_path / "elsewhere", V1))}
+    assert got[2]["error"] == "ModelNotFoundError"  # main was never downloaded
+
+
+# --- what cannot be had -----------------------------------------------------------------------------------------------
+
+def assert_by_hand_message(msg: str, repo: str, endpoint: str, cache: Path) -> None:
+    assert "\n" not in msg and msg.startswith(repo)
+    for needed in ("config.json", "tokenizer.json", "model.safetensors", "model.safetensors.index.json",
+                   f"{endpoint}/{repo}", "--model DIR", str(cache / ("models--" + repo.replace("/", "--")))):
+        assert needed in msg, needed
+
+
+def test_unreachable_network_gives_the_by_hand_message(tmp_path):
+    down_url = closed_port_url()
+    [down] = resolve("Qwen/Qwen2-1.5B", HF_HOME=str(tmp_path), HF_ENDPOINT=down_url)
+    assert down["error"] == "ModelNotFoundError" and "ConnectError" in down["message"], down
+    assert_by_hand_message(down["message"], "Qwen/Qwen2-1.5B", down_url, tmp_path / "hub")
+
+
+def test_offline_from_the_command_line_is_one_line(tmp_path):
+    env = hub_env(HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--eval-only", "--model", "Qwen/Qwen2-1.5B"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith("error: Qwen/Qwen2-1.5B (revision main): not in the cache"), line
+    assert "HF_HUB_OFFLINE is set" in line
+    assert_by_hand_message(line[len("error: "):], "Qwen/Qwen2-1.5B", env["HF_ENDPOINT"], tmp_path / "hub")
+
+
+def test_repo_without_safetensors_and_unknown_repo_are_named(tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    files = {k: v for k, v in repo_files(src).items() if k != "model.safetensors"}  # only pytorch_model.bin
+    hub = FakeHub({REPO: {MAIN: files}}, {(REPO, "main"): MAIN})
+    try:
+        no_weights, unknown = resolve(REPO, "owner/other", HF_HOME=str(tmp_path / "home"), HF_ENDPOINT=hub.url)
+    finally:
+        hub.close()
+    assert "pytorch_model.bin" not in hub.fetched()
+    assert no_weights["error"] == "ModelNotFoundError" and "lacks its safetensors weights" in no_weights["message"]
+    assert unknown["error"] == "ModelNotFoundError" and "no such repo" in unknown["message"]
+    assert "HF_TOKEN" in unknown["message"]
+
+
+@pytest.mark.parametrize("name", ["no such thing", "./nope/x/y", "a/b/c", "owner/../x"])
+def test_neither_directory_nor_repo_id(name, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a bad name must be refused before any lookup")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(ValueError, match="neither an existing directory nor a Hugging Face repo id"):
-        resolve_model_dir(name)
+        M.resolve_model_dir(name)
 
 
-# --- cache -------------------------------------------------------------------------------------------------
-
-def build_cache(cache, files):
-    repo = cache / "models--owner--tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    snapshot(cache).mkdir(parents=True)
-    for name, body in files.items():
-        (snapshot(cache) / name).write_bytes(body)
-
-
-def test_cache_hit_makes_no_request(cache, monkeypatch):
-    build_cache(cache, single_file_repo())
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())  # any request would fail
-    assert resolve_model_dir(REPO) == snapshot(cache)
-
-
-def test_cache_hit_by_commit_hash(cache, monkeypatch):
-    build_cache(cache, single_file_repo())
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
-    assert resolve_model_dir(REPO, revision=COMMIT) == snapshot(cache)
-
-
-def test_cache_root_precedence(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HOME", raising=False)
-    assert hf_cache_dir().parts[-3:] == (".cache", "huggingface", "hub")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    assert hf_cache_dir() == tmp_path / "home" / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
-    assert hf_cache_dir() == tmp_path / "elsewhere"
-
-
-def test_hf_home_honoured_without_hf_hub_cache(tmp_path, monkeypatch, hub):
-    monkeypatch.delenv("HF_HUB_CACHE")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    hub(single_file_repo())
-    got = resolve_model_dir(REPO, progress=False)
-    assert got == tmp_path / "home" / "hub" / "models--owner--tiny" / "snapshots" / COMMIT
-
-
-def test_not_cached_and_download_off(cache, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
-    with pytest.raises(ModelNotFoundError, match="by hand") as e:
-        resolve_model_dir(REPO, allow_download=False)
-    assert REPO in str(e.value)
-
-
-def test_incomplete_cache_is_not_a_hit(cache, hub):
-    files = single_file_repo()
-    build_cache(cache, {"config.json": CONFIG, "tokenizer.json": TOKENIZER})  # weights missing
-    server = hub(files)
-    assert resolve_model_dir(REPO, progress=False) == snapshot(cache)
-    assert [r[0] for r in server.requests] == [
-        "generation_config.json", "tokenizer_config.json", "model.safetensors.index.json", "model.safetensors"]
-
-
-# --- download ----------------------------------------------------------------------------------------------
-
-def test_download_single_file_then_cache_hit(cache, hub, capsys):
-    files = single_file_repo()
-    server = hub(files)
-    snap = resolve_model_dir(REPO)
-    assert snap == snapshot(cache)
-    for name, body in files.items():
-        assert (snap / name).read_bytes() == body
-    assert (cache / "models--owner--tiny" / "refs" / "main").read_text() == COMMIT
-    assert not list(snap.glob("*.incomplete"))
-    assert "model.safetensors" in capsys.readouterr().err  # the progress line
-    n = len(server.requests)
-    assert resolve_model_dir(REPO) == snap
-    assert len(server.requests) == n
-
-
-def test_download_sharded(cache, hub):
-    shards = {"model-00001-of-00002.safetensors": WEIGHTS[:5000],
-              "model-00002-of-00002.safetensors": WEIGHTS[5000:]}
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                            "b": "model-00002-of-00002.safetensors",
-                                            "c": "model-00001-of-00002.safetensors"}}
-    files = {"config.json": CONFIG, "tokenizer.json": TOKENIZER, "generation_config.json": b"{}",
-             "model.safetensors.index.json": json.dumps(index).encode(), **shards}
-    server = hub(files)
-    snap = resolve_model_dir(REPO, progress=False)
-    for name, body in files.items():
-        assert (snap / name).read_bytes() == body
-    assert not (snap / "model.safetensors").exists()
-    assert "model.safetensors" not in [r[0] for r in server.requests]  # the index was enough
-
-
-def test_resume_sends_range(cache, hub):
-    snapshot(cache).mkdir(parents=True)
-    (snapshot(cache) / "model.safetensors.incomplete").write_bytes(WEIGHTS[:len(WEIGHTS) // 2])
-    server = hub(single_file_repo())
-    snap = resolve_model_dir(REPO, progress=False)
-    assert ("model.safetensors", f"bytes={len(WEIGHTS) // 2}-") in server.requests
-    assert (snap / "model.safetensors").read_bytes() == WEIGHTS
-    assert not (snap / "model.safetensors.incomplete").exists()
-
-
-def test_server_ignoring_range_restarts_from_scratch(cache, hub):
-    snapshot(cache).mkdir(parents=True)
-    (snapshot(cache) / "model.safetensors.incomplete").write_bytes(b"stale bytes that must not survive")
-    server = hub(single_file_repo(), ignore_range=True)
-    snap = resolve_model_dir(REPO, progress=False)
-    assert ("model.safetensors", "bytes=33-") in server.requests  # asked to resume, got a 200
-    assert (snap / "model.safetensors").read_bytes() == WEIGHTS
-
-
-def test_token_sent_as_bearer(cache, hub, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    server = hub(single_file_repo())
-    resolve_model_dir(REPO, progress=False)
-    assert set(server.auth) == {"Bearer hf_secret"}
-
-
-def test_truncated_body_leaves_no_final_file(cache, hub):
-    hub(single_file_repo(), truncate=("model.safetensors",))
-    with pytest.raises(ModelNotFoundError, match="model.safetensors") as e:
-        resolve_model_dir(REPO, progress=False)
-    assert "got 5120 of 10240 bytes" in str(e.value)
-    assert not (snapshot(cache) / "model.safetensors").exists()
-    assert (snapshot(cache) / "model.safetensors.incomplete").stat().st_size == len(WEIGHTS) // 2
-
-
-def test_truncated_then_resumed(cache, hub):
-    server = hub(single_file_repo(), truncate=("model.safetensors",))
-    with pytest.raises(ModelNotFoundError):
-        resolve_model_dir(REPO, progress=False)
-    server.truncate = ()  # the network comes back: the second run picks up the half it has
-    snap = resolve_model_dir(REPO, progress=False)
-    assert (snap / "model.safetensors").read_bytes() == WEIGHTS
-    assert server.requests[-1] == ("model.safetensors", f"bytes={len(WEIGHTS) // 2}-")
-
-
-def test_missing_required_file_is_an_error(cache, hub):
-    hub({"config.json": CONFIG, "model.safetensors": WEIGHTS})  # no tokenizer.json
-    with pytest.raises(ModelNotFoundError, match="tokenizer.json.*HTTP 404"):
-        resolve_model_dir(REPO, progress=False)
-
-
-def test_unreachable_endpoint_explains_manual_placement(cache, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
-    with pytest.raises(ModelNotFoundError) as e:
-        resolve_model_dir("Qwen/Qwen2-1.5B", progress=False)
-    msg = str(e.value)
-    assert "Qwen/Qwen2-1.5B" in msg and "config.json" in msg
-    assert "by hand" in msg and "https://huggingface.co/Qwen/Qwen2-1.5B" in msg and "--model" in msg
-    assert not (cache / "models--Qwen--Qwen2-1.5B" / "refs" / "main").exists()
+def test_local_directory_without_config_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json") as e:
+        M.resolve_model_dir(str(tmp_path))
+    assert str(tmp_path) in str(e.value)
