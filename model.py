@@ -433,8 +433,8 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return path
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
+                                       validate_repo_id)
 
     try:
         validate_repo_id(name_or_path)

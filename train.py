@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import lora
 import model as M
@@ -48,6 +49,7 @@ class Settings:
     algo: str = "tspmo"  # grpo | sgrpo | tspmo
     task: str = "mult"  # mult | svamp | gsm8k
     model: str = "Qwen/Qwen2-1.5B"  # a directory, or a repo id found in / downloaded to the Hugging Face cache
+    revision: str | None = None  # with a repo id: branch, tag or commit (None: main)
     data: str | None = None  # svamp / gsm8k data (file or directory); None: the tokrl cache, downloaded if absent
     out: str | None = None  # run directory; None: runs/{task}-{algo}-{time}
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,16 +109,22 @@ def paper_defaults(algo: str, task: str) -> dict:
 def evaluate(net, tok, task: Task, cfg: Settings, eos) -> dict:
     data = task.test_set()[: cfg.eval_limit]
     t0, correct, examples = time.time(), 0.0, []
-    for i in range(0, len(data), cfg.eval_batch):
-        batch = data[i: i + cfg.eval_batch]
-        prompts = [tok.encode(task.prompt(ex)) for ex in batch]
-        outs = M.greedy(net, prompts, cfg.max_new_tokens, eos=eos, stop=task.stop())
-        for ex, out in zip(batch, outs):
-            text = tok.decode(out)
-            r = task.reward(text, ex)
-            correct += r
-            if len(examples) < 3:
-                examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text, "reward": r})
+    # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
+    # logs and CI output stay one line per event
+    with tqdm(total=len(data), desc=f"eval {task.name}", unit="problem", disable=None, leave=False) as bar:
+        for i in range(0, len(data), cfg.eval_batch):
+            batch = data[i: i + cfg.eval_batch]
+            prompts = [tok.encode(task.prompt(ex)) for ex in batch]
+            outs = M.greedy(net, prompts, cfg.max_new_tokens, eos=eos, stop=task.stop())
+            for ex, out in zip(batch, outs):
+                text = tok.decode(out)
+                r = task.reward(text, ex)
+                correct += r
+                if len(examples) < 3:
+                    examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text,
+                                     "reward": r})
+            bar.update(len(batch))
+            bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
     return {"accuracy": correct / max(len(data), 1), "n": len(data), "seconds": round(time.time() - t0, 2),
             "examples": examples}
 
@@ -259,7 +267,7 @@ def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
 
 def load_everything(cfg: Settings):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model_dir = M.resolve_model_dir(cfg.model)
+    model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
     net = M.load_model(model_dir, dtype=dtype, device=cfg.device)
     tok = M.Tokenizer(model_dir / "tokenizer.json")
     return net, tok, M.eos_ids(model_dir, net.config, tok)
@@ -378,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--algo", choices=["grpo", "sgrpo", "tspmo"], help="objective (default tspmo)")
     g.add_argument("--task", choices=["mult", "svamp", "gsm8k"], help="task (default mult)")
     g.add_argument("--model", help=f"model directory or Hugging Face repo id (default {S.model})")
+    g.add_argument("--revision", help="with a repo id: branch, tag or commit hash (default main)")
     g.add_argument("--data", help="svamp: dir with train.json+test.json (700/300) or SVAMP.json (seeded split); "
                                   "gsm8k: dir with train.jsonl+test.jsonl (default: ~/.cache/tokrl, downloaded)")
     g.add_argument("--out", help="run directory (default runs/{task}-{algo}-{time})")

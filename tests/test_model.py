@@ -321,3 +321,56 @@ def test_two_level_draw_has_the_distribution_of_multinomial(V):
     chi2 = float(((counts[nz] - expected[nz]) ** 2 / expected[nz]).sum())
     df = int(nz.sum()) - 1
     assert chi2 < df + 6 * (2 * df) ** 0.5, f"chi2 {chi2:.0f} for {df} degrees of freedom"
+
+
+# --- Qwen2.5: the same architecture (model_type qwen2) ------------------------------------------------------------
+
+def qwen25_style_config(**sizes) -> dict:
+    """A config.json with every key a Qwen2.5 repo writes: a sliding window present but off (use_sliding_window
+    false, sliding_window, max_window_layers), use_mrope false, rope_scaling null, bf16 torch_dtype. Tiny sizes unless
+    given; max_window_layers below num_hidden_layers, so that a window wrongly turned on would change the logits."""
+    return {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 256, "eos_token_id": 256,
+            "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
+            "max_position_embeddings": 32768, "max_window_layers": 1, "model_type": "qwen2",
+            "num_attention_heads": 4, "num_hidden_layers": 3, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+            "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": 4, "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True, "use_mrope": False,
+            "use_sliding_window": False, "vocab_size": TINY_VOCAB, **sizes}
+
+
+@pytest.mark.parametrize("tie", [True, False])  # Qwen2.5 0.5B-3B tie the embeddings, 7B and larger do not
+def test_qwen25_style_config_builds_and_loads_like_transformers(tmp_path, tie):
+    transformers = pytest.importorskip("transformers")
+    d = qwen25_style_config(tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**d)).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(d))  # the file as the Hub serves it, not as transformers writes
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [258, 256]}))  # -Instruct's pair
+    ours = M.load_model(tmp_path)
+    assert ours.config.tie_word_embeddings == tie and ours.config.num_hidden_layers == 3
+    ids = batch_of_prompts(T=12)  # 12 tokens > sliding_window 4: a window applied by mistake would show
+    assert (ours.logits(ids) - hf(ids).logits).abs().max() < 1e-5
+    assert M.eos_ids(tmp_path, ours.config, None) == (256, 258)
+
+
+@pytest.mark.parametrize("name,sizes,expected", [
+    # Qwen2.5-1.5B's shape is Qwen2-1.5B's: tied, 1,543,714,304 parameters (test above)
+    ("1.5B", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, max_window_layers=21, sliding_window=131072), 1_543_714_304),
+    # Qwen2.5-7B's shape, untied: 28 layers × 233,057,792 + 2 × 152,064 × 3,584 (embedding, head) + 3,584 (norm)
+    ("7B", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_window_layers=28, sliding_window=131072,
+                tie_word_embeddings=False), 7_615_616_512),
+])
+def test_qwen25_sizes_build_with_transformers_parameter_count(name, sizes, expected):
+    transformers = pytest.importorskip("transformers")
+    d = qwen25_style_config(**sizes)
+    with torch.device("meta"):
+        ours = M.Qwen2ForCausalLM(M.Qwen2Config.from_dict(d))
+        ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**d))
+    assert M.num_parameters(ours) == sum(p.numel() for p in ref.parameters()) == expected
