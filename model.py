@@ -444,27 +444,28 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
     try:
         snap = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=list(MODEL_FILES)))
     except RepositoryNotFoundError as e:  # a gated or private repo without a token looks the same
-        why = f"no such repo on {constants.ENDPOINT}, or a gated/private one (set HF_TOKEN): {_first_line(e)}"
+        why = (f"no such directory, and no such repo on {constants.ENDPOINT} or a gated/private one (set HF_TOKEN): "
+               f"{_first_line(e)}")
     except RevisionNotFoundError as e:
         why = f"no revision {revision!r}: {_first_line(e)}"
     except Exception as e:  # unreachable Hub, HF_HUB_OFFLINE, a connection cut after the library's retries, ...
         how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"cannot be fetched from {constants.ENDPOINT}"
-        why = f"not in the cache {constants.HF_HUB_CACHE} and {how} ({type(e).__name__}: {_first_line(e)})"
+        why = f"not (whole) in the cache {constants.HF_HUB_CACHE} and {how} ({type(e).__name__}: {_first_line(e)})"
     else:
         if not (missing := _missing_files(snap)):
             return snap
-        why = f"{snap} lacks {'; '.join(missing)}"
+        why = f"{snap} is incomplete: {'; '.join(missing)}"
     raise ModelNotFoundError(f"{name_or_path} (revision {revision or 'main'}): {why}. "
                              f"{_by_hand(name_or_path, revision, constants.ENDPOINT, constants.HF_HUB_CACHE)}")
 
 
 def _missing_files(snap: Path) -> list[str]:
     """What tokrl needs that a snapshot lacks: a repo without safetensors weights, or a partial offline cache."""
-    missing = [name for name in ("config.json", "tokenizer.json") if not (snap / name).is_file()]
+    missing = [f"no {name}" for name in ("config.json", "tokenizer.json") if not (snap / name).is_file()]
     try:
         weight_files(snap)
-    except FileNotFoundError as e:
-        missing.append(f"its safetensors weights ({e})")
+    except FileNotFoundError as e:  # its message names the file from the snapshot folder on: keep the part after it
+        missing.append(str(e).replace(f"{snap}/", "").replace(f"{snap}: ", ""))
     return missing
 
 

@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -238,7 +239,7 @@ def test_offline_from_the_command_line_is_one_line(tmp_path):
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     [line] = r.stderr.splitlines()
-    assert line.startswith("error: Qwen/Qwen2-1.5B (revision main): not in the cache"), line
+    assert line.startswith("error: Qwen/Qwen2-1.5B (revision main): not (whole) in the cache"), line
     assert "HF_HUB_OFFLINE is set" in line
     assert_by_hand_message(line[len("error: "):], "Qwen/Qwen2-1.5B", env["HF_ENDPOINT"], tmp_path / "hub")
 
@@ -252,9 +253,26 @@ def test_repo_without_safetensors_and_unknown_repo_are_named(tmp_path):
     finally:
         hub.close()
     assert "pytorch_model.bin" not in hub.fetched()
-    assert no_weights["error"] == "ModelNotFoundError" and "lacks its safetensors weights" in no_weights["message"]
+    assert no_weights["error"] == "ModelNotFoundError"
+    assert "is incomplete: no model.safetensors or model.safetensors.index.json" in no_weights["message"]
     assert unknown["error"] == "ModelNotFoundError" and "no such repo" in unknown["message"]
     assert "HF_TOKEN" in unknown["message"]
+
+
+def test_partial_cache_offline_names_the_missing_weights(cached, tmp_path):
+    """An interrupted download: the library knows the file list (trees/) and says what is missing; a cache another
+    tool left without that list is caught by tokrl's own check. Both end in the by-hand message."""
+    shutil.copytree(cached["home"], tmp_path / "home", symlinks=True)
+    hub_cache = tmp_path / "home" / "hub"
+    shutil.copytree(hub_cache / "models--owner--tiny", hub_cache / "models--owner--tiny2", symlinks=True)
+    shutil.rmtree(hub_cache / "models--owner--tiny2" / "trees")
+    for repo in ("tiny", "tiny2"):
+        (hub_cache / f"models--owner--{repo}" / "snapshots" / MAIN / "model.safetensors").unlink()
+    known, unknown = resolve(REPO, "owner/tiny2", HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    assert known["error"] == "ModelNotFoundError" and "missing (model.safetensors)" in known["message"], known
+    assert unknown["error"] == "ModelNotFoundError", unknown
+    assert "is incomplete: no model.safetensors or model.safetensors.index.json" in unknown["message"], unknown
+    assert "--model DIR" in known["message"] and "--model DIR" in unknown["message"]
 
 
 @pytest.mark.parametrize("name", ["no such thing", "./nope/x/y", "a/b/c", "owner/../x"])
