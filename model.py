@@ -471,12 +471,12 @@ def _missing_files(snap: Path) -> list[str]:
 
 def _by_hand(repo_id: str, revision: str | None, endpoint: str, cache: str) -> str:
     page = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision else "")
-    folder = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    folder = "models--" + repo_id.replace("/", "--")  # the library's cache folder of the repo
     return (f"To place it by hand, on a machine with network access: either download config.json, "
             f"generation_config.json, tokenizer.json and model.safetensors (or model.safetensors.index.json and the "
             f"model-*-of-*.safetensors shards it lists) from {page} into one directory, copy it here and pass "
-            f"--model DIR; or run `hf download {repo_id}` there and copy its models--{repo_id.replace('/', '--')} "
-            f"cache folder to {folder}")
+            f"--model DIR; or run `hf download {repo_id}{f' --revision {revision}' if revision else ''}` there and "
+            f"copy its {folder} cache folder to {Path(cache) / folder}")
 
 
 def _first_line(e: BaseException) -> str:
