@@ -291,3 +291,18 @@ def test_local_directory_without_config_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json") as e:
         M.resolve_model_dir(str(tmp_path))
     assert str(tmp_path) in str(e.value)
+
+
+def test_revision_flag_reaches_the_lookup(monkeypatch):
+    import train
+
+    seen = []
+
+    def record(name, *, revision=None):
+        seen.append((name, revision))
+        raise M.ModelNotFoundError("stop here")
+
+    monkeypatch.setattr(M, "resolve_model_dir", record)
+    with pytest.raises(SystemExit, match="stop here"):
+        train.main(["--eval-only", "--model", REPO, "--revision", "v1"])
+    assert seen == [(REPO, "v1")]
