@@ -122,6 +122,15 @@ def l2_penalty(model: nn.Module) -> torch.Tensor:
     return sum(p.pow(2).sum() for p in lora_parameters(model))  # [E10] Σ_W ‖W‖²
 
 
+def mean_abs(model: nn.Module) -> tuple[float, float]:
+    """Mean |entry| over every LoRA A, and over every B: logged by T-SPMO, where λ·Σ‖W‖² can shrink A toward 0."""
+    mods = [m for _, m in lora_modules(model)]
+    with torch.no_grad():
+        a = sum(float(m.lora_A.abs().sum()) for m in mods) / max(sum(m.lora_A.numel() for m in mods), 1)
+        b = sum(float(m.lora_B.abs().sum()) for m in mods) / max(sum(m.lora_B.numel() for m in mods), 1)
+    return a, b
+
+
 @contextlib.contextmanager
 def adapters_off(model: nn.Module) -> Iterator[None]:
     """π_ref: the same module with every adapter switched off (no second copy of the weights)."""

@@ -210,7 +210,7 @@ def test_tspmo_evaluates_each_needed_prefix_once(tmp_path):
     st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, REWARDS, lam=0.0)
     assert st.forwards == 1
     # nonzero-advantage tokens: c0 at 0,1,2; c1 at 0,1,2; c2 at 0,1; c3 at 0 -> 9 of 17 generated tokens
-    assert st.tokens_in_loss == 9 and st.tokens_generated == 17
+    assert st.nonzero_adv_tokens == 9 and st.tokens_generated == 17 and st.tokens_in_loss == 0
     zero(m)
     st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, [0.3] * 4, lam=0.0)
     assert st.forwards == 0 and st.zero_variance
