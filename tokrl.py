@@ -225,7 +225,10 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     st.nonzero_adv_tokens = round(trie.nonzero_token_fraction() * st.tokens_generated)
     st.zero_variance = len(set(rewards)) == 1
     mods = [m for _, m in lora.lora_modules(model)]
-    grads_before = {id(p): p.grad.detach().clone() for m in mods for p in (m.lora_A, m.lora_B) if p.grad is not None}
+    params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+    held = [p.grad for p in params]  # another prompt's accumulated gradient: set aside, so the norms read this group's
+    for p in params:
+        p.grad = None
     for tg in trie.targets():
         y = completions[tg.completion]
         ids = list(prompt) + list(y[: max(tg.positions)])  # the longest prefix needed on this completion
@@ -241,7 +244,10 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
         st.loss += float(loss.detach())
         st.forwards += 1
     st.policy_loss = st.loss
-    st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, grads_before)
+    st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods)
+    for p, g in zip(params, held):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
     if lam:
         reg = lam * lora.l2_penalty(model) * scale  # [E10] − λ·Σ_W ‖W‖² in J, so + in the loss
         reg.backward()
@@ -254,14 +260,10 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     return st
 
 
-def _policy_grad_norms(mods: list, before: dict) -> tuple[float, float]:
-    """‖∇‖ of what this group's policy term added to .grad, over every A and B, and over the A matrices alone."""
-    def added(p):
-        if p.grad is None:
-            return 0.0
-        g = p.grad.detach() - before[id(p)] if id(p) in before else p.grad.detach()
-        return float(g.pow(2).sum())
-    sq_A, sq_B = sum(added(m.lora_A) for m in mods), sum(added(m.lora_B) for m in mods)
+def _policy_grad_norms(mods: list) -> tuple[float, float]:
+    """‖.grad‖ over every A and B, and over the A matrices alone."""
+    sq = lambda p: 0.0 if p.grad is None else float(p.grad.detach().pow(2).sum())  # noqa: E731
+    sq_A, sq_B = sum(sq(m.lora_A) for m in mods), sum(sq(m.lora_B) for m in mods)
     return (sq_A + sq_B) ** 0.5, sq_A ** 0.5
 
 

@@ -251,3 +251,20 @@ def test_peft_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, va
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=rf"{field} = .* is not supported"):
         lora.load_adapter(tiny_model(tmp_path), tmp_path / "ad")
+
+
+def test_L1_by_hand():
+    """h = W0·x + b0 + (α/r)·B·A·x with W0 = [[1, 2], [3, 4]], b0 = [0.5, −0.5], r = 1, α = 2, A = [[1, 1]],
+    B = [[1], [2]], x = [1, 1]: W0·x + b0 = [3.5, 6.5]; A·x = 2; B·2 = [2, 4]; ×(α/r = 2) = [4, 8] -> [7.5, 14.5]."""
+    base = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        base.bias.copy_(torch.tensor([0.5, -0.5]))
+    mod = lora.LoRALinear(base, r=1, alpha=2.0)
+    assert torch.equal(mod(torch.ones(2)), torch.tensor([3.5, 6.5]))  # B = 0: the base layer exactly
+    with torch.no_grad():
+        mod.lora_A.copy_(torch.tensor([[1.0, 1.0]]))
+        mod.lora_B.copy_(torch.tensor([[1.0], [2.0]]))
+    assert mod(torch.ones(2)).tolist() == [7.5, 14.5]
+    mod.enabled = False
+    assert mod(torch.ones(2)).tolist() == [3.5, 6.5]
