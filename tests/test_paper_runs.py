@@ -180,3 +180,22 @@ def test_accum_with_tspmo_replays_every_prompt_with_its_own_example(tiny, tmp_pa
     assert len(set(examples)) == 3  # three prompts accumulated into one update
     assert calls[3:] == examples  # then each replayed, in order, with its own example
     assert [g["kind"] for g in m["groups"]] == ["fresh"] * 3 + ["replay"] * 3 and len(m["replays"]) == 3
+
+
+# --- a weak test elsewhere, made to prove its point: --eval-only --adapter really applies the adapter ------------
+
+def test_eval_only_applies_the_adapter(tmp_path, tiny):
+    """test_train.py's eval-only test passes whether or not the adapter is applied (accuracy 0 either way); here a
+    strong adapter must change the greedy completions the evaluation records."""
+    net = M.load_model(tiny)
+    lora.apply_lora(net, r=4, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _, mod in lora.lora_modules(net):
+            mod.lora_B.normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
+    lora.save_adapter(net, tmp_path / "ad")
+    out = {}
+    for name, extra in (("base", []), ("adapter", ["--adapter", str(tmp_path / "ad")])):
+        train.main(["--task", "mult", "--model", str(tiny), "--eval-only", "--eval-limit", "3", "--max-new-tokens",
+                    "8", "--device", "cpu", "--out", str(tmp_path / name), *extra])
+        out[name] = [e["completion"] for e in json.loads((tmp_path / name / "eval.json").read_text())["examples"]]
+    assert len(out["base"]) == 3 and out["base"] != out["adapter"]
