@@ -12,6 +12,8 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
   3. Evaluation cadence (--eval-every) and checkpoint cadence are ours; the paper gives neither.
   4. A zero-variance group still takes its update: GRPO/S-GRPO still backpropagate the β·KL term (E3/E5 keep it when
      Â = 0), T-SPMO only the λ·‖W‖² term. The step is logged with zero_variance = true.
+  5. With --accum N, T-SPMO replays every prompt of the step (each from its own group, scored against its own
+     example) after the accumulated update; --reward partial (S2) trains on partial credit, evaluation stays exact.
 
 Sections: settings · evaluation · the training loop · command line. Tasks and data: tasks.py; checkpoints and logs:
 checkpoints.py; the plot: plot.py.
