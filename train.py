@@ -411,6 +411,7 @@ def paper_table() -> str:
                         f"{d['replay_success']},{d['replay_failure']}")
     rows.append("  all: AdamW lr 1e-4 (weight decay 0.01), beta = lambda = 0.01, temperature 0.3, "
                 "300 new tokens, fp32, one prompt per step, P = 0.5, replay threshold r = 1.0")
+    rows.append("  reward (--reward): mult exact (the paper's; or partial = S2), svamp exact, gsm8k sympy (S1)")
     return "\n".join(rows)
 
 

@@ -199,3 +199,19 @@ def test_eval_only_applies_the_adapter(tmp_path, tiny):
                     "8", "--device", "cpu", "--out", str(tmp_path / name), *extra])
         out[name] = [e["completion"] for e in json.loads((tmp_path / name / "eval.json").read_text())["examples"]]
     assert len(out["base"]) == 3 and out["base"] != out["adapter"]
+
+
+# --- item 5 through the CLI: a bf16 base trains fp32 adapters ------------------------------------------------------
+
+@pytest.mark.parametrize("algo", ["sgrpo", "tspmo"])
+def test_bfloat16_run_keeps_fp32_adapter_and_optimizer_state(tmp_path, tiny, algo, monkeypatch):
+    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, prefix=(): FRESH)  # rewards vary
+    run = tmp_path / "r"
+    assert train.main(["--task", "mult", "--algo", algo, "--model", str(tiny), *SMALL, "--steps", "2",
+                       "--save-every", "1", "--dtype", "bfloat16", "--out", str(run)]) == 0
+    from safetensors.torch import load_file
+    ad = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in ad.values())
+    assert any(float(v.abs().sum()) > 0 for k, v in ad.items() if "lora_B" in k)  # the updates were not rounded away
+    state = torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
