@@ -81,6 +81,7 @@ class Mult(Task):
     """3×3-digit multiplication (paper Appendix A). A, B uniform in [101, 999]."""
 
     name = "mult"
+    REWARDS = ("exact", "partial")  # the paper's exact match; S2's partial credit (the literature review)
     TEST_SEED, TEST_SIZE = 20250429, 3000  # the test set is fixed: the same on every run, whatever --seed
 
     @functools.cached_property
@@ -105,8 +106,6 @@ class Mult(Task):
         a, b = ex  # [decided] (SPEC.md) Appendix A rendered in Qwen's ChatML, the assistant turn prefilled
         return M.chatml("You are a helpful AI assistant.", f"What's {a} multiplied by {b}? Don't use a calculator.",
                         "Let's break this problem down step by step.")
-
-    REWARDS = ("exact", "partial")  # the paper's exact match; S2's partial credit (the literature review)
 
     def reward(self, text, ex):
         if self.reward_name == "partial":
