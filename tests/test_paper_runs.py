@@ -40,6 +40,9 @@ def test_default_svamp_data_is_the_shipped_700_300_split():
     digest = hashlib.sha256((tasks.Svamp.SHIPPED / "test.json").read_bytes()).hexdigest()
     assert digest == "da1467a8ac0d40fba41c334ad25228a13097153f8d5065160e8d13b97329ac1c"
     assert (tasks.Svamp.SHIPPED / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_shipped_svamp_files_are_the_shared_ones():
     shared = assets() / "data" / "svamp"
     for f in ("train.json", "test.json", "LICENSE"):
         assert (tasks.Svamp.SHIPPED / f).read_bytes() == (shared / f).read_bytes()
