@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,36 +34,47 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))  # (r, C_in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))  # (C_out, r)
-        # Kaiming-uniform with a = sqrt(5): nn.Linear's own default, and PEFT's (so both libraries start alike)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        # ours: the adapter is fp32 whatever the base dtype (as PEFT's autocast_adapter_dtype): a 1e-4 AdamW update
+        # is below bf16's resolution for most weights, and AdamW's state follows the parameters' dtype
+        self.lora_A = nn.Parameter(init_lora_A(r, self.in_features, generator).to(base.weight.device))  # (r, C_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device, dtype=torch.float32))  # (C_out, r) fp32
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
         self.enabled = True
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # W0·x + b0
+        y = F.linear(x, self.weight, self.bias)  # W0·x + b0, in the base dtype
         if self.enabled and not self.merged:
-            y = y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)  # [L1] + (α/r)·B·A·x
+            out_dtype = y.dtype
+            a = self.lora_A
+            delta = F.linear(F.linear(x.to(a.dtype), a), self.lora_B)  # B·A·x in fp32 (x cast up, as PEFT does)
+            y = (y + self.scaling * delta).to(out_dtype)  # [L1] + (α/r)·B·A·x, summed in fp32, back to the base dtype
         return y
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * self.lora_B @ self.lora_A  # (C_out, C_in)
+        return self.scaling * self.lora_B @ self.lora_A  # (C_out, C_in), fp32
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.weight += self.delta_weight()
+            self.weight += self.delta_weight().to(self.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight -= self.delta_weight()
+            self.weight -= self.delta_weight().to(self.weight.dtype)
             self.merged = False
+
+
+def init_lora_A(r: int, c_in: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (r, C_in) Kaiming-uniform with a = sqrt(5) (nn.Linear's own default, and PEFT's), drawn in fp32 on the CPU
+    from a CPU generator (None: torch's default CPU generator), so one seed gives the same A on every device and
+    dtype; the caller moves it. (A CPU generator cannot fill a CUDA tensor, and CUDA's stream differs from the CPU's.)"""
+    a = torch.empty(r, c_in, device="cpu", dtype=torch.float32)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # [L1] A Kaiming-uniform
+    return a
 
 
 def num_lora_layers(num_layers: int, fraction: float) -> int:
@@ -108,6 +120,15 @@ def first_lora_layer(model: nn.Module) -> int:
 def l2_penalty(model: nn.Module) -> torch.Tensor:
     """Σ_{W ∈ LoRA} ‖W‖²_2 over every A and B (the squared Frobenius norm), the regulariser of E10."""
     return sum(p.pow(2).sum() for p in lora_parameters(model))  # [E10] Σ_W ‖W‖²
+
+
+def mean_abs(model: nn.Module) -> tuple[float, float]:
+    """Mean |entry| over every LoRA A, and over every B: logged by T-SPMO, where λ·Σ‖W‖² can shrink A toward 0."""
+    mods = [m for _, m in lora_modules(model)]
+    with torch.no_grad():
+        a = sum(float(m.lora_A.abs().sum()) for m in mods) / max(sum(m.lora_A.numel() for m in mods), 1)
+        b = sum(float(m.lora_B.abs().sum()) for m in mods) / max(sum(m.lora_B.numel() for m in mods), 1)
+    return a, b
 
 
 @contextlib.contextmanager
@@ -198,31 +219,78 @@ def _adapter_files(adapter_dir: Path) -> tuple[Path, Path]:
     return cfg_path, w_path
 
 
+# PEFT LoraConfig fields, by what loading must do with them. Any other field (including those of PEFT versions after
+# 0.21) must be empty (None, False, {}, []): a field we do not know may change the computation, so it is refused.
+_IGNORED = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+            "lora_dropout",  # dropout is off at inference; loading is for evaluation
+            "runtime_config", "megatron_core", "qalora_group_size", "ensure_weight_tying"}  # no effect without others
+_HONOURED = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "layers_to_transform", "layers_pattern",
+             "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out", "init_lora_weights", "use_dora"}
+_PLAIN_INITS = (True, False, "gaussian")  # random inits: the saved A, B are the whole adapter (others alter the base)
+
+
+def check_peft_config(cfg: dict, where: Path) -> None:
+    """Refuse, naming the field, every PEFT LoraConfig setting that changes the computation and that we do not do."""
+    def refuse(field: str, why: str):
+        raise ValueError(f"{where}: {field} = {cfg[field]!r} is not supported ({why})")
+
+    if cfg.get("peft_type", "LORA") != "LORA":
+        refuse("peft_type", "only LORA")
+    for field, ok, why in [("use_dora", lambda v: not v, "DoRA"), ("bias", lambda v: v == "none", "trained biases"),
+                           ("fan_in_fan_out", lambda v: not v, "transposed weights (Conv1D models)"),
+                           ("init_lora_weights", lambda v: v in _PLAIN_INITS,
+                            "this init rewrites the base weights, which tokrl does not"),
+                           ("target_modules", lambda v: isinstance(v, list) or v is None or re.fullmatch(r"\w+", v),
+                            "a regular expression: list the module names instead"),
+                           ("layers_pattern", lambda v: v in (None, "layers", ["layers"]), "Qwen2's is 'layers'")]:
+        if field in cfg and not ok(cfg[field]):
+            refuse(field, why)
+    for field, value in cfg.items():
+        if field not in _IGNORED | _HONOURED and value not in (None, False, {}, [], ""):
+            refuse(field, "it changes what the adapter computes, and tokrl does not implement it")
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    r"""PEFT's rank_pattern/alpha_pattern lookup: the first key k with re.match(rf"(.*\.)?({k})$", module)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
                  generator: torch.Generator | None = None) -> list[int]:
-    """Apply LoRA as described by a PEFT adapter_config.json, then load its weights (strictly). Returns the layers."""
+    """Apply LoRA as described by a PEFT adapter_config.json, then load its weights (strictly). Returns the layers.
+
+    Honoured: r, lora_alpha, use_rslora, target_modules (names), layers_to_transform, rank_pattern, alpha_pattern.
+    Every other field that changes the computation is refused with its name (check_peft_config)."""
     cfg_path, _ = _adapter_files(Path(adapter_dir))
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type LORA, no DoRA, no bias)")
-    targets = cfg["target_modules"]
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object")
+    check_peft_config(cfg, cfg_path)
+    targets = cfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     L = len(model.model.layers)
     layers = cfg.get("layers_to_transform")
     layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-    r = int(cfg["r"])
-    alpha = float(cfg.get("lora_alpha", r))
-    if cfg.get("use_rslora"):
-        alpha = alpha * math.sqrt(r)  # rsLoRA scales by α/√r = (α·√r)/r: store α·√r for our α/r
     model.requires_grad_(False)
     for i in layers:
         attn = model.model.layers[i].self_attn
         for name in targets:
-            if not hasattr(attn, name):
+            if not isinstance(getattr(attn, name, None), nn.Linear):
                 raise ValueError(f"{cfg_path}: target module {name!r} is not an attention projection of Qwen2")
+            full = f"model.layers.{i}.self_attn.{name}"
+            try:
+                r = int(_pattern_value(cfg.get("rank_pattern") or {}, full, cfg["r"]))
+                alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha", r)))
+            except re.error as e:
+                raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern holds a bad regular expression ({e})") from None
+            if cfg.get("use_rslora"):
+                alpha = alpha * math.sqrt(r)  # rsLoRA scales by α/√r = (α·√r)/r: store α·√r for our α/r
             setattr(attn, name, LoRALinear(getattr(attn, name), r, alpha, generator))
     load_adapter_weights(model, adapter_dir)
     return layers

@@ -40,10 +40,26 @@ def parse_last_int(text: str) -> int | None:
 
     The regex is `-?\\d+`, so: "1,234" -> 1234; "-5" -> -5; "3.5" -> 5 (the paper's rule reads the integers 3 and
     5, not a decimal); "3-4" -> -4 (a hyphen before a digit is read as a minus sign, which is what the decided
-    rule gives; the paper does not say).
+    rule gives; the paper does not say). Any length: a 5,000-digit integer is read too (never a ValueError).
     """
+    found = _last_int_string(text)
+    return _to_int(found) if found is not None else None
+
+
+def _last_int_string(text: str) -> str | None:
     found = _INT.findall(text.replace(",", ""))  # [P1]
-    return int(found[-1]) if found else None
+    return found[-1] if found else None
+
+
+def _to_int(s: str) -> int:
+    """int(s) for a `-?\\d+` string of any length: Python refuses int() of a string over 4,300 digits, so convert
+    in chunks (model output is untrusted: a long digit run must not raise)."""
+    sign, digits = (-1, s[1:]) if s.startswith("-") else (1, s)
+    value = 0
+    for i in range(0, len(digits), 4000):
+        chunk = digits[i: i + 4000]
+        value = value * 10 ** len(chunk) + int(chunk)
+    return sign * value
 
 
 def _to_fraction(answer: float | int | str) -> Fraction:
@@ -60,8 +76,12 @@ def exact_match_reward(text: str, answer: float | int | str) -> float:
 
     Compared as exact fractions, so a non-integral answer (e.g. 2.5) never matches an integer prediction.
     """
-    pred = parse_last_int(text)
-    return 1.0 if pred is not None and Fraction(pred) == _to_fraction(answer) else 0.0
+    truth, found = _to_fraction(answer), _last_int_string(text)
+    if found is None or truth.denominator != 1:
+        return 0.0
+    if len(found.lstrip("-").lstrip("0")) > abs(truth.numerator).bit_length() * 0.30103 + 1:  # > the answer's digits
+        return 0.0  # more significant digits than the answer: not equal (and not worth converting a huge run)
+    return 1.0 if _to_int(found) == truth.numerator else 0.0  # [P1]
 
 
 # ---------------------------------------------------------------------------------------------- S1: extraction

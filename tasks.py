@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import model as M
-from reward import exact_match_reward, sympy_reward
+from reward import exact_match_reward, partial_credit_reward, sympy_reward
 
 
 
@@ -49,13 +49,21 @@ def fetch(url: str, dest: Path) -> Path:
 class Task:
     name = ""
     mult_prompt = False
+    REWARDS: tuple[str, ...] = ("exact",)  # the --reward choices; the first is the paper's (the default)
+    reward_name: str | None = None  # the training reward chosen (None: REWARDS[0]); make_task sets it
 
     def __init__(self, tokenizer: M.Tokenizer):
         self.tok = tokenizer
 
     def prompt(self, ex) -> str: ...
 
-    def reward(self, text: str, ex) -> float: ...
+    def reward(self, text: str, ex) -> float:
+        """The training reward (the one --reward chose)."""
+        ...
+
+    def eval_reward(self, text: str, ex) -> float:
+        """The reward whose mean is the test accuracy: the task's default, whatever --reward trains with."""
+        return self.reward(text, ex)
 
     def stop(self, prefix=()):
         """A per-row stop rule for sampling (None: EOS and max_new_tokens only); `prefix`: completion tokens that
@@ -73,6 +81,7 @@ class Mult(Task):
     """3×3-digit multiplication (paper Appendix A). A, B uniform in [101, 999]."""
 
     name = "mult"
+    REWARDS = ("exact", "partial")  # the paper's exact match; S2's partial credit (the literature review)
     TEST_SEED, TEST_SIZE = 20250429, 3000  # the test set is fixed: the same on every run, whatever --seed
 
     @functools.cached_property
@@ -99,6 +108,11 @@ class Mult(Task):
                         "Let's break this problem down step by step.")
 
     def reward(self, text, ex):
+        if self.reward_name == "partial":
+            return partial_credit_reward(text, ex[0], ex[1])  # [S2] fraction of the long-multiplication steps
+        return self.eval_reward(text, ex)
+
+    def eval_reward(self, text, ex):
         return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
 
 
@@ -115,21 +129,25 @@ def _line_stop(tok: M.Tokenizer, begun: re.Pattern, prefix=()):
     return stop
 
 
+DATA_DIR = Path(__file__).resolve().parent / "data"  # data shipped with the project
+
+
 class Svamp(Task):
     """SVAMP (Patel et al. 2021), 700 train / 300 test; prompt of paper Appendix A-B."""
 
     name = "svamp"
-    URL = "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json"
+    SHIPPED = DATA_DIR / "svamp"  # the 700/300 (ChilleD/SVAMP) split the paper's n = 300 numbers use, MIT
+    SPLIT_SEED = 0  # a lone SVAMP.json is split with this seed, whatever --seed: one test set for every run
 
-    def __init__(self, tokenizer, data: str | None, seed: int):
+    def __init__(self, tokenizer, data: str | None, split_seed: int = SPLIT_SEED):
         super().__init__(tokenizer)
-        self.train, self.test, self.split_note = self.load(data, seed)
+        self.train, self.test, self.split_note = self.load(data, split_seed)
 
     @classmethod
-    def load(cls, data: str | None, seed: int):
-        path = Path(data) if data else cache_dir() / "svamp"
-        if data is None and not (path / "SVAMP.json").is_file() and not (path / "train.json").is_file():
-            fetch(cls.URL, path / "SVAMP.json")
+    def load(cls, data: str | None, seed: int = SPLIT_SEED):
+        """`data`: a directory with train.json + test.json, or a SVAMP.json (file, or a directory holding one),
+        split 70/30 with `seed`. None: the shipped 700/300 split (data/svamp/), no network needed."""
+        path = Path(data) if data else cls.SHIPPED
         if path.is_dir() and (path / "train.json").is_file() and (path / "test.json").is_file():
             return cls.read(path / "train.json"), cls.read(path / "test.json"), f"train/test files in {path}"
         file = path / "SVAMP.json" if path.is_dir() else path
@@ -139,7 +157,8 @@ class Svamp(Task):
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)  # no split files: a seeded 70/30 split, reported at start
         n_train = round(0.7 * len(records))
-        note = f"seeded split (seed {seed}) of {file}: {n_train} train / {len(records) - n_train} test"
+        note = (f"seeded split (seed {seed}) of {file}: {n_train} train / {len(records) - n_train} test; not the "
+                f"paper's split (the default, {cls.SHIPPED}, is)")
         return [records[i] for i in order[:n_train]], [records[i] for i in order[n_train:]], note
 
     @staticmethod
@@ -181,6 +200,7 @@ class Gsm8k(Task):
     """GSM8K (Cobbe et al. 2021): our extension, with the SymPy oracle (S1) as the reward."""
 
     name = "gsm8k"
+    REWARDS = ("sympy",)
     URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 
     def __init__(self, tokenizer, data: str | None):
@@ -226,11 +246,22 @@ class Gsm8k(Task):
         return _line_stop(self.tok, re.compile(r"####\s*\S"), prefix)
 
 
-def make_task(name: str, tokenizer: M.Tokenizer, data: str | None = None, seed: int = 0) -> Task:
-    if name == "mult":
-        return Mult(tokenizer)
-    if name == "svamp":
-        return Svamp(tokenizer, data, seed)
-    if name == "gsm8k":
-        return Gsm8k(tokenizer, data)
-    raise ValueError(f"unknown task {name!r}: choose mult, svamp or gsm8k")
+TASKS = {"mult": Mult, "svamp": Svamp, "gsm8k": Gsm8k}
+
+
+def check_reward(task: str, reward: str | None) -> str:
+    """The training reward for `task` (None: its default); a reward that does not fit the task is refused."""
+    choices = TASKS[task].REWARDS if task in TASKS else ("exact",)
+    if reward is None:
+        return choices[0]
+    if reward not in choices:
+        raise ValueError(f"--reward {reward} does not fit --task {task}: choose {' or '.join(choices)}")
+    return reward
+
+
+def make_task(name: str, tokenizer: M.Tokenizer, data: str | None = None, reward: str | None = None) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: choose mult, svamp or gsm8k")
+    task = TASKS[name](tokenizer) if name == "mult" else TASKS[name](tokenizer, data)
+    task.reward_name = check_reward(name, reward)
+    return task

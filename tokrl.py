@@ -127,13 +127,24 @@ def policy_and_ref_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: 
 
 @dataclass
 class StepStats:
-    loss: float = 0.0  # −J as backpropagated (summed over the per-completion pieces)
+    """What one group's backward did. The two token counts are different things, so they have different names."""
+    loss: float = 0.0  # −J as backpropagated (summed over the per-completion pieces; T-SPMO: policy + λ term)
     kl: float = 0.0  # mean per-token KL estimate over the tokens in the loss
-    tokens_in_loss: int = 0  # GRPO/S-GRPO: positions in the loss; T-SPMO: tokens whose edge has A ≠ 0
+    tokens_in_loss: int = 0  # GRPO/S-GRPO: positions whose log-prob enters the loss
+    nonzero_adv_tokens: int = 0  # T-SPMO: generated tokens whose edge (prefix, token) has A ≠ 0
     tokens_generated: int = 0
     forwards: int = 0  # forward+backward passes taken
     edges: int = 0  # T-SPMO: |U|
     zero_variance: bool = False
+    # T-SPMO: the two terms of −J (E10) and the norms of their gradients on the LoRA weights (every A and B; A only).
+    # E10 divides the policy term by |U| (every edge, ~95% with A = 0) and not λ·Σ‖W‖²: these show which one moves
+    # the adapter (AdamW follows whichever gradient dominates).
+    policy_loss: float = 0.0  # −(1/|U|)·Σ π_θ(v|p)·A(v|p)
+    l2_loss: float = 0.0  # λ·Σ_W ‖W‖²
+    policy_grad_norm: float = 0.0
+    l2_grad_norm: float = 0.0
+    policy_grad_norm_A: float = 0.0
+    l2_grad_norm_A: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -189,7 +200,7 @@ def grpo_loss_batched(logits: torch.Tensor, ref_logits: torch.Tensor | None, ids
     ref = None
     if ref_logits is not None:
         ref = torch.log_softmax(ref_logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    m = mask[:, 1:].to(logp.dtype)  # token t is predicted at t − 1
+    m = mask[:, 1:].to(logp.device, logp.dtype)  # token t is predicted at t − 1
     adv = group_advantages(rewards).to(logp)[:, None]  # (G, 1): one advantage for every token of y_i
     per_token = grpo_token_objective(logp, ref, adv, beta)  # (G, T−1)
     J = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()  # [E3] (1/G)·Σ_i (1/|y_i|)·Σ_t
@@ -211,8 +222,13 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     P = len(prompt)
     dev = model.lm_head.weight.device
     st = StepStats(edges=U, tokens_generated=sum(map(len, completions)))
-    st.tokens_in_loss = round(trie.nonzero_token_fraction() * st.tokens_generated)
+    st.nonzero_adv_tokens = round(trie.nonzero_token_fraction() * st.tokens_generated)
     st.zero_variance = len(set(rewards)) == 1
+    mods = [m for _, m in lora.lora_modules(model)]
+    params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+    held = [p.grad for p in params]  # another prompt's accumulated gradient: set aside, so the norms read this group's
+    for p in params:
+        p.grad = None
     for tg in trie.targets():
         y = completions[tg.completion]
         ids = list(prompt) + list(y[: max(tg.positions)])  # the longest prefix needed on this completion
@@ -227,11 +243,28 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
         loss.backward()
         st.loss += float(loss.detach())
         st.forwards += 1
+    st.policy_loss = st.loss
+    st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods)
+    for p, g in zip(params, held):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
     if lam:
         reg = lam * lora.l2_penalty(model) * scale  # [E10] − λ·Σ_W ‖W‖² in J, so + in the loss
         reg.backward()
-        st.loss += float(reg.detach())
+        st.l2_loss = float(reg.detach())
+        st.loss += st.l2_loss
+        # its gradient is 2·λ·scale·W: the norms need no second backward
+        sq_A = sum(float(m.lora_A.detach().pow(2).sum()) for m in mods)
+        sq_B = sum(float(m.lora_B.detach().pow(2).sum()) for m in mods)
+        st.l2_grad_norm, st.l2_grad_norm_A = 2 * lam * scale * (sq_A + sq_B) ** 0.5, 2 * lam * scale * sq_A ** 0.5
     return st
+
+
+def _policy_grad_norms(mods: list) -> tuple[float, float]:
+    """‖.grad‖ over every A and B, and over the A matrices alone."""
+    sq = lambda p: 0.0 if p.grad is None else float(p.grad.detach().pow(2).sum())  # noqa: E731
+    sq_A, sq_B = sum(sq(m.lora_A) for m in mods), sum(sq(m.lora_B) for m in mods)
+    return (sq_A + sq_B) ** 0.5, sq_A ** 0.5
 
 
 def tspmo_objective_bruteforce(pi: dict[tuple[tuple[int, ...], int], torch.Tensor],

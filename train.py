@@ -12,6 +12,8 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
   3. Evaluation cadence (--eval-every) and checkpoint cadence are ours; the paper gives neither.
   4. A zero-variance group still takes its update: GRPO/S-GRPO still backpropagate the β·KL term (E3/E5 keep it when
      Â = 0), T-SPMO only the λ·‖W‖² term. The step is logged with zero_variance = true.
+  5. With --accum N, T-SPMO replays every prompt of the step (each from its own group, scored against its own
+     example) after the accumulated update; --reward partial (S2) trains on partial credit, evaluation stays exact.
 
 Sections: settings · evaluation · the training loop · command line. Tasks and data: tasks.py; checkpoints and logs:
 checkpoints.py; the plot: plot.py.
@@ -38,7 +40,7 @@ import model as M
 import tokrl
 from checkpoints import latest_checkpoint, read_jsonl, save_checkpoint, write_jsonl
 from plot import svg_plot
-from tasks import DataError, Task, make_task
+from tasks import DataError, Task, check_reward, make_task
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -55,6 +57,7 @@ class Settings:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "float32"  # the paper trains in fp32
     seed: int = 0
+    reward: str | None = None  # training reward: mult exact (P1) | partial (S2); svamp exact; gsm8k sympy (S1)
     # training (paper, section IV-A)
     steps: int = 350
     lr: float = 1e-4
@@ -77,7 +80,7 @@ class Settings:
     # T-SPMO replay
     replay_success: int = 1
     replay_failure: int = 0
-    replay_threshold: float = 1.0  # [decided] (SPEC.md) r = 1.0
+    replay_threshold: float = 1.0  # [decided] (SPEC.md) r = 1.0 (with --reward partial: success = every step right)
     # evaluation and bookkeeping (ours)
     eval_every: int = 50
     eval_limit: int | None = None  # evaluate on the first N test examples (None: all)
@@ -87,9 +90,12 @@ class Settings:
 
 COMMON = dict(lr=1e-4, beta=0.01, lam=0.01, temperature=0.3, max_new_tokens=300)
 TASK_DEFAULTS = {  # LoRA per task (paper IV-A); S-GRPO (α, k) (Table III); replay (Table V)
-    "mult": dict(lora_fraction=1 / 4, lora_rank=8, alpha=50, k=100, replay_success=1, replay_failure=0),
-    "svamp": dict(lora_fraction=1 / 3, lora_rank=16, alpha=100, k=100, replay_success=0, replay_failure=0),
-    "gsm8k": dict(lora_fraction=1 / 3, lora_rank=16, alpha=100, k=100, replay_success=0, replay_failure=0),  # ours
+    "mult": dict(lora_fraction=1 / 4, lora_rank=8, alpha=50, k=100, replay_success=1, replay_failure=0,
+                 reward="exact"),
+    "svamp": dict(lora_fraction=1 / 3, lora_rank=16, alpha=100, k=100, replay_success=0, replay_failure=0,
+                  reward="exact"),
+    "gsm8k": dict(lora_fraction=1 / 3, lora_rank=16, alpha=100, k=100, replay_success=0, replay_failure=0,
+                  reward="sympy"),  # ours
 }
 STEPS = {("mult", "tspmo"): 350, ("mult", "sgrpo"): 450, ("mult", "grpo"): 450,
          ("svamp", "tspmo"): 400, ("svamp", "sgrpo"): 325, ("svamp", "grpo"): 325,
@@ -118,7 +124,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos) -> dict:
             outs = M.greedy(net, prompts, cfg.max_new_tokens, eos=eos, stop=task.stop())
             for ex, out in zip(batch, outs):
                 text = tok.decode(out)
-                r = task.reward(text, ex)
+                r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
                 correct += r
                 if len(examples) < 3:
                     examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text,
@@ -186,6 +192,8 @@ class Trainer:
         self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
         self.dev = next(net.parameters()).device
         self.opt = torch.optim.AdamW(lora.lora_parameters(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the sampling generator lives on the model's device (torch.multinomial needs it there): a seed gives different
+        # samples on CPU and CUDA (different streams), each reproducible; the other draws are on the CPU everywhere
         self.gens = {"sample": torch.Generator(self.dev).manual_seed(cfg.seed),  # sampling completions
                      "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
                      "data": random.Random(cfg.seed + 2), "replay": random.Random(cfg.seed + 3)}
@@ -223,11 +231,15 @@ class Trainer:
         return stats
 
     def train_step(self, stream) -> dict:
+        """One optimizer step over cfg.accum prompts' groups (Alg2), then, for T-SPMO, the replays.
+
+        ours: with --accum > 1, T-SPMO replays every prompt of the step, in order, each from its own group's pool
+        and with its own example's reward, after the accumulated update (each replayed group its own update)."""
         cfg, t0 = self.cfg, time.time()
         if self.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.dev)
         self.opt.zero_grad(set_to_none=True)
-        rewards_all, stats, lengths, replays = [], [], [], []
+        rewards_all, stats, lengths, groups = [], [], [], []
         for _ in range(cfg.accum):
             self.ex = next(stream)
             prompt_ids = self.tok.encode(self.task.prompt(self.ex))
@@ -237,32 +249,64 @@ class Trainer:
             rewards_all += rewards
             lengths += [len(y) for y in completions]
             stats.append(st)
+            groups.append((self.ex, prompt_ids, completions, rewards))
         self.opt.step()
+        replays = []
         if cfg.algo == "tspmo":
-            replays = self.replay(prompt_ids, completions, rewards)
+            for self.ex, prompt_ids, completions, rewards in groups:  # the reward reads self.ex
+                replays += self.replay(prompt_ids, completions, rewards)
         secs = time.time() - t0
         n = len(rewards_all)
         mean = sum(rewards_all) / n  # [E1] J(θ) = E_{Y~π_θ}[r(Y)], estimated by the mean reward of the group
         gen_tokens = sum(lengths) + sum(s.tokens_generated for s in replays)
-        return {"step": self.step + 1, "reward_mean": mean,
-                "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards_all) / n),
-                "zero_variance": any(s.zero_variance for s in stats),
-                "loss_token_fraction": sum(s.tokens_in_loss for s in stats) / max(sum(lengths), 1),
-                "loss": sum(s.loss for s in stats), "kl": sum(s.kl for s in stats) / len(stats),
-                "len_mean": sum(lengths) / n, "len_max": max(lengths), "forwards": sum(s.forwards for s in stats),
-                "edges": sum(s.edges for s in stats), "replays": [s.extra for s in replays],
-                "seconds": round(secs, 3), "tokens_per_s": round(gen_tokens / secs, 1),
-                "peak_mem_gb": round(peak_memory_gb(self.dev), 3)}
+        every = stats + replays  # fresh groups, then replay groups: all of them did forwards and took a loss
+        m = {"step": self.step + 1, "reward_mean": mean,
+             "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards_all) / n),
+             "zero_variance": any(s.zero_variance for s in stats),
+             "loss": sum(s.loss for s in every), "kl": sum(s.kl for s in stats) / len(stats),
+             "len_mean": sum(lengths) / n, "len_max": max(lengths), "forwards": sum(s.forwards for s in every)}
+        if cfg.algo == "tspmo":
+            m.update(tspmo_metrics(self.net, stats, replays))
+        else:
+            m["loss_token_fraction"] = sum(s.tokens_in_loss for s in stats) / max(sum(lengths), 1)
+        m.update({"seconds": round(secs, 3), "tokens_per_s": round(gen_tokens / secs, 1),
+                  "peak_mem_gb": round(peak_memory_gb(self.dev), 3)})
+        return m
+
+
+GROUP_FIELDS = ("edges", "forwards", "nonzero_adv_tokens", "tokens_generated", "policy_loss", "l2_loss",
+                "policy_grad_norm", "l2_grad_norm", "policy_grad_norm_A", "l2_grad_norm_A")
+
+
+def tspmo_metrics(net, fresh: list[tokrl.StepStats], replays: list[tokrl.StepStats]) -> dict:
+    """T-SPMO's log, fresh and replay groups alike: |U|, the fraction of generated tokens whose edge has A ≠ 0, the
+    policy and λ terms with their gradient norms (per group: which term drives the adapter), and mean |A|, |B|."""
+    every = fresh + replays
+    groups = [{"kind": "fresh" if i < len(fresh) else "replay", **{f: getattr(s, f) for f in GROUP_FIELDS},
+               **s.extra} for i, s in enumerate(every)]
+    mean_A, mean_B = lora.mean_abs(net)
+    return {"edges": sum(s.edges for s in every),
+            "nonzero_adv_token_fraction": sum(s.nonzero_adv_tokens for s in every) /
+            max(sum(s.tokens_generated for s in every), 1),
+            "policy_loss": sum(s.policy_loss for s in every), "l2_loss": sum(s.l2_loss for s in every),
+            "lora_A_mean_abs": mean_A, "lora_B_mean_abs": mean_B,
+            "replays": [s.extra for s in replays], "groups": groups}
 
 
 def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
     done = m["step"] - first_step
     eta = (time.time() - started) / max(done, 1) * (steps - m["step"])
+    if "groups" in m:  # T-SPMO: the two terms of the loss and their gradient norms (fresh group), |A|
+        g = m["groups"][0]
+        what = (f"loss {m['loss']:+.4f} (policy {m['policy_loss']:+.4f}, λ {m['l2_loss']:.4f}) | "
+                f"|∇| policy {g['policy_grad_norm']:.1e} λ {g['l2_grad_norm']:.1e} | |A| {m['lora_A_mean_abs']:.2e} | "
+                f"A≠0 {100 * m['nonzero_adv_token_fraction']:.1f}%")
+    else:
+        what = f"loss {m['loss']:+.4f} | kl {m['kl']:.4f} | in-loss {100 * m['loss_token_fraction']:.1f}%"
     return (f"step {m['step']:>4}/{steps} | reward {m['reward_mean']:.3f}±{m['reward_std']:.3f}"
-            f"{' (zero-var)' if m['zero_variance'] else ''} | loss {m['loss']:+.4f} | kl {m['kl']:.4f} | "
-            f"in-loss {100 * m['loss_token_fraction']:.1f}% | len {m['len_mean']:.0f} | {m['seconds']:.1f} s | "
-            f"{m['tokens_per_s']:.0f} tok/s | mem {m['peak_mem_gb']:.2f} GB | eta {datetime.timedelta(seconds=int(eta))}")
-
+            f"{' (zero-var)' if m['zero_variance'] else ''} | {what} | len {m['len_mean']:.0f} | "
+            f"{m['seconds']:.1f} s | {m['tokens_per_s']:.0f} tok/s | mem {m['peak_mem_gb']:.2f} GB | "
+            f"eta {datetime.timedelta(seconds=int(eta))}")
 
 
 def load_everything(cfg: Settings):
@@ -280,7 +324,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     # and made a zero-variance backward 30x faster on the test machine
     torch.set_flush_denormal(True)
     net, tok, eos = load_everything(cfg)
-    task = task or make_task(cfg.task, tok, cfg.data, cfg.seed)
+    task = task or make_task(cfg.task, tok, cfg.data, cfg.reward)
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha,
                     generator=torch.Generator().manual_seed(cfg.seed + 4))  # [L1]
     tr = Trainer(cfg, run, net, tok, task, eos)
@@ -347,7 +391,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
 
 def eval_only(cfg: Settings, adapter: str | None, out: Path | None) -> dict:
     net, tok, eos = load_everything(cfg)
-    task = make_task(cfg.task, tok, cfg.data, cfg.seed)
+    task = make_task(cfg.task, tok, cfg.data, cfg.reward)
     if adapter:
         lora.load_adapter(net, adapter)
     with torch.no_grad():
@@ -375,6 +419,7 @@ def paper_table() -> str:
                         f"{d['replay_success']},{d['replay_failure']}")
     rows.append("  all: AdamW lr 1e-4 (weight decay 0.01), beta = lambda = 0.01, temperature 0.3, "
                 "300 new tokens, fp32, one prompt per step, P = 0.5, replay threshold r = 1.0")
+    rows.append("  reward (--reward): mult exact (the paper's; or partial = S2), svamp exact, gsm8k sympy (S1)")
     return "\n".join(rows)
 
 
@@ -387,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", choices=["mult", "svamp", "gsm8k"], help="task (default mult)")
     g.add_argument("--model", help=f"model directory or Hugging Face repo id (default {S.model})")
     g.add_argument("--revision", help="with a repo id: branch, tag or commit hash (default main)")
-    g.add_argument("--data", help="svamp: dir with train.json+test.json (700/300) or SVAMP.json (seeded split); "
-                                  "gsm8k: dir with train.jsonl+test.jsonl (default: ~/.cache/tokrl, downloaded)")
+    g.add_argument("--data", help="svamp: dir with train.json+test.json, or SVAMP.json (a fixed seeded split; "
+                                  "default: the paper's 700/300 split shipped in data/svamp/); gsm8k: dir with "
+                                  "train.jsonl+test.jsonl (default: ~/.cache/tokrl, downloaded)")
     g.add_argument("--out", help="run directory (default runs/{task}-{algo}-{time})")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     g.add_argument("--eval-only", action="store_true", help="evaluate the base model (or --adapter) and exit")
@@ -396,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help=f"default {S.device}")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 (the paper's)")
     g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--reward", choices=["exact", "partial", "sympy"],
+                   help="training reward: mult exact (default, the paper's) or partial (S2, partial credit); svamp "
+                        "exact; gsm8k sympy (S1). Test accuracy is always the task's own (exact / sympy)")
     g = p.add_argument_group("training (defaults: the paper's for the chosen algo and task)")
     g.add_argument("--steps", type=int, help="optimizer steps (paper: see table below)")
     g.add_argument("--lr", type=float, help="AdamW learning rate (1e-4)")
@@ -448,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = resolve(args)
     try:
+        check_reward(cfg.task, cfg.reward)  # before any heavy work
         if args.eval_only:
             eval_only(cfg, args.adapter, Path(cfg.out) if cfg.out else None)
             return 0

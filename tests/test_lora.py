@@ -149,3 +149,122 @@ def test_peft_loads_what_tokrl_saved_and_tokrl_loads_what_peft_saved(tmp_path):
     with torch.no_grad():
         err2 = (pm2(IDS).logits - ours2.logits(IDS)).abs().max()
     assert err2 < 1e-5
+
+
+# --- issue 9: the same A on every device and dtype (item 1), fp32 adapters under a bf16 base (item 5) ----------------
+
+def test_A_is_drawn_in_fp32_on_the_cpu_whatever_the_base(tmp_path):
+    """One seed, one A: drawn on the CPU in fp32 from the seeded CPU generator, then moved. A bf16 base (or a CUDA
+    one, tests/test_gpu.py) gets exactly the fp32 A of an fp32 base; B is fp32 zeros."""
+    r, seed = 4, 11
+    want = lora.init_lora_A(r, 64, torch.Generator().manual_seed(seed))
+    for dtype in (torch.float32, torch.bfloat16):
+        m = tiny_model(tmp_path).to(dtype)
+        lora.apply_lora(m, r=r, fraction=0.25, generator=torch.Generator().manual_seed(seed))
+        first = lora.lora_modules(m)[0][1]
+        assert first.lora_A.dtype == first.lora_B.dtype == torch.float32
+        assert torch.equal(first.lora_A, want)  # the first adapter takes the generator's first draw
+
+
+def bf16_model_with_adapter(tmp_path, fp32_copy=False):
+    m = tiny_model(tmp_path)
+    if not fp32_copy:
+        m = m.to(torch.bfloat16)
+    lora.apply_lora(m, r=4, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in lora.lora_parameters(m):
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    return m
+
+
+def test_bf16_base_keeps_fp32_adapters_and_a_tiny_adamw_step_moves_them(tmp_path):
+    m = bf16_model_with_adapter(tmp_path)
+    params = lora.lora_parameters(m)
+    assert all(p.dtype == torch.float32 for p in params)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    m.logits(IDS).float().pow(2).mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    opt.step()
+    assert all(s.dtype == torch.float32 for st in opt.state.values() for s in st.values() if s.dim())
+    moved = sum(int((p.detach() != b).sum()) for p, b in zip(params, before)) / sum(b.numel() for b in before)
+    # the same update on bf16 copies: more than half rounds away (bf16 spacing at |w| ≥ 0.016 exceeds 1e-4)
+    bf16_moved = sum(int((p.detach().bfloat16() != b.bfloat16()).sum()) for p, b in zip(params, before)) / \
+        sum(b.numel() for b in before)
+    print(f"\nAdamW lr 1e-4 on a bf16 base: fp32 adapter entries changed {moved:.1%}; as bf16 they would {bf16_moved:.1%}")
+    assert moved > 0.99 and bf16_moved < 0.5
+
+
+def test_bf16_forward_mixes_like_peft_and_stays_close_to_fp32(tmp_path):
+    """h = (W0·x + b0 in bf16) + (α/r)·B·A·x in fp32 from x cast up, summed in fp32, cast back to bf16."""
+    m = bf16_model_with_adapter(tmp_path)
+    ref = bf16_model_with_adapter(tmp_path, fp32_copy=True)
+    mod = dict(lora.lora_modules(m))["model.layers.3.self_attn.q_proj"]
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    y = mod(x)
+    base = torch.nn.functional.linear(x, mod.weight, mod.bias)
+    by_hand = (base.float() + mod.scaling * (x.float() @ mod.lora_A.T @ mod.lora_B.T)).bfloat16()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, by_hand)
+    with torch.no_grad():
+        lo, hi = m.logits(IDS).float(), ref.logits(IDS)
+        with lora.adapters_off(ref):
+            moved = (ref.logits(IDS) - hi).abs().max()
+    err = (lo - hi).abs().max()
+    print(f"\nbf16 base + fp32 adapter vs all-fp32: max abs logit error {err:.2e} (the adapter moves logits {moved:.2e})")
+    assert err < 0.05 * moved
+
+
+# --- issue 9 item 7: PEFT config fields are honoured or refused by name ---------------------------------------------
+
+def test_peft_rank_and_alpha_patterns_give_peft_s_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    path, hf = hf_checkpoint(tmp_path / "hf", tie=True, layers=4)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[2, 3],
+                          rank_pattern={"layers.3.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 40})
+    pm = peft.get_peft_model(hf, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "ad")
+    ours = M.load_model(path)
+    lora.load_adapter(ours, tmp_path / "ad")
+    mods = dict(lora.lora_modules(ours))
+    assert mods["model.layers.3.self_attn.q_proj"].r == 6 and mods["model.layers.2.self_attn.q_proj"].r == 2
+    assert mods["model.layers.2.self_attn.v_proj"].scaling == 40 / 2
+    with torch.no_grad():
+        err = (pm.eval()(IDS).logits - ours.logits(IDS)).abs().max()
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("field,value", [("use_dora", True), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
+                                         ("layer_replication", [[0, 2]]), ("init_lora_weights", "pissa"),
+                                         ("fan_in_fan_out", True), ("target_modules", ".*q_proj"),
+                                         ("some_future_field", 3)])
+def test_peft_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, value):
+    m = tiny_model(tmp_path)
+    lora.apply_lora(m, r=2, fraction=0.25)
+    lora.save_adapter(m, tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"{field} = .* is not supported"):
+        lora.load_adapter(tiny_model(tmp_path), tmp_path / "ad")
+
+
+def test_L1_by_hand():
+    """h = W0·x + b0 + (α/r)·B·A·x with W0 = [[1, 2], [3, 4]], b0 = [0.5, −0.5], r = 1, α = 2, A = [[1, 1]],
+    B = [[1], [2]], x = [1, 1]: W0·x + b0 = [3.5, 6.5]; A·x = 2; B·2 = [2, 4]; ×(α/r = 2) = [4, 8] -> [7.5, 14.5]."""
+    base = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        base.bias.copy_(torch.tensor([0.5, -0.5]))
+    mod = lora.LoRALinear(base, r=1, alpha=2.0)
+    assert torch.equal(mod(torch.ones(2)), torch.tensor([3.5, 6.5]))  # B = 0: the base layer exactly
+    with torch.no_grad():
+        mod.lora_A.copy_(torch.tensor([[1.0, 1.0]]))
+        mod.lora_B.copy_(torch.tensor([[1.0], [2.0]]))
+    assert mod(torch.ones(2)).tolist() == [7.5, 14.5]
+    mod.enabled = False
+    assert mod(torch.ones(2)).tolist() == [3.5, 6.5]

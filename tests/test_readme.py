@@ -1,6 +1,7 @@
 """The README's equation index, the code's tags and the tests stay in sync; so do SPEC.md's decided choices."""
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -43,10 +44,35 @@ def test_the_index_points_at_functions_that_carry_the_tag():
         assert any(f"[{tag}]" in (ROOT / file).read_text() for file, _ in refs), f"{tag}: not tagged in {refs}"
 
 
+def all_test_functions() -> list[tuple[str, str, set[str]]]:
+    """Every top-level test function of tests/test_*.py (but this file): (name, its text with the section heading
+    it sits under, the names it calls: f(...) and obj.f(...), read from the syntax tree, not from the text)."""
+    out = []
+    for p in sorted((ROOT / "tests").glob("test_*.py")):
+        if p.name == "test_readme.py":
+            continue
+        src = p.read_text()
+        lines = src.splitlines()
+        for node in ast.parse(src).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                calls = {c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", "")
+                         for c in ast.walk(node) if isinstance(c, ast.Call)}
+                heading = next((ln for ln in reversed(lines[: node.lineno - 1]) if re.match(r"# -+ ", ln)), "")
+                out.append((f"{p.name}::{node.name}", heading + "\n" + ast.get_source_segment(src, node), calls))
+    return out
+
+
 def test_every_tag_has_a_test():
-    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_readme.py")
-    for tag in readme_index():
-        assert re.search(rf"\b{tag}\b", tests), f"no test mentions {tag}"
+    """A tag is proven by a test function that names it (in its name, body or section heading) AND calls a function
+    the README index names for it: a docstring or comment that mentions a tag, alone, does not count."""
+    tests, missing = all_test_functions(), []
+    for tag, where in readme_index().items():
+        funcs = {f.split(".")[-1] for _, f in re.findall(r"`(\w+\.py):([\w.]+)`", where)}
+        names_tag = re.compile(rf"(?<![A-Za-z0-9]){tag}(?![0-9])")
+        provers = [name for name, text, calls in tests if names_tag.search(text) and funcs & calls]
+        if not provers:
+            missing.append(f"{tag} (calling one of {sorted(funcs)})")
+    assert not missing, f"no test both names and calls the README index's functions for: {', '.join(missing)}"
 
 
 def test_readme_lists_every_decided_choice_of_the_spec():

@@ -258,3 +258,31 @@ def test_long_multiplication_steps_drop_zero_digits():
 ])
 def test_partial_credit_reward(text, expected):
     assert partial_credit_reward(text, 123, 456) == expected
+
+
+# ---------------------------------------------------------------------------------------------- issue 9, item 6
+def test_a_last_integer_over_python_s_4300_digit_limit_never_raises():
+    """int() refuses a string of more than 4,300 digits (ValueError); the rewards read model output and must
+    return a value for any string. Each of these raised before the fix."""
+    huge = "7" * 5000
+    assert parse_last_int(f"the answer is {huge}") == int("7" * 2500) * 10 ** 2500 + int("7" * 2500)
+    assert parse_last_int("-" + "0" * 4999 + "12") == -12
+    assert exact_match_reward(f"so {huge}", 77) == 0.0
+    assert exact_match_reward("0" * 6000 + "77", 77) == 1.0  # leading zeros: the value is still 77
+    assert exact_match_reward("1" + "0" * 6000, 10 ** 6000) == 1.0  # a true answer that long still matches
+    assert sympy_reward(f"#### {huge}", "7") == 0.0
+    assert partial_credit_reward(f"{huge} 738 6150", 123, 456) == 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_reward_returns_a_number_for_random_hostile_strings(seed):
+    import random
+    rng = random.Random(seed)
+    alphabet = "0123456789-,.+*/^()\\{}boxed answer is ####\n\t ٣५" + "".join(map(chr, range(0x2000, 0x2010)))
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+        if rng.random() < 0.2:
+            text += "9" * rng.randint(4000, 9000)
+        for r in (exact_match_reward(text, 145.0), sympy_reward(text, "3/4", timeout_s=0.5),
+                  partial_credit_reward(text, 123, 456)):
+            assert 0.0 <= r <= 1.0

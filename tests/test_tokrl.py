@@ -44,15 +44,23 @@ def test_kl_estimator_closed_form():
 # --- E5 / E6 / Alg1 -----------------------------------------------------------------------------------------------
 
 def test_selection_rules():
+    """E6/Alg1 against its closed form, with the same uniforms: T_i = the first min(α, T) positions, then the first
+    max(0, k − min(α, T)) of the later positions whose uniform is below P, and nothing after. So a selection that
+    keeps going after k, skips a coin, or drops one of the first α goes red."""
     g = torch.Generator().manual_seed(0)
-    for T, alpha, k in [(300, 50, 100), (300, 100, 100), (40, 50, 100), (300, 0, 25), (200, 3, 5)]:
+    stopped_at_k = 0
+    for T, alpha, k, p in [(300, 50, 100, 0.5), (300, 100, 100, 0.5), (40, 50, 100, 0.5), (300, 0, 25, 0.5),
+                           (200, 3, 5, 0.5), (200, 3, 5, 0.9), (60, 10, 12, 0.3), (5, 0, 100, 0.5)]:
         for _ in range(20):
-            s = tokrl.select_tokens(T, alpha, k, 0.5, g)
-            assert s[: min(alpha, T)] == list(range(min(alpha, T)))  # the first α always selected
-            assert len(s) <= max(k, min(alpha, T))  # never more than k after α
-            assert s == sorted(set(s)) and all(0 <= t < T for t in s)
-            if len(s) == k and T > alpha:
-                assert s[-1] >= alpha - 1  # stopped at k: nothing after the k-th
+            same = torch.Generator()
+            same.set_state(g.get_state())
+            u = torch.rand(T, generator=same).tolist()  # the uniforms select_tokens is about to draw
+            s = tokrl.select_tokens(T, alpha, k, p, g)
+            head = list(range(min(alpha, T)))
+            coins = [t for t in range(alpha, T) if u[t] < p]
+            assert s == head + coins[: max(0, k - len(head))]
+            stopped_at_k += len(coins) > k - len(head) > 0  # cases where the cap cut real coin wins
+    assert stopped_at_k > 20  # the cap was exercised, not only the α rule
     # α = 3, k = 5, P = 1: positions 0, 1, 2 by rule, 3 and 4 by coin, then stop
     assert tokrl.select_tokens(100, 3, 5, 1.0, g) == [0, 1, 2, 3, 4]
     assert tokrl.select_tokens(100, 3, 5, 0.0, g) == [0, 1, 2]  # P = 0: only the first α
@@ -121,6 +129,8 @@ def batched_grpo_loss(m, selection=None, pad=EOS):
 
 @pytest.mark.parametrize("algo", ["grpo", "sgrpo"])
 def test_per_completion_gradient_equals_batched_gradient(tmp_path, algo):
+    """Alg2's per-completion backward (grpo_backward) gives the gradient of the batched E3 (GRPO) / E5 (S-GRPO)
+    loss computed the slow way (full forward, full log_softmax, masked means)."""
     m = adapted_model(tmp_path)
     selection = None
     if algo == "sgrpo":
@@ -151,13 +161,31 @@ def test_padding_is_outside_the_loss_even_when_pad_is_eos(tmp_path):
 
 
 def test_eos_is_in_the_loss(tmp_path):
-    """Dropping the final EOS of completion 0 changes the per-completion loss: its log-prob is a term."""
+    """E3: the final EOS of a completion is an action in the loss. grpo_backward's gradient on a group whose
+    completion 0 ends with EOS equals, by hand, −(1/G)·Σ_i Â_i·(1/|y_i|)·Σ_t ∇log π(y_i,t) with EOS among the
+    t (|y_0| = 5), and differs from the same sum without it (|y_0| = 4). (β = 0: ρ ≡ 1, so the gradient is that.)"""
     m = adapted_model(tmp_path)
-    with torch.no_grad():
-        lp, _ = tokrl.policy_and_ref_logprobs(m, PROMPT + COMPLETIONS[0], torch.arange(4, 9), with_ref=False)
-    assert lp.shape == (5,)  # 5 tokens: 5, 6, 7, 8 and EOS
-    full = torch.log_softmax(m.logits(torch.tensor([PROMPT + COMPLETIONS[0]]))[0], -1)
-    assert (lp - full[3:8].gather(-1, torch.tensor(COMPLETIONS[0])[:, None]).squeeze(-1)).abs().max() < 1e-5
+    group, rewards = [COMPLETIONS[0], COMPLETIONS[1]], [1.0, 0.0]
+    assert group[0][-1] == EOS
+    adv = tokrl.group_advantages(rewards)
+    st = tokrl.grpo_backward(m, PROMPT, group, rewards, beta=0.0)
+    fast = grads(m)
+    assert st.tokens_in_loss == 5 + 3
+
+    def by_hand(n_scored_0):
+        zero(m)
+        J = 0
+        for i, y in enumerate(group):
+            n = n_scored_0 if i == 0 else len(y)
+            lp = torch.log_softmax(m.logits(torch.tensor([PROMPT + y]))[0], -1)  # (T, V)
+            pos = torch.arange(len(PROMPT) - 1, len(PROMPT) - 1 + n)  # position t − 1 predicts token t
+            J = J + float(adv[i]) * lp[pos, torch.tensor(y[:n])].mean()
+        (-J / len(group)).backward()
+        return grads(m)
+
+    with_eos, without_eos = by_hand(5), by_hand(4)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(fast, with_eos) < 1e-5 and rel(fast, without_eos) > 1e-2
 
 
 def test_frozen_bottom_and_adapters_off_give_the_full_model_logprobs(tmp_path):
@@ -210,8 +238,42 @@ def test_tspmo_evaluates_each_needed_prefix_once(tmp_path):
     st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, REWARDS, lam=0.0)
     assert st.forwards == 1
     # nonzero-advantage tokens: c0 at 0,1,2; c1 at 0,1,2; c2 at 0,1; c3 at 0 -> 9 of 17 generated tokens
-    assert st.tokens_in_loss == 9 and st.tokens_generated == 17
+    assert st.nonzero_adv_tokens == 9 and st.tokens_generated == 17 and st.tokens_in_loss == 0
     zero(m)
     st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, [0.3] * 4, lam=0.0)
     assert st.forwards == 0 and st.zero_variance
 
+
+
+# --- issue 9 item 4: T-SPMO logs its two terms and their gradient norms -------------------------------------------
+
+def test_tspmo_logs_policy_and_l2_terms_and_their_gradient_norms(tmp_path):
+    """loss = policy_loss + l2_loss; each gradient norm equals the norm of that term's gradient computed alone by
+    the slow path (brute-force E10 policy term; λ·Σ‖W‖² by autograd), also when .grad already holds another
+    prompt's gradient (accumulation) and with a scale."""
+    lam, scale = 0.3, 0.5
+    m = adapted_model(tmp_path)
+    A_params = [mod.lora_A for _, mod in lora.lora_modules(m)]
+    params = lora.lora_parameters(m)
+
+    def norms(loss):
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        g = [torch.zeros_like(p) if x is None else x for p, x in zip(params, g)]
+        gA = [x for p, x in zip(params, g) if any(p is a for a in A_params)]
+        return float(torch.cat([x.flatten() for x in g]).norm()), float(torch.cat([x.flatten() for x in gA]).norm())
+
+    policy = tspmo_slow(m, lam=0.0) * scale
+    l2 = lam * lora.l2_penalty(m) * scale
+    want_policy, want_l2 = norms(policy), norms(l2)
+    total = torch.autograd.grad(tspmo_slow(m, lam=lam) * scale, params, allow_unused=True)
+    for p in params:  # another prompt's gradient already accumulated: it must not count
+        p.grad = torch.full_like(p, 0.7)
+    st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, REWARDS, lam=lam, scale=scale)
+    assert st.policy_loss == pytest.approx(float(policy), rel=1e-5)
+    assert st.l2_loss == pytest.approx(float(l2), rel=1e-6)
+    assert st.loss == pytest.approx(st.policy_loss + st.l2_loss, rel=1e-9)
+    assert (st.policy_grad_norm, st.policy_grad_norm_A) == pytest.approx(want_policy, rel=1e-4)
+    assert (st.l2_grad_norm, st.l2_grad_norm_A) == pytest.approx(want_l2, rel=1e-5)
+    assert want_policy[0] > 0 and want_l2[0] > 0 and want_policy[1] > 0
+    for p, g in zip(params, total):  # .grad holds the earlier 0.7 plus both terms of this group
+        assert (p.grad - 0.7 - (0 if g is None else g)).abs().max() < 1e-6

@@ -58,7 +58,7 @@ def test_each_algo_and_task_runs_end_to_end(tmp_path, tiny, algo, task):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert 0 <= m["reward_mean"] <= 1 and 1 <= m["len_mean"] <= 12 and m["peak_mem_gb"] > 0
-        assert 0 <= m["loss_token_fraction"] <= 1
+        assert 0 <= m["nonzero_adv_token_fraction" if algo == "tspmo" else "loss_token_fraction"] <= 1
     if algo == "grpo":
         assert all(m["loss_token_fraction"] == 1.0 for m in metrics)  # every generated token is in the loss
     evals = checkpoints.read_jsonl(run / "eval.jsonl")

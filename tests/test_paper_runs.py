@@ -1,0 +1,220 @@
+"""The paper's runs as a user starts them (issue 9): the shipped SVAMP split, --reward per task, T-SPMO's logs of
+fresh and replay groups, --accum with replay, and E1 read off Trainer.train_step. CPU, tiny models."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assets, make_checkpoint
+import checkpoints
+import lora
+import model as M
+import tasks
+import tokrl
+import train
+
+SMALL = ["--device", "cpu", "-G", "4", "--max-new-tokens", "12", "--eval-limit", "2", "--eval-every", "0",
+         "--save-every", "100", "--lora-fraction", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def byte_tok(tiny: Path) -> M.Tokenizer:
+    return M.Tokenizer(tiny / "tokenizer.json")
+
+
+# --- item 2: the paper's SVAMP split ships with the project ------------------------------------------------------
+
+def test_default_svamp_data_is_the_shipped_700_300_split():
+    train_set, test_set, note = tasks.Svamp.load(None)
+    assert (len(train_set), len(test_set)) == (700, 300) and "data/svamp" in note
+    assert not {r["ID"] for r in train_set} & {r["ID"] for r in test_set}
+    assert [r["ID"] for r in test_set[:3]] == ["chal-736", "chal-162", "chal-349"]  # ChilleD/SVAMP's test order
+    digest = hashlib.sha256((tasks.Svamp.SHIPPED / "test.json").read_bytes()).hexdigest()
+    assert digest == "da1467a8ac0d40fba41c334ad25228a13097153f8d5065160e8d13b97329ac1c"
+    assert (tasks.Svamp.SHIPPED / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_shipped_svamp_files_are_the_shared_ones():
+    shared = assets() / "data" / "svamp"
+    for f in ("train.json", "test.json", "LICENSE"):
+        assert (tasks.Svamp.SHIPPED / f).read_bytes() == (shared / f).read_bytes()
+
+
+def test_svamp_eval_only_scores_the_paper_s_300_problems_for_every_seed(tmp_path, tiny, capsys):
+    """A newcomer's `python train.py --task svamp --eval-only --model DIR`: no --data, no network; the same 300
+    problems whatever --seed (before: a download, then a seeded 70/30 split that changed with the seed)."""
+    seen = []
+    real = tasks.Svamp.prompt
+    for seed in ("0", "5"):
+        seen.append([])
+        tasks.Svamp.prompt = lambda self, ex, box=seen[-1]: box.append(ex["ID"]) or real(self, ex)
+        try:
+            assert train.main(["--task", "svamp", "--eval-only", "--model", str(tiny), "--device", "cpu", "--seed",
+                               seed, "--max-new-tokens", "1", "--eval-batch", "100",
+                               "--out", str(tmp_path / seed)]) == 0
+        finally:
+            tasks.Svamp.prompt = real
+        assert json.loads((tmp_path / seed / "eval.json").read_text())["n"] == 300
+    assert seen[0] == seen[1] == [r["ID"] for r in json.loads((tasks.Svamp.SHIPPED / "test.json").read_text())]
+    assert "on 300 svamp test examples" in capsys.readouterr().out
+
+
+def test_a_lone_svamp_json_is_split_the_same_way_for_every_run(tmp_path):
+    records = json.loads((tasks.Svamp.SHIPPED / "train.json").read_text())[:20]
+    (tmp_path / "SVAMP.json").write_text(json.dumps(records))
+    a = tasks.Svamp.load(str(tmp_path / "SVAMP.json"))
+    b = tasks.make_task("svamp", None, str(tmp_path / "SVAMP.json"))
+    assert [r["ID"] for r in a[1]] == [r["ID"] for r in b.test] and len(a[1]) == 6
+    assert "not the paper's split" in a[2]
+
+
+# --- item 9: --reward per task -----------------------------------------------------------------------------------
+
+def fixed_text_sampler(tok, text):
+    ids = tok.encode(text)
+    return lambda net, prompt, G, *a, **k: [list(ids) for _ in range(G)]
+
+
+@pytest.mark.parametrize("reward,train_reward", [(None, 0.0), ("exact", 0.0), ("partial", 0.5)])
+def test_mult_reward_partial_trains_on_S2_and_evaluates_on_exact_match(tmp_path, tiny, monkeypatch, reward,
+                                                                       train_reward):
+    """123 × 456: the completion "738 then 6150, so 999" holds 2 of the 4 long-multiplication steps (S2 = 0.5) and
+    ends with the wrong integer (P1 = 0). Training logs the chosen reward; the test accuracy stays exact match."""
+    tok = byte_tok(tiny)
+    text = "738 then 6150, so 999"
+    monkeypatch.setattr(tasks.Mult, "train_stream", lambda self, rng: iter(lambda: (123, 456), None))
+    monkeypatch.setattr(tasks.Mult, "test_set", lambda self: [(123, 456)])
+    monkeypatch.setattr(M, "sample", fixed_text_sampler(tok, text))
+    monkeypatch.setattr(M, "greedy", lambda net, prompts, *a, **k: [tok.encode(text) for _ in prompts])
+    run = tmp_path / "r"
+    argv = ["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run)]
+    assert train.main(argv + ([] if reward is None else ["--reward", reward])) == 0
+    assert json.loads((run / "config.json").read_text())["reward"] == (reward or "exact")  # recorded
+    assert checkpoints.read_jsonl(run / "metrics.jsonl")[0]["reward_mean"] == train_reward
+    assert [e["accuracy"] for e in checkpoints.read_jsonl(run / "eval.jsonl")] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("task,reward,choices", [("svamp", "partial", "exact"), ("svamp", "sympy", "exact"),
+                                                 ("gsm8k", "exact", "sympy"), ("mult", "sympy", "exact or partial")])
+def test_a_reward_that_does_not_fit_the_task_is_refused_before_loading(tmp_path, task, reward, choices):
+    with pytest.raises(SystemExit) as e:  # the model does not exist: the reward is checked first
+        train.main(["--task", task, "--reward", reward, "--model", str(tmp_path / "no-model")])
+    assert str(e.value) == f"error: --reward {reward} does not fit --task {task}: choose {choices}"
+
+
+def test_gsm8k_defaults_to_the_sympy_reward():
+    cfg = train.resolve(train.build_parser().parse_args(["--task", "gsm8k"]))
+    assert cfg.reward == "sympy" and tasks.check_reward("gsm8k", None) == "sympy"
+
+
+# --- E1 and item 4: what one step logs, fresh and replay groups alike --------------------------------------------
+
+FRESH = ([[5, 6, 7], [5, 9], [8], [5, 6]], [1.0, 0.0, 0.0, 1.0])
+REPLAY = ([[1, 2], [1, 3], [4]], [1.0, 0.0, 0.0])
+
+
+def trainer(tiny, tmp_path, **kw) -> train.Trainer:
+    cfg = train.Settings(**{**train.paper_defaults(kw.get("algo", "tspmo"), "mult"), "device": "cpu",
+                            "group_size": 4, "max_new_tokens": 12, "lora_fraction": 0.5, "model": str(tiny), **kw})
+    net, tok, eos = train.load_everything(cfg)
+    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, generator=torch.Generator().manual_seed(0))
+    return train.Trainer(cfg, tmp_path, net, tok, tasks.make_task("mult", tok), eos)
+
+
+def test_train_step_logs_the_E1_estimate(tiny, tmp_path, monkeypatch):
+    """E1: J(θ) = E_{Y~π_θ}[r(Y)] is estimated by the group's mean reward: [1, 0, 0, 1] -> 0.5, σ 0.5."""
+    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, prefix=(): FRESH)
+    tr = trainer(tiny, tmp_path, algo="grpo")
+    m = tr.train_step(tr.task.train_stream(tr.gens["data"]))
+    assert (m["reward_mean"], m["reward_std"], m["len_mean"], m["forwards"]) == (0.5, 0.5, 2.0, 4)
+    assert m["loss_token_fraction"] == 1.0 and "nonzero_adv_token_fraction" not in m
+
+
+def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monkeypatch):
+    """Fresh group (by hand): 5 edges; tokens with A ≠ 0: [5, 6, 7] 2, [5, 9] 2, [8] 1, [5, 6] 2 = 7 of 8. Replay
+    group (rewards [1, 0, 0]): 4 edges, every one of its 5 tokens has A ≠ 0. Both count in forwards, edges, loss
+    and the token fraction; each has its own policy and λ terms and gradient norms."""
+    calls = []
+
+    def fake(self, prompt, prefix=()):
+        calls.append(prefix)
+        return FRESH if len(calls) == 1 else REPLAY  # the fresh group, then the replay's continuations
+
+    monkeypatch.setattr(train.Trainer, "sample_group", fake)
+    tr = trainer(tiny, tmp_path, replay_success=1)
+    m = tr.train_step(tr.task.train_stream(tr.gens["data"]))
+    fresh, replay = m["groups"]
+    assert (fresh["kind"], replay["kind"]) == ("fresh", "replay") and len(m["replays"]) == len(calls) - 1 == 1
+    assert (fresh["edges"], replay["edges"], m["edges"]) == (5, 4, 9)
+    assert (fresh["nonzero_adv_tokens"], replay["nonzero_adv_tokens"]) == (7, 5)
+    assert m["nonzero_adv_token_fraction"] == 12 / 13 and "loss_token_fraction" not in m
+    assert m["forwards"] == fresh["forwards"] + replay["forwards"] and replay["forwards"] >= 1
+    for g in (fresh, replay):
+        assert g["l2_loss"] > 0 and g["l2_grad_norm"] > 0 and g["policy_grad_norm"] > 0
+    assert m["loss"] == pytest.approx(sum(g["policy_loss"] + g["l2_loss"] for g in m["groups"]), rel=1e-12)
+    assert m["l2_loss"] == pytest.approx(fresh["l2_loss"] + replay["l2_loss"], rel=1e-12)
+    mean_A, mean_B = lora.mean_abs(tr.net)
+    assert (m["lora_A_mean_abs"], m["lora_B_mean_abs"]) == (mean_A, mean_B) and mean_B > 0
+    line = train.progress_line(m, 10, 0.0, 0)
+    assert "policy" in line and "λ" in line and "A≠0 92.3%" in line
+
+
+# --- item 8: --accum with T-SPMO replays every prompt of the step -------------------------------------------------
+
+def test_accum_with_tspmo_replays_every_prompt_with_its_own_example(tiny, tmp_path, monkeypatch):
+    calls = []
+
+    def fake(self, prompt, prefix=()):
+        calls.append(self.ex)  # the reward of what is sampled reads self.ex
+        return FRESH
+
+    monkeypatch.setattr(train.Trainer, "sample_group", fake)
+    tr = trainer(tiny, tmp_path, accum=3, replay_success=1)
+    m = tr.train_step(tr.task.train_stream(tr.gens["data"]))
+    examples = calls[:3]
+    assert len(set(examples)) == 3  # three prompts accumulated into one update
+    assert calls[3:] == examples  # then each replayed, in order, with its own example
+    assert [g["kind"] for g in m["groups"]] == ["fresh"] * 3 + ["replay"] * 3 and len(m["replays"]) == 3
+
+
+# --- a weak test elsewhere, made to prove its point: --eval-only --adapter really applies the adapter ------------
+
+def test_eval_only_applies_the_adapter(tmp_path, tiny):
+    """test_train.py's eval-only test passes whether or not the adapter is applied (accuracy 0 either way); here a
+    strong adapter must change the greedy completions the evaluation records."""
+    net = M.load_model(tiny)
+    lora.apply_lora(net, r=4, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _, mod in lora.lora_modules(net):
+            mod.lora_B.normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
+    lora.save_adapter(net, tmp_path / "ad")
+    out = {}
+    for name, extra in (("base", []), ("adapter", ["--adapter", str(tmp_path / "ad")])):
+        train.main(["--task", "mult", "--model", str(tiny), "--eval-only", "--eval-limit", "3", "--max-new-tokens",
+                    "8", "--device", "cpu", "--out", str(tmp_path / name), *extra])
+        out[name] = [e["completion"] for e in json.loads((tmp_path / name / "eval.json").read_text())["examples"]]
+    assert len(out["base"]) == 3 and out["base"] != out["adapter"]
+
+
+# --- item 5 through the CLI: a bf16 base trains fp32 adapters ------------------------------------------------------
+
+@pytest.mark.parametrize("algo", ["sgrpo", "tspmo"])
+def test_bfloat16_run_keeps_fp32_adapter_and_optimizer_state(tmp_path, tiny, algo, monkeypatch):
+    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, prefix=(): FRESH)  # rewards vary
+    run = tmp_path / "r"
+    assert train.main(["--task", "mult", "--algo", algo, "--model", str(tiny), *SMALL, "--steps", "2",
+                       "--save-every", "1", "--dtype", "bfloat16", "--out", str(run)]) == 0
+    from safetensors.torch import load_file
+    ad = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in ad.values())
+    assert any(float(v.abs().sum()) > 0 for k, v in ad.items() if "lora_B" in k)  # the updates were not rounded away
+    state = torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
