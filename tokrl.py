@@ -11,6 +11,9 @@ Conventions: a completion y is the generated tokens only (EOS included when it w
 in a loss. Every `*_backward` runs forward and backward one completion at a time (Alg2), so at most one sequence's
 activations live at once; the caller zeroes gradients before and takes the optimizer step after. Losses are −J.
 
+Several processes (distributed.py): `share`, given each item's cost (tokens), names the completions or trie targets
+this process backpropagates (None: all, the one-process run); the caller sums the gradients over the processes.
+
 Memory and time (each tested against its slow path):
   * layers below the first LoRA layer run without autograd (they hold nothing to train), and their output is
     shared by the policy and the reference forward (identical weights: adapters only sit above);
@@ -20,7 +23,7 @@ Memory and time (each tested against its slow path):
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -162,18 +165,21 @@ def grpo_token_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, adv:
 
 def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
                   rewards: Sequence[float], *, beta: float, selection: Sequence[Sequence[int]] | None = None,
-                  scale: float = 1.0) -> StepStats:
+                  scale: float = 1.0, share: Callable[[list[int]], list[int]] | None = None) -> StepStats:
     """Alg2: per-completion forward (policy and reference) and backward of −J/G; gradients accumulate in .grad.
 
     selection=None is GRPO (E3: every token of y_i). With S-GRPO's T_i from `select_tokens`, it is E5: the mean runs
     over T_i only, and only those positions reach the LM head. `scale` divides the loss further (accumulating over
-    several prompts for the effective-batch ablation)."""
+    several prompts for the effective-batch ablation). `share`: this process's completions (module docstring)."""
     G, P = len(completions), len(prompt)
-    adv = group_advantages(rewards)
+    adv = group_advantages(rewards)  # over the whole group, also when this process backpropagates a share
     st = StepStats(tokens_generated=sum(map(len, completions)), zero_variance=bool((adv == 0).all()))
     kl_sum = 0.0
-    for i, y in enumerate(completions):
-        T_i = list(range(len(y))) if selection is None else list(selection[i])  # GRPO: all t; S-GRPO: T_i
+    chosen = [list(range(len(y))) if selection is None else list(selection[i])  # GRPO: all t; S-GRPO: T_i
+              for i, y in enumerate(completions)]
+    mine = range(G) if share is None else share([max(T_i, default=-1) + 1 for T_i in chosen])
+    for i in mine:
+        y, T_i = completions[i], chosen[i]
         if not T_i:
             continue  # an empty completion (or selection) has no token to score
         ids = list(prompt) + list(y[: max(T_i) + 1])  # causal: tokens after the last scored one change nothing
@@ -212,11 +218,15 @@ def grpo_loss_batched(logits: torch.Tensor, ref_logits: torch.Tensor | None, ids
 
 
 def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
-                   rewards: Sequence[float], *, lam: float, scale: float = 1.0) -> StepStats:
+                   rewards: Sequence[float], *, lam: float, scale: float = 1.0,
+                   share: Callable[[list[int]], list[int]] | None = None,
+                   summed_grads: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> StepStats:
     """−J_TSPMO = −(1/|U|)·Σ_{(p,v)∈U} π_θ(v|p)·A(v|p) + λ·Σ_W ‖W‖², backpropagated per forward pass.
 
     |U| counts every edge of the trie, A = 0 ones too; those add nothing to the gradient, so the model runs only on
-    the prefixes that have an edge with A ≠ 0, each once, on one completion that contains it (trie.targets)."""
+    the prefixes that have an edge with A ≠ 0, each once, on one completion that contains it (trie.targets).
+    `share`: this process's targets (module docstring); `summed_grads` (with a share) returns the policy gradient
+    summed over the processes, so that the logged gradient norms are the whole group's."""
     trie = PrefixTrie(completions, rewards)  # [E7] [E8] [E9] per edge
     U = len(trie.edges)
     P = len(prompt)
@@ -229,7 +239,9 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     held = [p.grad for p in params]  # another prompt's accumulated gradient: set aside, so the norms read this group's
     for p in params:
         p.grad = None
-    for tg in trie.targets():
+    targets = trie.targets()
+    mine = range(len(targets)) if share is None else share([max(tg.positions) for tg in targets])
+    for tg in (targets[k] for k in mine):
         y = completions[tg.completion]
         ids = list(prompt) + list(y[: max(tg.positions)])  # the longest prefix needed on this completion
         rows = torch.tensor([P + j - 1 for j in tg.positions], device=dev)  # last token of prompt∘y[:j] predicts v
@@ -244,7 +256,7 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
         st.loss += float(loss.detach())
         st.forwards += 1
     st.policy_loss = st.loss
-    st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods)
+    st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, summed_grads)
     for p, g in zip(params, held):
         if g is not None:
             p.grad = g if p.grad is None else p.grad.add_(g)
@@ -260,10 +272,17 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     return st
 
 
-def _policy_grad_norms(mods: list) -> tuple[float, float]:
-    """‖.grad‖ over every A and B, and over the A matrices alone."""
-    sq = lambda p: 0.0 if p.grad is None else float(p.grad.detach().pow(2).sum())  # noqa: E731
-    sq_A, sq_B = sum(sq(m.lora_A) for m in mods), sum(sq(m.lora_B) for m in mods)
+def _policy_grad_norms(mods: list, summed_grads=None) -> tuple[float, float]:
+    """‖.grad‖ over every A and B, and over the A matrices alone (of the gradient summed over the processes, with
+    `summed_grads`)."""
+    A, B = [m.lora_A for m in mods], [m.lora_B for m in mods]
+    if summed_grads is None:
+        grads_A, grads_B = [p.grad for p in A], [p.grad for p in B]
+    else:
+        summed = summed_grads(A + B)
+        grads_A, grads_B = summed[: len(A)], summed[len(A):]
+    sq = lambda g: 0.0 if g is None else float(g.detach().pow(2).sum())  # noqa: E731
+    sq_A, sq_B = sum(map(sq, grads_A)), sum(map(sq, grads_B))
     return (sq_A + sq_B) ** 0.5, sq_A ** 0.5
 
 

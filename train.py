@@ -35,11 +35,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed
 import lora
 import model as M
 import tokrl
 from checkpoints import latest_checkpoint, read_jsonl, save_checkpoint, write_jsonl
 from plot import svg_plot
+from distributed import World, combine_stats, own_rng, rng_for_checkpoint
 from tasks import DataError, Task, check_reward, make_task
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -112,14 +114,17 @@ def paper_defaults(algo: str, task: str) -> dict:
 # Evaluation: greedy, batched, accuracy = mean reward ([decided] SPEC.md)
 
 
-def evaluate(net, tok, task: Task, cfg: Settings, eos) -> dict:
+def evaluate(net, tok, task: Task, cfg: Settings, eos, world: World = World()) -> dict:
+    """With N processes each takes a slice of the test set (distributed.py) and the counts are summed."""
     data = task.test_set()[: cfg.eval_limit]
+    mine = [data[i] for i in world.share(len(data))]
     t0, correct, examples = time.time(), 0.0, []
     # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
     # logs and CI output stay one line per event
-    with tqdm(total=len(data), desc=f"eval {task.name}", unit="problem", disable=None, leave=False) as bar:
-        for i in range(0, len(data), cfg.eval_batch):
-            batch = data[i: i + cfg.eval_batch]
+    with tqdm(total=len(mine), desc=f"eval {task.name}", unit="problem", disable=None if world.main else True,
+              leave=False) as bar:
+        for i in range(0, len(mine), cfg.eval_batch):
+            batch = mine[i: i + cfg.eval_batch]
             prompts = [tok.encode(task.prompt(ex)) for ex in batch]
             outs = M.greedy(net, prompts, cfg.max_new_tokens, eos=eos, stop=task.stop())
             for ex, out in zip(batch, outs):
@@ -131,6 +136,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos) -> dict:
                                      "reward": r})
             bar.update(len(batch))
             bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
+    correct, examples = world.sum([correct])[0], world.gather(examples)[:3]  # one process: unchanged
     return {"accuracy": correct / max(len(data), 1), "n": len(data), "seconds": round(time.time() - t0, 2),
             "examples": examples}
 
@@ -170,14 +176,21 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak)
 
 
-def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float) -> tokrl.StepStats:
-    """Backward of one group with the chosen objective (the caller steps the optimizer)."""
+def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float,
+           world: World = World()) -> tokrl.StepStats:
+    """Backward of one group with the chosen objective (the caller sums the gradients over the processes and steps
+    the optimizer). With N processes each backpropagates its share and the statistics are the whole group's."""
+    share = world.assign if world.size > 1 else None
     if algo == "tspmo":
-        return tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam, scale=scale)  # [E10]
+        st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam if world.main else 0.0,  # [E10]
+                                  scale=scale, share=share, summed_grads=world.summed_grads if share else None)
+        return combine_stats(world, st, algo)  # λ·Σ‖W‖² once, on rank 0: its gradient is summed with the others'
     selection = None
-    if algo == "sgrpo":
+    if algo == "sgrpo":  # every process draws every T_i, in order: the "select" stream stays the same everywhere
         selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"]) for y in completions]  # [Alg1]
-    return tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale)
+    st = tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale,
+                             share=share)
+    return combine_stats(world, st, algo)
 
 
 def check_finite(net, st: tokrl.StepStats) -> None:
@@ -188,24 +201,44 @@ def check_finite(net, st: tokrl.StepStats) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos):
+    def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos, world: World = World()):
         self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
+        self.world = world  # one process, or this one's place among N (distributed.py)
         self.dev = next(net.parameters()).device
         self.opt = torch.optim.AdamW(lora.lora_parameters(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the sampling generator lives on the model's device (torch.multinomial needs it there): a seed gives different
         # samples on CPU and CUDA (different streams), each reproducible; the other draws are on the CPU everywhere
-        self.gens = {"sample": torch.Generator(self.dev).manual_seed(cfg.seed),  # sampling completions
+        # sampling: each process its own stream (rank 0's is the one-process one); the others are the same everywhere
+        self.gens = {"sample": torch.Generator(self.dev).manual_seed(world.seed_for_rank(cfg.seed)),
                      "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
                      "data": random.Random(cfg.seed + 2), "replay": random.Random(cfg.seed + 3)}
         self.step = 0
 
     def sample_group(self, prompt_ids, prefix=()):
-        """G completions of prompt∘prefix with their rewards (the reward reads prefix + completion)."""
-        cfg = self.cfg
-        outs = M.sample(self.net, list(prompt_ids) + list(prefix), cfg.group_size, cfg.max_new_tokens - len(prefix),
+        """G completions of prompt∘prefix with their rewards (the reward reads prefix + completion). With N
+        processes each samples and scores its share, and every process gets the whole group, in rank order."""
+        cfg, n = self.cfg, self.world.counts(self.cfg.group_size)[self.world.rank]
+        outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
                         temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
-                        stop=self.task.stop(prefix))
-        return outs, [self.task.reward(self.tok.decode(list(prefix) + o), self.ex) for o in outs]
+                        stop=self.task.stop(prefix)) if n else []
+        scored = [(o, self.task.reward(self.tok.decode(list(prefix) + o), self.ex)) for o in outs]
+        group = self.world.gather(scored)
+        return [o for o, _ in group], [r for _, r in group]
+
+    def check_finite(self, st: tokrl.StepStats) -> None:
+        """check_finite, decided by all processes together (their gradients are still shares): all stop, or none."""
+        try:
+            check_finite(self.net, st)
+            bad = 0.0
+        except NonFiniteLoss:
+            bad = 1.0
+        if self.world.sum([bad])[0]:
+            raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
+
+    def optimizer_step(self) -> None:
+        """The gradients summed over the processes (each holds its share's), then one identical step everywhere."""
+        self.world.sum_grads(lora.lora_parameters(self.net))
+        self.opt.step()
 
     def replay(self, prompt_ids, completions, rewards) -> list[tokrl.StepStats]:
         """T-SPMO replay: restart from a random cut of chosen completions of this group, one update each."""
@@ -223,9 +256,10 @@ class Trainer:
                 continue
             conts, rs = self.sample_group(prompt_ids, y[:j])
             self.opt.zero_grad(set_to_none=True)
-            st = tokrl.tspmo_backward(self.net, list(prompt_ids) + list(y[:j]), conts, rs, lam=cfg.lam)  # [E10]
-            check_finite(self.net, st)
-            self.opt.step()  # deviation 1 (module docstring): each replayed group is its own update
+            st = update(self.net, "tspmo", list(prompt_ids) + list(y[:j]), conts, rs, cfg, self.gens, 1.0,
+                        self.world)  # [E10]
+            self.check_finite(st)
+            self.optimizer_step()  # deviation 1 (module docstring): each replayed group is its own update
             st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs)}
             stats.append(st)
         return stats
@@ -244,13 +278,14 @@ class Trainer:
             self.ex = next(stream)
             prompt_ids = self.tok.encode(self.task.prompt(self.ex))
             completions, rewards = self.sample_group(prompt_ids)
-            st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum)
-            check_finite(self.net, st)
+            st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum,
+                        self.world)
+            self.check_finite(st)
             rewards_all += rewards
             lengths += [len(y) for y in completions]
             stats.append(st)
             groups.append((self.ex, prompt_ids, completions, rewards))
-        self.opt.step()
+        self.optimizer_step()
         replays = []
         if cfg.algo == "tspmo":
             for self.ex, prompt_ids, completions, rewards in groups:  # the reward reads self.ex

@@ -1,0 +1,318 @@
+"""Several processes, same math (distributed.py): 2 processes on the CPU with gloo, spawned by the tests.
+
+One spawned pair (`python tests/test_distributed.py worker ...`, with the environment torchrun gives) runs every
+in-process check and writes its numbers to rank{r}.json; the tests below read them:
+  * for fixed completions and rewards, the gradient summed over the 2 processes equals the one-process gradient
+    (E3 GRPO, E5 S-GRPO, E10 T-SPMO) and the combined statistics equal the one-process ones;
+  * a whole training step (sampling made the same for any N) gives the one-process metrics and weights;
+  * the evaluation's counts and examples agree with one process; the sampled group is the same on both ranks.
+The CLI runs under torchrun itself: the files a 2-process run writes, and its resume, bit-exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # a worker: the repository root on the path, as conftest.py does for pytest
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest
+import torch
+
+import distributed
+from distributed import World
+from conftest import ROOT, make_checkpoint
+
+ALGOS = ["grpo", "sgrpo", "tspmo"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Spawning: N plain processes with torchrun's environment (RANK, WORLD_SIZE, ...), or torchrun itself for the CLI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def spawn(args: list[str], n: int = 2, timeout: int = 240) -> None:
+    """`python tests/test_distributed.py ARGS` as ranks 0..n-1 of one process group; fails with their stderr."""
+    port, procs = free_port(), []
+    for rank in range(n):
+        env = {**child_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+               "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}\n{err[-3000:]}"
+
+
+def torchrun(args: list[str], n: int = 2, timeout: int = 240) -> str:
+    """train.py under torchrun (--standalone: a local rendezvous on a free port); returns its output."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                        "train.py", *args], env=child_env(), cwd=ROOT, text=True, capture_output=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The worker (runs in each spawned process)
+
+
+class ToyTask:
+    """Prompts from a list; reward (sum of the text's bytes mod 3)/2 ∈ {0, 0.5, 1}: a random tiny model's groups
+    get rewards that vary, so every objective has a gradient."""
+    name = "toy"
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def prompt(self, ex):
+        return f"Question {ex}:"
+
+    def reward(self, text, ex):
+        return (sum(text.encode()) % 3) / 2
+
+    eval_reward = reward
+
+    def stop(self, prefix=()):
+        return None
+
+    def train_stream(self, rng):
+        while True:
+            yield rng.randint(0, 99)
+
+    def test_set(self):
+        return list(range(7))
+
+
+def fixed_group(G: int) -> tuple[list[int], list[list[int]], list[float]]:
+    """A prompt and G completions with shared prefixes (a trie with depth), EOS (256) ending some, and rewards."""
+    g = torch.Generator().manual_seed(3)
+    stems = [torch.randint(0, 256, (4,), generator=g).tolist() for _ in range(2)]
+    completions = [stems[i % 2][: 1 + i % 4] + torch.randint(0, 256, (3 + i,), generator=g).tolist() +
+                   ([256] if i % 3 == 0 else []) for i in range(G)]
+    return [5, 6, 7, 8], completions, [1.0, 0.0, 0.5, 1.0, 0.0, 0.5][:G]
+
+
+def lora_grads(net) -> list[torch.Tensor]:
+    import lora
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in lora.lora_parameters(net)]
+
+
+def backward_once(net, algo, cfg, world: World):
+    """train.update on the fixed group (as the Trainer calls it), the gradients summed over the processes."""
+    import lora
+    import train
+    prompt, completions, rewards = fixed_group(cfg.group_size)
+    for p in lora.lora_parameters(net):
+        p.grad = None
+    gens = {"select": torch.Generator().manual_seed(7)}
+    st = train.update(net, algo, prompt, completions, rewards, cfg, gens, 0.5, world)
+    world.sum_grads(lora.lora_parameters(net))
+    return lora_grads(net), dataclasses.asdict(st)
+
+
+class SameGroupsForAnyN:
+    """model.sample as the Trainer calls it, but every call draws the whole group from its own seeded generator and
+    returns this rank's share: the completions no longer depend on N, so a step can be compared with one process's."""
+
+    def __init__(self, real, G: int):
+        self.real, self.G, self.calls, self.world = real, G, 0, World()
+
+    def __call__(self, net, prompt, n, max_new_tokens, **kw):
+        self.calls += 1
+        kw["generator"] = torch.Generator().manual_seed(1000 + self.calls)
+        group = self.real(net, prompt, self.G, max_new_tokens, **kw)
+        return [group[i] for i in self.world.share(self.G)]
+
+
+def worker(model_dir: str, out: str) -> None:
+    import lora
+    import model as M
+    import train
+    torch.set_num_threads(1)
+    world = distributed.from_env("cpu")
+    cfg = dataclasses.replace(train.Settings(), model=model_dir, device="cpu", group_size=6, max_new_tokens=8,
+                              alpha=2, k=4, lora_rank=4, lora_fraction=0.5, temperature=1.0, eval_batch=2,
+                              eval_limit=None, replay_success=1, replay_failure=1, replay_threshold=0.5, seed=11)
+    net, tok, eos = train.load_everything(cfg)
+    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # B ≠ 0: A gets a policy gradient too, and π_θ ≠ π_ref (a KL gradient)
+        g = torch.Generator().manual_seed(2)
+        for p in lora.lora_parameters(net)[1::2]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    params = lora.lora_parameters(net)
+    start = [p.detach().clone() for p in params]
+    res: dict = {"rank": world.rank, "size": world.size, "grads": {}, "steps": {}}
+
+    # 1. fixed completions and rewards: the summed gradient and the statistics against one process's
+    for algo in ALGOS:
+        ref, st_one = backward_once(net, algo, cfg, World())
+        got, st_split = backward_once(net, algo, cfg, world)
+        res["grads"][algo] = {"max_abs_err": max(float((a - b).abs().max()) for a, b in zip(ref, got)),
+                              "max_abs": max(float(a.abs().max()) for a in ref),
+                              "stats_one": st_one, "stats_split": st_split}
+
+    # 2. a whole training step (T-SPMO with replay, GRPO with accum 2), with the same groups for any N
+    task = ToyTask(tok)
+    real = M.sample
+    for algo, accum in [("grpo", 2), ("sgrpo", 1), ("tspmo", 1)]:
+        c = dataclasses.replace(cfg, algo=algo, accum=accum)
+        after = {}
+        for name, w in (("one", World()), ("split", world)):
+            restore(params, start)
+            tr = train.Trainer(c, Path(out), net, tok, task, eos, world=w)
+            M.sample = SameGroupsForAnyN(real, c.group_size)
+            M.sample.world = w
+            try:
+                m = tr.train_step(task.train_stream(random.Random(0)))
+            finally:
+                M.sample = real
+            after[name] = (m, [p.detach().clone() for p in params])
+        (m1, w1), (m2, w2) = after["one"], after["split"]
+        res["steps"][algo] = {"metrics_one": m1, "metrics_split": m2,
+                              "weight_err": max(float((a - b).abs().max()) for a, b in zip(w1, w2)),
+                              "moved": max(float((a - b).abs().max()) for a, b in zip(w1, start))}
+    restore(params, start)
+
+    # 3. real sampling: each rank its share, every rank the whole group
+    tr = train.Trainer(cfg, Path(out), net, tok, task, eos, world=world)
+    tr.ex = 3
+    res["group"] = tr.sample_group(tok.encode(task.prompt(3)))
+
+    # 4. evaluation: each rank a slice of the test set, the counts summed
+    with torch.no_grad():
+        res["eval_one"] = train.evaluate(net, tok, task, cfg, eos, World())
+        res["eval_split"] = train.evaluate(net, tok, task, cfg, eos, world)
+    for e in (res["eval_one"], res["eval_split"]):
+        e.pop("seconds")
+    Path(out, f"rank{world.rank}.json").write_text(json.dumps(res))
+    distributed.shutdown(world)
+
+
+def restore(params, values) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+            p.grad = None
+
+
+if __name__ == "__main__" and sys.argv[1] == "worker":
+    worker(sys.argv[2], sys.argv[3])
+    sys.exit(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tests
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> list[dict]:
+    d = tmp_path_factory.mktemp("dist")
+    model = make_checkpoint(d / "tiny")
+    spawn(["worker", str(model), str(d)])
+    return [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_shares_by_hand():
+    assert World(0, 2).counts(5) == [3, 2] and World(1, 3).counts(7) == [3, 2, 2]
+    assert list(World(0, 2).share(5)) == [0, 1, 2] and list(World(1, 2).share(5)) == [3, 4]
+    assert list(World(2, 3).share(2)) == []  # fewer items than processes: some take none
+    # longest first, each to the least loaded rank: 9→r0, 7→r1, 5→r1 (7 < 9), 4→r0 (9 < 12), 1→r1 (12 < 13)
+    costs = [4, 9, 1, 7, 5]
+    assert World(0, 2).assign(costs) == [0, 1] and World(1, 2).assign(costs) == [2, 3, 4]
+    assert World().assign(costs) == [0, 1, 2, 3, 4] and World().seed_for_rank(123) == 123
+    assert World(1, 2).seed_for_rank(123) != 123
+
+
+def test_one_process_never_touches_torch_distributed(monkeypatch):
+    import torch.distributed as dist
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.distributed called in a one-process run")
+    for name in ("init_process_group", "all_reduce", "all_gather_object", "barrier"):
+        monkeypatch.setattr(dist, name, refuse)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    w = distributed.from_env("cpu")
+    assert w == World() and w.gather([1, 2]) == [1, 2] and w.sum([1.5]) == [1.5]
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    w.sum_grads([p])
+    assert p.grad.tolist() == [3.0, 3.0] and w.summed_grads([p])[0].tolist() == [3.0, 3.0]
+    assert distributed.rng_for_checkpoint(w, {"x": 1}) == {"rng": {"x": 1}}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_summed_gradient_equals_one_process_E3_E5_E10(pair, algo):
+    """GRPO (E3), S-GRPO (E5) and T-SPMO (E10): each rank backpropagates its share (train.update), gloo sums the
+    shares; the sum equals the one-process gradient on both ranks within fp32 rounding."""
+    for r in pair:
+        g = r["grads"][algo]
+        print(f"\n{algo} rank {r['rank']}: max |grad| {g['max_abs']:.3e}, max |sum of shares − one process| "
+              f"{g['max_abs_err']:.1e}")
+        assert g["max_abs"] > 1e-4  # a real gradient
+        assert g["max_abs_err"] <= 1e-6 * g["max_abs"] + 1e-9
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Where two JSON-like values differ (numbers: beyond 1e-6 relative, the order of float additions)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return ([f"{path}: keys {sorted(a.keys() ^ b.keys())}"] if a.keys() != b.keys() else
+                [d for k in a for d in differences(a[k], b[k], f"{path}.{k}")])
+    if isinstance(a, list) and isinstance(b, list):
+        return ([f"{path}: lengths {len(a)} {len(b)}"] if len(a) != len(b) else
+                [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")])
+    if isinstance(a, float) or isinstance(b, float):
+        return [] if b == pytest.approx(a, rel=1e-6, abs=1e-9) else [f"{path}: {a} vs {b}"]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_combined_statistics_equal_one_process(pair, algo):
+    """The statistics rank 0 logs: each rank's share combined (distributed.combine_stats) = one process's."""
+    one, split = pair[0]["grads"][algo]["stats_one"], pair[0]["grads"][algo]["stats_split"]
+    assert one["forwards"] > 1 and (one["loss"] != 0)
+    assert differences(one, split) == []
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+def test_a_training_step_equals_one_process(pair, algo):
+    """Trainer.train_step (sampling, gathering, backward shares, summed gradients, AdamW; T-SPMO's replay; GRPO
+    with --accum 2) with groups made the same for any N: the metrics and the weights are one process's."""
+    for r in pair:
+        s = r["steps"][algo]
+        print(f"\n{algo} step, rank {r['rank']}: max |Δ weight| {s['moved']:.2e}, max |2 processes − 1| "
+              f"{s['weight_err']:.1e}")
+        assert s["moved"] > 1e-5 and s["weight_err"] <= 1e-6 * s["moved"] + 1e-9
+    m1, m2 = pair[0]["steps"][algo]["metrics_one"], pair[0]["steps"][algo]["metrics_split"]  # rank 0 logs
+    for k in ("seconds", "tokens_per_s", "peak_mem_gb"):
+        m1.pop(k), m2.pop(k)
+    assert differences(m1, m2) == []
+    if algo == "tspmo":
+        assert len(m1["groups"]) >= 2 and m1["forwards"] > 2  # the fresh group and at least one replay
+
+
+def test_every_rank_holds_the_same_whole_group(pair):
+    (outs0, rewards0), (outs1, rewards1) = pair[0]["group"], pair[1]["group"]
+    assert len(outs0) == 6 and (outs0, rewards0) == (outs1, rewards1)
+    assert outs0[:3] != outs0[3:]  # the two shares come from two different generator streams
+
+
+def test_evaluation_counts_agree_with_one_process(pair):
+    for r in pair:
+        assert r["eval_split"] == r["eval_one"] and r["eval_one"]["n"] == 7
