@@ -39,7 +39,7 @@ import distributed
 import lora
 import model as M
 import tokrl
-from checkpoints import latest_checkpoint, read_jsonl, save_checkpoint, write_jsonl
+from checkpoints import latest_checkpoint, read_jsonl, rng_state, save_checkpoint, write_jsonl
 from plot import svg_plot
 from distributed import World, combine_stats, own_rng, rng_for_checkpoint
 from tasks import DataError, Task, check_reward, make_task
@@ -352,8 +352,10 @@ def load_everything(cfg: Settings):
     return net, tok, M.eos_ids(model_dir, net.config, tok)
 
 
-def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None) -> dict:
-    """The whole run; returns the final evaluation. `task` lets tests plug in a toy task."""
+def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None,
+          world: World = World()) -> dict:
+    """The whole run; returns the final evaluation. `task` lets tests plug in a toy task. With N processes
+    (`world`, distributed.py) every one runs this loop on its share; rank 0 alone prints and writes the files."""
     torch.manual_seed(cfg.seed)  # nothing should draw from the global RNG; this only pins what might
     # CPU: arithmetic on denormal floats (below 1.2e-38) is slow; flushing them to zero changes no result that matters
     # and made a zero-variance backward 30x faster on the test machine
@@ -362,8 +364,9 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     task = task or make_task(cfg.task, tok, cfg.data, cfg.reward)
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha,
                     generator=torch.Generator().manual_seed(cfg.seed + 4))  # [L1]
-    tr = Trainer(cfg, run, net, tok, task, eos)
+    tr = Trainer(cfg, run, net, tok, task, eos, world)
     metrics, evals = [], []
+    say = print if world.main else (lambda *a, **k: None)
     if resume:
         ck = latest_checkpoint(run)
         if ck is None:
@@ -372,31 +375,34 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
         state = torch.load(ck / "state.pt", weights_only=True)
         tr.opt.load_state_dict(state["optimizer"])
         tr.step = state["step"]
-        r = state["rng"]
+        r = own_rng(world, state)  # several processes: each its own generators
         tr.gens["sample"].set_state(r["sample"]), tr.gens["select"].set_state(r["select"])
         tr.gens["data"].setstate(r["data"]), tr.gens["replay"].setstate(r["replay"])
         metrics = read_jsonl(run / "metrics.jsonl", tr.step)  # drop steps logged after the checkpoint
         evals = read_jsonl(run / "eval.jsonl", tr.step)
-        write_jsonl(run / "metrics.jsonl", metrics)
-        write_jsonl(run / "eval.jsonl", evals)
-        print(f"resumed {run} at step {tr.step} from {ck.name}")
+        if world.main:
+            write_jsonl(run / "metrics.jsonl", metrics)
+            write_jsonl(run / "eval.jsonl", evals)
+        say(f"resumed {run} at step {tr.step} from {ck.name}")
     if hasattr(task, "split_note"):
-        print(f"data: {task.split_note}")
+        say(f"data: {task.split_note}")
     # the data stream is rebuilt from the restored RNG state: the same next examples as an uninterrupted run
     stream = task.train_stream(tr.gens["data"])
 
     def log_eval(step):
         with torch.no_grad():
-            e = {"step": step, **evaluate(net, tok, task, cfg, eos)}
+            e = {"step": step, **evaluate(net, tok, task, cfg, eos, world)}
         evals.append(e)
-        write_jsonl(run / "eval.jsonl", evals)
-        print(f"eval  step {step:>4} | accuracy {e['accuracy']:.4f} on {e['n']} | {e['seconds']:.0f} s", flush=True)
+        if world.main:
+            write_jsonl(run / "eval.jsonl", evals)
+        say(f"eval  step {step:>4} | accuracy {e['accuracy']:.4f} on {e['n']} | {e['seconds']:.0f} s", flush=True)
 
     if not evals:
         log_eval(tr.step)
     started, first = time.time(), tr.step
+    stopping = False  # several processes: the first Ctrl-C seen by any stops all of them after the same step
     with StopRequest() as stop:
-        while tr.step < cfg.steps and not stop.requested:
+        while tr.step < cfg.steps and not stopping:
             try:
                 m = tr.train_step(stream)
             except NonFiniteLoss as e:
@@ -405,34 +411,41 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
                                  f"checkpoint is {ck or 'none (no checkpoint was written yet)'}") from None
             tr.step = m["step"]
             metrics.append(m)
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            print(progress_line(m, cfg.steps, started, first), flush=True)
+            if world.main:
+                with open(run / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(m) + "\n")
+            say(progress_line(m, cfg.steps, started, first), flush=True)
+            stopping = bool(world.sum([stop.requested])[0])
             if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps:
                 log_eval(tr.step)
-            if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stop.requested:
-                save_checkpoint(run, tr.step, net, tr.opt, tr.gens, cfg.model)
-            (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
-    if stop.requested and tr.step < cfg.steps:
-        print(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
+            if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stopping:
+                rng = rng_for_checkpoint(world, rng_state(tr.gens))  # every process's generators, to rank 0
+                if world.main:
+                    save_checkpoint(run, tr.step, net, tr.opt, tr.gens, cfg.model, rng=rng)
+            if world.main:
+                (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
+    if stopping and tr.step < cfg.steps:
+        say(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
         return evals[-1]
     if not evals or evals[-1]["step"] != tr.step:
         log_eval(tr.step)
-    (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
-    lora.save_adapter(net, run / "adapter", base_model=cfg.model)
-    print(f"done: accuracy {evals[-1]['accuracy']:.4f}; adapter in {run / 'adapter'} (PEFT format)")
+    if world.main:
+        (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
+        lora.save_adapter(net, run / "adapter", base_model=cfg.model)
+    say(f"done: accuracy {evals[-1]['accuracy']:.4f}; adapter in {run / 'adapter'} (PEFT format)")
     return evals[-1]
 
 
-def eval_only(cfg: Settings, adapter: str | None, out: Path | None) -> dict:
+def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World = World()) -> dict:
     net, tok, eos = load_everything(cfg)
     task = make_task(cfg.task, tok, cfg.data, cfg.reward)
     if adapter:
         lora.load_adapter(net, adapter)
     with torch.no_grad():
-        e = evaluate(net, tok, task, cfg, eos)
-    print(f"accuracy {e['accuracy']:.4f} on {e['n']} {cfg.task} test examples "
-          f"({'adapter ' + adapter if adapter else 'base model'})")
+        e = evaluate(net, tok, task, cfg, eos, world)
+    if world.main:
+        print(f"accuracy {e['accuracy']:.4f} on {e['n']} {cfg.task} test examples "
+              f"({'adapter ' + adapter if adapter else 'base model'})")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps({"adapter": adapter, **e}, indent=2) + "\n")
@@ -531,23 +544,30 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(args, Settings(**{k: v for k, v in saved.items() if k in Settings.__dataclass_fields__}))
     else:
         cfg = resolve(args)
+    world = World()
     try:
         check_reward(cfg.task, cfg.reward)  # before any heavy work
+        world = distributed.from_env(cfg.device)  # torchrun: this process's place among N; else World()
+        on_device = dataclasses.replace(cfg, device=world.device) if world.size > 1 else cfg  # cuda:LOCAL_RANK
         if args.eval_only:
-            eval_only(cfg, args.adapter, Path(cfg.out) if cfg.out else None)
+            eval_only(on_device, args.adapter, Path(cfg.out) if cfg.out and world.main else None, world)
             return 0
         if not args.resume:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            run = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{stamp}")
+            run = Path(world.gather([cfg.out or f"runs/{cfg.task}-{cfg.algo}-{stamp}"])[0])  # rank 0's name
             if (run / "metrics.jsonl").is_file():
                 raise SystemExit(f"error: {run} already holds a run; use --resume {run} or another --out")
-            run.mkdir(parents=True, exist_ok=True)
             cfg = dataclasses.replace(cfg, out=str(run))
-        print("settings: " + json.dumps(dataclasses.asdict(cfg)))
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        train(cfg, run, resume=bool(args.resume))
+            if world.main:
+                run.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            print("settings: " + json.dumps(dataclasses.asdict(cfg)))
+            (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        train(dataclasses.replace(on_device, out=cfg.out), run, resume=bool(args.resume), world=world)
     except (DataError, M.ModelNotFoundError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        distributed.shutdown(world)
     return 0
 
 

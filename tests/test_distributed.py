@@ -316,3 +316,77 @@ def test_every_rank_holds_the_same_whole_group(pair):
 def test_evaluation_counts_agree_with_one_process(pair):
     for r in pair:
         assert r["eval_split"] == r["eval_one"] and r["eval_one"]["n"] == 7
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line under torchrun: the files of a run, and an exact resume
+
+CLI = ["--task", "mult", "--algo", "tspmo", "--device", "cpu", "-G", "4", "--max-new-tokens", "8", "--steps", "4",
+       "--eval-limit", "3", "--eval-every", "2", "--save-every", "2", "--lora-fraction", "0.5", "--replay-success",
+       "1", "--replay-failure", "1", "--replay-threshold", "0.5", "--reward", "partial"]
+TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
+
+
+def run_files(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+
+
+def without(rows: list[dict], keys=TIMING) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in keys} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict[str, Path]:
+    """A one-process run (in this process), a 2-process run under torchrun, and that run resumed from step 2."""
+    import shutil
+    import train
+    d = tmp_path_factory.mktemp("cli")
+    model = make_checkpoint(d / "tiny")
+    runs = {"one": d / "one", "two": d / "two", "resumed": d / "resumed"}
+    assert train.main(["--model", str(model), "--out", str(runs["one"]), *CLI]) == 0
+    out = torchrun(["--model", str(model), "--out", str(runs["two"]), *CLI])
+    assert out.count("settings:") == 1 and out.count("done:") == 1  # rank 0 alone prints
+    shutil.copytree(runs["two"], runs["resumed"])
+    shutil.rmtree(runs["resumed"] / "checkpoints" / "step-000004")  # back to the checkpoint of step 2
+    (runs["resumed"] / "checkpoints" / "latest").write_text("step-000002\n")
+    out = torchrun(["--resume", str(runs["resumed"])])
+    assert "resumed" in out and "at step 2" in out
+    return runs
+
+
+def test_a_two_process_run_writes_the_files_of_a_one_process_run(cli_runs):
+    import checkpoints
+    one, two = cli_runs["one"], cli_runs["two"]
+    assert run_files(two) == run_files(one) and "adapter/adapter_model.safetensors" in run_files(one)
+    c1, c2 = (json.loads((r / "config.json").read_text()) for r in (one, two))
+    assert {k for k in c1 if c1[k] != c2[k]} == {"out"}  # the settings are the same; N is not one of them
+    for log in ("metrics.jsonl", "eval.jsonl"):
+        rows1, rows2 = checkpoints.read_jsonl(one / log), checkpoints.read_jsonl(two / log)
+        assert [r["step"] for r in rows1] == [r["step"] for r in rows2] and len(rows1) >= 3
+        assert [r.keys() for r in rows1] == [r.keys() for r in rows2]
+    assert [e["n"] for e in checkpoints.read_jsonl(two / "eval.jsonl")] == [3, 3, 3]
+    assert (one / "adapter" / "adapter_config.json").read_text() == (two / "adapter" / "adapter_config.json").read_text()
+    state1 = torch.load(one / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
+    state2 = torch.load(two / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
+    assert "rng_ranks" not in state1 and len(state2["rng_ranks"]) == 2  # every process's generators
+    assert not torch.equal(state2["rng_ranks"][0]["sample"], state2["rng_ranks"][1]["sample"])
+
+
+def test_resume_of_a_two_process_run_is_bit_exact(cli_runs):
+    from safetensors.torch import load_file
+    import checkpoints
+    two, resumed = cli_runs["two"], cli_runs["resumed"]
+    m2, mr = (checkpoints.read_jsonl(r / "metrics.jsonl") for r in (two, resumed))
+    assert [m["step"] for m in mr] == [1, 2, 3, 4] and without(mr) == without(m2)
+    assert without(checkpoints.read_jsonl(resumed / "eval.jsonl")) == without(checkpoints.read_jsonl(two / "eval.jsonl"))
+    a2, ar = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (two, resumed))
+    assert a2.keys() == ar.keys() and all(torch.equal(a2[k], ar[k]) for k in a2)
+
+
+def test_resume_with_another_number_of_processes_is_refused(cli_runs, tmp_path):
+    import shutil
+    import train
+    shutil.copytree(cli_runs["two"], tmp_path / "two")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "two"), "--steps", "5"])
+    assert "written by 2 process(es) and this run has 1" in str(e.value)
