@@ -68,7 +68,8 @@ class World:
         return sorted(mine)
 
     def seed_for_rank(self, seed: int) -> int:
-        """The sampling seed of this rank: `seed` itself on rank 0 (a one-process run is unchanged)."""
+        """The sampling seed of this rank: `seed` itself on rank 0 (a one-process run is unchanged). ours: the
+        other ranks' seeds are derived from (seed, rank); the completions therefore depend on N."""
         return (seed + self.rank * GOLDEN) % 2**64
 
     # -- collectives (the identity in a one-process run) -----------------------------------------------------------
@@ -196,8 +197,8 @@ def rng_for_checkpoint(world: World, own: dict) -> dict:
 
 
 def own_rng(world: World, state: dict) -> dict:
-    """This rank's generator states from a checkpoint; a checkpoint from another number of processes is refused
-    (its sampling streams were N' ones: a resume with N would not continue them)."""
+    """This rank's generator states from a checkpoint. ours: a checkpoint from another number of processes is
+    refused (its N' sampling streams cannot continue as N: the resume would not be the run it claims to continue)."""
     saved = len(state.get("rng_ranks", [None]))
     if saved != world.size:
         raise ValueError(f"the checkpoint was written by {saved} process(es) and this run has {world.size}: resume "

@@ -237,7 +237,7 @@ class Trainer:
 
     def optimizer_step(self) -> None:
         """The gradients summed over the processes (each holds its share's), then one identical step everywhere."""
-        self.world.sum_grads(lora.lora_parameters(self.net))
+        self.world.sum_grads([p for group in self.opt.param_groups for p in group["params"]])
         self.opt.step()
 
     def replay(self, prompt_ids, completions, rewards) -> list[tokrl.StepStats]:
