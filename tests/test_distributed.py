@@ -390,3 +390,17 @@ def test_resume_with_another_number_of_processes_is_refused(cli_runs, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", str(tmp_path / "two"), "--steps", "5"])
     assert "written by 2 process(es) and this run has 1" in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_two_gpus_with_nccl_write_the_files_of_a_one_process_run(cli_runs, tmp_path):
+    """The same CLI run on 2 GPUs: NCCL, each process on cuda:LOCAL_RANK; the files of the CPU runs, and a resume."""
+    import checkpoints
+    model = cli_runs["one"].parent / "tiny"
+    args = [a for a in CLI if a not in ("--device", "cpu")]
+    out = torchrun(["--model", str(model), "--out", str(tmp_path / "gpu"), "--device", "cuda", *args])
+    assert out.count("done:") == 1 and run_files(tmp_path / "gpu") == run_files(cli_runs["one"])
+    state = torch.load(tmp_path / "gpu" / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2
+    metrics = checkpoints.read_jsonl(tmp_path / "gpu" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["peak_mem_gb"] > 0 for m in metrics)
