@@ -61,9 +61,9 @@ def fault(point: str) -> None:
 class WriteError(RuntimeError):
     """A file of the run could not be written (disk full, permissions); the message names it."""
 
-    def __init__(self, path: Path, err: OSError):
-        super().__init__(f"cannot write {path}: {err.strerror or err}")
-        self.path = path
+    def __init__(self, path: Path, err: OSError | str):
+        super().__init__(f"cannot write {path}: {err if isinstance(err, str) else err.strerror or err}")
+        self.path, self.reason = path, err if isinstance(err, str) else str(err.strerror or err)
 
 
 class NonFiniteState(RuntimeError):
@@ -200,9 +200,9 @@ def save_checkpoint(run: Path, step: int, net, opt, state: dict, base_model: str
         if final.exists():  # a resume from an older checkpoint writes this step again
             _discard(final)
         os.replace(tmp, final)  # the directory appears complete, or not at all
-    except OSError as e:
+    except (OSError, WriteError) as e:  # name the checkpoint, not the temporary file inside it
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(final, e) from None
+        raise WriteError(final, e.reason if isinstance(e, WriteError) else e) from None
     fault("checkpoint.renamed")
     write_atomic(root / "latest", (final.name + "\n").encode(), "latest")
     for old in sorted(root.glob("step-*"))[: -(keep or KEEP)]:

@@ -360,21 +360,23 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     started, first = time.time(), tr.step
     with StopRequest() as stop:
         try:
-            if eval_due(tr.step) and not any(e["step"] == tr.step for e in log.evals):
-                log_eval(tr.step, stop)  # step 0, or an evaluation a stop or a crash cut short
-            while tr.step < cfg.steps and not stop.requested:
-                m = tr.train_step(stream)
-                tr.step = m["step"]
-                log.step(m)
-                print(progress_line(m, cfg.steps, started, first), flush=True)
-                if eval_due(tr.step):
-                    log_eval(tr.step, stop)
-                if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stop.requested:
-                    save(tr.step)
-                log.curves()
-        except EvalStopped:  # Ctrl-C during an evaluation: keep the step, the evaluation is run again on resume
-            if last_saved is None or last_saved.name != f"step-{tr.step:06d}":
-                save(tr.step)
+            try:
+                if eval_due(tr.step) and not any(e["step"] == tr.step for e in log.evals):
+                    log_eval(tr.step, stop)  # step 0, or an evaluation that a stop or a crash cut short
+                while tr.step < cfg.steps and not stop.requested:
+                    m = tr.train_step(stream)
+                    tr.step = m["step"]
+                    log.step(m)
+                    print(progress_line(m, cfg.steps, started, first), flush=True)
+                    if eval_due(tr.step):
+                        log_eval(tr.step, stop)
+                    if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stop.requested:
+                        save(tr.step)
+                    log.curves()
+            except EvalStopped:  # Ctrl-C during an evaluation: it is run again on resume
+                pass
+            if stop.requested and (last_saved is None or last_saved.name != f"step-{tr.step:06d}"):
+                save(tr.step)  # a stop during the step-0 (or another) evaluation: a checkpoint of this step
         except (NonFiniteLoss, checkpoints.NonFiniteState) as e:
             raise SystemExit(f"error: {e} at step {tr.step + 1}; stopped without saving it: {safe()}. A lower --lr "
                              "or --dtype float32 in a new run avoids it") from None
