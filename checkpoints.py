@@ -32,6 +32,10 @@ import torch
 import lora
 
 KEEP = 2  # checkpoints kept on disk (the newest two: one stays whole while the next is written)
+# fsync each file before its rename, so that a power loss (not only a crash) cannot leave an empty file under the real
+# name. About 7 ms a file on the test machine: the fault tests, which write hundreds of checkpoints and where the
+# fault is a killed process (the page cache survives it), turn it off.
+DURABLE = True
 
 FAULT_POINTS = (
     "checkpoint.start",  # nothing of this checkpoint written yet
@@ -85,7 +89,8 @@ def write_atomic(path: Path, data: bytes, point: str = "") -> None:
                 fault(point + ".partial")
             f.write(data[len(data) // 2:])
             f.flush()
-            os.fsync(f.fileno())
+            if DURABLE:
+                os.fsync(f.fileno())
         if point:
             fault(point + ".written")
         os.replace(tmp, path)
@@ -107,7 +112,8 @@ def append_jsonl(path: Path, row: dict, point: str = "") -> None:
                     fault(point + ".partial")
                 f.write(line[len(line) // 2:])
                 f.flush()
-                os.fsync(f.fileno())
+                if DURABLE:
+                    os.fsync(f.fileno())
             except OSError:
                 f.truncate(size)
                 raise
