@@ -274,4 +274,5 @@ def find_checkpoint(run: Path) -> tuple[Path, dict]:
                   f" Resuming from the newest intact one, {ck}", file=sys.stderr)
         return ck, state
     raise CheckpointError(f"{run} has no intact checkpoint to resume from: "
-                          + ("; ".join(tried) if tried else f"{root} holds no step-* directory"))
+                          + ("; ".join(tried) if tried else f"{root} holds no checkpoint (the run stopped before its first one: start it "
+                                                "again with the same command)"))

@@ -632,14 +632,34 @@ def open_resume(args: argparse.Namespace) -> tuple[Settings, Path, tuple[Path, d
     return cfg, run, (ck, state)
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LOGS = ("metrics.jsonl", "eval.jsonl", "resumes.jsonl", "curves.svg")
+
+
 def new_run_dir(cfg: Settings) -> Path:
+    """The run directory of a new run: new, or one whose run stopped before its first checkpoint (nothing there can be
+    resumed, so it starts again). One with a checkpoint holds a run: --resume it, or choose another --out."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{stamp}")
     if run.exists() and not run.is_dir():
         usage_error(f"--out {run}: is a file; allowed: a new or empty directory")
-    if (run / "config.json").is_file() or (run / "metrics.jsonl").is_file():
+    if any((run / "checkpoints").glob("step-*")):
         usage_error(f"--out {run}: already holds a run; continue it with --resume {run}, or choose another --out")
     return run
+
+
+def start_run_dir(run: Path, cfg: Settings) -> Settings:
+    """Create the run directory and write its settings, once (a resume never rewrites them)."""
+    if (run / "config.json").is_file():
+        print(f"warning: {run} holds a run that stopped before its first checkpoint; starting it again there",
+              file=sys.stderr)
+        checkpoints.remove_stale(run)
+        for name in LOGS:
+            (run / name).unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, out=str(run))
+    write_atomic(run / "config.json", (json.dumps(dataclasses.asdict(cfg), indent=2) + "\n").encode())
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -652,15 +672,16 @@ def main(argv: list[str] | None = None) -> int:
             validate(cfg, training=not args.eval_only)
             if args.adapter and not args.eval_only:
                 usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
+            if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):
+                usage_error(f"--adapter {args.adapter}: not an adapter directory; allowed: a directory with "
+                            f"{' and '.join(ADAPTER_FILES)} (PEFT format, e.g. RUN_DIR/adapter)")
             run = None if args.eval_only else new_run_dir(cfg)
         task = check_inputs(cfg)  # seconds, where loading the weights takes minutes
         if args.eval_only:
             eval_only(cfg, args.adapter, Path(cfg.out) if cfg.out else None)
             return 0
         if ck is None:
-            run.mkdir(parents=True, exist_ok=True)
-            cfg = dataclasses.replace(cfg, out=str(run))
-            write_atomic(run / "config.json", (json.dumps(dataclasses.asdict(cfg), indent=2) + "\n").encode())
+            cfg = start_run_dir(run, cfg)
         else:
             for p in checkpoints.remove_stale(run):
                 print(f"removed {p}, left by an interrupted write", file=sys.stderr)

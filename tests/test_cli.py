@@ -89,6 +89,9 @@ BAD_SETTINGS = [
     (["--task", "mult", "--data", "x"], "--data x: the mult task generates its problems and reads no data; allowed: "
                                         "--data with --task svamp or gsm8k"),
     (["--adapter", "somewhere"], "--adapter somewhere: only with --eval-only (training starts a new adapter)"),
+    (["--eval-only", "--adapter", "nowhere"], "--adapter nowhere: not an adapter directory; allowed: a directory with "
+                                              "adapter_config.json and adapter_model.safetensors (PEFT format, "
+                                              "e.g. RUN_DIR/adapter)"),
 ]
 
 

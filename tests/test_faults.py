@@ -151,6 +151,21 @@ def test_sigkill_at_each_write_point_then_resume_is_bit_exact(tmp_path, tiny, re
     assert_same_run(reference[task, algo], run)
 
 
+@pytest.mark.parametrize("point", ["checkpoint.state.written", "metrics.appended", "eval.appended"])
+def test_killed_before_the_first_checkpoint_the_same_command_starts_again(tmp_path, tiny, reference, capsys, point):
+    run = tmp_path / "run"
+    args = argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2")
+    assert killed(point, 1, args) == -signal.SIGKILL
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run)])
+    assert "holds no checkpoint (the run stopped before its first one: start it again with the same command)" \
+        in str(e.value)
+    capsys.readouterr()
+    train.main(args)
+    assert f"warning: {run} holds a run that stopped before its first checkpoint" in capsys.readouterr().err
+    assert_same_run(reference["svamp", "tspmo"], run)
+
+
 def test_the_reference_runs_move_the_adapter_and_replay(reference):
     """Guards the test above against comparing runs where nothing happens."""
     for (task, algo), run in reference.items():
