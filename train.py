@@ -312,6 +312,15 @@ class RunLog:
         write_atomic(self.run / "curves.svg", svg_plot(self.metrics, self.evals, self.title).encode(), "curves")
 
 
+def restore(tr: Trainer, ck: Path, state: dict) -> int:
+    """A checkpoint back into the trainer: adapter, AdamW, step, RNGs. Returns the data position."""
+    lora.load_adapter_weights(tr.net, ck / "adapter")
+    tr.opt.load_state_dict(state["optimizer"])
+    tr.step = state["step"]
+    tr.set_rng_state(state["rng"])
+    return state["data_position"]
+
+
 def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None,
           checkpoint: tuple[Path, dict] | None = None) -> dict:
     """The whole run; returns the final evaluation. `task` lets tests plug in a toy task; `checkpoint` is the one
@@ -328,10 +337,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     position, last_saved = 0, None
     if resume:
         last_saved, state = checkpoint or find_checkpoint(run)
-        lora.load_adapter_weights(net, last_saved / "adapter")
-        tr.opt.load_state_dict(state["optimizer"])
-        tr.step, position = state["step"], state["data_position"]
-        tr.set_rng_state(state["rng"])
+        position = restore(tr, last_saved, state)
         print(f"resumed {run} at step {tr.step} from {last_saved.name}")
     log = RunLog(run, cfg, tr.step if resume else None)
     if hasattr(task, "split_note"):
@@ -377,16 +383,19 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
                 pass
             if stop.requested and (last_saved is None or last_saved.name != f"step-{tr.step:06d}"):
                 save(tr.step)  # a stop during the step-0 (or another) evaluation: a checkpoint of this step
-        except (NonFiniteLoss, checkpoints.NonFiniteState) as e:
+        except NonFiniteLoss as e:
             raise SystemExit(f"error: {e} at step {tr.step + 1}; stopped without saving it: {safe()}. A lower --lr "
                              "or --dtype float32 in a new run avoids it") from None
+        except checkpoints.NonFiniteState as e:
+            raise SystemExit(f"error: {e}; stopped: {safe()}") from None
         except WriteError as e:
             raise SystemExit(f"error: {e}. Stopped: {safe()}; once the disk has room, continue with "
                              f"python train.py --resume {run}") from None
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once
             print(f"\nstopped at once: {safe()}; continue with: python train.py --resume {run}", file=sys.stderr)
             raise SystemExit(130) from None
-    if stop.requested:
+    finished = tr.step == cfg.steps and bool(log.evals) and log.evals[-1]["step"] == tr.step
+    if stop.requested and not finished:
         print(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
         return log.evals[-1] if log.evals else {}
     try:

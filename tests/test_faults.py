@@ -387,6 +387,30 @@ def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path, tin
             in capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("at_step", [2, STEPS])
+def test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly(done, tmp_path, tiny, monkeypatch, capsys,
+                                                                         at_step):
+    """Ctrl-C while step `at_step` samples: that step completes and is checkpointed, the evaluation due after it is
+    left to the resume (during the last step: the final evaluation and the adapter), and the resumed run is exact."""
+    real, where = train.Trainer.train_step, {}
+
+    def train_step(self, stream):
+        if self.step + 1 == at_step and not where:
+            where["sent"] = os.kill(os.getpid(), signal.SIGINT)
+        return real(self, stream)
+
+    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    run = tmp_path / "run"
+    assert train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2")) == 0
+    assert f"stopped at step {at_step}; continue with: python train.py --resume {run}" in capsys.readouterr().out
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{at_step:06d}\n"
+    assert [e["step"] for e in checkpoints.read_jsonl(run / "eval.jsonl")] == [s for s in (0, 2) if s < at_step]
+    assert not (run / "adapter").exists()
+    monkeypatch.setattr(train.Trainer, "train_step", real)
+    train.main(["--resume", str(run)])
+    assert_same_run(done, run)
+
+
 # --- non-finite state is never written ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("in_replay", [False, True], ids=["fresh group", "replay group"])
