@@ -174,16 +174,17 @@ def read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
 
 
 def non_finite(net, opt) -> str | None:
-    """The first adapter weight or optimizer-state tensor holding NaN or ±inf, by name; None if all are finite."""
-    for name, m in lora.lora_modules(net):
-        for ab in ("lora_A", "lora_B"):
-            if not torch.isfinite(getattr(m, ab)).all():
-                return f"{name}.{ab}"
-    for i, st in enumerate(opt.state.values()):
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-                return f"optimizer state {i} {k}"
-    return None
+    """The first adapter weight or optimizer-state tensor holding NaN or ±inf, by name; None if all are finite.
+    One device sync when all are finite (this runs after every optimizer step)."""
+    named = [(f"{name}.{ab}", getattr(m, ab)) for name, m in lora.lora_modules(net) for ab in ("lora_A", "lora_B")]
+    named += [(f"optimizer state {i} {k}", v) for i, st in enumerate(opt.state.values()) for k, v in st.items()
+              if torch.is_tensor(v) and v.is_floating_point()]
+    flags: dict[torch.device, list[torch.Tensor]] = {}  # AdamW keeps `step` on the CPU, the moments with the weights
+    for _, t in named:
+        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if all(bool(torch.stack(f).all()) for f in flags.values()):
+        return None
+    return next(name for name, t in named if not torch.isfinite(t).all())
 
 
 def save_checkpoint(run: Path, step: int, net, opt, state: dict, base_model: str, keep: int | None = None) -> Path:
