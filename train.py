@@ -2,7 +2,7 @@
 
     python train.py --algo tspmo --task mult                  # the paper's settings for (algo, task)
     python train.py --algo sgrpo --task svamp --steps 10      # any setting can be overridden
-    python train.py --resume runs/mult-tspmo-20261122-101500  # continue exactly where it stopped
+    python train.py --resume runs/mult-tspmo-20261122-101500  # continue exactly where it stopped [--steps N]
     python train.py --task mult --eval-only [--adapter DIR]   # accuracy of the base model or of an adapter
 
 Deviations from the paper and choices it leaves open (README "Choices the paper leaves open" lists the same):
@@ -13,7 +13,9 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
   4. A zero-variance group still takes its update: GRPO/S-GRPO still backpropagate the β·KL term (E3/E5 keep it when
      Â = 0), T-SPMO only the λ·‖W‖² term. The step is logged with zero_variance = true.
 
-Sections: settings · evaluation · the training loop · command line. Tasks and data: tasks.py; checkpoints and logs:
+Every setting is checked before anything is loaded (RULES); a resume keeps the settings the run recorded.
+
+Sections: settings · evaluation · the training loop · checking the settings · command line. Tasks and data: tasks.py; checkpoints and logs:
 checkpoints.py; the plot: plot.py.
 """
 from __future__ import annotations
