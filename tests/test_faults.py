@@ -31,6 +31,16 @@ TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
 STEPS = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The forked children must run on one thread (see `killed`); so does this process, so that both sum in the
+    same order and the comparisons can ask for bit-equality whatever the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def no_fsync(monkeypatch):
     """fsync guards against a power loss, which these tests do not simulate; it costs ~7 ms a file here."""
@@ -106,6 +116,8 @@ def assert_same_run(a: Path, b: Path) -> None:
 def killed(point: str, n: int, args: list[str]) -> int | None:
     """Run train.main(args) in a forked child that SIGKILLs itself at the n-th `point`; its exit code (-9: killed)."""
     def child():
+        # OpenMP's thread pool does not survive a fork (the child would wait on threads it does not have): one thread
+        torch.set_num_threads(1)
         os.environ["TOKRL_FAULT"] = f"{point}:{n}"
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1), os.dup2(devnull, 2)
@@ -115,6 +127,10 @@ def killed(point: str, n: int, args: list[str]) -> int | None:
     p = multiprocessing.get_context("fork").Process(target=child)
     p.start()
     p.join(120)
+    if p.is_alive():  # hung: end it, and fail
+        p.kill()
+        p.join()
+        return None
     return p.exitcode
 
 
