@@ -195,11 +195,18 @@ def files(run: Path) -> dict:
     return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def two_steps(tmp_path, tiny) -> Path:
-    run = tmp_path / "r"
+@pytest.fixture(scope="module")
+def two_steps_once(tiny, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("two") / "r"
     train.main(["--task", "mult", "--algo", "sgrpo", "--model", str(tiny), *SMALL, "--steps", "2", "--out", str(run)])
     return run
+
+
+@pytest.fixture
+def two_steps(two_steps_once, tmp_path) -> Path:
+    """A finished 2-step run, a fresh copy for each test."""
+    import shutil
+    return Path(shutil.copytree(two_steps_once, tmp_path / "r"))
 
 
 @pytest.mark.parametrize("flags,name,recorded", [
