@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import shutil
 import signal
@@ -274,6 +273,5 @@ def find_checkpoint(run: Path) -> tuple[Path, dict]:
             print(f"warning: {root / 'latest'} names {latest or 'nothing'}; unreadable checkpoints skipped: {skipped}."
                   f" Resuming from the newest intact one, {ck}", file=sys.stderr)
         return ck, state
-    raise CheckpointError(f"{run} has no intact checkpoint to resume from: "
-                          + ("; ".join(tried) if tried else f"{root} holds no checkpoint (the run stopped before its first one: start it "
-                                                "again with the same command)"))
+    none = f"{root} holds no checkpoint (the run stopped before its first one: start it again with the same command)"
+    raise CheckpointError(f"{run} has no intact checkpoint to resume from: " + ("; ".join(tried) or none))

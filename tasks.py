@@ -233,7 +233,7 @@ class TrainStream:
     A checkpoint records the position; a resume rebuilds the stream from its seed and skips that many examples, so it
     gives the very examples an uninterrupted run would give next, whatever the stream does with its RNG: SVAMP and
     GSM8K shuffle a whole epoch at once, so the RNG's state alone does not say where in the epoch a run stands.
-    Skipping is cheap: at most steps × accum examples (3,600 for the paper's longest run), none of them loaded twice."""
+    Skipping is cheap: at most steps × accum examples (3,600 for the paper's longest run), none loaded twice."""
 
     def __init__(self, task: Task, seed: int, position: int = 0):
         self.examples = task.train_stream(random.Random(seed))

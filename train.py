@@ -15,8 +15,8 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
 
 Every setting is checked before anything is loaded (RULES); a resume keeps the settings the run recorded.
 
-Sections: settings · evaluation · the training loop · checking the settings · command line. Tasks and data: tasks.py; checkpoints and logs:
-checkpoints.py; the plot: plot.py.
+Sections: settings · evaluation · the training loop · checking the settings · command line. Tasks and data:
+tasks.py; checkpoints and logs: checkpoints.py; the plot: plot.py.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ import lora
 import model as M
 import tokrl
 import checkpoints
-from checkpoints import WriteError, append_jsonl, find_checkpoint, read_jsonl, save_checkpoint, write_atomic, write_jsonl
+from checkpoints import (WriteError, append_jsonl, find_checkpoint, read_jsonl, save_checkpoint, write_atomic,
+                         write_jsonl)
 from plot import svg_plot
 from tasks import DataError, Task, TrainStream, make_task
 

@@ -109,7 +109,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert same(oa["state"], ob["state"]), "optimizer, RNG or data state differs"
     assert oa["metrics"] == ob["metrics"] and [m["step"] for m in oa["metrics"]] == list(range(1, STEPS + 1))
     assert oa["evals"] == ob["evals"]
-    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == sorted(p.name for p in (a / "checkpoints").iterdir())
+    names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names(a) == names(b)
     assert not [p for p in b.rglob(".*")], "temporary files left behind"
 
 
@@ -230,7 +231,7 @@ def test_svamp_stream_resumes_mid_epoch():
     assert [next(task.train_stream(rng))["ID"] for _ in range(4)] != order[3:7]
 
 
-# --- broken files at resume ---------------------------------------------------------------------------------------------
+# --- broken files at resume -------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def done(tmp_path, tiny) -> Path:
@@ -362,7 +363,7 @@ def test_disk_full_names_the_path_and_what_is_safe(done, tmp_path, tiny, monkeyp
     assert_same_run(done, run)
 
 
-# --- Ctrl-C -------------------------------------------------------------------------------------------------------------
+# --- Ctrl-C -----------------------------------------------------------------------------------------------------------
 
 def interrupt_evaluation(monkeypatch, times: int) -> None:
     """Ctrl-C (a real SIGINT to this process) `times` times during the first greedy batch of the evaluation."""
@@ -427,7 +428,7 @@ def test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly(done, 
     assert_same_run(done, run)
 
 
-# --- non-finite state is never written ----------------------------------------------------------------------------------
+# --- non-finite state is never written --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("in_replay", [False, True], ids=["fresh group", "replay group"])
 def test_non_finite_weights_stop_the_run_before_they_are_saved(tmp_path, tiny, monkeypatch, in_replay):
