@@ -392,6 +392,45 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model.to(device).eval()
 
 
+def check_model_dir(model_dir: str | os.PathLike) -> tuple[Qwen2Config, Tokenizer]:
+    """What `load_model` would refuse, found in seconds: config.json, the tokenizer against the config's vocabulary,
+    and the safetensors headers (names, shapes, and files long enough for the data they announce), no weights read."""
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read config.json ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: config.json holds a JSON {type(d).__name__}, expected an object of settings")
+    cfg = Qwen2Config.from_dict(d, source=str(path))
+    tok = Tokenizer(model_dir / "tokenizer.json")
+    n_ids = tok.tk.get_vocab_size(with_added_tokens=True)
+    if n_ids > cfg.vocab_size:
+        raise ValueError(f"{model_dir / 'tokenizer.json'}: the tokenizer has {n_ids} ids, more than the model's "
+                         f"vocab_size {cfg.vocab_size} in config.json (tokenizer and model do not belong together)")
+    shapes = {}
+    for f in weight_files(model_dir):
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(fh.read(n)) if 0 < n < 100 * 2**20 else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{f}: not a safetensors file (unreadable header); it may be truncated or corrupt")
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = 8 + n + max([v["data_offsets"][1] for v in tensors.values()] + [0])
+        if f.stat().st_size < end:
+            raise ValueError(f"{f}: {f.stat().st_size} bytes, but its header announces {end}: the file is truncated "
+                             "(an interrupted download or copy)")
+        shapes.update({k: torch.empty(v["shape"], device="meta") for k, v in tensors.items()})
+    with torch.device("meta"):
+        check_state_dict(Qwen2ForCausalLM(cfg), shapes, model_dir)
+    return cfg, tok
+
+
 def save_model(model: Qwen2ForCausalLM, model_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in the Hugging Face layout (tests and benchmarks build checkpoints)."""
     from safetensors.torch import save_file

@@ -2,7 +2,7 @@
 
     python train.py --algo tspmo --task mult                  # the paper's settings for (algo, task)
     python train.py --algo sgrpo --task svamp --steps 10      # any setting can be overridden
-    python train.py --resume runs/mult-tspmo-20261122-101500  # continue exactly where it stopped
+    python train.py --resume runs/mult-tspmo-20261122-101500  # continue exactly where it stopped [--steps N]
     python train.py --task mult --eval-only [--adapter DIR]   # accuracy of the base model or of an adapter
 
 Deviations from the paper and choices it leaves open (README "Choices the paper leaves open" lists the same):
@@ -15,8 +15,10 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
   5. With --accum N, T-SPMO replays every prompt of the step (each from its own group, scored against its own
      example) after the accumulated update; --reward partial (S2) trains on partial credit, evaluation stays exact.
 
-Sections: settings · evaluation · the training loop · command line. Tasks and data: tasks.py; checkpoints and logs:
-checkpoints.py; the plot: plot.py.
+Every setting is checked before anything is loaded (RULES); a resume keeps the settings the run recorded.
+
+Sections: settings · evaluation · the training loop · checking the settings · command line. Tasks and data:
+tasks.py; checkpoints and logs: checkpoints.py; the plot: plot.py.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import torch
 from tqdm import tqdm
@@ -39,10 +42,12 @@ import distributed
 import lora
 import model as M
 import tokrl
-from checkpoints import latest_checkpoint, read_jsonl, rng_state, save_checkpoint, write_jsonl
-from plot import svg_plot
+import checkpoints
 from distributed import World, combine_stats, own_rng, rng_for_checkpoint
-from tasks import DataError, Task, check_reward, make_task
+from checkpoints import (WriteError, append_jsonl, find_checkpoint, read_jsonl, save_checkpoint, write_atomic,
+                         write_jsonl)
+from plot import svg_plot
+from tasks import TASKS, DataError, Task, TrainStream, make_task
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -114,7 +119,12 @@ def paper_defaults(algo: str, task: str) -> dict:
 # Evaluation: greedy, batched, accuracy = mean reward ([decided] SPEC.md)
 
 
-def evaluate(net, tok, task: Task, cfg: Settings, eos, world: World = World()) -> dict:
+class EvalStopped(Exception):
+    """Ctrl-C during an evaluation: it is abandoned between batches (and run again on resume)."""
+
+
+def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None = None,
+             world: World = World()) -> dict:
     """With N processes each takes a slice of the test set (distributed.py) and the counts are summed."""
     data = task.test_set()[: cfg.eval_limit]
     mine = [data[i] for i in world.share(len(data))]
@@ -124,6 +134,8 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, world: World = World()) -
     with tqdm(total=len(mine), desc=f"eval {task.name}", unit="problem", disable=None if world.main else True,
               leave=False) as bar:
         for i in range(0, len(mine), cfg.eval_batch):
+            if stop is not None and stop.requested and world.size == 1:  # N processes: between steps only
+                raise EvalStopped
             batch = mine[i: i + cfg.eval_batch]
             prompts = [tok.encode(task.prompt(ex)) for ex in batch]
             outs = M.greedy(net, prompts, cfg.max_new_tokens, eos=eos, stop=task.stop())
@@ -208,11 +220,29 @@ class Trainer:
         self.opt = torch.optim.AdamW(lora.lora_parameters(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the sampling generator lives on the model's device (torch.multinomial needs it there): a seed gives different
         # samples on CPU and CUDA (different streams), each reproducible; the other draws are on the CPU everywhere
-        # sampling: each process its own stream (rank 0's is the one-process one); the others are the same everywhere
+        # with N processes each samples from its own stream (rank 0's is the one-process one); the others are the same
         self.gens = {"sample": torch.Generator(self.dev).manual_seed(world.seed_for_rank(cfg.seed)),
                      "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
-                     "data": random.Random(cfg.seed + 2), "replay": random.Random(cfg.seed + 3)}
+                     "replay": random.Random(cfg.seed + 3)}  # the data's RNG: tasks.TrainStream, seed + 2
         self.step = 0
+
+    def rng_state(self) -> dict:
+        g = self.gens
+        return {"sample": g["sample"].get_state(), "select": g["select"].get_state(), "replay": g["replay"].getstate()}
+
+    def set_rng_state(self, r: dict) -> None:
+        self.gens["sample"].set_state(r["sample"]), self.gens["select"].set_state(r["select"])
+        self.gens["replay"].setstate(r["replay"])
+
+    def optimizer_step(self) -> None:
+        """The gradients summed over the processes (each holds its share's; one process: nothing to do), AdamW's
+        step, the same everywhere, then the guard: a non-finite adapter weight or moment stops the run before it is
+        saved."""
+        self.world.sum_grads([p for group in self.opt.param_groups for p in group["params"]])
+        self.opt.step()
+        bad = checkpoints.non_finite(self.net, self.opt)
+        if bad:
+            raise NonFiniteLoss(f"{bad} is not finite after the optimizer step")
 
     def sample_group(self, prompt_ids, prefix=()):
         """G completions of prompt∘prefix with their rewards (the reward reads prefix + completion). With N
@@ -234,11 +264,6 @@ class Trainer:
             bad = 1.0
         if self.world.sum([bad])[0]:
             raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
-
-    def optimizer_step(self) -> None:
-        """The gradients summed over the processes (each holds its share's), then one identical step everywhere."""
-        self.world.sum_grads([p for group in self.opt.param_groups for p in group["params"]])
-        self.opt.step()
 
     def replay(self, prompt_ids, completions, rewards) -> list[tokrl.StepStats]:
         """T-SPMO replay: restart from a random cut of chosen completions of this group, one update each."""
@@ -345,6 +370,7 @@ def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
 
 
 def load_everything(cfg: Settings):
+    """The model, its tokenizer and its EOS ids. The files were checked by check_inputs before (main does)."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
     net = M.load_model(model_dir, dtype=dtype, device=cfg.device)
@@ -352,10 +378,46 @@ def load_everything(cfg: Settings):
     return net, tok, M.eos_ids(model_dir, net.config, tok)
 
 
+class RunLog:
+    """A run's logs in memory and on disk: metrics.jsonl and eval.jsonl (appended), curves.svg (rewritten whole)."""
+
+    def __init__(self, run: Path, cfg: Settings, resume_step: int | None = None, write: bool = True):
+        self.run, self.title, self.write = run, f"{cfg.algo} on {cfg.task}", write  # write: rank 0 of N only
+        self.metrics = read_jsonl(run / "metrics.jsonl", resume_step) if resume_step is not None else []
+        self.evals = read_jsonl(run / "eval.jsonl", resume_step) if resume_step is not None else []
+        if resume_step is not None and write:  # drop what was logged after the checkpoint: those steps are run again
+            write_jsonl(run / "metrics.jsonl", self.metrics)
+            write_jsonl(run / "eval.jsonl", self.evals)
+
+    def step(self, m: dict) -> None:
+        self.metrics.append(m)
+        if self.write:
+            append_jsonl(self.run / "metrics.jsonl", m, "metrics")
+
+    def eval(self, e: dict) -> None:
+        self.evals.append(e)
+        if self.write:
+            append_jsonl(self.run / "eval.jsonl", e, "eval")
+
+    def curves(self) -> None:
+        if self.write:
+            write_atomic(self.run / "curves.svg", svg_plot(self.metrics, self.evals, self.title).encode(), "curves")
+
+
+def restore(tr: Trainer, ck: Path, state: dict) -> int:
+    """A checkpoint back into the trainer: adapter, AdamW, step, RNGs. Returns the data position."""
+    lora.load_adapter_weights(tr.net, ck / "adapter")
+    tr.opt.load_state_dict(state["optimizer"])
+    tr.step = state["step"]
+    tr.set_rng_state(own_rng(tr.world, state))  # N processes: each its own generators
+    return state["data_position"]
+
+
 def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None,
-          world: World = World()) -> dict:
-    """The whole run; returns the final evaluation. `task` lets tests plug in a toy task. With N processes
-    (`world`, distributed.py) every one runs this loop on its share; rank 0 alone prints and writes the files."""
+          checkpoint: tuple[Path, dict] | None = None, world: World = World()) -> dict:
+    """The whole run; returns the final evaluation. `task` lets tests plug in a toy task; `checkpoint` is the one
+    main() already chose for a resume (else the newest intact one is found here). With N processes (`world`,
+    distributed.py) every one runs this loop on its share of each group; rank 0 alone prints and writes."""
     torch.manual_seed(cfg.seed)  # nothing should draw from the global RNG; this only pins what might
     # CPU: arithmetic on denormal floats (below 1.2e-38) is slow; flushing them to zero changes no result that matters
     # and made a zero-variance backward 30x faster on the test machine
@@ -365,75 +427,84 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha,
                     generator=torch.Generator().manual_seed(cfg.seed + 4))  # [L1]
     tr = Trainer(cfg, run, net, tok, task, eos, world)
-    metrics, evals = [], []
     say = print if world.main else (lambda *a, **k: None)
+    position, last_saved = 0, None
     if resume:
-        ck = latest_checkpoint(run)
-        if ck is None:
-            raise SystemExit(f"error: {run} has no checkpoint to resume from (checkpoints/latest)")
-        lora.load_adapter_weights(net, ck / "adapter")
-        state = torch.load(ck / "state.pt", weights_only=True)
-        tr.opt.load_state_dict(state["optimizer"])
-        tr.step = state["step"]
-        r = own_rng(world, state)  # several processes: each its own generators
-        tr.gens["sample"].set_state(r["sample"]), tr.gens["select"].set_state(r["select"])
-        tr.gens["data"].setstate(r["data"]), tr.gens["replay"].setstate(r["replay"])
-        metrics = read_jsonl(run / "metrics.jsonl", tr.step)  # drop steps logged after the checkpoint
-        evals = read_jsonl(run / "eval.jsonl", tr.step)
-        if world.main:
-            write_jsonl(run / "metrics.jsonl", metrics)
-            write_jsonl(run / "eval.jsonl", evals)
-        say(f"resumed {run} at step {tr.step} from {ck.name}")
+        last_saved, state = checkpoint or find_checkpoint(run)
+        position = restore(tr, last_saved, state)
+        say(f"resumed {run} at step {tr.step} from {last_saved.name}")
+    log = RunLog(run, cfg, tr.step if resume else None, write=world.main)
     if hasattr(task, "split_note"):
         say(f"data: {task.split_note}")
-    # the data stream is rebuilt from the restored RNG state: the same next examples as an uninterrupted run
-    stream = task.train_stream(tr.gens["data"])
+    # the stream skips the examples already drawn: the same next examples as an uninterrupted run
+    stream = TrainStream(task, cfg.seed + 2, position)
 
-    def log_eval(step):
+    def eval_due(step: int) -> bool:
+        return step == 0 or step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+
+    def log_eval(step: int, stop: StopRequest) -> None:
         with torch.no_grad():
-            e = {"step": step, **evaluate(net, tok, task, cfg, eos, world)}
-        evals.append(e)
-        if world.main:
-            write_jsonl(run / "eval.jsonl", evals)
+            e = {"step": step, **evaluate(net, tok, task, cfg, eos, stop, world)}
+        log.eval(e)
         say(f"eval  step {step:>4} | accuracy {e['accuracy']:.4f} on {e['n']} | {e['seconds']:.0f} s", flush=True)
 
-    if not evals:
-        log_eval(tr.step)
+    def save(step: int) -> None:
+        nonlocal last_saved
+        state = {**rng_for_checkpoint(world, tr.rng_state()), "data_position": stream.position}  # every process's
+        last_saved = (save_checkpoint(run, step, net, tr.opt, state, cfg.model) if world.main else
+                      run / "checkpoints" / f"step-{step:06d}")
+
+    def safe() -> str:
+        return (f"the last checkpoint, {last_saved}, is whole and untouched" if last_saved else
+                "no checkpoint was written yet")
+
+    def stopping() -> bool:  # N processes: a Ctrl-C seen by any stops all, after the same step (a collective)
+        return bool(world.sum([stop.requested])[0])
+
     started, first = time.time(), tr.step
-    stopping = False  # several processes: the first Ctrl-C seen by any stops all of them after the same step
     with StopRequest() as stop:
-        while tr.step < cfg.steps and not stopping:
+        try:
             try:
-                m = tr.train_step(stream)
-            except NonFiniteLoss as e:
-                ck = latest_checkpoint(run)
-                raise SystemExit(f"error: {e} at step {tr.step + 1}; stopped without saving it. The last good "
-                                 f"checkpoint is {ck or 'none (no checkpoint was written yet)'}") from None
-            tr.step = m["step"]
-            metrics.append(m)
-            if world.main:
-                with open(run / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(m) + "\n")
-            say(progress_line(m, cfg.steps, started, first), flush=True)
-            stopping = bool(world.sum([stop.requested])[0])
-            if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps:
-                log_eval(tr.step)
-            if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stopping:
-                rng = rng_for_checkpoint(world, rng_state(tr.gens))  # every process's generators, to rank 0
-                if world.main:
-                    save_checkpoint(run, tr.step, net, tr.opt, tr.gens, cfg.model, rng=rng)
-            if world.main:
-                (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
-    if stopping and tr.step < cfg.steps:
+                if eval_due(tr.step) and not any(e["step"] == tr.step for e in log.evals):
+                    log_eval(tr.step, stop)  # step 0, or an evaluation that a stop or a crash cut short
+                while tr.step < cfg.steps and not stopping():
+                    m = tr.train_step(stream)
+                    tr.step = m["step"]
+                    log.step(m)
+                    say(progress_line(m, cfg.steps, started, first), flush=True)
+                    if eval_due(tr.step):
+                        log_eval(tr.step, stop)
+                    if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stopping():
+                        save(tr.step)
+                    log.curves()
+            except EvalStopped:  # Ctrl-C during an evaluation: it is run again on resume
+                pass
+            if stopping() and (last_saved is None or last_saved.name != f"step-{tr.step:06d}"):
+                save(tr.step)  # a stop during the step-0 (or another) evaluation: a checkpoint of this step
+        except NonFiniteLoss as e:
+            raise SystemExit(f"error: {e} at step {tr.step + 1}; stopped without saving it: {safe()}. A lower --lr "
+                             "or --dtype float32 in a new run avoids it") from None
+        except checkpoints.NonFiniteState as e:
+            raise SystemExit(f"error: {e}; stopped: {safe()}") from None
+        except WriteError as e:
+            raise SystemExit(f"error: {e}. Stopped: {safe()}; once the disk has room, continue with "
+                             f"python train.py --resume {run}") from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            print(f"\nstopped at once: {safe()}; continue with: python train.py --resume {run}", file=sys.stderr)
+            raise SystemExit(130) from None
+    finished = tr.step == cfg.steps and bool(log.evals) and log.evals[-1]["step"] == tr.step
+    if stopping() and not finished:
         say(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
-        return evals[-1]
-    if not evals or evals[-1]["step"] != tr.step:
-        log_eval(tr.step)
-    if world.main:
-        (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
-        lora.save_adapter(net, run / "adapter", base_model=cfg.model)
-    say(f"done: accuracy {evals[-1]['accuracy']:.4f}; adapter in {run / 'adapter'} (PEFT format)")
-    return evals[-1]
+        return log.evals[-1] if log.evals else {}
+    try:
+        log.curves()
+        if world.main:
+            checkpoints.write_adapter(net, run / "adapter", cfg.model)
+    except WriteError as e:
+        raise SystemExit(f"error: {e}. The run is complete in {last_saved}; once the disk has room, "
+                         f"python train.py --resume {run} writes the rest") from None
+    say(f"done: accuracy {log.evals[-1]['accuracy']:.4f}; adapter in {run / 'adapter'} (PEFT format)")
+    return log.evals[-1]
 
 
 def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World = World()) -> dict:
@@ -442,14 +513,110 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
     if adapter:
         lora.load_adapter(net, adapter)
     with torch.no_grad():
-        e = evaluate(net, tok, task, cfg, eos, world)
+        e = evaluate(net, tok, task, cfg, eos, world=world)
     if world.main:
         print(f"accuracy {e['accuracy']:.4f} on {e['n']} {cfg.task} test examples "
               f"({'adapter ' + adapter if adapter else 'base model'})")
-    if out:
+    if out and world.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"adapter": adapter, **e}, indent=2) + "\n")
+        write_atomic(out / "eval.json", (json.dumps({"adapter": adapter, **e}, indent=2) + "\n").encode())
     return e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checking the settings before anything is loaded. One rule a line: (setting, allowed(value, settings), why and what
+# is allowed). A broken rule is one line `error: --flag VALUE: why; allowed: ...` and exit status 2 (argparse's).
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
+    ("steps", lambda v, s: v >= 1, "a run needs at least one step; allowed: an integer >= 1"),
+    ("lr", lambda v, s: _num(v) and 0 < v <= 1, "AdamW would not move (<= 0) or diverge at once (> 1); "
+                                                "allowed: 0 < lr <= 1 (the paper: 1e-4)"),
+    ("weight_decay", lambda v, s: _num(v) and 0 <= v <= 1, "allowed: 0 <= weight decay <= 1 (default 0.01)"),
+    ("group_size", lambda v, s: v >= 1, "a group needs completions; allowed: an integer >= 1 (the paper: 8, 50)"),
+    ("accum", lambda v, s: v >= 1, "an optimizer step needs a prompt; allowed: an integer >= 1"),
+    ("temperature", lambda v, s: _num(v) and v >= 0, "allowed: a finite number >= 0 (0: greedy; the paper: 0.3)"),
+    ("top_p", lambda v, s: _num(v) and 0 < v <= 1, "nucleus sampling keeps a probability mass in (0, 1]; allowed: "
+                                                   "0 < top-p <= 1 (1: off)"),
+    ("max_new_tokens", lambda v, s: v >= 1, "a completion needs a token; allowed: an integer >= 1 (the paper: 300)"),
+    ("beta", lambda v, s: _num(v) and v >= 0, "a KL weight; allowed: a finite number >= 0 (the paper: 0.01)"),
+    ("lam", lambda v, s: _num(v) and v >= 0, "an L2 weight; allowed: a finite number >= 0 (the paper: 0.01)"),
+    ("lora_fraction", lambda v, s: _num(v) and 0 < v <= 1, "a fraction of the layers; allowed: 0 < fraction <= 1"),
+    ("lora_rank", lambda v, s: v >= 1, "allowed: an integer >= 1 (the paper: 8 or 16)"),
+    ("lora_alpha", lambda v, s: v is None or (_num(v) and v > 0), "LoRA's scale is alpha/r; allowed: a finite "
+                                                                  "number > 0 (default r)"),
+    ("alpha", lambda v, s: v >= 0, "S-GRPO's always-included prefix; allowed: an integer >= 0"),
+    ("k", lambda v, s: v >= 1, "S-GRPO's cap on tokens in the loss; allowed: an integer >= 1"),
+    ("p", lambda v, s: _num(v) and 0 <= v <= 1, "a probability; allowed: 0 <= P <= 1 (default 0.5)"),
+    ("replay_success", lambda v, s: v >= 0, "a count of replays; allowed: an integer >= 0"),
+    ("replay_failure", lambda v, s: v >= 0, "a count of replays; allowed: an integer >= 0"),
+    ("replay_threshold", lambda v, s: _num(v), "allowed: a finite reward (default 1.0)"),
+    ("eval_every", lambda v, s: v >= 0, "allowed: an integer >= 0 (0: at the start and the end only)"),
+    ("eval_limit", lambda v, s: v is None or v >= 0, "allowed: an integer >= 0 (default: the whole test set)"),
+    ("eval_batch", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 32)"),
+    ("save_every", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 10)"),
+    ("seed", lambda v, s: 0 <= v < 2**62, "allowed: an integer in [0, 2^62)"),
+    ("data", lambda v, s: v is None or s.task != "mult", "the mult task generates its problems and reads no data; "
+                                                         "allowed: --data with --task svamp or gsm8k"),
+    ("reward", lambda v, s: v in TASKS[s.task].REWARDS, "a training reward this task has; allowed: mult exact or "
+                                                         "partial (S2), svamp exact, gsm8k sympy (S1)"),
+    ("device", lambda v, s: device_problem(v) is None, ""),  # the message comes from device_problem
+]
+WARNINGS: list[tuple[str, Callable[[Any, Settings], bool], str]] = [  # legal, but nothing can be learnt
+    ("group_size", lambda v, s: v == 1, "one completion a group: every group has zero variance (Â = 0), so no "
+                                        "update learns from the reward"),
+    ("temperature", lambda v, s: v == 0, "greedy sampling draws G identical completions: every group has zero "
+                                         "variance (Â = 0), so no update learns from the reward"),
+]
+
+
+def device_problem(device) -> str | None:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return "not a device; allowed: cpu, cuda, cuda:N"
+    if d.type == "cuda" and not torch.cuda.is_available():
+        return (f"CUDA is not available here (torch {torch.__version__}, built "
+                f"{'with CUDA ' + torch.version.cuda if torch.version.cuda else 'without CUDA'}); allowed: cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s); allowed: cuda:0 … cuda:N-1"
+    if d.type not in ("cpu", "cuda"):
+        return "tokrl runs on the CPU or a CUDA GPU; allowed: cpu, cuda, cuda:N"
+    return None
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def usage_error(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def validate(cfg: Settings, training: bool = True) -> None:
+    """Every rule of RULES, before anything is loaded or written; then the warnings (training only)."""
+    for name, ok, why in RULES:
+        value = getattr(cfg, name)
+        try:
+            good = ok(value, cfg)
+        except TypeError:  # e.g. a string where a number belongs (a hand-edited config.json)
+            good = False
+        if not good:
+            usage_error(f"{flag(name)} {value}: {why or device_problem(value)}")
+    for name, bad, why in WARNINGS:
+        if training and bad(getattr(cfg, name), cfg):
+            print(f"warning: {flag(name)} {getattr(cfg, name)}: {why}", file=sys.stderr)
+
+
+def check_inputs(cfg: Settings) -> Task:
+    """The model directory (config, tokenizer, weight headers) and the data, read before any weight is loaded."""
+    model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
+    _, tok = M.check_model_dir(model_dir)
+    return make_task(cfg.task, tok, cfg.data, cfg.reward)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -480,92 +647,178 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", choices=["mult", "svamp", "gsm8k"], help="task (default mult)")
     g.add_argument("--model", help=f"model directory or Hugging Face repo id (default {S.model})")
     g.add_argument("--revision", help="with a repo id: branch, tag or commit hash (default main)")
-    g.add_argument("--data", help="svamp: dir with train.json+test.json, or SVAMP.json (a fixed seeded split; "
-                                  "default: the paper's 700/300 split shipped in data/svamp/); gsm8k: dir with "
-                                  "train.jsonl+test.jsonl (default: ~/.cache/tokrl, downloaded)")
-    g.add_argument("--out", help="run directory (default runs/{task}-{algo}-{time})")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    g.add_argument("--data", help="svamp/gsm8k only. svamp: dir with train.json+test.json, or SVAMP.json (a "
+                                  "fixed seeded split; default: the paper's 700/300 split shipped in data/svamp/); "
+                                  "gsm8k: dir with train.jsonl+test.jsonl (default: ~/.cache/tokrl, downloaded)")
+    g.add_argument("--out", help="run directory (default runs/{task}-{algo}-{time}); must not hold a run already")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest intact checkpoint, with the "
+                                                       "settings it recorded (only --steps may change)")
     g.add_argument("--eval-only", action="store_true", help="evaluate the base model (or --adapter) and exit")
     g.add_argument("--adapter", help="with --eval-only: a PEFT LoRA adapter directory")
-    g.add_argument("--device", help=f"default {S.device}")
+    g.add_argument("--device", help=f"cpu, cuda or cuda:N (default {S.device})")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 (the paper's)")
-    g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--seed", type=int, help="0 <= seed < 2^62 (default 0)")
     g.add_argument("--reward", choices=["exact", "partial", "sympy"],
                    help="training reward: mult exact (default, the paper's) or partial (S2, partial credit); svamp "
                         "exact; gsm8k sympy (S1). Test accuracy is always the task's own (exact / sympy)")
     g = p.add_argument_group("training (defaults: the paper's for the chosen algo and task)")
-    g.add_argument("--steps", type=int, help="optimizer steps (paper: see table below)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (1e-4)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.01; the paper names none)")
-    g.add_argument("--group-size", "-G", type=int, help="completions per prompt (GRPO/S-GRPO 8, T-SPMO 50)")
-    g.add_argument("--accum", type=int, help="prompts per optimizer step (1; the ablation uses 8)")
-    g.add_argument("--temperature", type=float, help="sampling temperature (0.3)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling (1.0: off; the paper names none)")
-    g.add_argument("--max-new-tokens", type=int, help="completion length limit (300)")
-    g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO (0.01)")
-    g.add_argument("--lam", type=float, help="L2 weight on LoRA, T-SPMO (0.01)")
+    g.add_argument("--steps", type=int, help="optimizer steps, >= 1 (paper: see table below); with --resume, "
+                                             "a longer (or shorter, not below the checkpoint) run")
+    g.add_argument("--lr", type=float, help="AdamW learning rate, 0 < lr <= 1 (1e-4)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay, 0..1 (0.01; the paper names none)")
+    g.add_argument("--group-size", "-G", type=int, help="completions per prompt, >= 1 (GRPO/S-GRPO 8, T-SPMO 50)")
+    g.add_argument("--accum", type=int, help="prompts per optimizer step, >= 1 (1; the ablation uses 8)")
+    g.add_argument("--temperature", type=float, help="sampling temperature, >= 0 (0.3)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1.0: off; the paper names none)")
+    g.add_argument("--max-new-tokens", type=int, help="completion length limit, >= 1 (300)")
+    g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO, >= 0 (0.01)")
+    g.add_argument("--lam", type=float, help="L2 weight on LoRA, T-SPMO, >= 0 (0.01)")
     g = p.add_argument_group("LoRA (paper: mult last 1/4 of layers, rank 8; svamp last 1/3, rank 16)")
-    g.add_argument("--lora-fraction", type=float, help="fraction of the last layers adapted")
-    g.add_argument("--lora-rank", type=int, help="rank r")
-    g.add_argument("--lora-alpha", type=float, help="alpha (default r: scale 1)")
+    g.add_argument("--lora-fraction", type=float, help="fraction of the last layers adapted, in (0, 1]")
+    g.add_argument("--lora-rank", type=int, help="rank r, >= 1")
+    g.add_argument("--lora-alpha", type=float, help="alpha, > 0 (default r: scale 1)")
     g = p.add_argument_group("S-GRPO token selection (paper: mult α=50, k=100; svamp α=100, k=100)")
-    g.add_argument("--alpha", type=int, help="first α tokens always in the loss")
-    g.add_argument("--k", type=int, help="at most k tokens in the loss")
-    g.add_argument("--p", type=float, help="probability of a later token (0.5; the paper gives none)")
+    g.add_argument("--alpha", type=int, help="first α tokens always in the loss, >= 0")
+    g.add_argument("--k", type=int, help="at most k tokens in the loss, >= 1")
+    g.add_argument("--p", type=float, help="probability of a later token, in [0, 1] (0.5; the paper gives none)")
     g = p.add_argument_group("T-SPMO replay (paper: mult 1 success, 0 failures; svamp none)")
-    g.add_argument("--replay-success", type=int, help="C_success")
-    g.add_argument("--replay-failure", type=int, help="C_failure")
+    g.add_argument("--replay-success", type=int, help="C_success, >= 0")
+    g.add_argument("--replay-failure", type=int, help="C_failure, >= 0")
     g.add_argument("--replay-threshold", type=float, help="reward r separating success from failure (1.0)")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, help="steps between test evaluations (50; 0: start and end only)")
-    g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples (default all)")
-    g.add_argument("--eval-batch", type=int, help="prompts per greedy batch (32)")
-    g.add_argument("--save-every", type=int, help="steps between checkpoints (10)")
+    g.add_argument("--eval-every", type=int, help="steps between test evaluations, >= 0 (50; 0: start and end only)")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples, >= 0 (default all)")
+    g.add_argument("--eval-batch", type=int, help="prompts per greedy batch, >= 1 (32)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints, >= 1 (10)")
     return p
+
+
+def given_settings(args: argparse.Namespace) -> dict:
+    """The settings the user typed (argparse leaves the others None)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
+            if getattr(args, f.name, None) is not None}
 
 
 def resolve(args: argparse.Namespace, base: Settings | None = None) -> Settings:
     """Settings = Settings() defaults ← the paper's for (algo, task) ← a resumed run's ← what the user typed."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
-             if getattr(args, f.name, None) is not None}
+    given = given_settings(args)
     if base is not None:
         return dataclasses.replace(base, **given)
     algo, task = given.get("algo", Settings.algo), given.get("task", Settings.task)
     return Settings(**{**paper_defaults(algo, task), "algo": algo, "task": task, **given})
 
 
+def recorded_settings(run: Path) -> Settings:
+    """A run's settings: its config.json, with the --steps of its latest resume (resumes.jsonl)."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {run} is not a tokrl run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: cannot read the run's settings ({e})") from None
+    unknown = set(saved) - set(Settings.__dataclass_fields__) if isinstance(saved, dict) else None
+    if unknown is None or unknown:
+        raise SystemExit(f"error: {path}: not the settings of a run of this tokrl "
+                         f"({'unknown settings ' + str(sorted(unknown)) if unknown else 'not a JSON object'})")
+    resumes = read_jsonl(run / "resumes.jsonl")
+    return Settings(**{**saved, **({"steps": resumes[-1]["steps"]} if resumes else {})})
+
+
+def open_resume(args: argparse.Namespace) -> tuple[Settings, Path, tuple[Path, dict]]:
+    """Everything a resume needs, checked before anything is loaded: the recorded settings (a typed flag that
+    differs from them is refused, except --steps), and the newest intact checkpoint."""
+    run = Path(args.resume)
+    recorded = recorded_settings(run)
+    if args.eval_only or args.adapter:
+        usage_error(f"{'--eval-only' if args.eval_only else '--adapter'}: not with --resume; evaluate a run's "
+                    f"adapter with --eval-only --adapter {run / 'adapter'}")
+    for name, value in given_settings(args).items():
+        if name != "steps" and value != getattr(recorded, name):
+            usage_error(f"{flag(name)} {value}: {run} was recorded with {name} = {getattr(recorded, name)!r} "
+                        f"({run / 'config.json'}); a resumed run keeps its settings, only --steps may change")
+    cfg = dataclasses.replace(recorded, steps=args.steps or recorded.steps)
+    validate(cfg, training=False)
+    try:
+        ck, state = find_checkpoint(run)
+    except checkpoints.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.steps < state["step"]:
+        usage_error(f"--steps {cfg.steps}: {run} is already at step {state['step']} ({ck.name}); allowed: "
+                    f"--steps >= {state['step']}")
+    return cfg, run, (ck, state)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LOGS = ("metrics.jsonl", "eval.jsonl", "resumes.jsonl", "curves.svg")
+
+
+def new_run_dir(cfg: Settings) -> Path:
+    """The run directory of a new run: new, or one whose run stopped before its first checkpoint (nothing there can be
+    resumed, so it starts again). One with a checkpoint holds a run: --resume it, or choose another --out."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{stamp}")
+    if run.exists() and not run.is_dir():
+        usage_error(f"--out {run}: is a file; allowed: a new or empty directory")
+    if any((run / "checkpoints").glob("step-*")):
+        usage_error(f"--out {run}: already holds a run; continue it with --resume {run}, or choose another --out")
+    return run
+
+
+def start_run_dir(run: Path, cfg: Settings) -> Settings:
+    """Create the run directory and write its settings, once (a resume never rewrites them)."""
+    if (run / "config.json").is_file():
+        print(f"warning: {run} holds a run that stopped before its first checkpoint; starting it again there",
+              file=sys.stderr)
+        checkpoints.remove_stale(run)
+        for name in LOGS:
+            (run / name).unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, out=str(run))
+    write_atomic(run / "config.json", (json.dumps(dataclasses.asdict(cfg), indent=2) + "\n").encode())
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.resume:
-        run = Path(args.resume)
-        if not (run / "config.json").is_file():
-            raise SystemExit(f"error: {run} is not a tokrl run directory (no config.json)")
-        saved = json.loads((run / "config.json").read_text())
-        cfg = resolve(args, Settings(**{k: v for k, v in saved.items() if k in Settings.__dataclass_fields__}))
-    else:
-        cfg = resolve(args)
     world = World()
     try:
-        check_reward(cfg.task, cfg.reward)  # before any heavy work
-        world = distributed.from_env(cfg.device)  # torchrun: this process's place among N; else World()
+        if args.resume:
+            cfg, run, ck = open_resume(args)
+        else:
+            cfg, ck = resolve(args), None
+            validate(cfg, training=not args.eval_only)
+            if args.adapter and not args.eval_only:
+                usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
+            if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):
+                usage_error(f"--adapter {args.adapter}: not an adapter directory; allowed: a directory with "
+                            f"{' and '.join(ADAPTER_FILES)} (PEFT format, e.g. RUN_DIR/adapter)")
+            run = None if args.eval_only else new_run_dir(cfg)
+        task = check_inputs(cfg)  # seconds, where loading the weights takes minutes
+        world = distributed.from_env(cfg.device)  # under torchrun: this process's place among N; else World()
         on_device = dataclasses.replace(cfg, device=world.device) if world.size > 1 else cfg  # cuda:LOCAL_RANK
         if args.eval_only:
-            eval_only(on_device, args.adapter, Path(cfg.out) if cfg.out and world.main else None, world)
+            eval_only(on_device, args.adapter, Path(cfg.out) if cfg.out else None, world)
             return 0
-        if not args.resume:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            run = Path(world.gather([cfg.out or f"runs/{cfg.task}-{cfg.algo}-{stamp}"])[0])  # rank 0's name
-            if (run / "metrics.jsonl").is_file():
-                raise SystemExit(f"error: {run} already holds a run; use --resume {run} or another --out")
-            cfg = dataclasses.replace(cfg, out=str(run))
-            if world.main:
-                run.mkdir(parents=True, exist_ok=True)
+        if ck is None:
+            run = Path(world.gather([str(run)])[0])  # rank 0's name (a default name holds the time)
+            cfg = start_run_dir(run, cfg) if world.main else dataclasses.replace(cfg, out=str(run))
+        elif world.main:
+            for p in checkpoints.remove_stale(run):
+                print(f"removed {p}, left by an interrupted write", file=sys.stderr)
+            append_jsonl(run / "resumes.jsonl", {"step": ck[1]["step"], "steps": cfg.steps,
+                                                 "time": datetime.datetime.now().isoformat(timespec="seconds")})
         if world.main:
             print("settings: " + json.dumps(dataclasses.asdict(cfg)))
-            (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        train(dataclasses.replace(on_device, out=cfg.out), run, resume=bool(args.resume), world=world)
-    except (DataError, M.ModelNotFoundError, FileNotFoundError, ValueError) as e:
+        train(dataclasses.replace(on_device, out=cfg.out), run, resume=ck is not None, task=task, checkpoint=ck,
+              world=world)
+    except (DataError, M.ModelNotFoundError, FileNotFoundError, ValueError, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a write outside checkpoints.py's writers (mkdir): name the path
+        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}") from None
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started; the run's files are as they were", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         distributed.shutdown(world)
     return 0

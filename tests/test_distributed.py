@@ -197,8 +197,8 @@ def worker(model_dir: str, out: str) -> None:
 
     # 4. evaluation: each rank a slice of the test set, the counts summed
     with torch.no_grad():
-        res["eval_one"] = train.evaluate(net, tok, task, cfg, eos, World())
-        res["eval_split"] = train.evaluate(net, tok, task, cfg, eos, world)
+        res["eval_one"] = train.evaluate(net, tok, task, cfg, eos, world=World())
+        res["eval_split"] = train.evaluate(net, tok, task, cfg, eos, world=world)
     for e in (res["eval_one"], res["eval_split"]):
         e.pop("seconds")
     Path(out, f"rank{world.rank}.json").write_text(json.dumps(res))

@@ -104,10 +104,14 @@ def test_mult_reward_partial_trains_on_S2_and_evaluates_on_exact_match(tmp_path,
 
 @pytest.mark.parametrize("task,reward,choices", [("svamp", "partial", "exact"), ("svamp", "sympy", "exact"),
                                                  ("gsm8k", "exact", "sympy"), ("mult", "sympy", "exact or partial")])
-def test_a_reward_that_does_not_fit_the_task_is_refused_before_loading(tmp_path, task, reward, choices):
+def test_a_reward_that_does_not_fit_the_task_is_refused_before_loading(tmp_path, task, reward, choices, capsys):
     with pytest.raises(SystemExit) as e:  # the model does not exist: the reward is checked first
         train.main(["--task", task, "--reward", reward, "--model", str(tmp_path / "no-model")])
-    assert str(e.value) == f"error: --reward {reward} does not fit --task {task}: choose {choices}"
+    assert e.value.code == 2  # a bad setting: argparse's convention
+    assert capsys.readouterr().err == (f"error: --reward {reward}: a training reward this task has; allowed: mult "
+                                       "exact or partial (S2), svamp exact, gsm8k sympy (S1)\n")
+    with pytest.raises(ValueError, match=f"--reward {reward} does not fit --task {task}: choose {choices}"):
+        tasks.check_reward(task, reward)  # the library's own check says the same
 
 
 def test_gsm8k_defaults_to_the_sympy_reward():
@@ -133,7 +137,7 @@ def test_train_step_logs_the_E1_estimate(tiny, tmp_path, monkeypatch):
     """E1: J(θ) = E_{Y~π_θ}[r(Y)] is estimated by the group's mean reward: [1, 0, 0, 1] -> 0.5, σ 0.5."""
     monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, prefix=(): FRESH)
     tr = trainer(tiny, tmp_path, algo="grpo")
-    m = tr.train_step(tr.task.train_stream(tr.gens["data"]))
+    m = tr.train_step(tasks.TrainStream(tr.task, 2))
     assert (m["reward_mean"], m["reward_std"], m["len_mean"], m["forwards"]) == (0.5, 0.5, 2.0, 4)
     assert m["loss_token_fraction"] == 1.0 and "nonzero_adv_token_fraction" not in m
 
@@ -150,7 +154,7 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
 
     monkeypatch.setattr(train.Trainer, "sample_group", fake)
     tr = trainer(tiny, tmp_path, replay_success=1)
-    m = tr.train_step(tr.task.train_stream(tr.gens["data"]))
+    m = tr.train_step(tasks.TrainStream(tr.task, 2))
     fresh, replay = m["groups"]
     assert (fresh["kind"], replay["kind"]) == ("fresh", "replay") and len(m["replays"]) == len(calls) - 1 == 1
     assert (fresh["edges"], replay["edges"], m["edges"]) == (5, 4, 9)
@@ -178,7 +182,7 @@ def test_accum_with_tspmo_replays_every_prompt_with_its_own_example(tiny, tmp_pa
 
     monkeypatch.setattr(train.Trainer, "sample_group", fake)
     tr = trainer(tiny, tmp_path, accum=3, replay_success=1)
-    m = tr.train_step(tr.task.train_stream(tr.gens["data"]))
+    m = tr.train_step(tasks.TrainStream(tr.task, 2))
     examples = calls[:3]
     assert len(set(examples)) == 3  # three prompts accumulated into one update
     assert calls[3:] == examples  # then each replayed, in order, with its own example

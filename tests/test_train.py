@@ -249,16 +249,18 @@ def test_malformed_records_are_named(tmp_path, tiny):
     assert "test.jsonl: line 1 is not a GSM8K record" in msg
 
 
-def test_resume_of_a_non_run_and_existing_run_kept(tmp_path, tiny):
+def test_resume_of_a_non_run_and_existing_run_kept(tmp_path, tiny, capsys):
     msg = run_main(["--resume", str(tmp_path)])
     assert "not a tokrl run directory" in msg
     run = tmp_path / "r"
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run)])
     before = (run / "metrics.jsonl").read_text()
-    msg = run_main(["--task", "mult", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run)])
-    assert "already holds a run" in msg and (run / "metrics.jsonl").read_text() == before
-    (run / "checkpoints" / "latest").unlink()
-    assert "no checkpoint" in run_main(["--resume", str(run)])
+    capsys.readouterr()
+    assert run_main(["--task", "mult", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run)]) == "2"
+    assert "already holds a run" in capsys.readouterr().err and (run / "metrics.jsonl").read_text() == before
+    import shutil
+    shutil.rmtree(run / "checkpoints")
+    assert "no intact checkpoint" in run_main(["--resume", str(run)])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny, monkeypatch):

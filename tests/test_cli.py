@@ -1,0 +1,261 @@
+"""Bad input, tried as a new user would: every bad setting is one `error: --flag VALUE: ...` line with exit status 2,
+found before the model is loaded and before a run directory exists; a bad model directory or data file is named
+before any weight is read; a resume keeps the settings it recorded."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, make_checkpoint, tiny_config, write_byte_tokenizer
+import checkpoints
+import model as M
+import train
+from test_train import SMALL, write_svamp
+
+
+@pytest.fixture(autouse=True)
+def no_fsync(monkeypatch):
+    """fsync guards against a power loss, which these tests do not simulate; it costs ~7 ms a file here."""
+    monkeypatch.setattr(checkpoints, "DURABLE", False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading weights is an error here: every check must come before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the weights were loaded before the input was checked")
+    monkeypatch.setattr(M, "load_model", refuse)
+
+
+def refused(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    return e.value.code, capsys.readouterr().err
+
+
+# (flags, the exact error line). The values below are every one a user tried that reached a traceback, a crash after
+# step 1, or silent acceptance.
+BAD_SETTINGS = [
+    (["-G", "0"], "--group-size 0: a group needs completions; allowed: an integer >= 1 (the paper: 8, 50)"),
+    (["-G", "-3"], "--group-size -3: a group needs completions; allowed: an integer >= 1 (the paper: 8, 50)"),
+    (["--accum", "0"], "--accum 0: an optimizer step needs a prompt; allowed: an integer >= 1"),
+    (["--top-p", "0"], "--top-p 0.0: nucleus sampling keeps a probability mass in (0, 1]; allowed: 0 < top-p <= 1 "
+                       "(1: off)"),
+    (["--lora-rank", "0"], "--lora-rank 0: allowed: an integer >= 1 (the paper: 8 or 16)"),
+    (["--lora-rank", "-8"], "--lora-rank -8: allowed: an integer >= 1 (the paper: 8 or 16)"),
+    (["--save-every", "0"], "--save-every 0: allowed: an integer >= 1 (default 10)"),
+    (["--eval-batch", "0"], "--eval-batch 0: allowed: an integer >= 1 (default 32)"),
+    (["--replay-success", "-1"], "--replay-success -1: a count of replays; allowed: an integer >= 0"),
+    (["--replay-failure", "-1"], "--replay-failure -1: a count of replays; allowed: an integer >= 0"),
+    (["--temperature", "-1"], "--temperature -1.0: allowed: a finite number >= 0 (0: greedy; the paper: 0.3)"),
+    (["--temperature", "nan"], "--temperature nan: allowed: a finite number >= 0 (0: greedy; the paper: 0.3)"),
+    (["--steps", "-1"], "--steps -1: a run needs at least one step; allowed: an integer >= 1"),
+    (["--steps", "0"], "--steps 0: a run needs at least one step; allowed: an integer >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: a completion needs a token; allowed: an integer >= 1 "
+                                "(the paper: 300)"),
+    (["--eval-limit", "-1"], "--eval-limit -1: allowed: an integer >= 0 (default: the whole test set)"),
+    (["--eval-every", "-1"], "--eval-every -1: allowed: an integer >= 0 (0: at the start and the end only)"),
+    (["--p", "2"], "--p 2.0: a probability; allowed: 0 <= P <= 1 (default 0.5)"),
+    (["--k", "-1"], "--k -1: S-GRPO's cap on tokens in the loss; allowed: an integer >= 1"),
+    (["--alpha", "-1"], "--alpha -1: S-GRPO's always-included prefix; allowed: an integer >= 0"),
+    (["--lora-alpha", "0"], "--lora-alpha 0.0: LoRA's scale is alpha/r; allowed: a finite number > 0 (default r)"),
+    (["--lora-fraction", "0"], "--lora-fraction 0.0: a fraction of the layers; allowed: 0 < fraction <= 1"),
+    (["--lora-fraction", "1.5"], "--lora-fraction 1.5: a fraction of the layers; allowed: 0 < fraction <= 1"),
+    (["--lr", "inf"], "--lr inf: AdamW would not move (<= 0) or diverge at once (> 1); allowed: 0 < lr <= 1 "
+                      "(the paper: 1e-4)"),
+    (["--lr", "1e30"], "--lr 1e+30: AdamW would not move (<= 0) or diverge at once (> 1); allowed: 0 < lr <= 1 "
+                       "(the paper: 1e-4)"),
+    (["--lr", "0"], "--lr 0.0: AdamW would not move (<= 0) or diverge at once (> 1); allowed: 0 < lr <= 1 "
+                    "(the paper: 1e-4)"),
+    (["--weight-decay", "-0.1"], "--weight-decay -0.1: allowed: 0 <= weight decay <= 1 (default 0.01)"),
+    (["--beta", "-1"], "--beta -1.0: a KL weight; allowed: a finite number >= 0 (the paper: 0.01)"),
+    (["--lam", "inf"], "--lam inf: an L2 weight; allowed: a finite number >= 0 (the paper: 0.01)"),
+    (["--replay-threshold", "nan"], "--replay-threshold nan: allowed: a finite reward (default 1.0)"),
+    (["--seed", "-1"], "--seed -1: allowed: an integer in [0, 2^62)"),
+    (["--device", "banana"], "--device banana: not a device; allowed: cpu, cuda, cuda:N"),
+    (["--device", "meta"], "--device meta: tokrl runs on the CPU or a CUDA GPU; allowed: cpu, cuda, cuda:N"),
+    (["--task", "mult", "--data", "x"], "--data x: the mult task generates its problems and reads no data; allowed: "
+                                        "--data with --task svamp or gsm8k"),
+    (["--adapter", "somewhere"], "--adapter somewhere: only with --eval-only (training starts a new adapter)"),
+    (["--eval-only", "--adapter", "nowhere"], "--adapter nowhere: not an adapter directory; allowed: a directory with "
+                                              "adapter_config.json and adapter_model.safetensors (PEFT format, "
+                                              "e.g. RUN_DIR/adapter)"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
+def test_bad_setting_is_one_line_exit_2_before_anything(tmp_path, tiny, capsys, no_loading, flags, message):
+    run = tmp_path / "run"
+    code, err = refused(["--model", str(tiny), "--out", str(run), *flags], capsys)
+    assert code == 2 and err == f"error: {message}\n"
+    assert not run.exists()  # no run directory left behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(tmp_path, tiny, capsys, no_loading):
+    code, err = refused(["--model", str(tiny), "--out", str(tmp_path / "r"), "--device", "cuda"], capsys)
+    assert code == 2 and err.startswith("error: --device cuda: CUDA is not available here (torch ")
+    assert err.endswith("; allowed: cpu\n") and not (tmp_path / "r").exists()
+
+
+def test_the_command_line_prints_one_line_and_no_traceback(tmp_path, tiny):
+    """The real program, in its own process: exit status 2, one line on stderr, nothing on disk."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(tiny), "--out", str(tmp_path / "r"),
+                        "-G", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == "error: --group-size 0: a group needs completions; allowed: an integer >= 1 (the paper: 8, 50)\n"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags,warning", [
+    (["-G", "1"], "warning: --group-size 1: one completion a group: every group has zero variance (Â = 0), so no "
+                  "update learns from the reward\n"),
+    (["--temperature", "0"], "warning: --temperature 0.0: greedy sampling draws G identical completions: every group "
+                             "has zero variance (Â = 0), so no update learns from the reward\n")])
+def test_legal_but_useless_settings_start_with_a_warning(tmp_path, tiny, capsys, flags, warning):
+    train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--eval-limit", "0",
+                "--out", str(tmp_path / "r"), *flags])
+    assert capsys.readouterr().err.startswith(warning)
+
+
+# --- the model directory and the data, before any weight is loaded --------------------------------------------------
+
+def broken_model(tmp_path: Path, tiny: Path, how: str) -> Path:
+    import shutil
+    d = tmp_path / how
+    shutil.copytree(tiny, d)
+    if how == "config-list":
+        (d / "config.json").write_text("[1, 2]")
+    elif how == "config-bad-json":
+        (d / "config.json").write_text('{"model_type": "qwen2",')
+    elif how == "tokenizer-too-big":  # the byte tokenizer has 259 ids; a 200-token model cannot embed them
+        make_checkpoint(d, tiny_config(vocab_size=200, bos_token_id=0, eos_token_id=0))
+    elif how == "no-tokenizer":
+        (d / "tokenizer.json").unlink()
+    elif how == "weights-truncated":
+        f = d / "model.safetensors"
+        os.truncate(f, f.stat().st_size - 1000)
+    elif how == "weights-missing":
+        (d / "model.safetensors").unlink()
+    elif how == "weights-other-shape":
+        make_checkpoint(d, tiny_config(hidden_size=32))
+        write_byte_tokenizer(d / "tokenizer.json")
+        (d / "config.json").write_text((tiny / "config.json").read_text())
+    return d
+
+
+MODEL_FAULTS = [
+    ("config-list", "config.json: config.json holds a JSON list, expected an object of settings"),
+    ("config-bad-json", "config.json: cannot read config.json (Expecting property name"),
+    ("tokenizer-too-big", "tokenizer.json: the tokenizer has 259 ids, more than the model's vocab_size 200"),
+    ("no-tokenizer", "tokenizer.json: tokenizer.json not found"),
+    ("weights-truncated", "model.safetensors: 1000 bytes short: the file is truncated"),
+    ("weights-missing", "no model.safetensors or model.safetensors.index.json"),
+    ("weights-other-shape", "checkpoint does not match config.json: mis-shaped tensors"),
+]
+
+
+@pytest.mark.parametrize("how,message", MODEL_FAULTS, ids=[h for h, _ in MODEL_FAULTS])
+def test_bad_model_directory_is_named_before_loading(tmp_path, tiny, no_loading, how, message):
+    d = broken_model(tmp_path, tiny, how)
+    if how == "weights-truncated":
+        n = (tiny / "model.safetensors").stat().st_size
+        message = f"model.safetensors: {n - 1000} bytes, but its header announces {n}: the file is truncated"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(d), "--out", str(tmp_path / "r"), *SMALL, "--steps", "1"])
+    assert str(e.value).startswith(f"error: {d}") and message in str(e.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_data_is_named_before_loading(tmp_path, tiny, no_loading):
+    d = write_svamp(tmp_path / "s")
+    (d / "test.json").write_text("[]")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--task", "svamp", "--model", str(tiny), "--data", str(d), "--out", str(tmp_path / "r"), *SMALL])
+    assert str(e.value) == f"error: {d / 'test.json'}: expected a non-empty JSON list of SVAMP records"
+    assert not (tmp_path / "r").exists()
+
+
+# --- resume keeps the run's record ------------------------------------------------------------------------------------
+
+def files(run: Path) -> dict:
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_steps_once(tiny, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("two") / "r"
+    train.main(["--task", "mult", "--algo", "sgrpo", "--model", str(tiny), *SMALL, "--steps", "2", "--out", str(run)])
+    return run
+
+
+@pytest.fixture
+def two_steps(two_steps_once, tmp_path) -> Path:
+    """A finished 2-step run, a fresh copy for each test."""
+    import shutil
+    return Path(shutil.copytree(two_steps_once, tmp_path / "r"))
+
+
+@pytest.mark.parametrize("flags,name,recorded", [
+    (["--algo", "grpo"], "algo", "'sgrpo'"), (["--task", "svamp"], "task", "'mult'"),
+    (["--model", "/elsewhere"], "model", None), (["--lora-rank", "16"], "lora_rank", "8"),
+    (["--lr", "0.001"], "lr", "0.0001"), (["-G", "8"], "group_size", "4"), (["--seed", "1"], "seed", "0")])
+def test_resume_refuses_a_conflicting_flag_and_writes_nothing(two_steps, capsys, no_loading, flags, name, recorded):
+    before = files(two_steps)
+    code, err = refused(["--resume", str(two_steps), *flags], capsys)
+    recorded = recorded or repr(json.loads((two_steps / "config.json").read_text())[name])
+    assert code == 2 and err == (f"error: {flags[0].replace('-G', '--group-size')} {flags[1]}: {two_steps} was "
+                                 f"recorded with {name} = {recorded} ({two_steps / 'config.json'}); a resumed run "
+                                 "keeps its settings, only --steps may change\n")
+    assert files(two_steps) == before
+
+
+def test_resume_with_the_recorded_value_is_not_a_conflict(two_steps):
+    train.main(["--resume", str(two_steps), "--algo", "sgrpo", "--steps", "3"])
+    assert [m["step"] for m in checkpoints.read_jsonl(two_steps / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_records_a_new_steps_without_rewriting_the_settings(two_steps):
+    config = (two_steps / "config.json").read_bytes()
+    train.main(["--resume", str(two_steps), "--steps", "3"])
+    assert (two_steps / "config.json").read_bytes() == config  # the original settings, as written at the start
+    assert [(r["step"], r["steps"]) for r in checkpoints.read_jsonl(two_steps / "resumes.jsonl")] == [(2, 3)]
+    train.main(["--resume", str(two_steps)])  # the latest --steps holds: nothing left to do, nothing run again
+    assert [(r["step"], r["steps"]) for r in checkpoints.read_jsonl(two_steps / "resumes.jsonl")] == [(2, 3), (3, 3)]
+    assert [m["step"] for m in checkpoints.read_jsonl(two_steps / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, no_loading):
+    before = files(two_steps)
+    code, err = refused(["--resume", str(two_steps), "--steps", "1"], capsys)
+    assert code == 2 and err == (f"error: --steps 1: {two_steps} is already at step 2 (step-000002); allowed: "
+                                 "--steps >= 2\n")
+    assert files(two_steps) == before
+
+
+def test_resume_refuses_eval_only(two_steps, capsys, no_loading):
+    code, err = refused(["--resume", str(two_steps), "--eval-only"], capsys)
+    assert code == 2 and "--eval-only: not with --resume" in err
+
+
+@pytest.mark.parametrize("content,why", [("[1]", "not a JSON object"), ('{"algo": "tspmo", "colour": "red"}',
+                                                                        "unknown settings ['colour']"),
+                                         ("{", "cannot read the run's settings")])
+def test_resume_of_a_broken_config(two_steps, no_loading, content, why):
+    (two_steps / "config.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(two_steps)])
+    assert str(e.value).startswith(f"error: {two_steps / 'config.json'}") and why in str(e.value)

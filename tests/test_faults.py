@@ -1,0 +1,486 @@
+"""Faults injected and survived. The training process is killed with SIGKILL at every write point of a checkpoint and
+of the logs (checkpoints.FAULT_POINTS), then resumed: the final adapter, the optimizer state and the metrics (less
+timings) are bit-identical to a run that was never interrupted. Also: resume from every step of every task × algo,
+torn log lines, broken checkpoints, stale temporary files, a full disk, Ctrl-C, and non-finite weights.
+
+The killed runs are forked from this process (torch is already imported, so a run costs a fraction of a second); the
+child sets TOKRL_FAULT=POINT:N and checkpoints.fault kills it with SIGKILL the N-th time it reaches POINT."""
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_checkpoint
+import checkpoints
+import model as M
+import tasks
+import train
+from test_train import write_gsm8k
+
+TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
+STEPS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The forked children must run on one thread (see `killed`); so does this process, so that both sum in the
+    same order and the comparisons can ask for bit-equality whatever the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_fsync(monkeypatch):
+    """fsync guards against a power loss, which these tests do not simulate; it costs ~7 ms a file here."""
+    monkeypatch.setattr(checkpoints, "DURABLE", False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def write_small_svamp(d: Path) -> Path:
+    """Three training problems, so a 4-step run crosses an epoch boundary (SVAMP reshuffles there)."""
+    d.mkdir(parents=True, exist_ok=True)
+    rec = lambda i: {"ID": f"chal-{i}", "Body": f"Tom has {i} apples" + "!" * i + ".", "Question": "How many?",
+                     "Answer": float(i)}
+    (d / "train.json").write_text(json.dumps([rec(i) for i in range(1, 4)]))
+    (d / "test.json").write_text(json.dumps([rec(i) for i in range(4, 6)]))
+    return d
+
+
+@pytest.fixture(autouse=True)
+def varied_rewards(monkeypatch):
+    """A random tiny model never answers right; a reward that depends on the completion (its length's parity) makes
+    the groups vary, so every objective moves the adapter and T-SPMO has successes to replay."""
+    for cls in (tasks.Mult, tasks.Svamp, tasks.Gsm8k):
+        monkeypatch.setattr(cls, "reward", lambda self, text, ex: float(len(text) % 2))
+
+
+def argv(tiny: Path, tmp: Path, task: str, algo: str, run: Path, *extra: str) -> list[str]:
+    data = {"mult": [], "svamp": ["--data", str(write_small_svamp(tmp / "svamp"))],
+            "gsm8k": ["--data", str(write_gsm8k(tmp / "gsm8k"))]}[task]
+    return ["--task", task, "--algo", algo, "--model", str(tiny), "--device", "cpu", "-G", "4", "--max-new-tokens",
+            "8", "--temperature", "1.0", "--lr", "1e-2", "--lora-fraction", "0.5", "--alpha", "2", "--k", "4",
+            "--replay-success", "1", "--eval-limit", "2", "--steps", str(STEPS), "--save-every", "1",
+            "--out", str(run), *data, *extra]
+
+
+def strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def same(a, b) -> bool:
+    """Equal, with torch.equal on every tensor (nested dicts, lists and tuples)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def outcome(run: Path) -> dict:
+    """What must be bit-identical: final adapter, the last checkpoint's state (optimizer, RNGs, data position),
+    metrics and evaluations less timings."""
+    return {"adapter": load_file(str(run / "adapter" / "adapter_model.safetensors")),
+            "state": torch.load(run / "checkpoints" / f"step-{STEPS:06d}" / "state.pt", weights_only=True),
+            "metrics": strip(checkpoints.read_jsonl(run / "metrics.jsonl")),
+            "evals": strip(checkpoints.read_jsonl(run / "eval.jsonl"))}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    oa, ob = outcome(a), outcome(b)
+    assert same(oa["adapter"], ob["adapter"]), "adapter tensors differ"
+    assert same(oa["state"], ob["state"]), "optimizer, RNG or data state differs"
+    assert oa["metrics"] == ob["metrics"] and [m["step"] for m in oa["metrics"]] == list(range(1, STEPS + 1))
+    assert oa["evals"] == ob["evals"]
+    names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names(a) == names(b)
+    assert not [p for p in b.rglob(".*")], "temporary files left behind"
+
+
+def killed(point: str, n: int, args: list[str]) -> int | None:
+    """Run train.main(args) in a forked child that SIGKILLs itself at the n-th `point`; its exit code (-9: killed)."""
+    def child():
+        # OpenMP's thread pool does not survive a fork (the child would wait on threads it does not have): one thread
+        torch.set_num_threads(1)
+        os.environ["TOKRL_FAULT"] = f"{point}:{n}"
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1), os.dup2(devnull, 2)
+        train.main(args)
+        os._exit(0)
+
+    p = multiprocessing.get_context("fork").Process(target=child)
+    p.start()
+    p.join(120)
+    if p.is_alive():  # hung: end it, and fail
+        p.kill()
+        p.join()
+        return None
+    return p.exitcode
+
+
+# which occurrence of each point to kill at: mid-run, after at least one checkpoint exists
+NTH = {"checkpoint": 2, "latest": 2, "prune": 1, "metrics": 3, "eval": 2, "curves": 2}
+CONFIGS = [("svamp", "tspmo"), ("mult", "sgrpo")]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory) -> dict:
+    """One uninterrupted run per configuration (module-scoped: the autouse reward patch is not active here, so it is
+    applied by hand)."""
+    mp = pytest.MonkeyPatch()
+    for cls in (tasks.Mult, tasks.Svamp, tasks.Gsm8k):
+        mp.setattr(cls, "reward", lambda self, text, ex: float(len(text) % 2))
+    runs = {}
+    try:
+        for task, algo in CONFIGS:
+            tmp = tmp_path_factory.mktemp(f"ref-{task}-{algo}")
+            train.main(argv(tiny, tmp, task, algo, tmp / "run", "--eval-every", "2"))
+            runs[task, algo] = tmp / "run"
+    finally:
+        mp.undo()
+    return runs
+
+
+@pytest.mark.parametrize("task,algo", CONFIGS)
+@pytest.mark.parametrize("point", checkpoints.FAULT_POINTS)
+def test_sigkill_at_each_write_point_then_resume_is_bit_exact(tmp_path, tiny, reference, task, algo, point):
+    run = tmp_path / "run"
+    args = argv(tiny, tmp_path, task, algo, run, "--eval-every", "2")
+    assert killed(point, NTH[point.split(".")[0]], args) == -signal.SIGKILL, f"{point} was never reached"
+    train.main(["--resume", str(run)])
+    assert_same_run(reference[task, algo], run)
+
+
+@pytest.mark.parametrize("point", ["checkpoint.state.written", "metrics.appended", "eval.appended"])
+def test_killed_before_the_first_checkpoint_the_same_command_starts_again(tmp_path, tiny, reference, capsys, point):
+    run = tmp_path / "run"
+    args = argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2")
+    assert killed(point, 1, args) == -signal.SIGKILL
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run)])
+    assert "holds no checkpoint (the run stopped before its first one: start it again with the same command)" \
+        in str(e.value)
+    capsys.readouterr()
+    train.main(args)
+    assert f"warning: {run} holds a run that stopped before its first checkpoint" in capsys.readouterr().err
+    assert_same_run(reference["svamp", "tspmo"], run)
+
+
+def test_the_reference_runs_move_the_adapter_and_replay(reference):
+    """Guards the test above against comparing runs where nothing happens."""
+    for (task, algo), run in reference.items():
+        metrics = checkpoints.read_jsonl(run / "metrics.jsonl")
+        assert len({m["reward_mean"] for m in metrics}) > 1
+        B = [t for k, t in load_file(str(run / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+        assert any(float(b.abs().sum()) > 0 for b in B)
+        if algo == "tspmo":
+            assert sum(len(m["replays"]) for m in metrics) >= 2
+
+
+# --- resume from every step, every task × algorithm -------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["mult", "svamp", "gsm8k"])
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+def test_resume_from_every_step_is_bit_exact(tmp_path, tiny, monkeypatch, task, algo):
+    """A run stopped after any step k (mid-epoch for SVAMP/GSM8K, right after a T-SPMO replay) and resumed equals the
+    uninterrupted run. The checkpoint of step k of the uninterrupted run is the state a run stopped at k leaves."""
+    monkeypatch.setattr(checkpoints, "KEEP", STEPS + 1)
+    ref = tmp_path / "ref"
+    train.main(argv(tiny, tmp_path, task, algo, ref, "--eval-every", "0", "--eval-limit", "1"))
+    for k in range(1, STEPS):
+        run = tmp_path / f"stopped-at-{k}"
+        shutil.copytree(ref, run)
+        shutil.rmtree(run / "adapter")
+        for later in range(k + 1, STEPS + 1):
+            shutil.rmtree(run / "checkpoints" / f"step-{later:06d}")
+        (run / "checkpoints" / "latest").write_text(f"step-{k:06d}\n")
+        train.main(["--resume", str(run)])
+        assert_same_run(ref, run)
+
+
+def test_svamp_stream_resumes_mid_epoch():
+    """The fault that was: restoring only the data RNG's state after an epoch was shuffled starts a new epoch, so a
+    resumed run repeats or skips problems. TrainStream's position gives exactly the next ones."""
+    task = tasks.Svamp.__new__(tasks.Svamp)
+    task.train = [{"ID": i} for i in range(7)]
+    straight = tasks.TrainStream(task, seed=5)
+    order = [next(straight)["ID"] for _ in range(20)]
+    for k in range(20):
+        resumed = tasks.TrainStream(task, seed=5, position=k)
+        assert [next(resumed)["ID"] for _ in range(20 - k)] == order[k:]
+    rng = random.Random(5)  # the old way: the RNG state checkpointed after 3 draws, the stream rebuilt from it
+    old = task.train_stream(rng)
+    [next(old) for _ in range(3)]
+    assert [next(task.train_stream(rng))["ID"] for _ in range(4)] != order[3:7]
+
+
+# --- broken files at resume -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def done(tmp_path, tiny) -> Path:
+    """A finished 4-step run (checkpoints 3 and 4 kept), the reference for the resumes below."""
+    run = tmp_path / "done"
+    train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2"))
+    return run
+
+
+def redo_from(done: Path, tmp_path: Path, step: int) -> Path:
+    """A copy of the run as it stood after `step` had been checkpointed (the later checkpoint removed)."""
+    run = tmp_path / "again"
+    shutil.copytree(done, run)
+    shutil.rmtree(run / "adapter")
+    for p in (run / "checkpoints").glob("step-*"):
+        if int(p.name[5:]) > step:
+            shutil.rmtree(p)
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncated state.pt", "empty adapter", "missing state.pt", "garbage state.pt"])
+def test_a_broken_newest_checkpoint_falls_back_to_the_previous(done, tmp_path, capsys, damage):
+    run = redo_from(done, tmp_path, STEPS)
+    newest = run / "checkpoints" / f"step-{STEPS:06d}"
+    shutil.copytree(done / "checkpoints" / f"step-{STEPS - 1:06d}", tmp_path / "prev")
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS - 1:06d}")
+    shutil.copytree(tmp_path / "prev", run / "checkpoints" / f"step-{STEPS - 1:06d}")
+    state = newest / "state.pt"
+    if damage == "truncated state.pt":
+        os.truncate(state, state.stat().st_size // 2)
+    elif damage == "empty adapter":
+        (newest / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    elif damage == "missing state.pt":
+        state.unlink()
+    else:
+        state.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    train.main(["--resume", str(run), "--steps", str(STEPS)])
+    err = capsys.readouterr().err
+    assert f"names step-{STEPS:06d}" in err and str(newest) in err and f"step-{STEPS - 1:06d}" in err
+    assert_same_run(done, run)
+
+
+def test_latest_naming_a_missing_checkpoint(done, tmp_path, capsys):
+    run = redo_from(done, tmp_path, STEPS - 1)
+    (run / "checkpoints" / "latest").write_text("step-000099\n")
+    capsys.readouterr()
+    train.main(["--resume", str(run)])
+    assert "names step-000099" in capsys.readouterr().err
+    assert_same_run(done, run)
+
+
+def test_no_intact_checkpoint_is_an_error_naming_the_files(done, tmp_path):
+    run = redo_from(done, tmp_path, STEPS)
+    for p in (run / "checkpoints").glob("step-*"):
+        (p / "state.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run)])
+    msg = str(e.value)
+    assert msg.startswith(f"error: {run} has no intact checkpoint to resume from: ")
+    assert all(f"{p} (" in msg for p in (run / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.parametrize("log", ["metrics.jsonl", "eval.jsonl"])
+def test_a_torn_last_log_line_is_dropped_with_a_warning(done, tmp_path, capsys, log):
+    run = redo_from(done, tmp_path, STEPS - 1)
+    with open(run / log, "a") as f:
+        f.write('{"step": 4, "reward_me')  # a crash in the middle of an append
+    capsys.readouterr()
+    train.main(["--resume", str(run)])
+    assert f"warning: {run / log}: dropped a torn last line" in capsys.readouterr().err
+    assert_same_run(done, run)
+
+
+def test_a_bad_line_inside_a_log_is_named(done, tmp_path):
+    run = redo_from(done, tmp_path, STEPS - 1)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run)])
+    assert str(e.value).startswith(f"error: {run / 'metrics.jsonl'}: line 2 is not a JSON object")
+
+
+def test_stale_temporary_files_are_removed_at_the_next_start(done, tmp_path, capsys):
+    run = redo_from(done, tmp_path, STEPS - 1)
+    stale = [run / ".curves.svg.tmp", run / "checkpoints" / ".latest.tmp", run / "checkpoints" / ".tmp-step-000004",
+             run / "checkpoints" / ".trash-step-000001", run / ".metrics.jsonl.abc123.tmp"]
+    for p in stale:
+        p.mkdir() if "step" in p.name else p.write_text("half")
+    capsys.readouterr()
+    train.main(["--resume", str(run)])
+    err = capsys.readouterr().err
+    assert all(not p.exists() and f"removed {p}, left by an interrupted write" in err for p in stale)
+    assert_same_run(done, run)
+
+
+# --- a full disk ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target,step,safe", [("state.pt", 2, 1), ("adapter_model.safetensors", 2, 1), ("latest", 2, 1),
+                                               ("metrics.jsonl", 3, 2), ("curves.svg", 2, 2)])
+def test_disk_full_names_the_path_and_what_is_safe(done, tmp_path, tiny, monkeypatch, target, step, safe):
+    """ENOSPC when the `step`-th write of `target` reaches the disk: one line naming the file and the intact
+    checkpoint; no half file and no half line stays; once there is room, the resume gives the uninterrupted run."""
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(path).name.lstrip(".").startswith(target):
+            seen.append(path)
+            if len(seen) == step:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(checkpoints, "DURABLE", True)  # the full disk shows itself when the data reach it: at fsync
+    monkeypatch.setattr(checkpoints.os, "fsync", fsync)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2"))
+    monkeypatch.setattr(checkpoints.os, "fsync", real)
+    msg = str(e.value)
+    ck = run / "checkpoints" / f"step-{safe:06d}"
+    assert msg.startswith("error: cannot write ") and "No space left on device. Stopped: the last checkpoint, " in msg
+    assert f"{ck}, is whole and untouched; once the disk has room, continue with python train.py --resume {run}" in msg
+    named = msg.split("cannot write ", 1)[1].split(":", 1)[0]
+    assert named.endswith({"state.pt": "step-000002", "adapter_model.safetensors": "step-000002"}.get(target, target))
+    assert not list(run.rglob(".*")) and (run / "metrics.jsonl").read_text().endswith("\n")
+    assert (run / "curves.svg").stat().st_size > 0 if (run / "curves.svg").exists() else target == "curves.svg"
+    train.main(["--resume", str(run)])
+    assert_same_run(done, run)
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------------------------------
+
+def interrupt_evaluation(monkeypatch, times: int) -> None:
+    """Ctrl-C (a real SIGINT to this process) `times` times during the first greedy batch of the evaluation."""
+    real = M.greedy
+    calls = []
+
+    def greedy(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "greedy", greedy)
+    return real
+
+
+def test_ctrl_c_during_the_step_0_evaluation_exits_with_the_resume_command(done, tmp_path, tiny, monkeypatch,
+                                                                            capsys):
+    run = tmp_path / "run"
+    real = interrupt_evaluation(monkeypatch, 1)
+    assert train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2", "--eval-batch", "1")) == 0
+    monkeypatch.setattr(M, "greedy", real)
+    assert f"stopped at step 0; continue with: python train.py --resume {run}" in capsys.readouterr().out
+    assert (run / "checkpoints" / "latest").read_text() == "step-000000\n"
+    assert checkpoints.read_jsonl(run / "eval.jsonl") == [] and checkpoints.read_jsonl(run / "metrics.jsonl") == []
+    train.main(["--resume", str(run)])
+    assert_same_run(done, run)
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path, tiny, monkeypatch, capsys):
+    run = tmp_path / "run"
+    interrupt_evaluation(monkeypatch, 2)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-batch", "1"))
+    assert e.value.code == 130
+    assert (f"stopped at once: no checkpoint was written yet; continue with: python train.py --resume {run}"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("at_step", [2, STEPS])
+def test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly(done, tmp_path, tiny, monkeypatch, capsys,
+                                                                         at_step):
+    """Ctrl-C while step `at_step` samples: that step completes and is checkpointed, the evaluation due after it is
+    left to the resume (during the last step: the final evaluation and the adapter), and the resumed run is exact."""
+    real, where = train.Trainer.train_step, {}
+
+    def train_step(self, stream):
+        if self.step + 1 == at_step and not where:
+            where["sent"] = os.kill(os.getpid(), signal.SIGINT)
+        return real(self, stream)
+
+    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    run = tmp_path / "run"
+    assert train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2")) == 0
+    assert f"stopped at step {at_step}; continue with: python train.py --resume {run}" in capsys.readouterr().out
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{at_step:06d}\n"
+    assert [e["step"] for e in checkpoints.read_jsonl(run / "eval.jsonl")] == [s for s in (0, 2) if s < at_step]
+    assert not (run / "adapter").exists()
+    monkeypatch.setattr(train.Trainer, "train_step", real)
+    train.main(["--resume", str(run)])
+    assert_same_run(done, run)
+
+
+# --- non-finite state is never written --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_replay", [False, True], ids=["fresh group", "replay group"])
+def test_non_finite_weights_stop_the_run_before_they_are_saved(tmp_path, tiny, monkeypatch, in_replay):
+    """An optimizer step from step 2 on (the fresh group's, or a T-SPMO replay group's) writes NaN into a LoRA weight:
+    the run stops at once, names the last good checkpoint and leaves it (and `latest`) untouched; the bad step is
+    neither logged nor saved, and no final adapter is written."""
+    run = tmp_path / "run"
+    real_step, real_replay, real_train_step = torch.optim.AdamW.step, train.Trainer.replay, train.Trainer.train_step
+    where = {"step": 0, "replay": False, "poisoned": None}
+
+    def train_step(self, stream):
+        where["step"] = self.step + 1
+        return real_train_step(self, stream)
+
+    def replay(self, *a):
+        where["replay"] = True
+        try:
+            return real_replay(self, *a)
+        finally:
+            where["replay"] = False
+
+    def step_then_poison(self, *a, **k):
+        out = real_step(self, *a, **k)
+        if where["step"] >= 2 and where["replay"] == in_replay and where["poisoned"] is None:
+            where["poisoned"] = where["step"]
+            self.param_groups[0]["params"][0].data[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_poison)
+    monkeypatch.setattr(train.Trainer, "replay", replay)
+    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "0"))
+    step, msg = where["poisoned"], str(e.value)
+    assert step is not None
+    good = run / "checkpoints" / f"step-{step - 1:06d}"
+    assert msg.startswith("error: ") and "lora_A is not finite after the optimizer step at step " in msg
+    assert f"at step {step}; stopped without saving it: the last checkpoint, {good}, is whole and untouched" in msg
+    assert [m["step"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")] == list(range(1, step))
+    assert (run / "checkpoints" / "latest").read_text() == f"{good.name}\n" and not (run / "adapter").exists()
+    assert good.name == sorted(p.name for p in (run / "checkpoints").glob("step-*"))[-1]
+    state, tensors = checkpoints.read_checkpoint(good)  # reads back whole, finite
+    assert state["step"] == step - 1 and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_save_checkpoint_refuses_non_finite_state(tmp_path, tiny):
+    import lora
+    net = M.load_model(tiny)
+    lora.apply_lora(net, 2, 0.5, None, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(lora.lora_parameters(net))
+    with torch.no_grad():
+        lora.lora_parameters(net)[1][0, 0] = float("inf")
+    with pytest.raises(checkpoints.NonFiniteState, match="lora_B is not finite: checkpoint of step 7 not written"):
+        checkpoints.save_checkpoint(tmp_path, 7, net, opt, {}, "m")
+    assert not (tmp_path / "checkpoints").exists()
