@@ -199,7 +199,8 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
         return combine_stats(world, st, algo)  # λ·Σ‖W‖² once, on rank 0: its gradient is summed with the others'
     selection = None
     if algo == "sgrpo":  # every process draws every T_i, in order: the "select" stream stays the same everywhere
-        selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"]) for y in completions]  # [Alg1]
+        selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"])  # [Alg1]
+                     for y in completions]
     st = tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale,
                              share=share)
     return combine_stats(world, st, algo)

@@ -55,7 +55,8 @@ def main() -> None:
         model = make_checkpoint(Path(d) / "model", tiny_config(hidden_size=256, intermediate_size=688,
                                                                num_hidden_layers=6), std=0.05)
         cpu = args.device == "cpu"
-        configs = [(n, 1) for n in args.nproc] + ([(1, max(args.nproc))] if cpu and max(args.nproc) > 1 and not args.no_threads_row else [])
+        threads_row = cpu and max(args.nproc) > 1 and not args.no_threads_row  # 1 process with N threads
+        configs = [(n, 1) for n in args.nproc] + ([(1, max(args.nproc))] if threads_row else [])
         print(f"# {args.device}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; "
               f"{args.steps} steps, mean of steps 2..{args.steps}; {args.tokens} new tokens at most, G "
               f"{args.group or '8 (T-SPMO 16)'}")

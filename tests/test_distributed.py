@@ -365,7 +365,8 @@ def test_a_two_process_run_writes_the_files_of_a_one_process_run(cli_runs):
         assert [r["step"] for r in rows1] == [r["step"] for r in rows2] and len(rows1) >= 3
         assert [r.keys() for r in rows1] == [r.keys() for r in rows2]
     assert [e["n"] for e in checkpoints.read_jsonl(two / "eval.jsonl")] == [3, 3, 3]
-    assert (one / "adapter" / "adapter_config.json").read_text() == (two / "adapter" / "adapter_config.json").read_text()
+    config = Path("adapter") / "adapter_config.json"
+    assert (one / config).read_text() == (two / config).read_text()
     state1 = torch.load(one / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
     state2 = torch.load(two / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
     assert "rng_ranks" not in state1 and len(state2["rng_ranks"]) == 2  # every process's generators
@@ -378,7 +379,8 @@ def test_resume_of_a_two_process_run_is_bit_exact(cli_runs):
     two, resumed = cli_runs["two"], cli_runs["resumed"]
     m2, mr = (checkpoints.read_jsonl(r / "metrics.jsonl") for r in (two, resumed))
     assert [m["step"] for m in mr] == [1, 2, 3, 4] and without(mr) == without(m2)
-    assert without(checkpoints.read_jsonl(resumed / "eval.jsonl")) == without(checkpoints.read_jsonl(two / "eval.jsonl"))
+    e2, er = (checkpoints.read_jsonl(r / "eval.jsonl") for r in (two, resumed))
+    assert without(er) == without(e2)
     a2, ar = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (two, resumed))
     assert a2.keys() == ar.keys() and all(torch.equal(a2[k], ar[k]) for k in a2)
 
