@@ -60,12 +60,14 @@ def spawn(args: list[str], n: int = 2, timeout: int = 240) -> None:
         assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}\n{err[-3000:]}"
 
 
-def torchrun(args: list[str], n: int = 2, timeout: int = 240) -> str:
-    """train.py under torchrun (--standalone: a local rendezvous on a free port); returns its output."""
+def torchrun(args: list[str], n: int = 2, timeout: int = 240, fault: str | None = None) -> str:
+    """train.py under torchrun (--standalone: a local rendezvous on a free port); returns its output. `fault`:
+    TOKRL_FAULT for the processes (checkpoints.fault: the one that reaches the point kills itself), and the run
+    must then fail."""
+    env = {**child_env(), **({"TOKRL_FAULT": fault} if fault else {})}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                        "train.py", *args], env=child_env(), cwd=ROOT, text=True, capture_output=True,
-                       timeout=timeout)
-    assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+                        "train.py", *args], env=env, cwd=ROOT, text=True, capture_output=True, timeout=timeout)
+    assert (r.returncode != 0) == bool(fault), f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
 
 
@@ -337,8 +339,8 @@ def without(rows: list[dict], keys=TIMING) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory) -> dict[str, Path]:
-    """A one-process run (in this process), a 2-process run under torchrun, and that run resumed from step 2."""
-    import shutil
+    """A one-process run (in this process), a 2-process run under torchrun, and the same 2-process run killed while
+    rank 0 writes step 4's checkpoint (SIGKILL; torchrun then stops rank 1), then resumed from step 2."""
     import train
     d = tmp_path_factory.mktemp("cli")
     model = make_checkpoint(d / "tiny")
@@ -346,9 +348,8 @@ def cli_runs(tmp_path_factory) -> dict[str, Path]:
     assert train.main(["--model", str(model), "--out", str(runs["one"]), *CLI]) == 0
     out = torchrun(["--model", str(model), "--out", str(runs["two"]), *CLI])
     assert out.count("settings:") == 1 and out.count("done:") == 1  # rank 0 alone prints
-    shutil.copytree(runs["two"], runs["resumed"])
-    shutil.rmtree(runs["resumed"] / "checkpoints" / "step-000004")  # back to the checkpoint of step 2
-    (runs["resumed"] / "checkpoints" / "latest").write_text("step-000002\n")
+    out = torchrun(["--model", str(model), "--out", str(runs["resumed"]), *CLI], fault="checkpoint.state.partial:2")
+    assert "SIGKILL" in out and "SIGTERM" in out  # rank 0 killed itself; torchrun stopped rank 1
     out = torchrun(["--resume", str(runs["resumed"])])
     assert "resumed" in out and "at step 2" in out
     return runs
