@@ -62,12 +62,15 @@ class Settings:
     temperature: float = 0.3
     top_p: float = 1.0  # the paper names no top-p: plain temperature sampling
     max_new_tokens: int = 300
+    eval_max_new_tokens: int | None = None  # greedy evaluation's limit (None: max_new_tokens)
     beta: float = 0.01  # KL weight of GRPO / S-GRPO (E3, E5)
     lam: float = 0.01  # λ of T-SPMO's L2 term (E10)
+    tspmo_objective: str = "pi"  # E10's π_θ(v|p) (the paper's) | "logpi": log π_θ(v|p), an ablation (ours)
     # LoRA
     lora_fraction: float = 0.25
     lora_rank: int = 8
     lora_alpha: float | None = None  # [decided] (SPEC.md) α = r
+    lora_targets: str = ",".join(lora.TARGETS)  # comma-separated projections of each adapted layer (paper: q, v)
     # S-GRPO token selection (E6)
     alpha: int = 50
     k: int = 100
@@ -81,6 +84,7 @@ class Settings:
     eval_limit: int | None = None  # evaluate on the first N test examples (None: all)
     eval_batch: int = 32
     save_every: int = 10
+    threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
 
 
 COMMON = dict(lr=1e-4, beta=0.01, lam=0.01, temperature=0.3, max_new_tokens=300)
@@ -110,7 +114,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos) -> dict:
     for i in range(0, len(data), cfg.eval_batch):
         batch = data[i: i + cfg.eval_batch]
         prompts = [tok.encode(task.prompt(ex)) for ex in batch]
-        outs = M.greedy(net, prompts, cfg.max_new_tokens, eos=eos, stop=task.stop())
+        outs = M.greedy(net, prompts, cfg.eval_max_new_tokens or cfg.max_new_tokens, eos=eos, stop=task.stop())
         for ex, out in zip(batch, outs):
             text = tok.decode(out)
             r = task.reward(text, ex)
@@ -159,7 +163,8 @@ def peak_memory_gb(device: torch.device) -> float:
 def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float) -> tokrl.StepStats:
     """Backward of one group with the chosen objective (the caller steps the optimizer)."""
     if algo == "tspmo":
-        return tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam, scale=scale)  # [E10]
+        return tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam, scale=scale,
+                                    objective=cfg.tspmo_objective)  # [E10]
     selection = None
     if algo == "sgrpo":
         selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"]) for y in completions]  # [Alg1]
@@ -207,7 +212,8 @@ class Trainer:
                 continue
             conts, rs = self.sample_group(prompt_ids, y[:j])
             self.opt.zero_grad(set_to_none=True)
-            st = tokrl.tspmo_backward(self.net, list(prompt_ids) + list(y[:j]), conts, rs, lam=cfg.lam)  # [E10]
+            st = tokrl.tspmo_backward(self.net, list(prompt_ids) + list(y[:j]), conts, rs, lam=cfg.lam,
+                                      objective=cfg.tspmo_objective)  # [E10]
             check_finite(self.net, st)
             self.opt.step()  # deviation 1 (module docstring): each replayed group is its own update
             st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs)}
@@ -265,15 +271,19 @@ def load_everything(cfg: Settings):
     return net, tok, M.eos_ids(model_dir, net.config, tok)
 
 
-def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None) -> dict:
-    """The whole run; returns the final evaluation. `task` lets tests plug in a toy task."""
+def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None, loaded=None) -> dict:
+    """The whole run; returns the final evaluation. `task` lets tests (and mini.py) plug in their own task;
+    `loaded` = (net, tok, eos) an already-loaded model to train instead of reading cfg.model from disk (LoRA is put
+    on that net in place: pass a fresh copy per run)."""
     torch.manual_seed(cfg.seed)  # nothing should draw from the global RNG; this only pins what might
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     # CPU: arithmetic on denormal floats (below 1.2e-38) is slow; flushing them to zero changes no result that matters
     # and made a zero-variance backward 30x faster on the test machine
     torch.set_flush_denormal(True)
-    net, tok, eos = load_everything(cfg)
+    net, tok, eos = loaded or load_everything(cfg)
     task = task or make_task(cfg.task, tok, cfg.data, cfg.seed)
-    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha,
+    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, targets=cfg.lora_targets.split(","),
                     generator=torch.Generator().manual_seed(cfg.seed + 4))  # [L1]
     tr = Trainer(cfg, run, net, tok, task, eos)
     metrics, evals = [], []
@@ -370,6 +380,24 @@ def paper_table() -> str:
     return "\n".join(rows)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # lora.apply_lora adapts attention projections
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def lora_targets_arg(text: str) -> str:
+    names = [t.strip() for t in text.split(",")]
+    bad = [t for t in names if t not in LORA_TARGETS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown projection {bad[0] if bad else text!r}; "
+                                         f"choose from {','.join(LORA_TARGETS)}")
+    return ",".join(names)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=paper_table(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -396,12 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="sampling temperature (0.3)")
     g.add_argument("--top-p", type=float, help="nucleus sampling (1.0: off; the paper names none)")
     g.add_argument("--max-new-tokens", type=int, help="completion length limit (300)")
+    g.add_argument("--eval-max-new-tokens", type=positive_int,
+                   help="greedy evaluation's length limit (default: --max-new-tokens)")
     g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO (0.01)")
     g.add_argument("--lam", type=float, help="L2 weight on LoRA, T-SPMO (0.01)")
+    g.add_argument("--tspmo-objective", choices=["pi", "logpi"],
+                   help="T-SPMO's per-edge term: pi = π·A, E10 as the paper writes it (default); logpi = log π·A")
     g = p.add_argument_group("LoRA (paper: mult last 1/4 of layers, rank 8; svamp last 1/3, rank 16)")
     g.add_argument("--lora-fraction", type=float, help="fraction of the last layers adapted")
     g.add_argument("--lora-rank", type=int, help="rank r")
     g.add_argument("--lora-alpha", type=float, help="alpha (default r: scale 1)")
+    g.add_argument("--lora-targets", type=lora_targets_arg,
+                   help=f"comma-separated projections to adapt, of {','.join(LORA_TARGETS)} (default q_proj,v_proj)")
     g = p.add_argument_group("S-GRPO token selection (paper: mult α=50, k=100; svamp α=100, k=100)")
     g.add_argument("--alpha", type=int, help="first α tokens always in the loss")
     g.add_argument("--k", type=int, help="at most k tokens in the loss")
@@ -415,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples (default all)")
     g.add_argument("--eval-batch", type=int, help="prompts per greedy batch (32)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (10)")
+    g.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's, one per core)")
     return p
 
 
