@@ -452,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/mini", help="output folder (default runs/mini; the SFT'd base is cached "
                                                       "in OUT/base)")
-    p.add_argument("--quick", action="store_true", help=f"one seed, {QUICK_STEP_SCALE:.3g} of the paper's steps "
-                                                        "instead of {STEP_SCALE:.3g}: a few minutes")
+    p.add_argument("--quick", action="store_true", help="one seed, a third of the paper's steps, into OUT/quick/ "
+                                                        "(the base is shared with the full table)")
     p.add_argument("--seeds", type=train.positive_int, help="seeds per method (default 3; --quick 1)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     p.add_argument("--steps", type=train.positive_int, help="RL steps for every method (default: scaled paper's)")
@@ -482,21 +482,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     base_info = {**json.loads((base / "base.json").read_text()), "dir": str(base), "cached": cached}
     step_scale = QUICK_STEP_SCALE if args.quick else STEP_SCALE
+    dest = out / "quick" if args.quick else out  # --quick keeps its own runs and files beside the full table's
+    dest.mkdir(parents=True, exist_ok=True)
     seeds = range(args.seeds or (1 if args.quick else 3))
     jobs = []
     for method in methods:
         for seed in seeds:
             cfg = run_settings(method, seed, base, step_scale)
-            cfg = dataclasses.replace(cfg, out=str(out / "runs" / f"{method}-seed{seed}"),
+            cfg = dataclasses.replace(cfg, out=str(dest / "runs" / f"{method}-seed{seed}"),
                                       steps=args.steps or cfg.steps, eval_limit=args.eval_limit)
             jobs.append(Job(method, seed, dataclasses.replace(cfg, eval_every=max(1, min(25, cfg.steps // 6)))))
-    print(f"{len(jobs)} runs, {args.parallel} at a time, one thread each; progress in {out}/runs/*/log.txt")
+    print(f"{len(jobs)} runs, {args.parallel} at a time, one thread each; progress in {dest}/runs/*/log.txt")
     results = run_all(jobs, base, args.parallel)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     command = "python mini.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    table = write_results(out, base_info, results, step_scale, (time.time() - t0) / 60, command)
+    table = write_results(dest, base_info, results, step_scale, (time.time() - t0) / 60, command)
     print(table)
-    print(f"wrote {out / 'results.md'} and {out / 'figure1.svg'} in {(time.time() - t0) / 60:.1f} min")
+    print(f"wrote {dest / 'results.md'} and {dest / 'figure1.svg'} in {(time.time() - t0) / 60:.1f} min")
     return 0
 
 

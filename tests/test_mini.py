@@ -106,10 +106,11 @@ def test_quick_runs_through_train_train_and_writes_both_files(tmp_path, monkeypa
             "--eval-limit", "4", "--parallel", "1", "--sft-threads", "1"]
     assert mini.main(args) == 0
     assert calls == {"train": len(mini.METHODS), "step": 2 * len(mini.METHODS)}
-    results = (out / "results.md").read_text()
+    results = (out / "quick" / "results.md").read_text()
     assert "| GRPO |" in results and "| 4.4 |" in results and "T-SPMO, log π" in results
-    assert (out / "figure1.svg").read_text().startswith("<svg") and "polyline" in (out / "figure1.svg").read_text()
-    run = out / "runs" / "tspmo-logpi-seed0"
+    svg = (out / "quick" / "figure1.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 * len(mini.COLORS)  # two panels, a line each
+    run = out / "quick" / "runs" / "tspmo-logpi-seed0"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["tspmo_objective"] == "logpi" and cfg["threads"] == 1 and cfg["steps"] == 2
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
@@ -225,3 +226,12 @@ def test_tspmo_logpi_objective_against_brute_force(tiny):
     assert not all(torch.allclose(f, p, atol=1e-6, rtol=1e-4) for f, p in zip(fast, grads()))
     with pytest.raises(ValueError, match="objective"):
         tokrl.tspmo_backward(net, prompt, completions, rewards, lam=0.0, objective="log")
+
+
+def test_bad_mini_arguments_are_named_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        mini.main(["--methods", "grpo,ppo", "--out", str(tmp_path / "m")])
+    assert "--methods" in str(e.value) and "'ppo'" in str(e.value) and not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit) as e:
+        mini.main(["--seeds", "0"])
+    assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
