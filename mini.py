@@ -232,6 +232,7 @@ METHODS = {  # name: (algo, what differs from the algorithm's settings)
     "tspmo": ("tspmo", {}),
     "tspmo-lam0": ("tspmo", {"lam": 0.0}),  # ablation: no λ‖W‖² term
     "tspmo-logpi": ("tspmo", {"tspmo_objective": "logpi"}),  # ablation: log π in place of E10's π
+    "tspmo-lam0-logpi": ("tspmo", {"lam": 0.0, "tspmo_objective": "logpi"}),  # both: λ = 0.01 kills either's LoRA A
 }
 STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350}  # the paper's multiplication steps (Table II)
 # ours: the miniature has 4 layers, so the paper's last 1/4 would be one layer with q/v only (4,096 LoRA parameters);
@@ -314,7 +315,7 @@ def run_all(jobs: list[Job], base: Path, parallel: int, log=print) -> list[dict]
 
 PAPER_TABLE_II = {"base": 3.9, "grpo": 4.4, "sgrpo": 22.9, "tspmo": 70.0}  # Qwen2-1.5B, 3x3 digits, n = 3000
 LABELS = {"base": "base (SFT)", "grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo": "T-SPMO (+ replay)",
-          "tspmo-lam0": "T-SPMO, λ = 0", "tspmo-logpi": "T-SPMO, log π"}
+          "tspmo-lam0": "T-SPMO, λ = 0", "tspmo-logpi": "T-SPMO, log π", "tspmo-lam0-logpi": "T-SPMO, λ = 0, log π"}
 COLORS = {"grpo": "#1f77b4", "sgrpo": "#ff7f0e", "tspmo": "#2ca02c", "tspmo-lam0": "#2ca02c"}
 DASHED = {"tspmo-lam0"}  # the ablation that changes the picture most, drawn dashed beside the three methods
 

@@ -80,6 +80,7 @@ def test_run_settings_differ_only_where_the_paper_varies_them(tmp_path):
     assert differ(cfgs["grpo"], cfgs["tspmo"]) == {"algo", "group_size", "steps"}
     assert differ(cfgs["tspmo"], cfgs["tspmo-lam0"]) == {"lam"} and cfgs["tspmo-lam0"].lam == 0
     assert differ(cfgs["tspmo"], cfgs["tspmo-logpi"]) == {"tspmo_objective"}
+    assert differ(cfgs["tspmo"], cfgs["tspmo-lam0-logpi"]) == {"lam", "tspmo_objective"}
     assert (cfgs["grpo"].group_size, cfgs["tspmo"].group_size, cfgs["tspmo"].replay_success) == (8, 50, 1)
     assert (cfgs["sgrpo"].alpha, cfgs["sgrpo"].k) == (7, 13)  # (50, 100) at 300 tokens, scaled to 40
     assert cfgs["grpo"].beta == cfgs["tspmo"].lam == 0.01 and cfgs["grpo"].temperature == 0.3
