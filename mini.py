@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import multiprocessing
 import random
 import statistics
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import lora
 import model as M
 import tasks
 import train
@@ -214,9 +214,9 @@ def build_base(out: Path, s: SftSettings, eval_limit: int | None = None, log=pri
     history = sft(net, tok, task, s, log)
     M.save_model(net, base)
     ev = evaluate_base(net, tok, task, eval_limit)
-    info = {"key": [dataclasses.asdict(s), eval_limit], "sft": dataclasses.asdict(s), "parameters": M.num_parameters(net), "minutes": (time.time() - t0) / 60,
-            "history": history, **ev}
-    checkpoints.lora.atomic_write(meta, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
+    info = {"key": [dataclasses.asdict(s), eval_limit], "sft": dataclasses.asdict(s),
+            "parameters": M.num_parameters(net), "minutes": (time.time() - t0) / 60, "history": history, **ev}
+    lora.atomic_write(meta, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
     log(f"base: {info['parameters']:,} parameters; SFT {info['minutes']:.1f} min; greedy accuracy "
         f"{ev['accuracy']:.3f} (a trace in {ev['trace_rate']:.3f} of outputs, right in {ev['trace_accuracy']:.3f} of "
         f"those; bare answers right in {ev['bare_accuracy']:.3f})")

@@ -204,7 +204,7 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
                    rewards: Sequence[float], *, lam: float, scale: float = 1.0, objective: str = "pi") -> StepStats:
     """−J_TSPMO = −(1/|U|)·Σ_{(p,v)∈U} π_θ(v|p)·A(v|p) + λ·Σ_W ‖W‖², backpropagated per forward pass.
 
-    objective="logpi" puts log π_θ(v|p) in place of π_θ(v|p) (an ablation, ours; "pi" is E10 as the paper writes it).
+    objective="logpi" puts log π_θ(v|p) in place of π_θ(v|p): an ablation, ours ("pi": E10 as the paper writes it).
 
     |U| counts every edge of the trie, A = 0 ones too; those add nothing to the gradient, so the model runs only on
     the prefixes that have an edge with A ≠ 0, each once, on one completion that contains it (trie.targets)."""

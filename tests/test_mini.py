@@ -167,7 +167,8 @@ def test_train_uses_a_loaded_model_and_the_settings(tmp_path, tiny, monkeypatch)
     monkeypatch.setattr(train, "load_everything", lambda cfg: pytest.fail("train.train read the model from disk"))
     seen = {}
     real_greedy, real_sample = M.greedy, M.sample
-    monkeypatch.setattr(M, "greedy", lambda net, p, n, **k: seen.setdefault("greedy", n) and real_greedy(net, p, n, **k))
+    monkeypatch.setattr(M, "greedy", lambda net, p, n, **k: seen.setdefault("greedy", n) and
+                        real_greedy(net, p, n, **k))
     monkeypatch.setattr(M, "sample", lambda net, p, g, n, **k: seen.setdefault("sample", n) and
                         real_sample(net, p, g, n, **k))
     threads = torch.get_num_threads()
