@@ -435,7 +435,8 @@ def write_results(out: Path, base_info: dict, results: list[dict], step_scale: f
         table, "",
         f"Base: greedy decoding starts a trace in {100 * base_info['trace_rate']:.1f}% of the test problems "
         f"(right in {100 * base_info['trace_accuracy']:.1f}% of those) and writes a bare answer otherwise (right in "
-        f"{100 * base_info['bare_accuracy']:.1f}%).", "",
+        f"{100 * base_info['bare_accuracy']:.1f}%); made to start a trace (the prompt and a space), greedy decoding is "
+        f"right in {100 * base_info['forced_trace_accuracy']:.1f}%: the latent skill.", "",
         "Settings:", *settings_lines(Path(base_info["dir"]), step_scale), "",
         "![Figure 1 in miniature](figure1.svg)", ""])
     (out / "results.md").write_text(text)
