@@ -44,6 +44,8 @@ import tasks
 import train
 from reward import exact_match_reward
 
+say = functools.partial(print, flush=True)  # progress lines reach a log file as they happen
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer and model
 
@@ -152,7 +154,7 @@ def sft_batch(tok: M.Tokenizer, eos: int, pairs, cot_fraction: float, rng: rando
     return ids, mask
 
 
-def sft(net: M.Qwen2ForCausalLM, tok: M.Tokenizer, task: MiniMult, s: SftSettings, log=print) -> list[dict]:
+def sft(net: M.Qwen2ForCausalLM, tok: M.Tokenizer, task: MiniMult, s: SftSettings, log=say) -> list[dict]:
     """Cross-entropy on the completions: s.cot_steps of traces, then s.mix_steps of the bare/trace mix. Seeded:
     the pairs, the trace-or-bare draws and (by the caller) the initial weights; one thread count gives one result."""
     rng = random.Random(s.seed)
@@ -196,7 +198,7 @@ def evaluate_base(net: M.Qwen2ForCausalLM, tok: M.Tokenizer, task: MiniMult, lim
             "n": len(data)}
 
 
-def build_base(out: Path, s: SftSettings, eval_limit: int | None = None, log=print) -> Path:
+def build_base(out: Path, s: SftSettings, eval_limit: int | None = None, log=say) -> Path:
     """OUT/base/: the tokenizer, the SFT'd model and base.json (the SFT settings and the base's accuracy).
     Cached: an existing base built with the same settings is reused (delete the folder to rebuild)."""
     base = out / "base"
@@ -289,7 +291,7 @@ def run_job(job: Job, loaded=None) -> dict:
             "minutes": (time.time() - t0) / 60, "run": str(run)}
 
 
-def run_all(jobs: list[Job], base: Path, parallel: int, log=print) -> list[dict]:
+def run_all(jobs: list[Job], base: Path, parallel: int, log=say) -> list[dict]:
     """Every job, `parallel` at a time in separate processes (1: in this process, on one loaded base)."""
     done = []
 
@@ -494,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, out=str(dest / "runs" / f"{method}-seed{seed}"),
                                       steps=args.steps or cfg.steps, eval_limit=args.eval_limit)
             jobs.append(Job(method, seed, dataclasses.replace(cfg, eval_every=max(1, min(25, cfg.steps // 6)))))
-    print(f"{len(jobs)} runs, {args.parallel} at a time, one thread each; progress in {dest}/runs/*/log.txt")
+    say(f"{len(jobs)} runs, {args.parallel} at a time, one thread each; progress in {dest}/runs/*/log.txt")
     results = run_all(jobs, base, args.parallel)
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     command = "python mini.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
