@@ -464,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-cot-steps", type=train.positive_int, help=f"SFT stage 1 (default {SftSettings.cot_steps})")
     p.add_argument("--sft-mix-steps", type=int, help=f"SFT stage 2 (default {SftSettings.mix_steps})")
     p.add_argument("--eval-limit", type=train.positive_int, help="evaluate on the first N test problems (default all)")
-    p.add_argument("--sft-threads", type=train.positive_int, default=2, help="torch threads for the SFT (2)")
+    p.add_argument("--sft-threads", type=train.positive_int, default=1,
+                   help="torch threads for the SFT (1: the thread count changes the float sums, so the base)")
     p.add_argument("--parallel", type=train.positive_int, default=2, help="runs at a time, one thread each (2)")
     return p
 
