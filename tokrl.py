@@ -218,15 +218,19 @@ def grpo_loss_batched(logits: torch.Tensor, ref_logits: torch.Tensor | None, ids
 
 
 def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
-                   rewards: Sequence[float], *, lam: float, scale: float = 1.0,
+                   rewards: Sequence[float], *, lam: float, scale: float = 1.0, objective: str = "pi",
                    share: Callable[[list[int]], list[int]] | None = None,
                    summed_grads: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> StepStats:
     """−J_TSPMO = −(1/|U|)·Σ_{(p,v)∈U} π_θ(v|p)·A(v|p) + λ·Σ_W ‖W‖², backpropagated per forward pass.
+
+    objective="logpi" puts log π_θ(v|p) in place of π_θ(v|p): an ablation, ours ("pi": E10 as the paper writes it).
 
     |U| counts every edge of the trie, A = 0 ones too; those add nothing to the gradient, so the model runs only on
     the prefixes that have an edge with A ≠ 0, each once, on one completion that contains it (trie.targets).
     `share`: this process's targets (module docstring); `summed_grads` (with a share) returns the policy gradient
     summed over the processes, so that the logged gradient norms are the whole group's."""
+    if objective not in ("pi", "logpi"):
+        raise ValueError(f"tspmo_backward: objective is {objective!r}; choose 'pi' (E10) or 'logpi'")
     trie = PrefixTrie(completions, rewards)  # [E7] [E8] [E9] per edge
     U = len(trie.edges)
     P = len(prompt)
@@ -249,7 +253,8 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
         tokens = torch.tensor([t + [0] * (width - len(t)) for t in tg.tokens], device=dev)  # (N, M), padded
         adv = torch.tensor([a + [0.0] * (width - len(a)) for a in tg.advantages], device=dev)  # padding has A = 0
         h, pos = _bottom(model, ids)
-        pi = logprobs_at(model, _top(model, h, pos, rows), tokens).exp()  # (N, M) π_θ(v|p): the probability
+        logp = logprobs_at(model, _top(model, h, pos, rows), tokens)  # (N, M) log π_θ(v|p)
+        pi = logp.exp() if objective == "pi" else logp  # (N, M) π_θ(v|p), the paper's; "logpi": our ablation
         J_part = (pi * adv).sum() / U  # [E10] π_θ(v|p)·A(v|p) — π, not log π, as the paper writes it
         loss = -J_part * scale
         loss.backward()

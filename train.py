@@ -74,12 +74,15 @@ class Settings:
     temperature: float = 0.3
     top_p: float = 1.0  # the paper names no top-p: plain temperature sampling
     max_new_tokens: int = 300
+    eval_max_new_tokens: int | None = None  # greedy evaluation's limit (None: max_new_tokens)
     beta: float = 0.01  # KL weight of GRPO / S-GRPO (E3, E5)
     lam: float = 0.01  # λ of T-SPMO's L2 term (E10)
+    tspmo_objective: str = "pi"  # E10's π_θ(v|p) (the paper's) | "logpi": log π_θ(v|p), an ablation (ours)
     # LoRA
     lora_fraction: float = 0.25
     lora_rank: int = 8
     lora_alpha: float | None = None  # [decided] (SPEC.md) α = r
+    lora_targets: str = ",".join(lora.TARGETS)  # comma-separated projections of each adapted layer (paper: q, v)
     # S-GRPO token selection (E6)
     alpha: int = 50
     k: int = 100
@@ -93,6 +96,7 @@ class Settings:
     eval_limit: int | None = None  # evaluate on the first N test examples (None: all)
     eval_batch: int = 32
     save_every: int = 10
+    threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
 
 
 COMMON = dict(lr=1e-4, beta=0.01, lam=0.01, temperature=0.3, max_new_tokens=300)
@@ -138,7 +142,8 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 raise EvalStopped
             batch = mine[i: i + cfg.eval_batch]
             prompts = [tok.encode(task.prompt(ex)) for ex in batch]
-            outs = M.greedy(net, prompts, cfg.max_new_tokens, eos=eos, stop=task.stop())
+            outs = M.greedy(net, prompts, cfg.eval_max_new_tokens or cfg.max_new_tokens, eos=eos,
+                            stop=task.stop())
             for ex, out in zip(batch, outs):
                 text = tok.decode(out)
                 r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
@@ -195,7 +200,8 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
     share = world.assign if world.size > 1 else None
     if algo == "tspmo":
         st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam if world.main else 0.0,  # [E10]
-                                  scale=scale, share=share, summed_grads=world.summed_grads if share else None)
+                                  scale=scale, objective=cfg.tspmo_objective, share=share,
+                                  summed_grads=world.summed_grads if share else None)
         return combine_stats(world, st, algo)  # λ·Σ‖W‖² once, on rank 0: its gradient is summed with the others'
     selection = None
     if algo == "sgrpo":  # every process draws every T_i, in order: the "select" stream stays the same everywhere
@@ -415,17 +421,21 @@ def restore(tr: Trainer, ck: Path, state: dict) -> int:
 
 
 def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None,
-          checkpoint: tuple[Path, dict] | None = None, world: World = World()) -> dict:
-    """The whole run; returns the final evaluation. `task` lets tests plug in a toy task; `checkpoint` is the one
-    main() already chose for a resume (else the newest intact one is found here). With N processes (`world`,
-    distributed.py) every one runs this loop on its share of each group; rank 0 alone prints and writes."""
+          checkpoint: tuple[Path, dict] | None = None, loaded=None, world: World = World()) -> dict:
+    """The whole run; returns the final evaluation. `task` lets tests (and mini.py) plug in their own task;
+    `checkpoint` is the one main() already chose for a resume (else the newest intact one is found here); `loaded` =
+    (net, tok, eos) an already-loaded model to train instead of reading cfg.model from disk (LoRA is put on that net
+    in place: pass a fresh copy per run). With N processes (`world`, distributed.py) every one runs this loop on its
+    share of each group; rank 0 alone prints and writes."""
     torch.manual_seed(cfg.seed)  # nothing should draw from the global RNG; this only pins what might
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     # CPU: arithmetic on denormal floats (below 1.2e-38) is slow; flushing them to zero changes no result that matters
     # and made a zero-variance backward 30x faster on the test machine
     torch.set_flush_denormal(True)
-    net, tok, eos = load_everything(cfg)
+    net, tok, eos = loaded or load_everything(cfg)
     task = task or make_task(cfg.task, tok, cfg.data, cfg.reward)
-    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha,
+    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, targets=cfg.lora_targets.split(","),
                     generator=torch.Generator().manual_seed(cfg.seed + 4))  # [L1]
     tr = Trainer(cfg, run, net, tok, task, eos, world)
     say = print if world.main else (lambda *a, **k: None)
@@ -532,6 +542,9 @@ def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # lora.apply_lora adapts attention projections
+
+
 RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
     ("steps", lambda v, s: v >= 1, "a run needs at least one step; allowed: an integer >= 1"),
     ("lr", lambda v, s: _num(v) and 0 < v <= 1, "AdamW would not move (<= 0) or diverge at once (> 1); "
@@ -564,6 +577,11 @@ RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
                                                          "allowed: --data with --task svamp or gsm8k"),
     ("reward", lambda v, s: v in TASKS[s.task].REWARDS, "a training reward this task has; allowed: mult exact or "
                                                          "partial (S2), svamp exact, gsm8k sympy (S1)"),
+    ("eval_max_new_tokens", lambda v, s: v is None or v >= 1, "allowed: an integer >= 1 (default: --max-new-tokens)"),
+    ("tspmo_objective", lambda v, s: v in ("pi", "logpi"), "allowed: pi (E10, the paper's) or logpi (an ablation)"),
+    ("lora_targets", lambda v, s: bool(v) and set(v.split(",")) <= set(LORA_TARGETS),
+     f"allowed: comma-separated projections of {','.join(LORA_TARGETS)} (default q_proj,v_proj)"),
+    ("threads", lambda v, s: v is None or v >= 1, "allowed: an integer >= 1 (default: torch's, one per core)"),
     ("device", lambda v, s: device_problem(v) is None, ""),  # the message comes from device_problem
 ]
 WARNINGS: list[tuple[str, Callable[[Any, Settings], bool], str]] = [  # legal, but nothing can be learnt
@@ -672,12 +690,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="sampling temperature, >= 0 (0.3)")
     g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1.0: off; the paper names none)")
     g.add_argument("--max-new-tokens", type=int, help="completion length limit, >= 1 (300)")
+    g.add_argument("--eval-max-new-tokens", type=int,
+                   help="greedy evaluation's length limit, >= 1 (default: --max-new-tokens)")
     g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO, >= 0 (0.01)")
     g.add_argument("--lam", type=float, help="L2 weight on LoRA, T-SPMO, >= 0 (0.01)")
+    g.add_argument("--tspmo-objective", choices=["pi", "logpi"],
+                   help="T-SPMO's per-edge term: pi = π·A, E10 as the paper writes it (default); logpi = log π·A")
     g = p.add_argument_group("LoRA (paper: mult last 1/4 of layers, rank 8; svamp last 1/3, rank 16)")
     g.add_argument("--lora-fraction", type=float, help="fraction of the last layers adapted, in (0, 1]")
     g.add_argument("--lora-rank", type=int, help="rank r, >= 1")
     g.add_argument("--lora-alpha", type=float, help="alpha, > 0 (default r: scale 1)")
+    g.add_argument("--lora-targets",
+                   help=f"comma-separated projections to adapt, of {','.join(LORA_TARGETS)} (default q_proj,v_proj)")
     g = p.add_argument_group("S-GRPO token selection (paper: mult α=50, k=100; svamp α=100, k=100)")
     g.add_argument("--alpha", type=int, help="first α tokens always in the loss, >= 0")
     g.add_argument("--k", type=int, help="at most k tokens in the loss, >= 1")
@@ -691,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples, >= 0 (default all)")
     g.add_argument("--eval-batch", type=int, help="prompts per greedy batch, >= 1 (32)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints, >= 1 (10)")
+    g.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's, one per core)")
     return p
 
 
