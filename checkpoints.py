@@ -17,14 +17,19 @@ def rng_state(gens: dict) -> dict:
             "data": gens["data"].getstate(), "replay": gens["replay"].getstate()}
 
 
-def save_checkpoint(run: Path, step: int, net, opt, gens, base_model: str, keep: int = 2) -> Path:
+def save_checkpoint(run: Path, step: int, net, opt, gens, base_model: str, keep: int = 2,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """`extra`: more named tensors to restore on resume (PPO's value head and separate critic), in state.pt."""
     root = run / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     lora.save_adapter(net, tmp / "adapter", base_model=base_model)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(gens)}, tmp / "state.pt")
+    state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(gens)}
+    if extra:
+        state["extra"] = extra
+    torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # the directory appears complete, or not at all
     lora.atomic_write(run / "checkpoints" / "latest", lambda p: Path(p).write_text(final.name + "\n"))

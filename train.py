@@ -1,4 +1,5 @@
 """Train Qwen2 with GRPO, S-GRPO or T-SPMO under LoRA, as in Lee & Tong (2025), on one GPU (or the CPU).
+The methods the paper argues against run in the same harness: --algo ppo (a critic, GAE) and --algo dpo.
 
     python train.py --algo tspmo --task mult                  # the paper's settings for (algo, task)
     python train.py --algo sgrpo --task svamp --steps 10      # any setting can be overridden
@@ -34,6 +35,7 @@ import torch
 
 import lora
 import model as M
+import baselines
 import tokrl
 from checkpoints import latest_checkpoint, read_jsonl, save_checkpoint, write_jsonl
 from plot import svg_plot
@@ -45,7 +47,7 @@ from tasks import DataError, Task, make_task
 
 @dataclass(frozen=True)
 class Settings:
-    algo: str = "tspmo"  # grpo | sgrpo | tspmo
+    algo: str = "tspmo"  # grpo | sgrpo | tspmo | ppo | dpo
     task: str = "mult"  # mult | svamp | gsm8k
     model: str = "Qwen/Qwen2-1.5B"  # a directory, or a repo id found in / downloaded to the Hugging Face cache
     data: str | None = None  # svamp / gsm8k data (file or directory); None: the tokrl cache, downloaded if absent
@@ -81,6 +83,15 @@ class Settings:
     eval_limit: int | None = None  # evaluate on the first N test examples (None: all)
     eval_batch: int = 32
     save_every: int = 10
+    # PPO with a critic (K1–K4) and DPO (D1), SPEC-baselines.md; PPO's KL weight w2 is `beta`
+    critic: str = "shared"  # [decided] (SPEC-baselines.md) the value head shares the policy's base and LoRA
+    gamma: float = baselines.GAMMA
+    gae_lambda: float = baselines.GAE_LAMBDA
+    clip_eps: float = baselines.PPO_CLIP_EPS
+    ppo_passes: int = baselines.PPO_PASSES  # μ
+    w1: float = baselines.W1  # entropy weight
+    w3: float = baselines.W3  # value-loss weight
+    dpo_beta: float = baselines.DPO_BETA  # β_D
 
 
 COMMON = dict(lr=1e-4, beta=0.01, lam=0.01, temperature=0.3, max_new_tokens=300)
@@ -92,7 +103,8 @@ TASK_DEFAULTS = {  # LoRA per task (paper IV-A); S-GRPO (α, k) (Table III); rep
 STEPS = {("mult", "tspmo"): 350, ("mult", "sgrpo"): 450, ("mult", "grpo"): 450,
          ("svamp", "tspmo"): 400, ("svamp", "sgrpo"): 325, ("svamp", "grpo"): 325,
          ("gsm8k", "tspmo"): 400, ("gsm8k", "sgrpo"): 325, ("gsm8k", "grpo"): 325}  # gsm8k: ours, as svamp
-GROUP = {"grpo": 8, "sgrpo": 8, "tspmo": 50}
+STEPS.update({(task, algo): STEPS[task, "grpo"] for task in ("mult", "svamp", "gsm8k") for algo in ("ppo", "dpo")})
+GROUP = {"grpo": 8, "sgrpo": 8, "tspmo": 50, "ppo": 8, "dpo": 8}  # PPO, DPO: GRPO's sampling budget (SPEC-baselines)
 
 
 def paper_defaults(algo: str, task: str) -> dict:
@@ -156,8 +168,14 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak)
 
 
-def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float) -> tokrl.StepStats:
-    """Backward of one group with the chosen objective (the caller steps the optimizer)."""
+def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float, opt=None,
+           critic: baselines.Critic | None = None) -> tokrl.StepStats:
+    """Backward of one group with the chosen objective (the caller steps the optimizer; PPO takes its first μ − 1
+    steps itself, with `opt`)."""
+    if algo == "ppo":
+        return ppo_update(net, critic, opt, prompt, completions, rewards, cfg)  # [K4]
+    if algo == "dpo":
+        return baselines.dpo_backward(net, prompt, completions, rewards, beta=cfg.dpo_beta, scale=scale)  # [D1]
     if algo == "tspmo":
         return tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam, scale=scale)  # [E10]
     selection = None
@@ -166,9 +184,32 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
     return tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale)
 
 
-def check_finite(net, st: tokrl.StepStats) -> None:
+def ppo_update(net, critic: baselines.Critic, opt, prompt, completions, rewards, cfg: Settings) -> tokrl.StepStats:
+    """[decided] (SPEC-baselines.md) μ passes over the step's completions, each accumulating the per-completion
+    gradients and taking one optimizer step; π_θold, advantages and value targets are fixed once, at sampling time.
+    The first μ − 1 steps are taken here, the last one by the caller. Logged: means over the μ passes."""
+    batch = baselines.ppo_prepare(net, critic, prompt, completions, rewards, gamma=cfg.gamma,
+                                  gae_lambda=cfg.gae_lambda, with_ref=cfg.beta != 0)  # [K2]
+    passes = []
+    for k in range(cfg.ppo_passes):
+        if k:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        passes.append(baselines.ppo_backward(net, critic, batch, clip_eps=cfg.clip_eps, w1=cfg.w1, w2=cfg.beta,
+                                             w3=cfg.w3))  # [K3] [K4]
+        check_finite(net, passes[-1], critic.parameters())
+    st, n = passes[-1], len(passes)
+    st.loss, st.kl = sum(p.loss for p in passes) / n, sum(p.kl for p in passes) / n
+    st.forwards, st.zero_variance = sum(p.forwards for p in passes), len(set(rewards)) == 1
+    st.extra = {k: sum(p.extra[k] for p in passes) / n for k in st.extra}
+    st.extra["explained_variance"] = batch.explained_variance
+    return st
+
+
+def check_finite(net, st: tokrl.StepStats, more=()) -> None:
+    """The loss and every gradient (the policy's LoRA, and `more`: a critic's parameters) are finite."""
     bad = not math.isfinite(st.loss) or any(not torch.isfinite(p.grad).all()
-                                            for p in lora.lora_parameters(net) if p.grad is not None)
+                                            for p in [*lora.lora_parameters(net), *more] if p.grad is not None)
     if bad:
         raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
 
@@ -177,7 +218,10 @@ class Trainer:
     def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos):
         self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
         self.dev = next(net.parameters()).device
-        self.opt = torch.optim.AdamW(lora.lora_parameters(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # PPO: the critic (value head; separate: and a second copy of the base with its LoRA) trains with the policy
+        self.critic = baselines.Critic(net, cfg.critic) if cfg.algo == "ppo" else None
+        params = lora.lora_parameters(net) + (self.critic.parameters() if self.critic else [])
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gens = {"sample": torch.Generator(self.dev).manual_seed(cfg.seed),  # sampling completions
                      "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
                      "data": random.Random(cfg.seed + 2), "replay": random.Random(cfg.seed + 3)}
@@ -224,7 +268,8 @@ class Trainer:
             self.ex = next(stream)
             prompt_ids = self.tok.encode(self.task.prompt(self.ex))
             completions, rewards = self.sample_group(prompt_ids)
-            st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum)
+            st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum,
+                        opt=self.opt, critic=self.critic)
             check_finite(self.net, st)
             rewards_all += rewards
             lengths += [len(y) for y in completions]
@@ -244,7 +289,8 @@ class Trainer:
                 "len_mean": sum(lengths) / n, "len_max": max(lengths), "forwards": sum(s.forwards for s in stats),
                 "edges": sum(s.edges for s in stats), "replays": [s.extra for s in replays],
                 "seconds": round(secs, 3), "tokens_per_s": round(gen_tokens / secs, 1),
-                "peak_mem_gb": round(peak_memory_gb(self.dev), 3)}
+                "peak_mem_gb": round(peak_memory_gb(self.dev), 3),
+                **{k: v for s in stats for k, v in s.extra.items()}}  # PPO / DPO statistics (baselines.py)
 
 
 def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
@@ -283,6 +329,8 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
             raise SystemExit(f"error: {run} has no checkpoint to resume from (checkpoints/latest)")
         lora.load_adapter_weights(net, ck / "adapter")
         state = torch.load(ck / "state.pt", weights_only=True)
+        if tr.critic is not None:
+            tr.critic.load_state(state.get("extra", {}))  # PPO: the value head (and the separate critic's LoRA)
         tr.opt.load_state_dict(state["optimizer"])
         tr.step = state["step"]
         r = state["rng"]
@@ -324,7 +372,8 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
             if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps:
                 log_eval(tr.step)
             if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or stop.requested:
-                save_checkpoint(run, tr.step, net, tr.opt, tr.gens, cfg.model)
+                save_checkpoint(run, tr.step, net, tr.opt, tr.gens, cfg.model,
+                                extra=tr.critic.state() if tr.critic is not None else None)
             (run / "curves.svg").write_text(svg_plot(metrics, evals, f"{cfg.algo} on {cfg.task}"))
     if stop.requested and tr.step < cfg.steps:
         print(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
@@ -367,6 +416,8 @@ def paper_table() -> str:
                         f"{d['replay_success']},{d['replay_failure']}")
     rows.append("  all: AdamW lr 1e-4 (weight decay 0.01), beta = lambda = 0.01, temperature 0.3, "
                 "300 new tokens, fp32, one prompt per step, P = 0.5, replay threshold r = 1.0")
+    rows.append("  ppo, dpo (SPEC-baselines.md): steps and G as GRPO's; PPO gamma 1, GAE lambda 0.95, clip 0.2, "
+                "4 passes, w1 = 0, w2 = beta, w3 = 0.5, shared critic; DPO beta_D = 0.1")
     return "\n".join(rows)
 
 
@@ -375,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     S = Settings()
     g = p.add_argument_group("run")
-    g.add_argument("--algo", choices=["grpo", "sgrpo", "tspmo"], help="objective (default tspmo)")
+    g.add_argument("--algo", choices=["grpo", "sgrpo", "tspmo", "ppo", "dpo"],
+                   help="objective (default tspmo; ppo and dpo: the baselines of SPEC-baselines.md)")
     g.add_argument("--task", choices=["mult", "svamp", "gsm8k"], help="task (default mult)")
     g.add_argument("--model", help=f"model directory or Hugging Face repo id (default {S.model})")
     g.add_argument("--data", help="svamp: dir with train.json+test.json (700/300) or SVAMP.json (seeded split); "
@@ -415,7 +467,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples (default all)")
     g.add_argument("--eval-batch", type=int, help="prompts per greedy batch (32)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (10)")
+    g = p.add_argument_group("PPO with a critic (K1-K4) and DPO (D1); PPO's KL weight w2 is --beta")
+    g.add_argument("--critic", choices=["shared", "separate"],
+                   help="PPO value head on the policy's own hidden states (shared, default) or on a second copy "
+                        "of the base model with its own LoRA (separate: the classic critic and its memory)")
+    g.add_argument("--gamma", type=float, help="PPO discount γ (1.0)")
+    g.add_argument("--gae-lambda", type=float, help="GAE λ (0.95)")
+    g.add_argument("--clip-eps", type=float, help="PPO clip ε (0.2)")
+    g.add_argument("--ppo-passes", type=int, help="PPO μ: passes, each one optimizer step, over a step's group (4)")
+    g.add_argument("--w1", type=float, help="PPO entropy weight w1 (0)")
+    g.add_argument("--w3", type=float, help="PPO value-loss weight w3 (0.5)")
+    g.add_argument("--dpo-beta", type=float, help="DPO β_D (0.1)")
     return p
+
+
+def baseline_settings_error(cfg: Settings) -> str | None:
+    """A one-line error for PPO/DPO settings that cannot work, before anything is loaded."""
+    if cfg.algo in ("ppo", "dpo") and cfg.accum != 1:
+        return f"--accum {cfg.accum}: --algo {cfg.algo} takes one prompt per step (--accum 1)"  # ours
+    checks = [("--ppo-passes", cfg.ppo_passes, cfg.ppo_passes >= 1), ("--clip-eps", cfg.clip_eps, cfg.clip_eps > 0),
+              ("--gamma", cfg.gamma, 0 <= cfg.gamma <= 1), ("--gae-lambda", cfg.gae_lambda, 0 <= cfg.gae_lambda <= 1),
+              ("--dpo-beta", cfg.dpo_beta, cfg.dpo_beta > 0), ("--critic", cfg.critic,
+                                                                cfg.critic in ("shared", "separate"))]
+    return next((f"{flag} {value}: out of range" for flag, value, ok in checks if not ok), None)
 
 
 def resolve(args: argparse.Namespace, base: Settings | None = None) -> Settings:
@@ -423,9 +497,13 @@ def resolve(args: argparse.Namespace, base: Settings | None = None) -> Settings:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
              if getattr(args, f.name, None) is not None}
     if base is not None:
-        return dataclasses.replace(base, **given)
-    algo, task = given.get("algo", Settings.algo), given.get("task", Settings.task)
-    return Settings(**{**paper_defaults(algo, task), "algo": algo, "task": task, **given})
+        cfg = dataclasses.replace(base, **given)
+    else:
+        algo, task = given.get("algo", Settings.algo), given.get("task", Settings.task)
+        cfg = Settings(**{**paper_defaults(algo, task), "algo": algo, "task": task, **given})
+    if (err := baseline_settings_error(cfg)) is not None:
+        raise SystemExit(f"error: {err}")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
