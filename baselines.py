@@ -210,6 +210,7 @@ def ppo_token_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: to
     ratio = torch.exp(logp - old_logp)  # c_t = π_θ/π_θold
     clipped = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [K3]
     entropy = -logp  # H at the sampled token
+    # [decided] (SPEC-baselines.md) the KL is a loss term (E4 at the sampled tokens), not a reward penalty
     kl = kl_estimator(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # [E4]
     value_err = (values - returns.detach()) ** 2  # (V(s_t) − sg(R_t))², the critic's L(γ) per token
     return clipped + w1 * entropy - w2 * kl - w3 * value_err  # [K4] L_clip + w1·H − w2·KL − w3·L(γ)

@@ -13,6 +13,8 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
   3. Evaluation cadence (--eval-every) and checkpoint cadence are ours; the paper gives neither.
   4. A zero-variance group still takes its update: GRPO/S-GRPO still backpropagate the β·KL term (E3/E5 keep it when
      Â = 0), T-SPMO only the λ·‖W‖² term. The step is logged with zero_variance = true.
+  5. PPO and DPO (SPEC-baselines.md, baselines.py) take one prompt per step (--accum 1). PPO's shared critic passes
+     the value loss's gradient into the policy's LoRA; PPO logs means over its μ passes.
 
 Sections: settings · evaluation · the training loop · command line. Tasks and data: tasks.py; checkpoints and logs:
 checkpoints.py; the plot: plot.py.
@@ -104,7 +106,8 @@ STEPS = {("mult", "tspmo"): 350, ("mult", "sgrpo"): 450, ("mult", "grpo"): 450,
          ("svamp", "tspmo"): 400, ("svamp", "sgrpo"): 325, ("svamp", "grpo"): 325,
          ("gsm8k", "tspmo"): 400, ("gsm8k", "sgrpo"): 325, ("gsm8k", "grpo"): 325}  # gsm8k: ours, as svamp
 STEPS.update({(task, algo): STEPS[task, "grpo"] for task in ("mult", "svamp", "gsm8k") for algo in ("ppo", "dpo")})
-GROUP = {"grpo": 8, "sgrpo": 8, "tspmo": 50, "ppo": 8, "dpo": 8}  # PPO, DPO: GRPO's sampling budget (SPEC-baselines)
+GROUP = {"grpo": 8, "sgrpo": 8, "tspmo": 50,
+         "ppo": 8, "dpo": 8}  # [decided] (SPEC-baselines.md) G = 8 for PPO and DPO: the same sampling budget as GRPO
 
 
 def paper_defaults(algo: str, task: str) -> dict:
