@@ -123,16 +123,16 @@ def terminal_rewards(T: int, reward: float) -> torch.Tensor:
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """A_t (T,) = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γ·V(s_{t+1}) − V(s_t), with V after the last token = 0.
-    Computed backwards as A_t = δ_t + γλ·A_{t+1}; float64."""
-    r, v = rewards.double(), values.detach().double()
-    adv = torch.zeros_like(r)
+    Computed backwards as A_t = δ_t + γλ·A_{t+1}, in float64 on the CPU (T scalars: no device round trips)."""
+    r, v = rewards.double().cpu().tolist(), values.detach().double().cpu().tolist()
+    adv = [0.0] * len(r)
     running, next_value = 0.0, 0.0
     for t in reversed(range(len(r))):
         delta = r[t] + gamma * next_value - v[t]  # [K2] δ_t = r_t + γ·V(s_{t+1}) − V(s_t)
         running = delta + gamma * lam * running  # [K2] A_t = δ_t + γλ·A_{t+1} = Σ_l (γλ)^l δ_{t+l}
         adv[t] = running
         next_value = v[t]
-    return adv
+    return torch.tensor(adv, dtype=torch.float64)
 
 
 def gae_by_definition(rewards: Sequence[float], values: Sequence[float], gamma: float, lam: float) -> list[float]:
@@ -192,12 +192,12 @@ def ppo_prepare(policy: Qwen2ForCausalLM, critic: Critic, prompt: Sequence[int],
         ids, positions = list(prompt) + y, _positions(P, y, dev)
         states, logp, ref_logp = policy_states_and_logprobs(policy, ids, positions, with_ref)
         v = critic.values(states, ids, positions).detach()
-        a = gae(terminal_rewards(len(y), R), v, gamma, gae_lambda)  # [K2]
+        a = gae(terminal_rewards(len(y), R), v, gamma, gae_lambda)  # [K2] (T,) float64, CPU
         old.append(logp), ref.append(ref_logp), vals.append(v)
-        advs.append(a), rets.append((a + v.double()).float())  # [K2] R_t = A_t + V(s_t), a constant target
-    white = [a.float() for a in whiten(advs)] if advs else []
+        advs.append(a), rets.append((a + v.double().cpu()).float().to(dev))  # [K2] R_t = A_t + V(s_t), a constant
+    white = [a.float().to(dev) for a in whiten(advs)] if advs else []
     n = sum(len(y) for y, _ in keep)
-    ev = explained_variance(torch.cat(vals).double(), torch.cat(rets).double()) if vals else None
+    ev = explained_variance(torch.cat(vals).double().cpu(), torch.cat(rets).double().cpu()) if vals else None
     return PPOBatch(list(prompt), [y for y, _ in keep], old, ref, vals, white, rets, n, ev)
 
 

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
+import baselines
 import lora
 import model as M
-import baselines
 import tokrl
 from checkpoints import latest_checkpoint, read_jsonl, save_checkpoint, write_jsonl
 from plot import svg_plot
