@@ -114,14 +114,22 @@ def _top(model: Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, rows: torc
 
 def policy_and_ref_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: torch.Tensor, with_ref: bool):
     """log π_θ(ids[p] | ids[:p]) with gradient and, if asked, log π_ref (adapters off, no gradient): (N,) each."""
+    _, logp, ref = policy_states_and_logprobs(model, ids, positions, with_ref)
+    return logp, ref
+
+
+def policy_states_and_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: torch.Tensor, with_ref: bool):
+    """As `policy_and_ref_logprobs`, also returning the final-normed hidden states (N, C) that predict ids[p]:
+    the states s_t a value head reads (baselines.py, K1), from the same forward."""
     h, pos = _bottom(model, ids)
     targets = torch.tensor(ids, device=h.device)[positions]
-    logp = logprobs_at(model, _top(model, h, pos, positions - 1), targets)  # state at p−1 predicts token p
+    states = _top(model, h, pos, positions - 1)  # (N, C): the state at p−1 predicts token p
+    logp = logprobs_at(model, states, targets)
     ref = None
     if with_ref:
         with torch.no_grad(), lora.adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
             ref = logprobs_at(model, _top(model, h, pos, positions - 1), targets)
-    return logp, ref
+    return states, logp, ref
 
 
 # ----------------------------------------------------------------------------------------------------------------------

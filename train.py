@@ -1,4 +1,5 @@
 """Train Qwen2 with GRPO, S-GRPO or T-SPMO under LoRA, as in Lee & Tong (2025), on one GPU (or the CPU).
+The methods the paper argues against run in the same harness: --algo ppo (a critic, GAE) and --algo dpo.
 
     python train.py --algo tspmo --task mult                  # the paper's settings for (algo, task)
     python train.py --algo sgrpo --task svamp --steps 10      # any setting can be overridden
@@ -14,6 +15,8 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
      Â = 0), T-SPMO only the λ·‖W‖² term. The step is logged with zero_variance = true.
   5. With --accum N, T-SPMO replays every prompt of the step (each from its own group, scored against its own
      example) after the accumulated update; --reward partial (S2) trains on partial credit, evaluation stays exact.
+  6. PPO and DPO (SPEC-baselines.md, baselines.py) take one prompt per step (--accum 1). PPO's shared critic passes
+     the value loss's gradient into the policy's LoRA; PPO logs means over its μ passes.
 
 Every setting is checked before anything is loaded (RULES); a resume keeps the settings the run recorded.
 
@@ -38,6 +41,7 @@ from typing import Any, Callable, NoReturn
 import torch
 from tqdm import tqdm
 
+import baselines
 import distributed
 import lora
 import model as M
@@ -55,7 +59,7 @@ from tasks import TASKS, DataError, Task, TrainStream, make_task
 
 @dataclass(frozen=True)
 class Settings:
-    algo: str = "tspmo"  # grpo | sgrpo | tspmo
+    algo: str = "tspmo"  # grpo | sgrpo | tspmo | ppo | dpo
     task: str = "mult"  # mult | svamp | gsm8k
     model: str = "Qwen/Qwen2-1.5B"  # a directory, or a repo id found in / downloaded to the Hugging Face cache
     revision: str | None = None  # with a repo id: branch, tag or commit (None: main)
@@ -97,6 +101,15 @@ class Settings:
     eval_batch: int = 32
     save_every: int = 10
     threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
+    # PPO with a critic (K1–K4) and DPO (D1), SPEC-baselines.md; PPO's KL weight w2 is `beta`
+    critic: str = "shared"  # [decided] (SPEC-baselines.md) the value head shares the policy's base and LoRA
+    gamma: float = baselines.GAMMA
+    gae_lambda: float = baselines.GAE_LAMBDA
+    clip_eps: float = baselines.PPO_CLIP_EPS
+    ppo_passes: int = baselines.PPO_PASSES  # μ
+    w1: float = baselines.W1  # entropy weight
+    w3: float = baselines.W3  # value-loss weight
+    dpo_beta: float = baselines.DPO_BETA  # β_D
 
 
 COMMON = dict(lr=1e-4, beta=0.01, lam=0.01, temperature=0.3, max_new_tokens=300)
@@ -111,7 +124,9 @@ TASK_DEFAULTS = {  # LoRA per task (paper IV-A); S-GRPO (α, k) (Table III); rep
 STEPS = {("mult", "tspmo"): 350, ("mult", "sgrpo"): 450, ("mult", "grpo"): 450,
          ("svamp", "tspmo"): 400, ("svamp", "sgrpo"): 325, ("svamp", "grpo"): 325,
          ("gsm8k", "tspmo"): 400, ("gsm8k", "sgrpo"): 325, ("gsm8k", "grpo"): 325}  # gsm8k: ours, as svamp
-GROUP = {"grpo": 8, "sgrpo": 8, "tspmo": 50}
+STEPS.update({(task, algo): STEPS[task, "grpo"] for task in ("mult", "svamp", "gsm8k") for algo in ("ppo", "dpo")})
+GROUP = {"grpo": 8, "sgrpo": 8, "tspmo": 50,
+         "ppo": 8, "dpo": 8}  # [decided] (SPEC-baselines.md) G = 8 for PPO and DPO: the same sampling budget as GRPO
 
 
 def paper_defaults(algo: str, task: str) -> dict:
@@ -193,11 +208,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak)
 
 
-def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float,
-           world: World = World()) -> tokrl.StepStats:
+def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float, opt=None,
+           critic: baselines.Critic | None = None, world: World = World()) -> tokrl.StepStats:
     """Backward of one group with the chosen objective (the caller sums the gradients over the processes and steps
-    the optimizer). With N processes each backpropagates its share and the statistics are the whole group's."""
+    the optimizer; PPO takes its first μ − 1 steps itself, with `opt`). With N processes each backpropagates its
+    share and the statistics are the whole group's."""
     share = world.assign if world.size > 1 else None
+    if algo == "ppo":
+        st = ppo_update(net, critic, opt, prompt, completions, rewards, cfg, world)  # [K4]
+        return combine_stats(world, st, algo)
+    if algo == "dpo":
+        st = baselines.dpo_backward(net, prompt, completions, rewards, beta=cfg.dpo_beta, scale=scale,  # [D1]
+                                    share=share)
+        return combine_stats(world, st, algo)
     if algo == "tspmo":
         st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam if world.main else 0.0,  # [E10]
                                   scale=scale, objective=cfg.tspmo_objective, share=share,
@@ -212,9 +235,39 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
     return combine_stats(world, st, algo)
 
 
-def check_finite(net, st: tokrl.StepStats) -> None:
+def ppo_update(net, critic: baselines.Critic, opt, prompt, completions, rewards, cfg: Settings,
+               world: World = World()) -> tokrl.StepStats:
+    """[decided] (SPEC-baselines.md) μ passes over the step's completions, each accumulating the per-completion
+    gradients and taking one optimizer step; π_θold, advantages and value targets are fixed once, at sampling time.
+    The first μ − 1 steps are taken here, the last one by the caller. Logged: means over the μ passes.
+    With N processes each backpropagates its share of the completions and the gradients are summed before each step
+    (the sampling-time pass runs whole on every process: the whitening reads every token of the step)."""
+    batch = baselines.ppo_prepare(net, critic, prompt, completions, rewards, gamma=cfg.gamma,
+                                  gae_lambda=cfg.gae_lambda, with_ref=cfg.beta != 0)  # [K2]
+    passes = []
+    for k in range(cfg.ppo_passes):
+        if k:
+            world.sum_grads([p for group in opt.param_groups for p in group["params"]])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        passes.append(baselines.ppo_backward(net, critic, batch, clip_eps=cfg.clip_eps, w1=cfg.w1, w2=cfg.beta,
+                                             w3=cfg.w3, share=world.assign if world.size > 1 else None))  # [K3] [K4]
+        check_finite(net, passes[-1], critic.parameters(), world)
+    st, n = passes[-1], len(passes)
+    st.loss, st.kl = sum(p.loss for p in passes) / n, sum(p.kl for p in passes) / n
+    st.forwards, st.zero_variance = sum(p.forwards for p in passes), len(set(rewards)) == 1
+    st.extra = {k: sum(p.extra[k] for p in passes) / n for k in st.extra}
+    st.extra["explained_variance"] = batch.explained_variance
+    return st
+
+
+def check_finite(net, st: tokrl.StepStats, more=(), world: World = World()) -> None:
+    """The loss and every gradient (the policy's LoRA, and `more`: a critic's parameters) are finite. With N
+    processes (whose gradients are still shares) they decide together: all stop, or none."""
     bad = not math.isfinite(st.loss) or any(not torch.isfinite(p.grad).all()
-                                            for p in lora.lora_parameters(net) if p.grad is not None)
+                                            for p in [*lora.lora_parameters(net), *more] if p.grad is not None)
+    if world.size > 1:
+        bad = world.sum([float(bad)])[0] > 0
     if bad:
         raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
 
@@ -224,7 +277,10 @@ class Trainer:
         self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
         self.world = world  # one process, or this one's place among N (distributed.py)
         self.dev = next(net.parameters()).device
-        self.opt = torch.optim.AdamW(lora.lora_parameters(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # PPO: the critic (value head; separate: and a second copy of the base with its LoRA) trains with the policy
+        self.critic = baselines.Critic(net, cfg.critic) if cfg.algo == "ppo" else None
+        params = lora.lora_parameters(net) + (self.critic.parameters() if self.critic else [])
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the sampling generator lives on the model's device (torch.multinomial needs it there): a seed gives different
         # samples on CPU and CUDA (different streams), each reproducible; the other draws are on the CPU everywhere
         # with N processes each samples from its own stream (rank 0's is the one-process one); the others are the same
@@ -263,14 +319,7 @@ class Trainer:
         return [o for o, _ in group], [r for _, r in group]
 
     def check_finite(self, st: tokrl.StepStats) -> None:
-        """check_finite, decided by all processes together (their gradients are still shares): all stop, or none."""
-        try:
-            check_finite(self.net, st)
-            bad = 0.0
-        except NonFiniteLoss:
-            bad = 1.0
-        if self.world.sum([bad])[0]:
-            raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
+        check_finite(self.net, st, self.critic.parameters() if self.critic else (), self.world)
 
     def replay(self, prompt_ids, completions, rewards) -> list[tokrl.StepStats]:
         """T-SPMO replay: restart from a random cut of chosen completions of this group, one update each."""
@@ -289,7 +338,7 @@ class Trainer:
             conts, rs = self.sample_group(prompt_ids, y[:j])
             self.opt.zero_grad(set_to_none=True)
             st = update(self.net, "tspmo", list(prompt_ids) + list(y[:j]), conts, rs, cfg, self.gens, 1.0,
-                        self.world)  # [E10]
+                        world=self.world)  # [E10]
             self.check_finite(st)
             self.optimizer_step()  # deviation 1 (module docstring): each replayed group is its own update
             st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs)}
@@ -311,7 +360,7 @@ class Trainer:
             prompt_ids = self.tok.encode(self.task.prompt(self.ex))
             completions, rewards = self.sample_group(prompt_ids)
             st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum,
-                        self.world)
+                        opt=self.opt, critic=self.critic, world=self.world)
             self.check_finite(st)
             rewards_all += rewards
             lengths += [len(y) for y in completions]
@@ -336,6 +385,7 @@ class Trainer:
             m.update(tspmo_metrics(self.net, stats, replays))
         else:
             m["loss_token_fraction"] = sum(s.tokens_in_loss for s in stats) / max(sum(lengths), 1)
+            m.update({k: v for s in stats for k, v in s.extra.items()})  # PPO / DPO statistics (baselines.py)
         m.update({"seconds": round(secs, 3), "tokens_per_s": round(gen_tokens / secs, 1),
                   "peak_mem_gb": round(peak_memory_gb(self.dev), 3)})
         return m
@@ -417,6 +467,8 @@ def restore(tr: Trainer, ck: Path, state: dict) -> int:
     tr.opt.load_state_dict(state["optimizer"])
     tr.step = state["step"]
     tr.set_rng_state(own_rng(tr.world, state))  # N processes: each its own generators
+    if tr.critic is not None:
+        tr.critic.load_state(state.get("extra", {}))  # PPO: the value head (and the separate critic's LoRA)
     return state["data_position"]
 
 
@@ -462,6 +514,8 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     def save(step: int) -> None:
         nonlocal last_saved
         state = {**rng_for_checkpoint(world, tr.rng_state()), "data_position": stream.position}  # every process's
+        if tr.critic is not None:
+            state["extra"] = tr.critic.state()  # PPO: the value head (and the separate critic's LoRA)
         last_saved = (save_checkpoint(run, step, net, tr.opt, state, cfg.model) if world.main else
                       run / "checkpoints" / f"step-{step:06d}")
 
@@ -582,6 +636,17 @@ RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
     ("lora_targets", lambda v, s: bool(v) and set(v.split(",")) <= set(LORA_TARGETS),
      f"allowed: comma-separated projections of {','.join(LORA_TARGETS)} (default q_proj,v_proj)"),
     ("threads", lambda v, s: v is None or v >= 1, "allowed: an integer >= 1 (default: torch's, one per core)"),
+    # PPO with a critic and DPO (baselines.py)
+    ("accum", lambda v, s: s.algo not in ("ppo", "dpo") or v == 1,
+     "PPO and DPO take one prompt per step (ours); allowed: --accum 1 with --algo ppo or dpo"),
+    ("critic", lambda v, s: v in ("shared", "separate"), "allowed: shared (a value head) or separate (its own copy)"),
+    ("gamma", lambda v, s: _num(v) and 0 <= v <= 1, "a discount; allowed: 0 <= γ <= 1 (default 1)"),
+    ("gae_lambda", lambda v, s: _num(v) and 0 <= v <= 1, "allowed: 0 <= GAE λ <= 1 (default 0.95)"),
+    ("clip_eps", lambda v, s: _num(v) and v > 0, "allowed: a finite number > 0 (default 0.2)"),
+    ("ppo_passes", lambda v, s: v >= 1, "PPO's μ; allowed: an integer >= 1 (default 4)"),
+    ("w1", lambda v, s: _num(v), "allowed: a finite entropy weight (default 0)"),
+    ("w3", lambda v, s: _num(v) and v >= 0, "allowed: a finite value-loss weight >= 0 (default 0.5)"),
+    ("dpo_beta", lambda v, s: _num(v) and v > 0, "allowed: a finite number > 0 (default 0.1)"),
     ("device", lambda v, s: device_problem(v) is None, ""),  # the message comes from device_problem
 ]
 WARNINGS: list[tuple[str, Callable[[Any, Settings], bool], str]] = [  # legal, but nothing can be learnt
@@ -654,6 +719,8 @@ def paper_table() -> str:
     rows.append("  all: AdamW lr 1e-4 (weight decay 0.01), beta = lambda = 0.01, temperature 0.3, "
                 "300 new tokens, fp32, one prompt per step, P = 0.5, replay threshold r = 1.0")
     rows.append("  reward (--reward): mult exact (the paper's; or partial = S2), svamp exact, gsm8k sympy (S1)")
+    rows.append("  ppo, dpo (SPEC-baselines.md): steps and G as GRPO's; PPO gamma 1, GAE lambda 0.95, clip 0.2, "
+                "4 passes, w1 = 0, w2 = beta, w3 = 0.5, shared critic; DPO beta_D = 0.1")
     return "\n".join(rows)
 
 
@@ -662,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     S = Settings()
     g = p.add_argument_group("run")
-    g.add_argument("--algo", choices=["grpo", "sgrpo", "tspmo"], help="objective (default tspmo)")
+    g.add_argument("--algo", choices=["grpo", "sgrpo", "tspmo", "ppo", "dpo"],
+                   help="objective (default tspmo; ppo and dpo: the baselines of SPEC-baselines.md)")
     g.add_argument("--task", choices=["mult", "svamp", "gsm8k"], help="task (default mult)")
     g.add_argument("--model", help=f"model directory or Hugging Face repo id (default {S.model})")
     g.add_argument("--revision", help="with a repo id: branch, tag or commit hash (default main)")
@@ -716,6 +784,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch", type=int, help="prompts per greedy batch, >= 1 (32)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints, >= 1 (10)")
     g.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's, one per core)")
+    g = p.add_argument_group("PPO with a critic (K1-K4) and DPO (D1); PPO's KL weight w2 is --beta")
+    g.add_argument("--critic", choices=["shared", "separate"],
+                   help="PPO value head on the policy's own hidden states (shared, default) or on a second copy "
+                        "of the base model with its own LoRA (separate: the classic critic and its memory)")
+    g.add_argument("--gamma", type=float, help="PPO discount γ (1.0)")
+    g.add_argument("--gae-lambda", type=float, help="GAE λ (0.95)")
+    g.add_argument("--clip-eps", type=float, help="PPO clip ε (0.2)")
+    g.add_argument("--ppo-passes", type=int, help="PPO μ: passes, each one optimizer step, over a step's group (4)")
+    g.add_argument("--w1", type=float, help="PPO entropy weight w1 (0)")
+    g.add_argument("--w3", type=float, help="PPO value-loss weight w3 (0.5)")
+    g.add_argument("--dpo-beta", type=float, help="DPO β_D (0.1)")
     return p
 
 

@@ -11,6 +11,9 @@
    tokrl against transformers + PEFT computing the same loss the obvious way (full forward, full log_softmax).
 3. Full Qwen2-1.5B shape, fp32: peak memory and time of a whole step of GRPO (G=8), S-GRPO (G=8), T-SPMO (G=50,
    one replay) on 300-token completions, and the projected time of a full paper run.
+Sections 2 and 3 also time the baselines the paper argues against (baselines.py, tokrl only: transformers has no
+such trainer to compare with): PPO with a shared or a separate critic (μ = 4 passes) and DPO, on GRPO's completions,
+against tokrl's GRPO. `--kinds ppo,pposep,dpo` (say) runs only those rows of sections 2 and 3.
 
 Both libraries load the same safetensors directory (written by tokrl) and must give the same logits before anything
 is timed. Each training measurement runs in a fresh subprocess (this script with --one NAME) so that its peak memory
@@ -20,6 +23,7 @@ is its own: the GPU's max_memory_allocated, or on the CPU the peak resident set 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -35,9 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import baselines  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 import tokrl  # noqa: E402
+import train  # noqa: E402
 from trie import PrefixTrie  # noqa: E402
 
 # The paper's multiplication settings (SPEC.md "Training settings", S-GRPO / T-SPMO).
@@ -45,8 +51,11 @@ TEMPERATURE, BETA, LAM, LR, WD = 0.3, 0.01, 0.01, 1e-4, 0.01
 LORA_R, LORA_FRACTION = 8, 1 / 4
 ALPHA, K, P_SELECT = 50, 100, 0.5  # S-GRPO (α, k) for mult; P is [decided]
 G_GRPO, G_TSPMO = 8, 50
-STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350}  # mult, for the projection of a full run
-NAMES = {"grpo": "GRPO (G=8)", "sgrpo": "S-GRPO (G=8)", "tspmo": "T-SPMO (G=50, +1 replay)"}
+STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350, "ppo": 450, "pposep": 450, "dpo": 450}  # mult (PPO/DPO: GRPO's)
+NAMES = {"grpo": "GRPO (G=8)", "sgrpo": "S-GRPO (G=8)", "tspmo": "T-SPMO (G=50, +1 replay)",
+         "ppo": "PPO (G=8, shared critic, μ=4)", "pposep": "PPO (G=8, separate critic, μ=4)", "dpo": "DPO (G=8)"}
+PAPER, BASELINES = ("grpo", "sgrpo", "tspmo"), ("ppo", "pposep", "dpo")
+PPO = dataclasses.replace(train.Settings(), beta=BETA)  # SPEC-baselines.md's decided γ, λ_GAE, ε, μ, w1, w3
 EOS = (151643, 151645)  # <|endoftext|>, <|im_end|>: both suppressed, so every row makes exactly N tokens
 GiB = 2 ** 30
 
@@ -246,9 +255,13 @@ def sample_group(model, prompt, G: int, L: int, n: int, dev) -> tuple[float, flo
     return t1 + tn, t1 + (tn - t1) * (L - 1) / (n - 1)
 
 
-def ours_backward(model, kind, prompt, ys, rs, sel):
+def ours_backward(model, kind, prompt, ys, rs, sel, critic=None, opt=None):
     if kind == "tspmo":
         tokrl.tspmo_backward(model, prompt, ys, rs, lam=LAM)
+    elif kind in ("ppo", "pposep"):  # what train.py runs: the no-grad pass, then μ passes (μ − 1 optimizer steps here)
+        train.ppo_update(model, critic, opt, prompt, ys, rs, PPO)
+    elif kind == "dpo":
+        baselines.dpo_backward(model, prompt, ys, rs)
     else:
         tokrl.grpo_backward(model, prompt, ys, rs, beta=BETA, selection=sel if kind == "sgrpo" else None)
 
@@ -306,8 +319,11 @@ def one(args) -> None:
         model = M.load_model(args.ckpt, device=dev)
         lora.apply_lora(model, r=LORA_R, fraction=LORA_FRACTION, generator=torch.Generator().manual_seed(4))
         lora.save_adapter(model, work / "adapter")  # PEFT starts from these very A and B
-        params = lora.lora_parameters(model)
-        backward = lambda *a: ours_backward(model, kind, *a)  # noqa: E731
+        critic = None
+        if kind in ("ppo", "pposep"):  # separate: a second copy of the base weights, resident before the step
+            critic = baselines.Critic(model, "separate" if kind == "pposep" else "shared")
+        params = lora.lora_parameters(model) + (critic.parameters() if critic else [])
+        backward = lambda *a: ours_backward(model, kind, *a, critic=critic, opt=opt)  # noqa: E731
     else:
         import peft
         from safetensors.torch import load_file
@@ -371,7 +387,7 @@ def gib(x: float) -> str:
 # Sections 2 and 3
 
 
-def training(preset: str, ckpt: Path, work: Path, dev, prompt, ys8, T) -> None:
+def training(preset: str, ckpt: Path, work: Path, dev, prompt, ys8, T, kinds) -> None:
     mem = "max_memory_allocated" if dev.type == "cuda" else "peak RSS"
     print(f"## 2. One training step, {preset}: seconds and {mem} (GiB; Δ = growth during the step)\n")
     w = workload(prompt, ys8, T, seed=6)
@@ -383,17 +399,37 @@ def training(preset: str, ckpt: Path, work: Path, dev, prompt, ys8, T) -> None:
           f"lr {LR:g}, wd {WD:g}, β = λ = {BETA:g}, S-GRPO (α, k, P) = ({ALPHA}, {K}, {P_SELECT}). Reference: "
           "transformers + PEFT, full forward + full log_softmax + reference forward, tokrl.grpo_loss_batched "
           "(T-SPMO: E10 as per-token weights, 8 rows at a time), same LoRA init. Each cell is a fresh process.\n")
-    rows = []
-    for kind in ("grpo", "sgrpo", "tspmo"):
+    rows, ours = [], {}
+    for kind in [k for k in PAPER if k in kinds]:
         a, b = (measure(f"{x}-{kind}", ckpt, work, dev) for x in ("tokrl", "hf"))
+        ours[kind] = a
         rows.append([NAMES[kind], f"{a['train']:.2f}", f"{b['train']:.2f}", f"{a['train'] / b['train']:.2f}",
                      f"{gib(a['peak'])} (Δ {gib(a['inc'])})", f"{gib(b['peak'])} (Δ {gib(b['inc'])})",
                      f"{a['peak'] / b['peak']:.2f} (Δ {a['inc'] / b['inc']:.2f})", f"{grad_err(work, kind):.1e}"])
-    table(["algorithm", "tokrl s", "reference s", "time ratio", "tokrl peak", "reference peak", "memory ratio",
-           "grad rel. err"], rows)
+    if rows:
+        table(["algorithm", "tokrl s", "reference s", "time ratio", "tokrl peak", "reference peak", "memory ratio",
+               "grad rel. err"], rows)
+    if any(k in kinds for k in BASELINES):
+        baseline_rows(ckpt, work, dev, kinds, ours.get("grpo") or measure("tokrl-grpo", ckpt, work, dev))
 
 
-def full_size(ckpt: Path, work: Path, dev, n_sample: int) -> None:
+def baseline_rows(ckpt: Path, work: Path, dev, kinds, grpo: dict) -> None:
+    """PPO (shared, separate critic) and DPO on GRPO's completions and rewards, against tokrl's GRPO step."""
+    print("Baselines (SPEC-baselines.md), tokrl only, on the GRPO completions and rewards above; ratios against "
+          f"tokrl's GRPO step ({grpo['train']:.2f} s, peak {gib(grpo['peak'])} GiB, Δ {gib(grpo['inc'])}). PPO: one "
+          "no-gradient pass (π_θold, π_ref, V), then μ = 4 passes of per-completion forward+backward, each an "
+          "optimizer step; separate critic: a second copy of the base weights with its own LoRA. DPO: one "
+          "no-gradient pass (log-ratios), then one forward+backward per completion in a pair.\n")
+    rows = []
+    for kind in [k for k in BASELINES if k in kinds]:
+        a = measure(f"tokrl-{kind}", ckpt, work, dev)
+        rows.append([NAMES[kind], f"{a['train']:.2f}", f"{a['train'] / grpo['train']:.2f}",
+                     f"{gib(a['peak'])} (Δ {gib(a['inc'])})", f"{a['peak'] / grpo['peak']:.2f}",
+                     f"{a['inc'] / grpo['inc']:.2f}"])
+    table(["algorithm", "s", "time ÷ GRPO", "peak (Δ)", "peak ÷ GRPO", "Δ ÷ GRPO"], rows)
+
+
+def full_size(ckpt: Path, work: Path, dev, n_sample: int, kinds) -> None:
     T, on_gpu = 300, dev.type == "cuda"
     g = torch.Generator().manual_seed(7)
     prompt = rand_tokens(50, g)
@@ -415,13 +451,13 @@ def full_size(ckpt: Path, work: Path, dev, n_sample: int) -> None:
                 "yes" if r["peak"] < 12 * GiB else "no"]
 
     rows, proj = [], []
-    for kind in ("grpo", "sgrpo", "tspmo"):
+    for kind in [k for k in PAPER + BASELINES if k in kinds]:  # PPO, DPO: GRPO's completions and rewards
         r = measure(f"tokrl-{kind}", ckpt, work, dev, sample=n_sample)
         s_meas, s_full = r["sample"]  # equal when nothing was shortened
         rows.append(row(NAMES[kind], r, s_meas))
         proj.append([NAMES[kind], str(STEPS[kind]), f"{s_full + r['train']:.0f}",
                      f"{STEPS[kind] * (s_full + r['train']) / 3600:.1f}"])
-    for kind in ("grpo", "sgrpo", "tspmo") if on_gpu else ("grpo",):  # on the CPU the reference runs GRPO only
+    for kind in [k for k in (PAPER if on_gpu else ("grpo",)) if k in kinds]:  # on the CPU the reference: GRPO only
         rows.append(row(f"reference {NAMES[kind]}: transformers + PEFT, no sampling", measure(f"hf-{kind}", ckpt,
                                                                                             work, dev), 0.0))
     table(["step", "sampling s" + ("" if on_gpu else f" (1 + {n_sample} tok)"), "training s", "step s", "peak", "Δ",
@@ -437,6 +473,8 @@ def main() -> None:
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                     help="section 3, the full Qwen2-1.5B shape (default: on, except with --quick)")
     ap.add_argument("--quick", action="store_true", help="short sequences in sections 1-2")
+    ap.add_argument("--kinds", default=",".join(PAPER + BASELINES),
+                    help="rows of sections 2-3, comma-separated among " + ",".join(PAPER + BASELINES))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement in this fresh process
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -446,6 +484,9 @@ def main() -> None:
         return one(args)
     dev = torch.device(args.device)
     full = not args.quick if args.full is None else args.full
+    kinds = args.kinds.split(",")
+    if bad := set(kinds) - set(PAPER + BASELINES):
+        ap.error(f"--kinds: unknown {', '.join(sorted(bad))}")
     header(dev)
     N, T = (16, 48) if args.quick else (64, 200)
     presets = ["qwen2-tiny-realvocab"] + (["qwen2-1.5b"] if dev.type == "cuda" else [])
@@ -464,13 +505,13 @@ def main() -> None:
             del tk, hf  # the measurements run in subprocesses: free this memory for them
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            training(preset, ckpt, work, dev, prompt, ys8, T)
+            training(preset, ckpt, work, dev, prompt, ys8, T, kinds)
         if full:
             ckpt, work = Path(tmp) / "qwen2-1.5b", Path(tmp) / "work-full"
             work.mkdir()
             if not ckpt.is_dir():
                 build_checkpoint("qwen2-1.5b", ckpt)
-            full_size(ckpt, work, dev, n_sample=300 if dev.type == "cuda" else 16)
+            full_size(ckpt, work, dev, n_sample=300 if dev.type == "cuda" else 16, kinds=kinds)
 
 
 if __name__ == "__main__":

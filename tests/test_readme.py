@@ -1,4 +1,5 @@
-"""The README's equation index, the code's tags and the tests stay in sync; so do SPEC.md's decided choices."""
+"""The README's equation index, the code's tags and the tests stay in sync; so do the decided choices of SPEC.md and
+SPEC-baselines.md."""
 from __future__ import annotations
 
 import ast
@@ -7,14 +8,16 @@ from pathlib import Path
 
 from conftest import ROOT, assets
 
-TAG = re.compile(r"\[(E\d+|Alg\d|L\d|P\d|S\d)\]")
-SOURCES = ["model.py", "lora.py", "reward.py", "trie.py", "tokrl.py", "train.py", "tasks.py", "checkpoints.py"]
+TAG_NAMES = r"E\d+|Alg\d|L\d|P\d|S\d|K\d|D\d"
+TAG = re.compile(rf"\[({TAG_NAMES})\]")
+SOURCES = ["model.py", "lora.py", "reward.py", "trie.py", "tokrl.py", "train.py", "tasks.py", "checkpoints.py",
+           "baselines.py"]
 
 
 def readme_index() -> dict[str, str]:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Equation index", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split("|") for line in section.splitlines() if re.match(r"\| (E\d+|Alg\d|L\d|P\d|S\d) \|", line)]
+    rows = [line.split("|") for line in section.splitlines() if re.match(rf"\| ({TAG_NAMES}) \|", line)]
     return {r[1].strip(): r[-2] for r in rows}
 
 
@@ -30,7 +33,7 @@ def test_every_readme_tag_is_in_the_code_and_back():
     index, code = readme_index(), code_tags()
     assert set(index) == set(code), f"README only: {set(index) - set(code)}; code only: {set(code) - set(index)}"
     assert {"E1", "E2", "E3", "E4", "E5", "E6", "E7", "E8", "E9", "E10", "Alg1", "Alg2", "L1", "P1", "S1",
-            "S2"} == set(index)
+            "S2", "K1", "K2", "K3", "K4", "D1"} == set(index)
 
 
 def test_the_index_points_at_functions_that_carry_the_tag():
@@ -77,10 +80,11 @@ def test_every_tag_has_a_test():
 
 def test_readme_lists_every_decided_choice_of_the_spec():
     spec = (assets() / "SPEC.md").read_text().split("## Notation", 1)[1]  # the intro explains the marker
-    n_spec = len(re.findall(r"\*\*\[decided", spec))
+    baselines = (assets() / "SPEC-baselines.md").read_text().split("## PPO with a critic", 1)[1]  # likewise
+    n_spec = len(re.findall(r"\*\*\[decided", spec)) + len(re.findall(r"\*\*\[decided", baselines))
     readme = (ROOT / "README.md").read_text().split("## Choices the paper leaves open", 1)[1].split("\n## ")[0]
     n_readme = len(re.findall(r"^\d+\. \*\*\[decided\]\*\*", readme, flags=re.M))
-    assert n_spec == n_readme == 13
+    assert n_spec == n_readme == 13 + 6
 
 
 def test_every_decided_choice_is_commented_in_the_code():
@@ -88,7 +92,11 @@ def test_every_decided_choice_is_commented_in_the_code():
     decided = "\n".join(" ".join(lines[i: i + 2]) for i, line in enumerate(lines) if "[decided]" in line)
     for needle in ["round(fraction·L)", "α = r", "leading minus sign", "partial products", "+ 1e-4", "0-based",
                    "does not give P", "replay pool", "r = 1.0", "weight decay", "ChatML", "first newline",
-                   "Evaluation: greedy"]:
+                   "Evaluation: greedy",
+                   # SPEC-baselines.md
+                   "shares the policy", "last token", "not a reward penalty", "λ_GAE = 0.95",
+                   "over all completion tokens", "μ = 4", "w3 = 0.5", "same sampling budget", "β_D = 0.1",
+                   "no pair"]:
         assert needle in decided, f"no [decided] comment (on its line or the next) says {needle!r}"
 
 

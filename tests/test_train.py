@@ -219,7 +219,7 @@ def run_main(args, capsys=None):
 
 
 def test_unknown_task_or_algo(capsys):
-    for args, word in ((["--task", "chess"], "chess"), (["--algo", "ppo"], "ppo")):
+    for args, word in ((["--task", "chess"], "chess"), (["--algo", "a2c"], "a2c")):
         with pytest.raises(SystemExit) as e:
             train.main(args)
         err = capsys.readouterr().err
