@@ -47,8 +47,9 @@ def child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def spawn(args: list[str], n: int = 2, timeout: int = 240) -> None:
-    """`python tests/test_distributed.py ARGS` as ranks 0..n-1 of one process group; fails with their stderr."""
+def spawn(args: list[str], n: int = 2, timeout: int = 240, tries: int = 2) -> None:
+    """`python tests/test_distributed.py ARGS` as ranks 0..n-1 of one process group; fails with their stderr.
+    free_port's port can be taken by another process before rank 0 binds it: then (only then) try a new port."""
     port, procs = free_port(), []
     for rank in range(n):
         env = {**child_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
@@ -56,6 +57,8 @@ def spawn(args: list[str], n: int = 2, timeout: int = 240) -> None:
         procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outs = [p.communicate(timeout=timeout) for p in procs]
+    if tries > 1 and any(p.returncode and "address already in use" in err.lower() for p, (_, err) in zip(procs, outs)):
+        return spawn(args, n, timeout, tries - 1)
     for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}\n{err[-3000:]}"
 
