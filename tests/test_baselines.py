@@ -3,20 +3,18 @@ backward against the slow batched loss on a tiny model, both learning the toy ta
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import make_checkpoint, tiny_config
+from conftest import make_checkpoint
 import baselines as B
 import checkpoints
 import lora
-import model as M
 import tokrl
 import train
-from test_train import SevenTask, adapter_tensors, digit_model
+from test_train import SevenTask, adapter_tensors, digit_model, learn_toy_task
 from test_tokrl import COMPLETIONS, PROMPT, REWARDS, adapted_model
 
 TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
@@ -275,15 +273,9 @@ def toy_settings(tmp_path, algo, **kw):
 def test_ppo_and_dpo_learn_the_toy_task(tmp_path, algo, critic):
     """The same budget as test_train's learning test (G = 8, 40 steps, lr 3e-2), from chance (π(7) ≈ 0.09)."""
     cfg = toy_settings(tmp_path, algo, critic=critic)
-    run = tmp_path / "run"
-    run.mkdir()
-    net, tok, _ = train.load_everything(cfg)
-    with torch.no_grad():
-        p7 = torch.softmax(net.logits(torch.tensor([tok.encode(SevenTask(tok).prompt(None))]))[0, -1], -1)[7]
-    final = train.train(cfg, run, task=SevenTask(tok))
-    ms = checkpoints.read_jsonl(run / "metrics.jsonl")
+    p7, ms, final = learn_toy_task(tmp_path, cfg)
     rewards = [m["reward_mean"] for m in ms]
-    early, late = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    late = sum(rewards[-5:]) / 5
     print(f"\n{algo} ({critic}): π(7) at start {float(p7):.3f}; rewards of steps 1-5 {rewards[:5]}, "
           f"mean of the last 5 {late:.2f}")
     assert float(p7) < 0.25 and rewards[0] <= 0.25  # from chance: the first group is sampled before any update

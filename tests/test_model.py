@@ -3,12 +3,11 @@ sampling after a shared prefill, scoring at selected positions, and every bad in
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, assets, hf_checkpoint, make_checkpoint, tiny_config, write_byte_tokenizer
+from conftest import TINY_VOCAB, assets, hf_checkpoint, make_checkpoint, tiny_config
 import model as M
 
 

@@ -14,7 +14,6 @@ import checkpoints
 import lora
 import model as M
 import tasks
-import tokrl
 import train
 
 SMALL = ["--device", "cpu", "-G", "4", "--max-new-tokens", "12", "--eval-limit", "2", "--eval-every", "0",

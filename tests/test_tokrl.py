@@ -112,7 +112,6 @@ def zero(m):
 
 
 def batched_grpo_loss(m, selection=None, pad=EOS):
-    G = len(COMPLETIONS)
     T = len(PROMPT) + max(map(len, COMPLETIONS))
     ids = torch.tensor([PROMPT + y + [pad] * (T - len(PROMPT) - len(y)) for y in COMPLETIONS])
     mask = tokrl.loss_mask(len(PROMPT), [len(y) for y in COMPLETIONS], T)

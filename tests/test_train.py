@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import make_checkpoint, tiny_config
-import lora
 import model as M
 import checkpoints
 import tasks
@@ -159,19 +158,25 @@ class SevenTask(tasks.Task):
         return [None]
 
 
-@pytest.mark.parametrize("algo,G,steps", [("grpo", 8, 40), ("sgrpo", 8, 40), ("tspmo", 16, 40)])
-def test_each_algorithm_learns_the_toy_task(tmp_path, algo, G, steps):
-    d = digit_model(tmp_path / "digits")
-    cfg = dataclasses.replace(train.Settings(), algo=algo, task="seven", model=str(d), device="cpu", steps=steps,
-                              group_size=G, max_new_tokens=1, temperature=1.0, lr=3e-2, lora_fraction=1.0,
-                              lora_rank=4, alpha=1, k=1, eval_every=0, save_every=100, replay_success=1, seed=1)
+def learn_toy_task(tmp_path, cfg: train.Settings) -> tuple[float, list[float], dict]:
+    """Train on the toy task: π(7) at the start, each step's metrics, the final evaluation."""
     run = tmp_path / "run"
     run.mkdir()
     net, tok, _ = train.load_everything(cfg)
     with torch.no_grad():
         p7 = torch.softmax(net.logits(torch.tensor([tok.encode(SevenTask(tok).prompt(None))]))[0, -1], -1)[7]
     final = train.train(cfg, run, task=SevenTask(tok))
-    rewards = [m["reward_mean"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")]
+    return float(p7), checkpoints.read_jsonl(run / "metrics.jsonl"), final
+
+
+@pytest.mark.parametrize("algo,G,steps", [("grpo", 8, 40), ("sgrpo", 8, 40), ("tspmo", 16, 40)])
+def test_each_algorithm_learns_the_toy_task(tmp_path, algo, G, steps):
+    d = digit_model(tmp_path / "digits")
+    cfg = dataclasses.replace(train.Settings(), algo=algo, task="seven", model=str(d), device="cpu", steps=steps,
+                              group_size=G, max_new_tokens=1, temperature=1.0, lr=3e-2, lora_fraction=1.0,
+                              lora_rank=4, alpha=1, k=1, eval_every=0, save_every=100, replay_success=1, seed=1)
+    p7, metrics, final = learn_toy_task(tmp_path, cfg)
+    rewards = [m["reward_mean"] for m in metrics]
     early, late = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"\n{algo}: π(7) at start {float(p7):.3f}; mean reward first 5 steps {early:.2f}, last 5 {late:.2f}")
     assert float(p7) < 0.25  # the base model rarely says 7
