@@ -81,6 +81,9 @@ def test_run_settings_differ_only_where_the_paper_varies_them(tmp_path):
     assert differ(cfgs["tspmo"], cfgs["tspmo-lam0"]) == {"lam"} and cfgs["tspmo-lam0"].lam == 0
     assert differ(cfgs["tspmo"], cfgs["tspmo-logpi"]) == {"tspmo_objective"}
     assert differ(cfgs["tspmo"], cfgs["tspmo-lam0-logpi"]) == {"lam", "tspmo_objective"}
+    # PPO and DPO: GRPO's G, steps, lr and LoRA; everything else the CLI's defaults (SPEC-baselines.md)
+    assert differ(cfgs["grpo"], cfgs["ppo"]) == differ(cfgs["grpo"], cfgs["dpo"]) == {"algo"}
+    assert (cfgs["ppo"].critic, cfgs["ppo"].ppo_passes, cfgs["dpo"].dpo_beta) == ("shared", 4, 0.1)
     assert (cfgs["grpo"].group_size, cfgs["tspmo"].group_size, cfgs["tspmo"].replay_success) == (8, 50, 1)
     assert (cfgs["sgrpo"].alpha, cfgs["sgrpo"].k) == (7, 13)  # (50, 100) at 300 tokens, scaled to 40
     assert cfgs["grpo"].beta == cfgs["tspmo"].lam == 0.01 and cfgs["grpo"].temperature == 0.3
