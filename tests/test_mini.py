@@ -237,8 +237,8 @@ def test_tspmo_logpi_objective_against_brute_force(tiny):
 
 def test_bad_mini_arguments_are_named_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        mini.main(["--methods", "grpo,ppo", "--out", str(tmp_path / "m")])
-    assert "--methods" in str(e.value) and "'ppo'" in str(e.value) and not (tmp_path / "m").exists()
+        mini.main(["--methods", "grpo,reinforce", "--out", str(tmp_path / "m")])
+    assert "--methods" in str(e.value) and "'reinforce'" in str(e.value) and not (tmp_path / "m").exists()
     with pytest.raises(SystemExit) as e:
         mini.main(["--seeds", "0"])
     assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
