@@ -1,6 +1,6 @@
 """The paper in miniature: Table II and Figure 1 on a laptop CPU, one command, nothing downloaded.
 
-    python mini.py            # the full table: base, GRPO, S-GRPO, T-SPMO (+ 2 T-SPMO ablations), 3 seeds each
+    python mini.py            # the full table: base, GRPO, S-GRPO, T-SPMO (+ 3 T-SPMO ablations), PPO, DPO; 3 seeds
     python mini.py --quick    # one seed, fewer steps: a few minutes
 
 What it does, in order (each stage writes into --out, default runs/mini/):
@@ -15,7 +15,7 @@ What it does, in order (each stage writes into --out, default runs/mini/):
   3. the RL runs, each through `train.train` (the code path of `python train.py`), with the paper's settings scaled
      to the miniature (`run_settings` lists them), two runs at a time, one CPU thread each;
   4. OUT/results.md (the table, beside the paper's Table II) and OUT/figure1.svg (training reward and test accuracy
-     against step for GRPO, S-GRPO and T-SPMO, mean over seeds), and the table printed.
+     against step for GRPO, S-GRPO, T-SPMO (and λ = 0), PPO and DPO, mean over seeds), and the table printed.
 
 The task: 2-digit x 2-digit multiplication. Prompt "47*86=", completion either a trace
 " 47*6=282 47*80=3760 282+3760=4042" or a bare answer "4042", then EOS; reward P1 (the last integer equals A·B).
