@@ -264,7 +264,7 @@ def test_evaluate_base_counts_by_hand(tok, monkeypatch):
                   "forced_trace_accuracy": 0.75, "n": 4}
 
 
-@pytest.mark.skipif(os.environ.get("TOKRL_SLOW") != "1", reason="builds the full SFT base: about 6 minutes on one "
+@pytest.mark.skipif(os.environ.get("TOKRL_SLOW") != "1", reason="builds the full SFT base: 3.5-6.5 minutes on one "
                     "thread; run with TOKRL_SLOW=1")
 def test_the_full_base_lands_in_the_stated_band(tmp_path):
     """The SFT'd base from seed 0, the default settings and one thread: greedy accuracy in the stated 3-15% band on
