@@ -1,6 +1,6 @@
 """The paper in miniature: Table II and Figure 1 on a laptop CPU, one command, nothing downloaded.
 
-    python mini.py            # the full table: base, GRPO, S-GRPO, T-SPMO (+ 2 T-SPMO ablations), 3 seeds each
+    python mini.py            # the full table: base, GRPO, S-GRPO, T-SPMO (+ 3 T-SPMO ablations), PPO, DPO; 3 seeds
     python mini.py --quick    # one seed, fewer steps: a few minutes
 
 What it does, in order (each stage writes into --out, default runs/mini/):
@@ -15,7 +15,7 @@ What it does, in order (each stage writes into --out, default runs/mini/):
   3. the RL runs, each through `train.train` (the code path of `python train.py`), with the paper's settings scaled
      to the miniature (`run_settings` lists them), two runs at a time, one CPU thread each;
   4. OUT/results.md (the table, beside the paper's Table II) and OUT/figure1.svg (training reward and test accuracy
-     against step for GRPO, S-GRPO and T-SPMO, mean over seeds), and the table printed.
+     against step for GRPO, S-GRPO, T-SPMO (and λ = 0), PPO and DPO, mean over seeds), and the table printed.
 
 The task: 2-digit x 2-digit multiplication. Prompt "47*86=", completion either a trace
 " 47*6=282 47*80=3760 282+3760=4042" or a bare answer "4042", then EOS; reward P1 (the last integer equals A·B).
@@ -235,8 +235,12 @@ METHODS = {  # name: (algo, what differs from the algorithm's settings)
     "tspmo-lam0": ("tspmo", {"lam": 0.0}),  # ablation: no λ‖W‖² term
     "tspmo-logpi": ("tspmo", {"tspmo_objective": "logpi"}),  # ablation: log π in place of E10's π
     "tspmo-lam0-logpi": ("tspmo", {"lam": 0.0, "tspmo_objective": "logpi"}),  # both: λ = 0.01 kills either's LoRA A
+    # the methods the paper argues against (SPEC-baselines.md: G = 8, GRPO's steps; PPO: shared critic, μ = 4,
+    # γ = 1, λ_GAE = 0.95, ε = 0.2, w1 = 0, w2 = β, w3 = 0.5; DPO: β_D = 0.1), every setting the CLI's default
+    "ppo": ("ppo", {}),
+    "dpo": ("dpo", {}),
 }
-STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350}  # the paper's multiplication steps (Table II)
+STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350, "ppo": 450, "dpo": 450}  # Table II's; PPO, DPO: GRPO's
 # ours: the miniature has 4 layers, so the paper's last 1/4 would be one layer with q/v only (4,096 LoRA parameters);
 # the last half, all four attention projections, rank 8 (16,384). The same for every method.
 LORA_FRACTION, LORA_TARGETS = 0.5, "q_proj,k_proj,v_proj,o_proj"
@@ -317,8 +321,10 @@ def run_all(jobs: list[Job], base: Path, parallel: int, log=say) -> list[dict]:
 
 PAPER_TABLE_II = {"base": 3.9, "grpo": 4.4, "sgrpo": 22.9, "tspmo": 70.0}  # Qwen2-1.5B, 3x3 digits, n = 3000
 LABELS = {"base": "base (SFT)", "grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo": "T-SPMO (+ replay)",
-          "tspmo-lam0": "T-SPMO, λ = 0", "tspmo-logpi": "T-SPMO, log π", "tspmo-lam0-logpi": "T-SPMO, λ = 0, log π"}
-COLORS = {"grpo": "#1f77b4", "sgrpo": "#ff7f0e", "tspmo": "#2ca02c", "tspmo-lam0": "#2ca02c"}
+          "tspmo-lam0": "T-SPMO, λ = 0", "tspmo-logpi": "T-SPMO, log π", "tspmo-lam0-logpi": "T-SPMO, λ = 0, log π",
+          "ppo": "PPO (shared critic)", "dpo": "DPO (online)"}
+COLORS = {"grpo": "#1f77b4", "sgrpo": "#ff7f0e", "tspmo": "#2ca02c", "tspmo-lam0": "#2ca02c", "ppo": "#d62728",
+          "dpo": "#9467bd"}
 DASHED = {"tspmo-lam0"}  # the ablation that changes the picture most, drawn dashed beside the three methods
 
 
@@ -385,7 +391,7 @@ def figure(results: list[dict], title: str) -> str:
                 out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
         return out + ["</g>"]
 
-    legend = [f'<text x="{60 + 210 * i}" y="{H + 36}" fill="{c}" font-size="12">'
+    legend = [f'<text x="{10 + 146 * i}" y="{H + 36}" fill="{c}" font-size="12">'
               f'{LABELS[m]}{" (dashed)" if m in DASHED else ""}</text>' for i, (m, c) in enumerate(COLORS.items())]
     body = panel(0, "training reward (mean of 10 steps)", 0) + panel(W, "test accuracy (greedy)", 1) + legend
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H + 44}" font-family="sans-serif">'
@@ -410,7 +416,10 @@ def settings_lines(base: Path, step_scale: float) -> list[str]:
     cfgs = {m: run_settings(m, 0, base, step_scale) for m in METHODS}
     out = []
     for m, c in cfgs.items():
-        extra = {"grpo": f"β = {c.beta}", "sgrpo": f"β = {c.beta}, α = {c.alpha}, k = {c.k}, P = {c.p}"}.get(
+        extra = {"grpo": f"β = {c.beta}", "sgrpo": f"β = {c.beta}, α = {c.alpha}, k = {c.k}, P = {c.p}",
+                 "ppo": f"{c.critic} critic, μ = {c.ppo_passes}, γ = {c.gamma}, λ_GAE = {c.gae_lambda}, "
+                        f"ε = {c.clip_eps}, w1 = {c.w1}, w2 = β = {c.beta}, w3 = {c.w3}",
+                 "dpo": f"β_D = {c.dpo_beta}, pairs from the group"}.get(
             m, f"λ = {c.lam}, replay C_success = {c.replay_success}, objective {c.tspmo_objective}")
         out.append(f"- {LABELS[m]}: G = {c.group_size}, {c.steps} steps, {extra}")
     c = cfgs["grpo"]
@@ -503,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, out=str(dest / "runs" / f"{method}-seed{seed}"),
                                       steps=args.steps or cfg.steps, eval_limit=args.eval_limit)
             jobs.append(Job(method, seed, dataclasses.replace(cfg, eval_every=max(1, min(25, cfg.steps // 6)))))
+    jobs.sort(key=lambda j: j.method != "ppo")  # ours: PPO's μ = 4 passes make it the slowest; first, to end together
     say(f"{len(jobs)} runs, {args.parallel} at a time, one thread each; progress in {dest}/runs/*/log.txt")
     results = run_all(jobs, base, args.parallel)
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n")
