@@ -29,6 +29,7 @@ import functools
 import json
 import multiprocessing
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -43,6 +44,8 @@ import model as M
 import tasks
 import train
 from reward import exact_match_reward
+
+SHIPPED_BASE = Path(__file__).resolve().parent / "data" / "mini-base"  # the SFT'd base, built by build_base from seed 0
 
 say = functools.partial(print, flush=True)  # progress lines reach a log file as they happen
 
@@ -198,13 +201,23 @@ def evaluate_base(net: M.Qwen2ForCausalLM, tok: M.Tokenizer, task: MiniMult, lim
             "n": len(data)}
 
 
-def build_base(out: Path, s: SftSettings, eval_limit: int | None = None, log=say) -> Path:
+def build_base(out: Path, s: SftSettings, eval_limit: int | None = None, log=say, shipped: bool = True) -> Path:
     """OUT/base/: the tokenizer, the SFT'd model and base.json (the SFT settings and the base's accuracy).
-    Cached: an existing base built with the same settings is reused (delete the folder to rebuild)."""
+    Cached: an existing base built with the same settings is reused (delete the folder to rebuild); else the shipped
+    base (data/mini-base/) when it was built with the same settings and `shipped`; else the SFT runs here."""
     base = out / "base"
     meta = base / "base.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("key") == [dataclasses.asdict(s), eval_limit]:
+    key = [dataclasses.asdict(s), eval_limit]
+    if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
         log(f"base: reusing {base} (delete it to rebuild)")
+        return base
+    if shipped and json.loads((SHIPPED_BASE / "base.json").read_text()).get("key") == key:
+        # ours: the repository ships the base this SFT built from seed 0 (4 MB), so that a fresh clone's --quick
+        # needs no SFT; --rebuild-base builds it again (3.5-6.5 min on one thread; the thread count and the CPU's
+        # float sums can change it slightly)
+        shutil.copytree(SHIPPED_BASE, base, dirs_exist_ok=True)
+        log(f"base: the shipped SFT base ({SHIPPED_BASE}, copied to {base}); --rebuild-base builds it from seed "
+            f"{s.seed}")
         return base
     base.mkdir(parents=True, exist_ok=True)
     build_tokenizer(base / "tokenizer.json")
@@ -479,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-cot-steps", type=positive_int, help=f"SFT stage 1 (default {SftSettings.cot_steps})")
     p.add_argument("--sft-mix-steps", type=int, help=f"SFT stage 2 (default {SftSettings.mix_steps})")
     p.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N test problems (default all)")
+    p.add_argument("--rebuild-base", action="store_true", help="run the SFT here rather than copy the shipped base "
+                                                               "(data/mini-base/, built by the same SFT from seed 0)")
     p.add_argument("--sft-threads", type=positive_int, default=1,
                    help="torch threads for the SFT (1: the thread count changes the float sums, so the base)")
     p.add_argument("--parallel", type=positive_int, default=2, help="runs at a time, one thread each (2)")
@@ -498,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     sft_settings = SftSettings(**{k: v for k, v in (("cot_steps", args.sft_cot_steps),
                                                      ("mix_steps", args.sft_mix_steps)) if v is not None})
     cached = (out / "base" / "base.json").is_file()
-    base = build_base(out, sft_settings, args.eval_limit)
+    if args.rebuild_base:
+        shutil.rmtree(out / "base", ignore_errors=True)
+    base = build_base(out, sft_settings, args.eval_limit, shipped=not args.rebuild_base)
     torch.set_num_threads(threads)
     base_info = {**json.loads((base / "base.json").read_text()), "dir": str(base), "cached": cached}
     step_scale = QUICK_STEP_SCALE if args.quick else STEP_SCALE

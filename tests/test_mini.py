@@ -264,6 +264,23 @@ def test_evaluate_base_counts_by_hand(tok, monkeypatch):
                   "forced_trace_accuracy": 0.75, "n": 4}
 
 
+def test_the_shipped_base_lands_in_the_stated_band_and_is_what_a_fresh_clone_uses(tmp_path):
+    """data/mini-base/ (the base build_base made from seed 0): greedy accuracy in the 3-15% band on the 300 test
+    problems and the skill latent (made to start a trace, right at least half the time), as its base.json records;
+    a fresh output folder gets it by copy, with no SFT (the slow test below builds it from the seed)."""
+    tok = M.Tokenizer(mini.SHIPPED_BASE / "tokenizer.json")
+    net = M.load_model(mini.SHIPPED_BASE)
+    ev = mini.evaluate_base(net, tok, mini.MiniMult(tok))
+    recorded = json.loads((mini.SHIPPED_BASE / "base.json").read_text())
+    assert ev["n"] == 300 and 0.03 <= ev["accuracy"] <= 0.15 and ev["forced_trace_accuracy"] >= 0.5
+    assert abs(ev["accuracy"] - recorded["accuracy"]) <= 1 / 300  # the README's base row (9.0%)
+    base = mini.build_base(tmp_path, mini.SftSettings(), log=lambda m: None)
+    assert (base / "model.safetensors").read_bytes() == (mini.SHIPPED_BASE / "model.safetensors").read_bytes()
+    other = mini.build_base(tmp_path / "other", mini.SftSettings(cot_steps=2, mix_steps=1, batch=4),
+                            log=lambda m: None)  # other SFT settings: built here, not copied
+    assert json.loads((other / "base.json").read_text())["sft"]["cot_steps"] == 2
+
+
 @pytest.mark.skipif(os.environ.get("TOKRL_SLOW") != "1", reason="builds the full SFT base: 3.5-6.5 minutes on one "
                     "thread; run with TOKRL_SLOW=1")
 def test_the_full_base_lands_in_the_stated_band(tmp_path):
@@ -273,7 +290,7 @@ def test_the_full_base_lands_in_the_stated_band(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        base = mini.build_base(tmp_path, mini.SftSettings(), log=lambda m: None)
+        base = mini.build_base(tmp_path, mini.SftSettings(), log=lambda m: None, shipped=False)
     finally:
         torch.set_num_threads(threads)
     info = json.loads((base / "base.json").read_text())
