@@ -1,7 +1,8 @@
 """The paper in miniature: Table II and Figure 1 on a laptop CPU, one command, nothing downloaded.
 
     python mini.py            # the full table: base, GRPO, S-GRPO, T-SPMO (+ 3 T-SPMO ablations), PPO, DPO; 3 seeds
-    python mini.py --quick    # one seed, fewer steps: a few minutes
+    python mini.py --quick    # one seed, fewer steps: about a minute
+    python mini.py --rebuild-base   # run the base's SFT here instead of copying the shipped one (data/mini-base/)
 
 What it does, in order (each stage writes into --out, default runs/mini/):
   1. a character-level tokenizer (`tokenizers`) and a tiny Qwen2 of the real architecture (4 layers, hidden 128,
