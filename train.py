@@ -719,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         on_device = dataclasses.replace(cfg, device=world.device) if world.size > 1 else cfg  # cuda:LOCAL_RANK
         if args.eval_only:
             eval_only(on_device, args.adapter, Path(cfg.out) if cfg.out else None, world)
+            distributed.shutdown(world, synchronize=True)
             return 0
         if ck is None:
             run = Path(world.gather([str(run)])[0])  # rank 0's name (a default name holds the time)
@@ -732,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
             print("settings: " + json.dumps(dataclasses.asdict(cfg)))
         train(dataclasses.replace(on_device, out=cfg.out), run, resume=ck is not None, task=task, checkpoint=ck,
               world=world)
+        distributed.shutdown(world, synchronize=True)  # every process got here: end together
     except (DataError, M.ModelNotFoundError, FileNotFoundError, ValueError, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # a write outside checkpoints.py's writers (mkdir): name the path

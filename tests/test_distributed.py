@@ -211,7 +211,7 @@ def worker(model_dir: str, out: str) -> None:
     for e in (res["eval_one"], res["eval_split"]):
         e.pop("seconds")
     Path(out, f"rank{world.rank}.json").write_text(json.dumps(res))
-    distributed.shutdown(world)
+    distributed.shutdown(world, synchronize=True)
 
 
 def restore(params, values) -> None:
