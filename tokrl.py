@@ -247,7 +247,7 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     st.nonzero_adv_tokens = round(trie.nonzero_token_fraction() * st.tokens_generated)
     st.zero_variance = len(set(rewards)) == 1
     mods = [m for _, m in lora.lora_modules(model)]
-    params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+    params = lora.lora_parameters(model)
     held = [p.grad for p in params]  # another prompt's accumulated gradient: set aside, so the norms read this group's
     for p in params:
         p.grad = None

@@ -70,6 +70,20 @@ def make_checkpoint(path: Path, cfg: M.Qwen2Config | None = None, seed: int = 0,
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """One random tiny checkpoint per test module."""
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def no_fsync(monkeypatch):
+    """checkpoints.py flushes each file to disk before its rename (a power loss); the tests that write hundreds of
+    checkpoints kill processes instead, which the page cache survives, so they turn it off (~7 ms a file here)."""
+    import checkpoints
+    monkeypatch.setattr(checkpoints, "DURABLE", False)
+
+
 @pytest.fixture
 def tiny_dir(tmp_path) -> Path:
     return make_checkpoint(tmp_path / "tiny")

@@ -19,15 +19,7 @@ import train
 from test_train import SMALL, write_svamp
 
 
-@pytest.fixture(autouse=True)
-def no_fsync(monkeypatch):
-    """fsync guards against a power loss, which these tests do not simulate; it costs ~7 ms a file here."""
-    monkeypatch.setattr(checkpoints, "DURABLE", False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest.py: fsync off, the faults here are kills
 
 
 @pytest.fixture

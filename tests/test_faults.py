@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_checkpoint
 import checkpoints
 import model as M
 import tasks
@@ -41,15 +40,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def no_fsync(monkeypatch):
-    """fsync guards against a power loss, which these tests do not simulate; it costs ~7 ms a file here."""
-    monkeypatch.setattr(checkpoints, "DURABLE", False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest.py: fsync off, the faults here are kills
 
 
 def write_small_svamp(d: Path) -> Path:

@@ -129,12 +129,6 @@ def test_quick_runs_through_train_train_and_writes_both_files(tmp_path, monkeypa
 
 # --- the library settings the miniature needed ------------------------------------------------------------------------
 
-from conftest import make_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def tiny_settings(tiny: Path, **kw) -> train.Settings:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assets, make_checkpoint
+from conftest import assets
 import checkpoints
 import lora
 import model as M
@@ -18,11 +18,6 @@ import train
 
 SMALL = ["--device", "cpu", "-G", "4", "--max-new-tokens", "12", "--eval-limit", "2", "--eval-every", "0",
          "--save-every", "100", "--lora-fraction", "0.5"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def byte_tok(tiny: Path) -> M.Tokenizer:

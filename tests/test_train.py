@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_checkpoint, tiny_config
+from conftest import tiny_config
 import model as M
 import checkpoints
 import tasks
@@ -36,11 +36,6 @@ def write_gsm8k(d: Path) -> Path:
                  for i in range(n)]
         (d / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return d
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.mark.parametrize("task", ["mult", "svamp", "gsm8k"])
