@@ -57,7 +57,11 @@ def spawn(args: list[str], n: int = 2, timeout: int = 240, tries: int = 2) -> No
         procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outs = [p.communicate(timeout=timeout) for p in procs]
-    if tries > 1 and any(p.returncode and "address already in use" in err.lower() for p, (_, err) in zip(procs, outs)):
+    # two failures that are not the math under test, each given one more try: the port taken before rank 0 bound
+    # it, and gloo's teardown aborting a process at exit ("terminate called without an active exception", seen
+    # here in about one full suite in three on a loaded 2-core machine, after the results were written)
+    flaky = ("address already in use", "terminate called without an active exception")
+    if tries > 1 and any(p.returncode and any(f in err.lower() for f in flaky) for p, (_, err) in zip(procs, outs)):
         return spawn(args, n, timeout, tries - 1)
     for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}\n{err[-3000:]}"
@@ -223,7 +227,8 @@ def restore(params, values) -> None:
 
 if __name__ == "__main__" and sys.argv[1] == "worker":
     worker(sys.argv[2], sys.argv[3])
-    sys.exit(0)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # the results are written and the group destroyed: skip the interpreter's teardown of gloo's threads
 
 
 # ----------------------------------------------------------------------------------------------------------------------
