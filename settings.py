@@ -60,6 +60,7 @@ class Settings:
     replay_success: int = 1
     replay_failure: int = 0
     replay_threshold: float = 1.0  # [decided] (SPEC.md) r = 1.0 (with --reward partial: success = every step right)
+    replay_pool: str = "history"  # [decided] (SPEC.md) the paper's "set of all previously generated completions"
     # evaluation and bookkeeping (ours)
     eval_every: int = 50
     eval_limit: int | None = None  # evaluate on the first N test examples (None: all)
@@ -132,6 +133,8 @@ RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
     ("replay_success", lambda v, s: v >= 0, "a count of replays; allowed: an integer >= 0"),
     ("replay_failure", lambda v, s: v >= 0, "a count of replays; allowed: an integer >= 0"),
     ("replay_threshold", lambda v, s: _num(v), "allowed: a finite reward (default 1.0)"),
+    ("replay_pool", lambda v, s: v in ("history", "group"), "allowed: history (every completion generated so far, "
+                                                            "the paper's) or group (this prompt's G only)"),
     ("eval_every", lambda v, s: v >= 0, "allowed: an integer >= 0 (0: at the start and the end only)"),
     ("eval_limit", lambda v, s: v is None or v >= 0, "allowed: an integer >= 0 (default: the whole test set)"),
     ("eval_batch", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 32)"),

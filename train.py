@@ -13,16 +13,17 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
   3. Evaluation cadence (--eval-every) and checkpoint cadence are ours; the paper gives neither.
   4. A zero-variance group still takes its update: GRPO/S-GRPO still backpropagate the β·KL term (E3/E5 keep it when
      Â = 0), T-SPMO only the λ·‖W‖² term. The step is logged with zero_variance = true.
-  5. With --accum N, T-SPMO replays every prompt of the step (each from its own group, scored against its own
-     example) after the accumulated update; --reward partial (S2) trains on partial credit, evaluation stays exact.
+  5. With --accum N, T-SPMO draws N rounds of replays after the accumulated update (one per fresh group; with
+     --replay-pool group each from its own group); --reward partial (S2) trains on partial credit, evaluation stays
+     exact. The replay pool (replay.py) is every completion generated so far, each replayed under its own problem.
   6. PPO and DPO (SPEC-baselines.md, baselines.py) take one prompt per step (--accum 1). PPO's shared critic passes
      the value loss's gradient into the policy's LoRA; PPO logs means over its μ passes.
 
 Every setting is checked before anything is loaded (settings.RULES); a resume keeps the settings the run recorded.
 
 Sections: evaluation · the training loop · checking the inputs · command line. Settings, the paper's defaults and the
-rules they are checked against: settings.py; tasks and data: tasks.py; checkpoints and logs: checkpoints.py; the
-plot: plot.py.
+rules they are checked against: settings.py; tasks and data: tasks.py; checkpoints and logs: checkpoints.py; T-SPMO's
+replay pool: replay.py; the plot: plot.py.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ import lora
 import model as M
 import tokrl
 import checkpoints
+from replay import ReplayPool
 from distributed import World, combine_stats, own_rng, rng_for_checkpoint
 from checkpoints import (WriteError, append_jsonl, find_checkpoint, read_jsonl, save_checkpoint, write_atomic,
                          write_jsonl)
@@ -207,6 +209,7 @@ class Trainer:
                      "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
                      "replay": random.Random(cfg.seed + 3)}  # the data's RNG: tasks.TrainStream, seed + 2
         self.step = 0
+        self.pool = ReplayPool(cfg.replay_threshold)  # T-SPMO's replay pool (--replay-pool history): run state
 
     def rng_state(self) -> dict:
         g = self.gens
@@ -226,70 +229,76 @@ class Trainer:
         if bad:
             raise NonFiniteLoss(f"{bad} is not finite after the optimizer step")
 
-    def sample_group(self, prompt_ids, prefix=()):
-        """G completions of prompt∘prefix with their rewards (the reward reads prefix + completion). With N
-        processes each samples and scores its share, and every process gets the whole group, in rank order."""
+    def sample_group(self, prompt_ids, ex, prefix=()):
+        """G completions of prompt∘prefix with their rewards against the example `ex` (the reward reads prefix +
+        completion). With N processes each samples and scores its share, and every process gets the whole group, in
+        rank order."""
         cfg, n = self.cfg, self.world.counts(self.cfg.group_size)[self.world.rank]
         outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
                         temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
                         stop=self.task.stop(prefix)) if n else []
-        scored = [(o, self.task.reward(self.tok.decode(list(prefix) + o), self.ex)) for o in outs]
+        scored = [(o, self.task.reward(self.tok.decode(list(prefix) + o), ex)) for o in outs]
         group = self.world.gather(scored)
         return [o for o, _ in group], [r for _, r in group]
 
     def check_finite(self, st: tokrl.StepStats) -> None:
         check_finite(self.net, st, self.critic.parameters() if self.critic else (), self.world)
 
-    def replay(self, prompt_ids, completions, rewards) -> list[tokrl.StepStats]:
-        """T-SPMO replay: restart from a random cut of chosen completions of this group, one update each."""
-        cfg, rng = self.cfg, self.gens["replay"]
-        # [decided] (SPEC.md) the replay pool is the G completions just generated for this prompt
-        good = [i for i, r in enumerate(rewards) if r >= cfg.replay_threshold]  # R_success = {y : R(y) >= r}
-        bad = [i for i, r in enumerate(rewards) if r < cfg.replay_threshold]  # R_fail = {y : R(y) < r}
-        picks = rng.sample(good, min(cfg.replay_success, len(good))) + rng.sample(bad, min(cfg.replay_failure,
-                                                                                        len(bad)))
+    def replay(self, groups: list[tuple]) -> list[tokrl.StepStats]:
+        """T-SPMO replay, after the update on this step's fresh groups (ex, prompt ids, completions, rewards): for each
+        of them, C_success + C_failure completions drawn from the pool, each restarted from a random cut of its own
+        tokens, under its own problem; one update each."""
+        cfg, rng, step = self.cfg, self.gens["replay"], self.step + 1
+        if cfg.replay_pool == "history":  # [decided] (SPEC.md) the replay pool: every fresh completion so far
+            for ex, _, completions, rewards in groups:
+                self.pool.add_group(ex, completions, rewards, step)
         stats = []
-        for i in picks:
-            y = completions[i]
-            j = rng.randint(0, len(y) - 1)  # cut uniform in [0, |y| − 1]: the prefix is prompt + y_1 … y_j
-            if cfg.max_new_tokens - j < 1:
-                continue
-            conts, rs = self.sample_group(prompt_ids, y[:j])
-            self.opt.zero_grad(set_to_none=True)
-            st = update(self.net, "tspmo", list(prompt_ids) + list(y[:j]), conts, rs, cfg, self.gens, 1.0,
-                        world=self.world)  # [E10]
-            self.check_finite(st)
-            self.optimizer_step()  # deviation 1 (module docstring): each replayed group is its own update
-            st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs)}
-            stats.append(st)
+        for ex, _, completions, rewards in groups:  # ours: with --accum N, N rounds of picks (one per fresh group)
+            pool = self.pool
+            if cfg.replay_pool == "group":  # the ablation: this prompt's G completions only
+                pool = ReplayPool(cfg.replay_threshold)
+                pool.add_group(ex, completions, rewards, step)
+            for i in pool.draw(rng, cfg.replay_success, cfg.replay_failure):  # R_success, R_fail: replay.py
+                y, source = pool.completion(i), pool.example(i)
+                j = rng.randint(0, len(y) - 1)  # cut uniform in [0, |y| − 1]: the prefix is prompt + y_1 … y_j
+                if cfg.max_new_tokens - j < 1:
+                    continue
+                prompt_ids = self.tok.encode(self.task.prompt(source))  # its own problem's prompt
+                conts, rs = self.sample_group(prompt_ids, source, y[:j])  # scored against its own problem
+                self.opt.zero_grad(set_to_none=True)
+                st = update(self.net, "tspmo", list(prompt_ids) + list(y[:j]), conts, rs, cfg, self.gens, 1.0,
+                            world=self.world)  # [E10]
+                self.check_finite(st)
+                self.optimizer_step()  # deviation 1 (module docstring): each replayed group is its own update
+                st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs),  # the continuations' mean reward
+                            "replay_source_step": pool.step[i], "replay_source_reward": pool.reward[i]}
+                stats.append(st)
         return stats
 
     def train_step(self, stream) -> dict:
         """One optimizer step over cfg.accum prompts' groups (Alg2), then, for T-SPMO, the replays.
 
-        ours: with --accum > 1, T-SPMO replays every prompt of the step, in order, each from its own group's pool
-        and with its own example's reward, after the accumulated update (each replayed group its own update)."""
+        ours: with --accum N, T-SPMO draws N rounds of replays after the accumulated update (one round per fresh
+        group: from the whole pool, or with --replay-pool group from that group, scored against its own example),
+        each replayed group its own update."""
         cfg, t0 = self.cfg, time.time()
         if self.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.dev)
         self.opt.zero_grad(set_to_none=True)
         rewards_all, stats, lengths, groups = [], [], [], []
         for _ in range(cfg.accum):
-            self.ex = next(stream)
-            prompt_ids = self.tok.encode(self.task.prompt(self.ex))
-            completions, rewards = self.sample_group(prompt_ids)
+            ex = next(stream)
+            prompt_ids = self.tok.encode(self.task.prompt(ex))
+            completions, rewards = self.sample_group(prompt_ids, ex)
             st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum,
                         opt=self.opt, critic=self.critic, world=self.world)
             self.check_finite(st)
             rewards_all += rewards
             lengths += [len(y) for y in completions]
             stats.append(st)
-            groups.append((self.ex, prompt_ids, completions, rewards))
+            groups.append((ex, prompt_ids, completions, rewards))
         self.optimizer_step()
-        replays = []
-        if cfg.algo == "tspmo":
-            for self.ex, prompt_ids, completions, rewards in groups:  # the reward reads self.ex
-                replays += self.replay(prompt_ids, completions, rewards)
+        replays = self.replay(groups) if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_failure else []
         secs = time.time() - t0
         n = len(rewards_all)
         mean = sum(rewards_all) / n  # [E1] J(θ) = E_{Y~π_θ}[r(Y)], estimated by the mean reward of the group
@@ -388,6 +397,8 @@ def restore(tr: Trainer, ck: Path, state: dict) -> int:
     tr.set_rng_state(own_rng(tr.world, state))  # N processes: each its own generators
     if tr.critic is not None:
         tr.critic.load_state(state.get("extra", {}))  # PPO: the value head (and the separate critic's LoRA)
+    if "replay_pool" in state:
+        tr.pool = ReplayPool.from_state(state["replay_pool"])
     return state["data_position"]
 
 
@@ -433,6 +444,8 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     def save(step: int) -> None:
         nonlocal last_saved
         state = {**rng_for_checkpoint(world, tr.rng_state()), "data_position": stream.position}  # every process's
+        if len(tr.pool):
+            state["replay_pool"] = tr.pool.state()  # T-SPMO: resume draws the same replays
         if tr.critic is not None:
             state["extra"] = tr.critic.state()  # PPO: the value head (and the separate critic's LoRA)
         last_saved = (save_checkpoint(run, step, net, tr.opt, state, cfg.model) if world.main else
@@ -532,7 +545,8 @@ def paper_table() -> str:
                         f"{d['lora_fraction']:.3g}/{d['lora_rank']:<11} {d['alpha']},{d['k']:<8}  "
                         f"{d['replay_success']},{d['replay_failure']}")
     rows.append("  all: AdamW lr 1e-4 (weight decay 0.01), beta = lambda = 0.01, temperature 0.3, "
-                "300 new tokens, fp32, one prompt per step, P = 0.5, replay threshold r = 1.0")
+                "300 new tokens, fp32, one prompt per step, P = 0.5, replay threshold r = 1.0, replay pool: every "
+                "completion generated so far (history)")
     rows.append("  reward (--reward): mult exact (the paper's; or partial = S2), svamp exact, gsm8k sympy (S1)")
     rows.append("  ppo, dpo (SPEC-baselines.md): steps and G as GRPO's; PPO gamma 1, GAE lambda 0.95, clip 0.2, "
                 "4 passes, w1 = 0, w2 = beta, w3 = 0.5, shared critic; DPO beta_D = 0.1")
@@ -593,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--replay-success", type=int, help="C_success, >= 0")
     g.add_argument("--replay-failure", type=int, help="C_failure, >= 0")
     g.add_argument("--replay-threshold", type=float, help="reward r separating success from failure (1.0)")
+    g.add_argument("--replay-pool", choices=["history", "group"],
+                   help="where replays are drawn from: history = every completion of every fresh group generated so "
+                        "far in the run, each with its own problem and reward (default: the paper's \"set of all "
+                        "previously generated completions\"); group = the G just generated for this prompt (ablation)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, help="steps between test evaluations, >= 0 (50; 0: start and end only)")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples, >= 0 (default all)")
@@ -642,6 +660,8 @@ def recorded_settings(run: Path) -> Settings:
         raise SystemExit(f"error: {path}: not the settings of a run of this tokrl "
                          f"({'unknown settings ' + str(sorted(unknown)) if unknown else 'not a JSON object'})")
     resumes = read_jsonl(run / "resumes.jsonl")
+    # a run recorded before --replay-pool existed replayed from its current group: it continues as it started
+    saved = {"replay_pool": "group", **saved}
     return Settings(**{**saved, **({"steps": resumes[-1]["steps"]} if resumes else {})})
 
 

@@ -203,10 +203,30 @@ def worker(model_dir: str, out: str) -> None:
                               "moved": max(float((a - b).abs().max()) for a, b in zip(w1, start))}
     restore(params, start)
 
+    # 2b. T-SPMO's replay pool over 3 steps (history): every rank holds the whole pool, the one-process one
+    c = dataclasses.replace(cfg, algo="tspmo")
+    res["pool"] = {}
+    for name, w in (("one", World()), ("split", world)):
+        restore(params, start)
+        tr = train.Trainer(c, Path(out), net, tok, task, eos, world=w)
+        M.sample = SameGroupsForAnyN(real, c.group_size)
+        M.sample.world = w
+        stream, sources = task.train_stream(random.Random(0)), []
+        try:
+            for _ in range(3):
+                m = tr.train_step(stream)
+                tr.step = m["step"]
+                sources += [(m["step"], r["replay_source_step"], r["replay_source_reward"]) for r in m["replays"]]
+        finally:
+            M.sample = real
+        state = tr.pool.state()
+        res["pool"][name] = {**{k: v.tolist() for k, v in state.items() if torch.is_tensor(v)},
+                             "problems": state["problems"], "sources": sources}
+    restore(params, start)
+
     # 3. real sampling: each rank its share, every rank the whole group
     tr = train.Trainer(cfg, Path(out), net, tok, task, eos, world=world)
-    tr.ex = 3
-    res["group"] = tr.sample_group(tok.encode(task.prompt(3)))
+    res["group"] = tr.sample_group(tok.encode(task.prompt(3)), 3)
 
     # 4. evaluation: each rank a slice of the test set, the counts summed
     with torch.no_grad():
@@ -322,6 +342,16 @@ def test_a_training_step_equals_one_process(pair, algo):
     assert differences(m1, m2) == []
     if algo == "tspmo":
         assert len(m1["groups"]) >= 2 and m1["forwards"] > 2  # the fresh group and at least one replay
+
+
+def test_every_rank_holds_the_whole_replay_pool_of_one_process(pair):
+    """T-SPMO, 3 steps, --replay-pool history, groups made the same for any N: on both ranks the pool (every token
+    id, reward, step and problem) and the replays drawn from it are the one-process run's."""
+    one = pair[0]["pool"]["one"]
+    assert len(one["ends"]) == 3 * 6 and one["step"] == [1] * 6 + [2] * 6 + [3] * 6 and len(one["problems"]) == 3
+    assert any(step > source for step, source, _ in one["sources"])  # a later step replays an earlier completion
+    for r in pair:
+        assert r["pool"]["split"] == one and r["pool"]["one"] == one
 
 
 def test_every_rank_holds_the_same_whole_group(pair):

@@ -183,6 +183,9 @@ def test_the_reference_runs_move_the_adapter_and_replay(reference):
         assert any(float(b.abs().sum()) > 0 for b in B)
         if algo == "tspmo":
             assert sum(len(m["replays"]) for m in metrics) >= 2
+            # the history pool at work: a later step replays a completion generated at an earlier one, so the kill
+            # and resume tests compare runs whose replays read the pool restored from a checkpoint
+            assert any(r["replay_source_step"] < m["step"] for m in metrics for r in m["replays"])
 
 
 # --- resume from every step, every task × algorithm -------------------------------------------------------------------

@@ -129,7 +129,7 @@ def trainer(tiny, tmp_path, **kw) -> train.Trainer:
 
 def test_train_step_logs_the_E1_estimate(tiny, tmp_path, monkeypatch):
     """E1: J(θ) = E_{Y~π_θ}[r(Y)] is estimated by the group's mean reward: [1, 0, 0, 1] -> 0.5, σ 0.5."""
-    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, prefix=(): FRESH)
+    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): FRESH)
     tr = trainer(tiny, tmp_path, algo="grpo")
     m = tr.train_step(tasks.TrainStream(tr.task, 2))
     assert (m["reward_mean"], m["reward_std"], m["len_mean"], m["forwards"]) == (0.5, 0.5, 2.0, 4)
@@ -142,7 +142,7 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
     and the token fraction; each has its own policy and λ terms and gradient norms."""
     calls = []
 
-    def fake(self, prompt, prefix=()):
+    def fake(self, prompt, ex, prefix=()):
         calls.append(prefix)
         return FRESH if len(calls) == 1 else REPLAY  # the fresh group, then the replay's continuations
 
@@ -165,22 +165,30 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
     assert "policy" in line and "λ" in line and "A≠0 92.3%" in line
 
 
-# --- item 8: --accum with T-SPMO replays every prompt of the step -------------------------------------------------
+# --- item 8: --accum with T-SPMO: one round of replays per prompt of the step ---------------------------------------
 
-def test_accum_with_tspmo_replays_every_prompt_with_its_own_example(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pool", ["history", "group"])
+def test_accum_with_tspmo_replays_one_round_per_prompt(tiny, tmp_path, monkeypatch, pool):
+    """--accum 3: three fresh groups, one update; then three replays (C_success = 1 each round). With the group pool
+    each prompt is replayed, in order, with its own example; with the history pool each draw comes from all 12
+    completions, and each is scored against its own example (tests/test_replay.py proves which one)."""
     calls = []
 
-    def fake(self, prompt, prefix=()):
-        calls.append(self.ex)  # the reward of what is sampled reads self.ex
+    def fake(self, prompt, ex, prefix=()):
+        calls.append(ex)  # the example the sampled completions are scored against
         return FRESH
 
     monkeypatch.setattr(train.Trainer, "sample_group", fake)
-    tr = trainer(tiny, tmp_path, accum=3, replay_success=1)
+    tr = trainer(tiny, tmp_path, accum=3, replay_success=1, replay_pool=pool)
     m = tr.train_step(tasks.TrainStream(tr.task, 2))
     examples = calls[:3]
     assert len(set(examples)) == 3  # three prompts accumulated into one update
-    assert calls[3:] == examples  # then each replayed, in order, with its own example
     assert [g["kind"] for g in m["groups"]] == ["fresh"] * 3 + ["replay"] * 3 and len(m["replays"]) == 3
+    if pool == "group":
+        assert calls[3:] == examples  # each replayed, in order, with its own example
+    else:
+        assert set(calls[3:]) <= set(examples) and tr.pool.problems == examples and len(tr.pool) == 12
+        assert [r["replay_source_step"] for r in m["replays"]] == [1, 1, 1]
 
 
 # --- a weak test elsewhere, made to prove its point: --eval-only --adapter really applies the adapter ------------
@@ -206,7 +214,7 @@ def test_eval_only_applies_the_adapter(tmp_path, tiny):
 
 @pytest.mark.parametrize("algo", ["sgrpo", "tspmo"])
 def test_bfloat16_run_keeps_fp32_adapter_and_optimizer_state(tmp_path, tiny, algo, monkeypatch):
-    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, prefix=(): FRESH)  # rewards vary
+    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): FRESH)  # rewards vary
     run = tmp_path / "r"
     assert train.main(["--task", "mult", "--algo", algo, "--model", str(tiny), *SMALL, "--steps", "2",
                        "--save-every", "1", "--dtype", "bfloat16", "--out", str(run)]) == 0

@@ -313,7 +313,7 @@ def test_logged_reward_is_the_E1_estimate(tmp_path, tiny, monkeypatch):
     """E1: J(θ) = E_{Y~π_θ}[r(Y)] is logged as the group's mean reward. A group with rewards [1, 0, 0, 1] logs
     mean 0.5 and (population) std 0.5; GRPO puts all 3 + 2 + 1 + 2 = 8 generated tokens in the loss."""
     fixed = ([[5, 6, 7], [5, 9], [8], [5, 6]], [1.0, 0.0, 0.0, 1.0])
-    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, prefix=(): fixed)
+    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): fixed)
     run = tmp_path / "r"
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run),
                 "--eval-limit", "0"])

@@ -1,0 +1,97 @@
+"""T-SPMO's replay pool: the completions a run has generated, each with its problem, its reward and its step.
+
+The paper: "Let R denote the set of all previously generated completions, each associated with a scalar reward R",
+split by a threshold r into R_success = {R ≥ r} and R_fail = {R < r}; at each update step C_success completions are
+picked from the first and C_failure from the second, each restarted from a random cut of its own tokens.
+
+    pool (--replay-pool history, the default)     every completion of every fresh group generated so far in the run
+                                                  (this step's groups included: replay follows their update)
+    pool (--replay-pool group, an ablation)        the G completions just generated for this prompt only
+
+A completion keeps its own problem (the example its reward reads, whose prompt it continues) and its own reward,
+measured once, when it was generated: a replay restarts from that problem's prompt and scores its continuations
+against that problem, whatever the current step's problem is. [decided] (SPEC.md) replay continuations do not join
+the pool: they continue a prefix; they are not completions of the problem drawn from the policy.
+
+Layout (compact: at the paper's scale, 350 steps × 50 completions × up to 300 tokens, about 5 M token ids):
+
+    tokens   int32   every completion's ids, one after another     completion i = tokens[ends[i-1]:ends[i]]
+    ends     int64   the end offset of each completion
+    problem  int32   index into `problems` (one entry per fresh group: the task's own example object)
+    reward   float64 R_i, as scored when generated
+    step     int32   the training step that generated it (1-based, as metrics.jsonl counts)
+    success  int32   indices with R ≥ r, in the order they joined    failure  int32   indices with R < r
+
+The pool is part of a run's state: `state()` goes into each checkpoint's state.pt and `from_state` gives it back, so
+a resumed run draws the same replays as an uninterrupted one. With N processes every process holds the whole pool
+(every process holds the whole group, distributed.py) and draws from the same replay RNG: the pools and the picks
+are the same everywhere.
+"""
+from __future__ import annotations
+
+import random
+from array import array
+from collections.abc import Sequence
+
+import torch
+
+
+class ReplayPool:
+    def __init__(self, threshold: float):
+        self.threshold = threshold  # r: R ≥ r is a success ([decided] (SPEC.md) r = 1.0 by default)
+        self.tokens, self.ends = array("i"), array("q")
+        self.problem, self.reward, self.step = array("i"), array("d"), array("i")
+        self.success, self.failure = array("i"), array("i")
+        self.problems: list = []
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def add_group(self, example, completions: Sequence[Sequence[int]], rewards: Sequence[float], step: int) -> None:
+        """One fresh group: G completions of one problem, with their rewards, generated at `step`."""
+        self.problems.append(example)
+        for y, r in zip(completions, rewards):
+            i = len(self.ends)
+            self.tokens.extend(y)
+            self.ends.append(len(self.tokens))
+            self.problem.append(len(self.problems) - 1)
+            self.reward.append(float(r))
+            self.step.append(step)
+            (self.success if r >= self.threshold else self.failure).append(i)  # R_success = {y : R(y) ≥ r}
+
+    def completion(self, i: int) -> list[int]:
+        return self.tokens[self.ends[i - 1] if i else 0: self.ends[i]].tolist()
+
+    def example(self, i: int):
+        return self.problems[self.problem[i]]
+
+    def draw(self, rng: random.Random, n_success: int, n_failure: int) -> list[int]:
+        """C_success indices uniformly from R_success and C_failure from R_fail, without repeats (fewer if a subset
+        is smaller). The draws depend only on the two subsets' sizes: a pool of one group draws what the
+        pre-history code drew from that group."""
+        return (rng.sample(self.success, min(n_success, len(self.success))) +
+                rng.sample(self.failure, min(n_failure, len(self.failure))))
+
+    def nbytes(self) -> int:
+        """The arrays' bytes (the examples themselves not counted: one small object per fresh group)."""
+        return sum(a.itemsize * len(a) for a in (self.tokens, self.ends, self.problem, self.reward, self.step,
+                                                  self.success, self.failure))
+
+    # -- a checkpoint's share ---------------------------------------------------------------------------------------
+
+    ARRAYS = {"tokens": torch.int32, "ends": torch.int64, "problem": torch.int32, "reward": torch.float64,
+              "step": torch.int32, "success": torch.int32, "failure": torch.int32}
+
+    def state(self) -> dict:
+        """Tensors (loadable with torch.load(weights_only=True)) and the examples, as the task made them."""
+        out = {name: torch.frombuffer(getattr(self, name), dtype=dtype).clone() if len(getattr(self, name)) else
+               torch.zeros(0, dtype=dtype) for name, dtype in self.ARRAYS.items()}  # one copy, no Python ints
+        return {**out, "threshold": self.threshold, "problems": list(self.problems)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ReplayPool:
+        pool = cls(state["threshold"])
+        for name in cls.ARRAYS:
+            getattr(pool, name).frombytes(state[name].to(cls.ARRAYS[name]).contiguous().numpy().tobytes())
+        pool.problems = list(state["problems"])
+        return pool
