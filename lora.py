@@ -131,6 +131,15 @@ def mean_abs(model: nn.Module) -> tuple[float, float]:
     return a, b
 
 
+def adapter_norms(model: nn.Module) -> dict[str, float]:
+    """Mean |entry| of every LoRA A and of every B, and ‖ΔW‖ = (Σ_modules ‖B·A‖²_F)^½, the size of what the adapter
+    adds to the base weights (unscaled by α/r). ‖B·A‖²_F = tr((BᵀB)(A·Aᵀ)): r × r products, never d_out × d_in."""
+    mean_A, mean_B = mean_abs(model)
+    with torch.no_grad():
+        sq = sum(float(((m.lora_B.T @ m.lora_B) * (m.lora_A @ m.lora_A.T)).sum()) for _, m in lora_modules(model))
+    return {"lora_A_mean_abs": mean_A, "lora_B_mean_abs": mean_B, "lora_BA_norm": max(sq, 0.0) ** 0.5}
+
+
 @contextlib.contextmanager
 def adapters_off(model: nn.Module) -> Iterator[None]:
     """π_ref: the same module with every adapter switched off (no second copy of the weights)."""

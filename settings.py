@@ -45,7 +45,7 @@ class Settings:
     max_new_tokens: int = 300
     eval_max_new_tokens: int | None = None  # greedy evaluation's limit (None: max_new_tokens)
     beta: float = 0.01  # KL weight of GRPO / S-GRPO (E3, E5)
-    lam: float = 0.01  # λ of T-SPMO's L2 term (E10)
+    lam: float = 0.01  # λ of T-SPMO's L2 term (E10), read literally (README "E10's λ"); 0: λ as AdamW's decay only
     tspmo_objective: str = "pi"  # E10's π_θ(v|p) (the paper's) | "logpi": log π_θ(v|p), an ablation (ours)
     # LoRA
     lora_fraction: float = 0.25

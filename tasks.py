@@ -66,6 +66,10 @@ class Task:
         """The reward whose mean is the test accuracy: the task's default, whatever --reward trains with."""
         return self.reward(text, ex)
 
+    def eval_details(self, text: str, ex) -> dict[str, float]:
+        """Finer measures than the reward, averaged over the test set in each evaluation (eval.jsonl)."""
+        return {}
+
     def stop(self, prefix=()):
         """A per-row stop rule for sampling (None: EOS and max_new_tokens only); `prefix`: completion tokens that
         precede the sampled ones (a replay's cut), which the rule reads too."""
@@ -115,6 +119,9 @@ class Mult(Task):
 
     def eval_reward(self, text, ex):
         return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
+
+    def eval_details(self, text, ex):
+        return {"partial_credit": partial_credit_reward(text, ex[0], ex[1])}  # [S2]: which steps were right
 
 
 def _line_stop(tok: M.Tokenizer, begun: re.Pattern, prefix=()):

@@ -274,6 +274,8 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
         if g is not None:
             p.grad = g if p.grad is None else p.grad.add_(g)
     if lam:
+        # λ read literally, the default (README "E10's λ"): the miniature's rule measured this reading against λ as
+        # AdamW's weight decay (lam = 0) and kept it; the literal term left its adapter without effect on every run
         reg = lam * lora.l2_penalty(model) * scale  # [E10] − λ·Σ_W ‖W‖² in J, so + in the loss
         reg.backward()
         st.l2_loss = float(reg.detach())

@@ -68,7 +68,8 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
     """With N processes each takes a slice of the test set (distributed.py) and the counts are summed."""
     data = task.test_set()[: cfg.eval_limit]
     mine = [data[i] for i in world.share(len(data))]
-    t0, correct, examples = time.time(), 0.0, []
+    t0, correct, examples, details = time.time(), 0.0, [], {}
+    measures = getattr(task, "eval_details", lambda text, ex: {})  # a task's finer measures (tasks.Task)
     # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
     # logs and CI output stay one line per event
     with tqdm(total=len(mine), desc=f"eval {task.name}", unit="problem", disable=None if world.main else True,
@@ -84,14 +85,20 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 text = tok.decode(out)
                 r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
                 correct += r
+                for k, v in measures(text, ex).items():  # mult: S2's partial credit
+                    details[k] = details.get(k, 0.0) + v
                 if len(examples) < 3:
                     examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text,
                                      "reward": r})
             bar.update(len(batch))
             bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
     correct, examples = world.sum([correct])[0], world.gather(examples)[:3]  # one process: unchanged
+    totals: dict[str, float] = {}
+    for part in world.gather([details]):  # N processes: a rank with no problem has no keys
+        for k, v in part.items():
+            totals[k] = totals.get(k, 0.0) + v
     return {"accuracy": correct / max(len(data), 1), "n": len(data), "seconds": round(time.time() - t0, 2),
-            "examples": examples}
+            **{k: v / max(len(data), 1) for k, v in sorted(totals.items())}, "examples": examples}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -437,7 +444,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
 
     def log_eval(step: int, stop: StopRequest) -> None:
         with torch.no_grad():
-            e = {"step": step, **evaluate(net, tok, task, cfg, eos, stop, world)}
+            e = {"step": step, **evaluate(net, tok, task, cfg, eos, stop, world), **lora.adapter_norms(net)}
         log.eval(e)
         say(f"eval  step {step:>4} | accuracy {e['accuracy']:.4f} on {e['n']} | {e['seconds']:.0f} s", flush=True)
 
@@ -590,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-new-tokens", type=int,
                    help="greedy evaluation's length limit, >= 1 (default: --max-new-tokens)")
     g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO, >= 0 (0.01)")
-    g.add_argument("--lam", type=float, help="L2 weight on LoRA, T-SPMO, >= 0 (0.01)")
+    g.add_argument("--lam", type=float, help="T-SPMO's λ·Σ‖W‖² on LoRA in the loss, >= 0 (0.01: E10 read literally, "
+                                             "the default; 0: λ read as AdamW's weight decay 0.01 alone)")
     g.add_argument("--tspmo-objective", choices=["pi", "logpi"],
                    help="T-SPMO's per-edge term: pi = π·A, E10 as the paper writes it (default); logpi = log π·A")
     g = p.add_argument_group("LoRA (paper: mult last 1/4 of layers, rank 8; svamp last 1/3, rank 16)")

@@ -104,6 +104,29 @@ def test_l2_penalty_by_hand(tmp_path):
     assert float(lora.l2_penalty(m).detach()) == pytest.approx(256.0)
 
 
+def test_adapter_norms_by_hand(tmp_path):
+    """Every A = 0.5 and every B = 0.1 (rank 4): mean |A| 0.5, mean |B| 0.1, and each B·A has every entry
+    4·0.5·0.1 = 0.2, so ‖ΔW‖² = Σ_modules d_out·d_in·0.04. Random A, B: equal to the norm of the explicit products."""
+    m = tiny_model(tmp_path)
+    lora.apply_lora(m, r=4, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    mods = [mod for _, mod in lora.lora_modules(m)]
+    assert lora.adapter_norms(m)["lora_BA_norm"] == 0.0  # B = 0 at the start: the adapter adds nothing
+    with torch.no_grad():
+        for mod in mods:
+            mod.lora_A.fill_(0.5), mod.lora_B.fill_(0.1)
+    n = lora.adapter_norms(m)
+    by_hand = sum(mod.lora_B.shape[0] * mod.lora_A.shape[1] * 0.2 ** 2 for mod in mods) ** 0.5
+    assert n["lora_A_mean_abs"] == 0.5 and n["lora_B_mean_abs"] == pytest.approx(0.1)
+    assert n["lora_BA_norm"] == pytest.approx(by_hand, rel=1e-6)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in mods:
+            mod.lora_A.copy_(torch.randn(mod.lora_A.shape, generator=g)), mod.lora_B.copy_(torch.randn(
+                mod.lora_B.shape, generator=g))
+    explicit = sum(float((mod.lora_B @ mod.lora_A).pow(2).sum()) for mod in mods) ** 0.5
+    assert lora.adapter_norms(m)["lora_BA_norm"] == pytest.approx(explicit, rel=1e-5)
+
+
 def test_save_and_load_round_trip(tmp_path):
     m = tiny_model(tmp_path)
     lora.apply_lora(m, r=4, fraction=0.5)

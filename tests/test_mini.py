@@ -1,12 +1,14 @@
-"""mini.py, the paper in miniature: the character tokenizer round-trips every trace, the SFT'd base is deterministic
-and lands in the stated band, the runs go through train.train (the CLI's Trainer), --quick writes both files; and
-the library settings the miniature needed (a loaded model, the evaluation length, LoRA targets, threads, T-SPMO's
-log π ablation)."""
+"""The paper in miniature (mini_base.py, mini.py, mini_report.py): the character tokenizer round-trips every trace,
+the splits are disjoint, the SFT'd bases are deterministic and land in their stated bands, the base's numbers are
+counted by hand, --tune chooses by validation accuracy and never evaluates the test set, the λ rule reads as written,
+--quick runs both settings through train.train; and the library settings the miniature needed (a loaded model, the
+evaluation length, LoRA targets, threads, T-SPMO's log π ablation)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import json
+import os
+import random
 from pathlib import Path
 
 import pytest
@@ -14,85 +16,318 @@ import torch
 
 import lora
 import mini
+import mini_base
+import mini_report
 import model as M
 import tokrl
 import train
+from mini_base import MiniMult
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> M.Tokenizer:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    mini.build_tokenizer(path)
+    mini_base.build_tokenizer(path)
     return M.Tokenizer(path)
 
 
 def test_tokenizer_round_trips_every_trace_and_answer(tok):
-    """All 8100 pairs: prompt + trace and prompt + bare answer encode one token per character and decode back."""
+    """All 8100 pairs: prompt + trace (both settings, slipped or not) and prompt + bare answer encode one token per
+    character and decode back."""
     eos = tok.token_id(M.ENDOFTEXT)
-    assert eos == mini.EOS_ID and M.eos_ids(None, mini.mini_config(), tok) == (mini.EOS_ID,)
+    assert eos == mini_base.EOS_ID and M.eos_ids(None, mini_base.mini_config(), tok) == (mini_base.EOS_ID,)
     for a in range(10, 100):
         for b in range(10, 100):
-            for text in (f"{a}*{b}=" + mini.trace(a, b), f"{a}*{b}=" + mini.bare(a, b)):
+            for text in (f"{a}*{b}=" + mini_base.trace(a, b), f"{a}*{b}=" + mini_base.bare(a, b),
+                         f"{a}*{b}= " + mini_base.steps_trace(a, b, (True, True, True))):
                 ids = tok.encode(text)
-                assert len(ids) == len(text) and max(ids) < len(mini.CHARS)
+                assert len(ids) == len(text) and max(ids) < len(mini_base.CHARS)
                 assert tok.decode(ids) == text and tok.decode(ids + [eos]) == text  # EOS is skipped
-    assert mini.trace(47, 86) == " 47*6=282 47*80=3760 282+3760=4042"
-    assert len(max((mini.trace(a, b) for a in range(10, 100) for b in range(10, 100)), key=len)) + 1 \
-        <= mini.MAX_NEW_TOKENS  # the longest trace and its EOS fit
+    assert mini_base.trace(47, 86) == " 47*6=282 47*80=3760 282+3760=4042"
+    longest = max((mini_base.steps_trace(a, b, (True, True, True)) for a in range(10, 100) for b in range(10, 100)),
+                  key=len)
+    assert len(longest) + 1 <= mini_base.MAX_NEW_TOKENS  # the longest (slipped) trace and its EOS fit
 
 
-def test_task_rewards_the_last_integer_and_holds_out_a_fixed_test_set(tok):
-    task = mini.MiniMult(tok)
-    assert task.prompt((47, 86)) == "47*86="
-    assert task.reward(mini.trace(47, 86), (47, 86)) == 1.0 and task.reward("4042", (47, 86)) == 1.0
-    assert task.reward(" 47*6=282 47*80=3760 282+3760=4041", (47, 86)) == 0.0
-    test = task.test_set()
-    assert test == mini.MiniMult(tok).test_set() and len(set(test)) == mini.MiniMult.TEST_SIZE
-    stream = task.train_stream(__import__("random").Random(0))
-    assert not set(test) & {next(stream) for _ in range(5000)}
+def test_slips_and_step_checks_by_hand():
+    """The leading digit one too high, later steps computed from what was written: 47 × 86 with step 1 slipped
+    writes 382 and adds it (382 + 3760 = 4142); steps 2 and 3 are then right, wrong as written."""
+    assert [mini_base.slip(v) for v in (282, 9, 960, 0, 3760)] == [382, 10, 1060, 1, 4760]
+    assert mini_base.steps_trace(47, 86, (True, False, False)) == "47*6=382 47*80=3760 382+3760=4142"
+    assert mini_base.steps_trace(47, 86, (False, False, True)) == "47*6=282 47*80=3760 282+3760=5042"
+    assert mini_base.steps_right("47*6=282 47*80=3760 282+3760=4042", 47, 86) == [True, True, True]
+    assert mini_base.steps_right("47*6=382 47*80=3760 382+3760=4142", 47, 86) == [False, True, False]
+    assert mini_base.steps_right("47*6=282 47*8", 47, 86) == [True, False, False]  # a missing step is wrong
+
+
+def test_tasks_reward_the_last_integer_and_prefill_the_opener_in_the_steps_setting(tok):
+    first, steps = MiniMult(tok, "first-token"), MiniMult(tok, "steps")
+    assert first.prompt((47, 86)) == "47*86=" and steps.prompt((47, 86)) == "47*86= "
+    assert first.reward(mini_base.trace(47, 86), (47, 86)) == 1.0 and first.reward("4042", (47, 86)) == 1.0
+    assert steps.reward("47*6=382 47*80=3760 382+3760=4142", (47, 86)) == 0.0
+    assert steps.eval_details("47*6=382 47*80=3760 382+3760=4142", (47, 86)) == \
+        {"right_a*ones": 0.0, "right_a*tens": 1.0, "right_sum": 0.0}
+    assert first.eval_details(" 47*6", (47, 86)) == {"trace_rate": 1.0}
+    with pytest.raises(ValueError, match="setting"):
+        MiniMult(tok, "words")
+
+
+def test_validation_test_and_training_problems_are_disjoint(tok):
+    """The two fixed splits (300 distinct pairs each) share nothing; RL's training stream and the steps base's SFT
+    draw neither; the first-token base's SFT (built before the validation set existed) excludes the test set."""
+    test, validation = set(mini_base.split("test")), set(mini_base.split("validation"))
+    assert len(test) == len(validation) == 300 and not test & validation
+    assert list(mini_base.split("test")) == MiniMult(tok).test_set()  # what the runs are scored on
+    for setting in mini_base.SETTINGS:
+        stream = MiniMult(tok, setting).train_stream(random.Random(0))
+        drawn = {next(stream) for _ in range(100_000)}  # 7,500 pairs: each missed with probability e^-13
+        assert len(drawn) == 8100 - 600 and not drawn & (test | validation)  # every other pair, none held out
+    steps_sft = {p for p, _ in zip(mini_base.sft_pairs("steps", 0), range(100_000))}
+    assert len(steps_sft) == 8100 - 600 and not steps_sft & (test | validation)
+    first_sft = {p for p, _ in zip(mini_base.sft_pairs("first-token", 0), range(100_000))}
+    assert len(first_sft) == 8100 - 300 and not first_sft & test  # it drew the validation pairs too (README)
 
 
 def test_sft_batch_masks_the_prompt_and_padding(tok):
     """Row 1: "12*10=" then the bare "120" + EOS; the loss reads the 4 completion tokens, predicted at positions
     5..8 (the token at t + 1 is predicted at t); row 0 (a trace) is longer, so row 1 is padded."""
-    rng = __import__("random").Random(0)
-    ids, mask = mini.sft_batch(tok, mini.EOS_ID, [(12, 10), (12, 10)], 0.0, rng)
+    ids, mask = mini_base.sft_batch(tok, mini_base.EOS_ID, [("12*10=", mini_base.trace(12, 10)), ("12*10=", "120")])
     assert tok.decode(ids[1].tolist()) == "12*10=120"
     assert mask[1].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1] + [0] * (ids.shape[1] - 10)
 
 
-def test_sft_is_deterministic_from_its_seed(tok):
+@pytest.mark.parametrize("setting,small", [("first-token", mini_base.SftSettings(cot_steps=3, mix_steps=2, batch=8)),
+                                           ("steps", mini_base.StepsSftSettings(steps=4, batch=8))])
+def test_sft_is_deterministic_from_its_seed(tok, setting, small):
     """Two SFTs with the same seed give identical weights; another seed does not."""
-    s = mini.SftSettings(cot_steps=3, mix_steps=2, batch=8)
-    task = mini.MiniMult(tok)
     nets = []
     for seed in (0, 0, 1):
-        net = mini.build_model(seed)
-        mini.sft(net, tok, task, dataclasses.replace(s, seed=seed), log=lambda m: None)
+        net = mini_base.build_model(seed)
+        mini_base.sft(net, tok, setting, dataclasses.replace(small, seed=seed), log=lambda m: None)
         nets.append(net.state_dict())
     assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
     assert not all(torch.equal(nets[0][k], nets[2][k]) for k in nets[0])
 
 
+def test_the_steps_sft_slips_each_step_at_its_rate():
+    """What the steps base is taught: each step slipped independently with probability `slip` (0.56)."""
+    (stage,) = mini_base.stages("steps", mini_base.StepsSftSettings())
+    pairs = mini_base.sft_pairs("steps", 0)
+    right = [mini_base.steps_right(stage.write(*ab)[1], *ab) for ab in (next(pairs) for _ in range(20000))]
+    for k in range(3):  # P(step k written right) = 0.44 for step 1 and 2; the sum is right only if all three are
+        rate = sum(r[k] for r in right) / len(right)
+        assert abs(rate - (0.44 if k < 2 else 0.44 ** 3)) < 0.015, (k, rate)
+
+
 def test_run_settings_differ_only_where_the_paper_varies_them(tmp_path):
-    cfgs = {m: mini.run_settings(m, 0, tmp_path) for m in mini.METHODS}
+    cfgs = {m: mini.run_settings(m, "steps", 0, tmp_path, 1e-3) for m in mini.METHODS}
     differ = lambda a, b: {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
     assert differ(cfgs["grpo"], cfgs["sgrpo"]) == {"algo"}  # α, k are set for both; only S-GRPO reads them
-    assert differ(cfgs["grpo"], cfgs["tspmo"]) == {"algo", "group_size", "steps"}
-    assert differ(cfgs["tspmo"], cfgs["tspmo-lam0"]) == {"lam"} and cfgs["tspmo-lam0"].lam == 0
-    assert differ(cfgs["tspmo"], cfgs["tspmo-logpi"]) == {"tspmo_objective"}
-    assert differ(cfgs["tspmo"], cfgs["tspmo-lam0-logpi"]) == {"lam", "tspmo_objective"}
+    assert differ(cfgs["grpo"], cfgs["tspmo-literal"]) >= {"algo", "group_size", "steps"}
+    assert differ(cfgs["tspmo-literal"], cfgs["tspmo-decay"]) == {"lam"}
+    assert (cfgs["tspmo-literal"].lam, cfgs["tspmo-decay"].lam) == (0.01, 0.0)  # whatever the CLI's default is
+    assert cfgs["tspmo-literal"].weight_decay == cfgs["tspmo-decay"].weight_decay == 0.01  # AdamW's, in both
+    assert differ(cfgs["tspmo-literal"], cfgs["tspmo-literal-logpi"]) == {"tspmo_objective"}
+    assert differ(cfgs["tspmo-decay"], cfgs["tspmo-decay-logpi"]) == {"tspmo_objective"}
     # PPO and DPO: GRPO's G, steps, lr and LoRA; everything else the CLI's defaults (SPEC-baselines.md)
     assert differ(cfgs["grpo"], cfgs["ppo"]) == differ(cfgs["grpo"], cfgs["dpo"]) == {"algo"}
+    assert differ(cfgs["ppo"], cfgs["ppo-separate"]) == {"critic"}
     assert (cfgs["ppo"].critic, cfgs["ppo"].ppo_passes, cfgs["dpo"].dpo_beta) == ("shared", 4, 0.1)
-    assert (cfgs["grpo"].group_size, cfgs["tspmo"].group_size, cfgs["tspmo"].replay_success) == (8, 50, 1)
+    assert (cfgs["grpo"].group_size, cfgs["tspmo-literal"].group_size, cfgs["tspmo-literal"].replay_success) == \
+        (8, 50, 1)
+    assert cfgs["tspmo-literal"].replay_pool == "history"
     assert (cfgs["sgrpo"].alpha, cfgs["sgrpo"].k) == (7, 13)  # (50, 100) at 300 tokens, scaled to 40
-    assert cfgs["grpo"].beta == cfgs["tspmo"].lam == 0.01 and cfgs["grpo"].temperature == 0.3
+    assert cfgs["grpo"].beta == 0.01 and cfgs["grpo"].temperature == 0.3
+    assert {c.task for c in cfgs.values()} == {"mini-steps"} and {c.lr for c in cfgs.values()} == {1e-3}
 
 
-def test_quick_runs_through_train_train_and_writes_both_files(tmp_path, monkeypatch, capsys):
-    """--quick with a handful of steps, in this process: every run goes through train.train and the CLI's
-    Trainer.train_step (counted), and results.md and figure1.svg are written."""
+# --- tuning ------------------------------------------------------------------------------------------------------
+
+def test_choose_takes_the_best_validation_accuracy_and_the_smaller_rate_on_a_tie():
+    assert mini.choose({3e-4: 0.10, 1e-3: 0.30, 3e-3: 0.20}) == 1e-3
+    assert mini.choose({3e-4: 0.30, 1e-3: 0.30, 3e-3: 0.20}) == 3e-4
+    assert mini.choose({3e-3: 0.5, 1e-3: 0.5, 3e-4: 0.5}) == 3e-4
+
+
+def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypatch, capsys):
+    """--tune in this process with a few steps: every run is evaluated on the validation split (a test-split
+    evaluation fails the test), and the chosen rate is the one with the best validation accuracy, as recorded."""
+    real = MiniMult.test_set
+    scored = []
+
+    def no_test(self):
+        if self.split_name == "test":
+            pytest.fail("the test set was evaluated during --tune")
+        scored.append(self.split_name)
+        return real(self)
+
+    monkeypatch.setattr(MiniMult, "test_set", no_test)
+    out = tmp_path / "m"
+    assert mini.main(["--tune", "--out", str(out), "--steps", "2", "--methods", "grpo,tspmo-literal", "--eval-limit",
+                      "4", "--parallel", "1"]) == 0
+    table = json.loads((out / "tune" / "tuning.json").read_text())["table"]
+    assert set(scored) == {"validation"} and len(scored) == 2 * 2 * 3 * 2  # settings × methods × rates × (start, end)
+    for setting in mini_base.SETTINGS:
+        for method in ("grpo", "tspmo-literal"):
+            e = table[setting][method]
+            accs = {float(k): v for k, v in e["validation"].items()}
+            assert len(accs) == 3 and e["lr"] == mini.choose(accs)
+            run = out / "tune" / "runs" / f"{setting}-{method}-lr{e['lr']:g}"
+            assert json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["accuracy"] == accs[e["lr"]]
+    assert "| chosen |" in capsys.readouterr().out
+    rates = mini.read_tuning(out / "tune" / "tuning.json")  # what python mini.py --tuning reads back
+    assert rates["steps"]["grpo"]["lr"] == table["steps"]["grpo"]["lr"]
+
+
+def test_the_shipped_tuning_table_covers_every_method_of_both_settings():
+    rates = mini.read_tuning(mini.TUNING)
+    for setting in mini_base.SETTINGS:
+        for method in mini.DEFAULT_METHODS:  # the -group ablations take their history-pool method's rate
+            e = rates[setting][method]
+            assert set(e["validation"]) == set(mini.LRS) and e["lr"] == mini.choose(e["validation"])
+
+
+# --- the λ rule ------------------------------------------------------------------------------------------------------
+
+def seeds(A_end: list[float], acc: list[float], A0=0.04, base=0.05) -> list[dict]:
+    out = []
+    for i, (a, c) in enumerate(zip(A_end, acc)):
+        out.append({"seed": i, "A0": A0, "A": a, "base": base, "accuracy": c,
+                    "inert": a < 0.1 * A0 and abs(c - base) <= 0.02, "kept": a > 0.5 * A0})
+    return out
+
+
+def test_the_lambda_rule_as_written():
+    """(a) inert on ≥ 2 of 3 seeds in every setting, (b) keeps |A| above half on every seed: switch; else keep."""
+    inert_a = seeds([0.001, 0.002, 0.03], [0.05, 0.06, 0.20])  # inert, inert, not (|A| at 75%)
+    kept_b = seeds([0.04, 0.03, 0.05], [0.3, 0.2, 0.4])
+    both = {"first-token": {"tspmo-literal": inert_a, "tspmo-decay": kept_b},
+            "steps": {"tspmo-literal": inert_a, "tspmo-decay": kept_b}}
+    assert mini_report.lam_rule(both, mini_base.SETTINGS)[0] == "decay"
+    learns = seeds([0.001, 0.002, 0.001], [0.05, 0.20, 0.30])  # |A| collapsed, but accuracy moved on 2 seeds
+    assert mini_report.lam_rule({**both, "steps": {"tspmo-literal": learns, "tspmo-decay": kept_b}},
+                                mini_base.SETTINGS)[0] == "literal"
+    shrunk_b = seeds([0.04, 0.019, 0.05], [0.3, 0.2, 0.4])  # (b) below half on one seed
+    assert mini_report.lam_rule({**both, "first-token": {"tspmo-literal": inert_a, "tspmo-decay": shrunk_b}},
+                                mini_base.SETTINGS)[0] == "literal"
+    assert mini_report.lam_rule({"steps": both["steps"]}, mini_base.SETTINGS)[0] == "undecided"  # a setting missing
+
+
+# --- the bases -------------------------------------------------------------------------------------------------------
+
+def test_evaluate_first_token_counts_by_hand(tok, monkeypatch):
+    """From four made-up greedy outputs: a right trace, a wrong bare answer, a right bare answer, a wrong bare answer
+    (accuracy 2/4, a trace in 1/4, right in 1/1 of those, bare answers right in 1/3); made to start a trace (the
+    prompt ends in a space), right on the first three (3/4)."""
+    task = MiniMult(tok)
+    data = task.test_set()[:4]
+    plain = [mini_base.trace(*data[0]), "1", mini_base.bare(*data[2]), "2"]
+    forced = [mini_base.trace(*data[0])[1:], mini_base.trace(*data[1])[1:], mini_base.trace(*data[2])[1:], "3"]
+
+    def fake_greedy(net, prompts, n, eos):
+        assert n == mini_base.MAX_NEW_TOKENS and eos == [mini_base.EOS_ID]
+        texts = forced if tok.decode(prompts[0]).endswith(" ") else plain
+        return [tok.encode(t) + [mini_base.EOS_ID] for t in texts]
+
+    monkeypatch.setattr(M, "greedy", fake_greedy)
+    ev = mini_base.evaluate_base(None, tok, "first-token", limit=4)
+    assert ev == {"accuracy": 0.5, "trace_rate": 0.25, "trace_accuracy": 1.0, "bare_accuracy": 1 / 3,
+                  "forced_trace_accuracy": 0.75, "n": 4}
+
+
+def test_evaluate_steps_counts_by_hand(tok, monkeypatch):
+    """Two problems, greedy: one right, one slipped at step 2. Samples (G = 4) for problem 1 (47 × 86): right, slipped
+    at step 1, slipped at step 3, right; for problem 2: four step-1 slips (no success). Success 2/8; step 1 right
+    5/8 (2 + 1 + ... ); branch points: problem 1's two failures leave the successes at character 5 (step 1's
+    leading digit) and 28 (the sum's leading digit, step 3); problem 2 has no success, so no branch point."""
+    task = MiniMult(tok, "steps")
+    (a1, b1), (a2, b2) = data = task.test_set()[:2]
+    t = mini_base.steps_trace
+    greedy = [t(a1, b1, (False,) * 3), t(a2, b2, (False, True, False))]
+    groups = {data[0]: [t(a1, b1, (False,) * 3), t(a1, b1, (True, False, False)), t(a1, b1, (False, False, True)),
+                        t(a1, b1, (False,) * 3)], data[1]: [t(a2, b2, (True, False, False))] * 4}
+    monkeypatch.setattr(M, "greedy", lambda net, prompts, n, eos: [tok.encode(x) for x in greedy])
+
+    def fake_sample(net, prompt, G, n, **kw):
+        a, b = map(int, tok.decode(prompt).strip(" =").split("*"))
+        return [tok.encode(x) for x in groups[a, b]]
+
+    monkeypatch.setattr(M, "sample", fake_sample)
+    ev = mini_base.evaluate_steps(None, tok, task, limit=2, group=4)
+    assert ev["accuracy"] == 0.5 and ev["greedy_steps_right"] == [1.0, 0.5, 0.5]
+    assert ev["sampled_success"] == 2 / 8 and ev["groups_with_a_success"] == 0.5
+    assert ev["steps_right"] == [3 / 8, 8 / 8, 2 / 8]
+    assert ev["steps_right_given_earlier"] == [3 / 8, 3 / 3, 2 / 3]
+    first_slip_at = len(f"{a1}*{b1 % 10}=")  # the leading digit of step 1's result
+    sum_at = len(t(a1, b1, (False,) * 3).rsplit("=", 1)[0]) + 1
+    assert ev["branch_positions"] == [first_slip_at, sum_at] and ev["branch_steps"] == [0.5, 0.0, 0.5]
+
+
+def test_the_shipped_bases_land_in_their_stated_bands_and_are_what_a_fresh_clone_uses(tmp_path):
+    """data/mini-base/ and data/mini-base-steps/ (each built by build_base from seed 0), as their base.json records:
+    the first-token base's greedy accuracy in its 3-15% band with the skill latent (made to start a trace, right at
+    least half the time), measured again here on the 300 test problems; the steps base's greedy accuracy ≤ 10%
+    (measured again on the 300), success sampled at 0.3 (G = 50) in 2-10%, each step's right digit sampled at least
+    a fifth of the time given a right prefix, failures leaving the successes in every step (the sampled numbers are
+    measured again on the first 20 problems: all 300 take minutes). A fresh output folder gets them by copy."""
+    for setting, shipped in mini_base.SHIPPED.items():
+        tok = M.Tokenizer(shipped / "tokenizer.json")
+        net = M.load_model(shipped)
+        recorded = json.loads((shipped / "base.json").read_text())
+        task = MiniMult(tok, setting)
+        if setting == "first-token":
+            ev, keys = mini_base.evaluate_base(net, tok, setting), ("accuracy", "trace_rate", "forced_trace_accuracy")
+        else:
+            ev = mini_base.quick_check(net, tok, setting)[f"check_{mini_base.CHECK_PROBLEMS}"]
+            recorded_check = recorded[f"check_{mini_base.CHECK_PROBLEMS}"]
+            for k in ("accuracy", "sampled_success", "steps_right", "steps_right_given_earlier", "branch_steps"):
+                assert torch.allclose(torch.tensor(ev[k]), torch.tensor(recorded_check[k]), rtol=0, atol=0.01), k
+            outs = M.greedy(net, [tok.encode(task.prompt(ex)) for ex in task.test_set()], mini_base.MAX_NEW_TOKENS,
+                            eos=[mini_base.EOS_ID])
+            ev = {"accuracy": sum(task.reward(tok.decode(o), ex) for o, ex in zip(outs, task.test_set())) / 300}
+            keys = ("accuracy",)
+        for k in keys:  # within 1 point: another CPU's float sums may flip a near-tie (a problem, a few samples)
+            assert torch.allclose(torch.tensor(ev[k]), torch.tensor(recorded[k]), rtol=0, atol=0.01), k
+        assert recorded["n"] == 300
+        if setting == "first-token":
+            assert 0.03 <= recorded["accuracy"] <= 0.15 and recorded["forced_trace_accuracy"] >= 0.5
+        else:
+            assert recorded["accuracy"] <= 0.10 and 0.02 <= recorded["sampled_success"] <= 0.10
+            assert min(recorded["steps_right_given_earlier"]) >= 0.2 and min(recorded["branch_steps"]) > 0.05
+        base = mini_base.build_base(tmp_path, setting, log=lambda m: None)
+        assert (base / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    other = mini_base.build_base(tmp_path / "other", "first-token", mini_base.SftSettings(cot_steps=2, mix_steps=1,
+                                                                                          batch=4),
+                                 log=lambda m: None)  # other SFT settings: built here, not copied
+    assert json.loads((other / "base.json").read_text())["sft"]["cot_steps"] == 2
+
+
+@pytest.mark.skipif(os.environ.get("TOKRL_SLOW") != "1", reason="builds the full SFT bases: minutes on one thread; "
+                    "run with TOKRL_SLOW=1")
+@pytest.mark.parametrize("setting", mini_base.SETTINGS)
+def test_the_full_base_lands_in_the_stated_band(tmp_path, setting):
+    """The SFT'd base from seed 0, the default settings and one thread lands in its band (as above). Opt-in: too
+    slow for the suite (see the README's "The paper in miniature")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = mini_base.build_base(tmp_path, setting, log=lambda m: None, shipped=False)
+    finally:
+        torch.set_num_threads(threads)
+    info = json.loads((base / "base.json").read_text())
+    assert info["n"] == 300
+    if setting == "first-token":
+        assert 0.03 <= info["accuracy"] <= 0.15 and info["forced_trace_accuracy"] >= 0.5
+    else:
+        assert info["accuracy"] <= 0.10 and 0.02 <= info["sampled_success"] <= 0.10
+
+
+# --- the runs ---------------------------------------------------------------------------------------------------------
+
+def test_quick_runs_both_settings_through_train_train_and_writes_the_report(tmp_path, monkeypatch, capsys):
+    """--quick with a handful of steps, in this process: every run of both settings goes through train.train and
+    the CLI's Trainer.train_step (counted), on the test split, at the shipped rates; results.md and the figures are
+    written, and the steps setting's evaluations log each step's right rate."""
     calls = {"train": 0, "step": 0}
     real_train, real_step = train.train, train.Trainer.train_step
 
@@ -107,24 +342,43 @@ def test_quick_runs_through_train_train_and_writes_both_files(tmp_path, monkeypa
     monkeypatch.setattr(train, "train", counting_train)
     monkeypatch.setattr(train.Trainer, "train_step", counting_step)
     out = tmp_path / "mini"
-    args = ["--quick", "--out", str(out), "--sft-cot-steps", "2", "--sft-mix-steps", "1", "--steps", "2",
-            "--eval-limit", "4", "--parallel", "1", "--sft-threads", "1"]
+    args = ["--quick", "--out", str(out), "--steps", "2", "--eval-limit", "4", "--parallel", "1"]
     assert mini.main(args) == 0
-    assert calls == {"train": len(mini.METHODS), "step": 2 * len(mini.METHODS)}
+    n = 2 * len(mini.QUICK_METHODS)
+    assert calls == {"train": n, "step": 2 * n}
     results = (out / "quick" / "results.md").read_text()
-    assert "| GRPO |" in results and "| 4.4 |" in results and "T-SPMO, log π" in results
-    svg = (out / "quick" / "figure1.svg").read_text()
-    assert svg.startswith("<svg") and svg.count("<polyline") == 2 * len(mini.COLORS)  # two panels, a line each
-    run = out / "quick" / "runs" / "tspmo-logpi-seed0"
+    assert "## The first-token setting" in results and "## The steps setting" in results and "| GRPO |" in results
+    assert "| 4.4 |" in results and "T-SPMO, λ as weight decay (b)" in results and "the rule" in results
+    for name in ("figure1-first-token.svg", "figure1-steps.svg", "steps-right.svg", "adapter-steps.svg"):
+        assert (out / "quick" / name).read_text().startswith("<svg")
+    rates = mini.read_tuning(mini.TUNING)
+    run = out / "quick" / "runs" / "steps-tspmo-decay-seed0"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["tspmo_objective"] == "logpi" and cfg["threads"] == 1 and cfg["steps"] == 2
+    assert (cfg["lam"], cfg["threads"], cfg["steps"], cfg["lr"]) == (0.0, 1, 2, rates["steps"]["tspmo-decay"]["lr"])
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    # the base directory is a normal model directory that train.py --model accepts
-    assert train.main(["--model", str(out / "base"), "--eval-only", "--eval-limit", "2", "--max-new-tokens", "4",
-                       "--device", "cpu"]) == 0
+    last = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    assert {"right_a*ones", "right_a*tens", "right_sum", "lora_A_mean_abs", "lora_BA_norm"} <= set(last)
+    # the base directories are normal model directories that train.py --model accepts
+    assert train.main(["--model", str(out / "base-steps"), "--eval-only", "--eval-limit", "2", "--max-new-tokens",
+                       "4", "--device", "cpu"]) == 0
     capsys.readouterr()
-    mini.main([*args, "--methods", "grpo"])  # a rerun reuses the cached base
-    assert "base: reusing" in capsys.readouterr().out
+    mini.main([*args, "--methods", "grpo", "--settings", "steps"])  # a rerun reuses the cached base
+    assert "base (steps): reusing" in capsys.readouterr().out
+
+
+def test_bad_mini_arguments_are_named_before_any_work(tmp_path, capsys):
+    for argv, word in ((["--methods", "grpo,reinforce"], "'reinforce'"), (["--settings", "words"], "'words'"),
+                       (["--tuning", str(tmp_path / "none.json")], "none.json")):
+        with pytest.raises(SystemExit) as e:
+            mini.main([*argv, "--out", str(tmp_path / "m")])
+        assert argv[0] in str(e.value) and word in str(e.value) and not (tmp_path / "m").exists()
+    (tmp_path / "partial.json").write_text(json.dumps({"table": {"steps": {}}}))
+    with pytest.raises(SystemExit) as e:
+        mini.main(["--tuning", str(tmp_path / "partial.json"), "--settings", "steps", "--out", str(tmp_path / "m")])
+    assert "no learning rate for steps/" in str(e.value) and not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit) as e:
+        mini.main(["--seeds", "0"])
+    assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
 
 
 # --- the library settings the miniature needed ------------------------------------------------------------------------
@@ -229,63 +483,3 @@ def test_tspmo_logpi_objective_against_brute_force(tiny):
         tokrl.tspmo_backward(net, prompt, completions, rewards, lam=0.0, objective="log")
 
 
-def test_bad_mini_arguments_are_named_before_any_work(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        mini.main(["--methods", "grpo,reinforce", "--out", str(tmp_path / "m")])
-    assert "--methods" in str(e.value) and "'reinforce'" in str(e.value) and not (tmp_path / "m").exists()
-    with pytest.raises(SystemExit) as e:
-        mini.main(["--seeds", "0"])
-    assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
-
-
-def test_evaluate_base_counts_by_hand(tok, monkeypatch):
-    """The base's numbers, from four made-up greedy outputs: a right trace, a wrong bare answer, a right bare answer,
-    a wrong bare answer (accuracy 2/4, a trace in 1/4, right in 1/1 of those, bare answers right in 1/3); made to
-    start a trace (the prompt ends in a space), right on the first three (3/4)."""
-    task = mini.MiniMult(tok)
-    data = task.test_set()[:4]
-    plain = [mini.trace(*data[0]), "1", mini.bare(*data[2]), "2"]
-    forced = [mini.trace(*data[0])[1:], mini.trace(*data[1])[1:], mini.trace(*data[2])[1:], "3"]
-
-    def fake_greedy(net, prompts, n, eos):
-        assert n == mini.MAX_NEW_TOKENS and eos == [mini.EOS_ID]
-        texts = forced if tok.decode(prompts[0]).endswith(" ") else plain
-        return [tok.encode(t) + [mini.EOS_ID] for t in texts]
-
-    monkeypatch.setattr(M, "greedy", fake_greedy)
-    ev = mini.evaluate_base(None, tok, task, limit=4)
-    assert ev == {"accuracy": 0.5, "trace_rate": 0.25, "trace_accuracy": 1.0, "bare_accuracy": 1 / 3,
-                  "forced_trace_accuracy": 0.75, "n": 4}
-
-
-def test_the_shipped_base_lands_in_the_stated_band_and_is_what_a_fresh_clone_uses(tmp_path):
-    """data/mini-base/ (the base build_base made from seed 0): greedy accuracy in the 3-15% band on the 300 test
-    problems and the skill latent (made to start a trace, right at least half the time), as its base.json records;
-    a fresh output folder gets it by copy, with no SFT (the slow test below builds it from the seed)."""
-    tok = M.Tokenizer(mini.SHIPPED_BASE / "tokenizer.json")
-    net = M.load_model(mini.SHIPPED_BASE)
-    ev = mini.evaluate_base(net, tok, mini.MiniMult(tok))
-    recorded = json.loads((mini.SHIPPED_BASE / "base.json").read_text())
-    assert ev["n"] == 300 and 0.03 <= ev["accuracy"] <= 0.15 and ev["forced_trace_accuracy"] >= 0.5
-    assert abs(ev["accuracy"] - recorded["accuracy"]) <= 1 / 300  # the README's base row (9.0%)
-    base = mini.build_base(tmp_path, mini.SftSettings(), log=lambda m: None)
-    assert (base / "model.safetensors").read_bytes() == (mini.SHIPPED_BASE / "model.safetensors").read_bytes()
-    other = mini.build_base(tmp_path / "other", mini.SftSettings(cot_steps=2, mix_steps=1, batch=4),
-                            log=lambda m: None)  # other SFT settings: built here, not copied
-    assert json.loads((other / "base.json").read_text())["sft"]["cot_steps"] == 2
-
-
-@pytest.mark.skipif(os.environ.get("TOKRL_SLOW") != "1", reason="builds the full SFT base: 3.5-6.5 minutes on one "
-                    "thread; run with TOKRL_SLOW=1")
-def test_the_full_base_lands_in_the_stated_band(tmp_path):
-    """The SFT'd base from seed 0, the default settings and one thread: greedy accuracy in the stated 3-15% band on
-    the 300 test problems, and the skill latent (made to start a trace, right at least half the time). Opt-in: too
-    slow for the suite (see the README's "The paper in miniature")."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        base = mini.build_base(tmp_path, mini.SftSettings(), log=lambda m: None, shipped=False)
-    finally:
-        torch.set_num_threads(threads)
-    info = json.loads((base / "base.json").read_text())
-    assert 0.03 <= info["accuracy"] <= 0.15 and info["forced_trace_accuracy"] >= 0.5 and info["n"] == 300

@@ -93,7 +93,9 @@ def test_mult_reward_partial_trains_on_S2_and_evaluates_on_exact_match(tmp_path,
     assert train.main(argv + ([] if reward is None else ["--reward", reward])) == 0
     assert json.loads((run / "config.json").read_text())["reward"] == (reward or "exact")  # recorded
     assert checkpoints.read_jsonl(run / "metrics.jsonl")[0]["reward_mean"] == train_reward
-    assert [e["accuracy"] for e in checkpoints.read_jsonl(run / "eval.jsonl")] == [0.0, 0.0]
+    evals = checkpoints.read_jsonl(run / "eval.jsonl")
+    assert [e["accuracy"] for e in evals] == [0.0, 0.0]
+    assert [e["partial_credit"] for e in evals] == [0.5, 0.5]  # S2 logged beside the accuracy, whatever --reward
 
 
 @pytest.mark.parametrize("task,reward,choices", [("svamp", "partial", "exact"), ("svamp", "sympy", "exact"),

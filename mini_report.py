@@ -1,0 +1,275 @@
+"""The miniature's report: its tables, the rule that reads E10's λ, and its figures (mini.py writes them).
+
+    results.md                      per setting: accuracy beside the paper's Table II; the tuning table; the λ
+                                    readings; the rule's decision
+    figure1-first-token.svg         training reward and test accuracy against step, mean over seeds (Figure 1)
+    figure1-steps.svg
+    steps-right.svg                 the steps setting: each step's right rate (greedy, test set) against step
+    adapter-{setting}.svg           T-SPMO's mean |A| against step, relative to its start, for each λ reading
+
+Everything here reads the runs' own files (metrics.jsonl, eval.jsonl): what the tables say is what the runs logged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import checkpoints
+import mini_base
+
+PAPER_TABLE_II = {"base": 3.9, "grpo": 4.4, "sgrpo": 22.9, "tspmo": 70.0}  # Qwen2-1.5B, 3x3 digits, n = 3000
+LABELS = {"base": "base (SFT)", "grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo-literal": "T-SPMO, λ literal (a)",
+          "tspmo-literal-logpi": "T-SPMO, λ literal (a), log π", "tspmo-decay": "T-SPMO, λ as weight decay (b)",
+          "tspmo-decay-logpi": "T-SPMO, λ as weight decay (b), log π", "ppo": "PPO (shared critic)",
+          "ppo-separate": "PPO (separate critic)", "dpo": "DPO (online)",
+          "tspmo-literal-group": "T-SPMO, λ literal (a), group pool", "tspmo-decay-group":
+              "T-SPMO, λ as weight decay (b), group pool"}
+COLORS = {"grpo": "#1f77b4", "sgrpo": "#ff7f0e", "tspmo-literal": "#2ca02c", "tspmo-decay": "#2ca02c",
+          "tspmo-literal-logpi": "#8c8c00", "tspmo-decay-logpi": "#8c8c00", "ppo": "#d62728",
+          "ppo-separate": "#8c564b", "dpo": "#9467bd"}
+DASHED = {"tspmo-decay", "tspmo-decay-logpi"}  # the λ readings: (a) solid, (b) dashed
+INERT_A, KEPT_A, SAME_ACCURACY = 0.10, 0.50, 0.02  # the rule's thresholds (README "The paper in miniature")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    import torch
+    return f"{cpu}, {os.cpu_count()} cores{load}; torch {torch.__version__}"
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def evals(r: dict) -> list[dict]:
+    return checkpoints.read_jsonl(Path(r["run"]) / "eval.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def results_table(setting: str, base_info: dict, results: list[dict], rates: dict) -> str:
+    """Accuracy (%) on the test set, mean ± std over seeds and each seed, at the rate --tune chose."""
+    rows = ["| method | learning rate | test accuracy (%), mean ± std | per seed | steps | minutes per run | "
+            "paper, Table II (%) |", "|---|---|---|---|---|---|---|",
+            f"| {LABELS['base']} | | {pct(base_info['accuracy'])} | (greedy: one value) | 0 | | "
+            f"{PAPER_TABLE_II['base']} |"]
+    for method in LABELS:
+        rs = [r for r in results if r["setting"] == setting and r["method"] == method]
+        if not rs:
+            continue
+        m, s = mean_std([100 * r["accuracy"] for r in rs])
+        paper = PAPER_TABLE_II.get("tspmo" if method in ("tspmo-literal", "tspmo-decay") else method, "—")
+        rows.append(f"| {LABELS[method]} | {rates[setting][method]['lr']:g} | {m:.1f} ± {s:.1f} | "
+                    f"{', '.join(pct(r['accuracy']) for r in rs)} | {rs[0]['steps']} | "
+                    f"{statistics.fmean(r['minutes'] for r in rs):.1f} | {paper} |")
+    return "\n".join(rows)
+
+
+def tuning_table(table: dict) -> str:
+    """Validation accuracy (%) of seed 0 at each rate; the chosen rate in bold."""
+    lrs = sorted({lr for per in table.values() for e in per.values() for lr in e["validation"]})
+    rows = ["| setting | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+            "|---|---|" + "---|" * (len(lrs) + 1)]
+    for setting, per in table.items():
+        for method in (m for m in LABELS if m in per and not m.endswith("-group")):  # ablations take a tuned rate
+            e = per[method]
+            cells = [(f"**{pct(e['validation'][lr])}**" if lr == e["lr"] else pct(e["validation"][lr]))
+                     if lr in e["validation"] else "" for lr in lrs]
+            rows.append(f"| {setting} | {LABELS[method]} | " + " | ".join(cells) + f" | {e['lr']:g} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# E10's λ: the readings and the rule
+
+
+def reading_rows(setting: str, results: list[dict]) -> dict[str, list[dict]]:
+    """For each T-SPMO variant, per seed: mean |A|, mean |B| and ‖BA‖ at the start (step 0, before any update) and
+    at the end, the test accuracy at the end and at step 0 (the base), and whether the adapter ended inert."""
+    out: dict[str, list[dict]] = {}
+    for method in (m for m in LABELS if m.startswith("tspmo")):
+        for r in (r for r in results if r["setting"] == setting and r["method"] == method):
+            e = evals(r)
+            first, last = e[0], e[-1]
+            row = {"seed": r["seed"], "A0": first["lora_A_mean_abs"], "A": last["lora_A_mean_abs"],
+                   "B0": first["lora_B_mean_abs"], "B": last["lora_B_mean_abs"], "BA0": first["lora_BA_norm"],
+                   "BA": last["lora_BA_norm"], "base": first["accuracy"], "accuracy": last["accuracy"]}
+            row["inert"] = row["A"] < INERT_A * row["A0"] and abs(row["accuracy"] - row["base"]) <= SAME_ACCURACY
+            row["kept"] = row["A"] > KEPT_A * row["A0"]
+            out.setdefault(method, []).append(row)
+    return out
+
+
+def readings_table(setting: str, rows: dict[str, list[dict]]) -> str:
+    out = ["| reading | objective | seed | mean \\|A\\| start → end (end/start) | mean \\|B\\| end | ‖BA‖ end | "
+           "test accuracy (%) | inert |", "|---|---|---|---|---|---|---|---|"]
+    for method, per_seed in rows.items():
+        reading = "(a) literal λ·Σ‖W‖²" if "literal" in method else "(b) AdamW weight decay"
+        objective = "log π" if method.endswith("logpi") else "π (E10)"
+        for x in per_seed:
+            out.append(f"| {reading} | {objective} | {x['seed']} | {x['A0']:.4f} → {x['A']:.4f} "
+                       f"({x['A'] / x['A0']:.2f}) | {x['B']:.4f} | {x['BA']:.3f} | {pct(x['accuracy'])} | "
+                       f"{'yes' if x['inert'] else 'no'} |")
+    return "\n".join(out)
+
+
+def lam_rule(by_setting: dict[str, dict[str, list[dict]]], settings) -> tuple[str, list[str]]:
+    """The rule, as written (README): reading (b) becomes T-SPMO's default only if, in every setting, reading (a)
+    (E10's π) leaves the adapter inert on at least 2 of 3 seeds while (b) keeps mean |A| above half its start on
+    every seed. Returns ("decay" or "literal" or "undecided", the reasons, one per setting)."""
+    reasons, verdicts = [], []
+    for setting in settings:
+        a, b = by_setting.get(setting, {}).get("tspmo-literal", []), by_setting.get(setting, {}).get("tspmo-decay", [])
+        if len(a) < 3 or len(b) < 3:
+            verdicts.append(None)
+            reasons.append(f"{setting}: needs 3 seeds of each reading ({len(a)} and {len(b)} here)")
+            continue
+        inert, kept = sum(x["inert"] for x in a), sum(x["kept"] for x in b)
+        verdicts.append(inert >= 2 and kept == len(b))
+        ratio = lambda xs: ", ".join(f"{x['A'] / x['A0']:.2f}" for x in xs)  # noqa: E731
+        moved = ", ".join(f"{100 * (x['accuracy'] - x['base']):+.1f}" for x in a)
+        reasons.append(f"{setting}: (a) inert on {inert} of {len(a)} seeds (mean |A| end/start {ratio(a)}; accuracy "
+                       f"− base {moved} points); (b) keeps mean |A| above half its start on {kept} of {len(b)} "
+                       f"(end/start {ratio(b)})")
+    if None in verdicts:
+        return "undecided", reasons
+    return ("decay" if all(verdicts) else "literal"), reasons
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def svg_panels(panels: list[tuple[str, list[tuple[str, bool, list[tuple[float, float]]]]]], legend: list[tuple],
+               title: str, ymax: float = 1.0) -> str:
+    """Side-by-side panels, each (name, [(color, dashed, [(step, value)])]); values in [0, ymax]."""
+    W, H, pad, top = 360, 280, 46, 30
+    xmax = max([s for _, lines in panels for _, _, pts in lines for s, _ in pts] + [1])
+
+    def xy(s, v):
+        return pad + (W - pad - 10) * s / xmax, top + (H - top - pad) * (1 - min(max(v / ymax, 0.0), 1.0))
+
+    body = []
+    for i, (name, lines) in enumerate(panels):
+        body += [f'<g transform="translate({i * W},0)"><text x="{W / 2}" y="20" text-anchor="middle" '
+                 f'font-size="13">{name}</text>', f'<rect x="{pad}" y="{top}" width="{W - pad - 10}" '
+                 f'height="{H - top - pad}" fill="none" stroke="#999"/>']
+        for v in (0, 0.25, 0.5, 0.75, 1.0):
+            body.append(f'<text x="{pad - 4}" y="{xy(0, v * ymax)[1] + 4:.1f}" text-anchor="end" '
+                        f'font-size="11">{v * ymax:g}</text>')
+        for s in (0, xmax // 2, xmax):
+            body.append(f'<text x="{xy(s, 0)[0]:.1f}" y="{H - pad + 16}" text-anchor="middle" '
+                        f'font-size="11">{s:g}</text>')
+        body.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="12">step</text>')
+        for color, dashed, pts in lines:
+            if pts:
+                line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, v) for s, v in pts))
+                dash = ' stroke-dasharray="6,4"' if dashed else ""
+                body.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        body.append("</g>")
+    width, column = len(panels) * W, 300  # legend columns wide enough for the longest label
+    per_row = max(1, width // column)
+    body += [f'<text x="{10 + column * (i % per_row)}" y="{H + 34 + 16 * (i // per_row)}" fill="{c}" '
+             f'font-size="11">{label}{" (dashed)" if d else ""}</text>' for i, (label, c, d) in enumerate(legend)]
+    height = H + 44 + 16 * ((len(legend) - 1) // per_row)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+            f'<text x="{width / 2}" y="{H + 14}" text-anchor="middle" font-size="12">{title}</text>'
+            + "".join(body) + "</svg>\n")
+
+
+def mean_curve(per_seed: list[dict[int, float]]) -> list[tuple[int, float]]:
+    """Mean over seeds at the steps every seed has."""
+    if not per_seed:
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+    return [(s, statistics.fmean(c[s] for c in per_seed)) for s in steps]
+
+
+def reward_curve(r: dict) -> dict[int, float]:
+    """Training reward, moving mean of 10 steps."""
+    rw = [m["reward_mean"] for m in checkpoints.read_jsonl(Path(r["run"]) / "metrics.jsonl")]
+    return {i + 1: statistics.fmean(rw[max(0, i - 9): i + 1]) for i in range(len(rw))}
+
+
+def figures(dest: Path, setting: str, results: list[dict]) -> list[str]:
+    """The setting's figures, written into dest; returns their file names."""
+    runs = {m: [r for r in results if r["setting"] == setting and r["method"] == m] for m in COLORS}
+    runs = {m: rs for m, rs in runs.items() if rs}
+    seeds = max((len(rs) for rs in runs.values()), default=0)
+    legend = [(LABELS[m], COLORS[m], m in DASHED) for m in runs]
+    line = lambda m, curve: (COLORS[m], m in DASHED, curve)  # noqa: E731
+    names = [f"figure1-{setting}.svg"]
+    reward = [line(m, mean_curve([reward_curve(r) for r in rs])) for m, rs in runs.items()]
+    accuracy = [line(m, mean_curve([{e["step"]: e["accuracy"] for e in evals(r)} for r in rs]))
+                for m, rs in runs.items()]
+    (dest / names[0]).write_text(svg_panels([("training reward (mean of 10 steps)", reward),
+                                             ("test accuracy (greedy)", accuracy)], legend,
+                                            f"{setting} setting, mean of {seeds} seed{'s' * (seeds > 1)}"))
+    if setting == "steps":
+        names.append("steps-right.svg")
+        panels = [(f"step {k + 1} ({name}) right, greedy",
+                   [line(m, mean_curve([{e["step"]: e[f"right_{name}"] for e in evals(r)} for r in rs]))
+                    for m, rs in runs.items()]) for k, name in enumerate(mini_base.STEP_NAMES)]
+        (dest / names[-1]).write_text(svg_panels(panels, legend, "steps setting: token-level correctness, each "
+                                                                 f"step's right rate on the test set (mean of {seeds} "
+                                                                 f"seed{'s' * (seeds > 1)})"))
+    tspmo = {m: rs for m, rs in runs.items() if m.startswith("tspmo")}
+    if tspmo:
+        names.append(f"adapter-{setting}.svg")
+        rel = lambda r: {e["step"]: e["lora_A_mean_abs"] / evals(r)[0]["lora_A_mean_abs"] for e in evals(r)}  # noqa
+        (dest / names[-1]).write_text(svg_panels(
+            [("T-SPMO: mean |A| / its start", [line(m, mean_curve([rel(r) for r in rs])) for m, rs in tspmo.items()])],
+            [(LABELS[m], COLORS[m], m in DASHED) for m in tspmo], f"{setting} setting", ymax=2.0))
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# results.md
+
+
+def write_results(dest: Path, bases: dict[str, Path], results: list[dict], rates: dict, minutes: float,
+                  command: str) -> str:
+    """results.md and the figures; returns the text (printed by mini.py)."""
+    settings = list(bases)
+    readings = {s: reading_rows(s, results) for s in settings}
+    decision, reasons = lam_rule(readings, settings)
+    seeds = sorted({r["seed"] for r in results})
+    parts = [f"# tokrl: the paper in miniature", "",
+             f"`{command}`: {time.strftime('%Y-%m-%d %H:%M %Z')}, {machine()}; {minutes:.1f} minutes in all.", "",
+             f"Test accuracy: greedy decoding on the fixed {mini_base.SPLIT_SIZE}-problem test set, seeds {seeds}; "
+             "the paper's column is Qwen2-1.5B on 3-digit × 3-digit multiplication (n = 3000)."]
+    for setting in settings:
+        info = json.loads((bases[setting] / "base.json").read_text())
+        parts += ["", f"## The {setting} setting", "", f"Base: {mini_base.describe(info)}.", "",
+                  results_table(setting, info, results, rates)]
+        names = figures(dest, setting, results)
+        parts += ["", *[f"![{n}]({n})" for n in names]]
+        if readings[setting]:
+            parts += ["", f"E10's λ, {setting} setting:", "", readings_table(setting, readings[setting])]
+    used = {s: {m: e for m, e in per.items() if any(r["method"] == m and r["setting"] == s for r in results)}
+            for s, per in rates.items() if s in settings}
+    parts += ["", "## Learning rates (python mini.py --tune: seed 0, validation accuracy %)", "", tuning_table(used),
+              "", "## E10's λ: the rule", "",
+              {"decay": "Reading (b), λ as AdamW's weight decay, meets the rule in every setting: T-SPMO's default.",
+               "literal": "The rule is not met: the literal reading (a) stays T-SPMO's default.",
+               "undecided": "Not decided here (the rule needs 3 seeds of each reading in every setting)."}[decision],
+              "", *[f"- {x}" for x in reasons], ""]
+    text = "\n".join(parts)
+    (dest / "results.md").write_text(text)
+    return text
