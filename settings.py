@@ -28,7 +28,7 @@ class Settings:
     task: str = "mult"  # mult | svamp | gsm8k
     model: str = "Qwen/Qwen2-1.5B"  # a directory, or a repo id found in / downloaded to the Hugging Face cache
     revision: str | None = None  # with a repo id: branch, tag or commit (None: main)
-    data: str | None = None  # svamp / gsm8k data (file or directory); None: the tokrl cache, downloaded if absent
+    data: str | None = None  # svamp / gsm8k data (file or directory); None: the files shipped in data/
     out: str | None = None  # run directory; None: runs/{task}-{algo}-{time}
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "float32"  # the paper trains in fp32
