@@ -121,6 +121,11 @@ class World:
         return [c.view_as(p).to(p.device) for c, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun gives it (0 without torchrun), readable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def from_env(device: str) -> World:
     """The World torchrun describes in the environment; World() without torchrun (nothing touched).
 

@@ -648,9 +648,9 @@ def recorded_settings(run: Path) -> Settings:
     return Settings(**{**saved, **({"steps": resumes[-1]["steps"]} if resumes else {})})
 
 
-def open_resume(args: argparse.Namespace) -> tuple[Settings, Path, tuple[Path, dict]]:
-    """Everything a resume needs, checked before anything is loaded: the recorded settings (a typed flag that
-    differs from them is refused, except --steps), and the newest intact checkpoint."""
+def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
+    """A resume's settings, checked before anything is loaded: the recorded ones (a typed flag that differs from
+    them is refused, except --steps)."""
     run = Path(args.resume)
     recorded = recorded_settings(run)
     if args.eval_only or args.adapter:
@@ -662,6 +662,11 @@ def open_resume(args: argparse.Namespace) -> tuple[Settings, Path, tuple[Path, d
                         f"({run / 'config.json'}); a resumed run keeps its settings, only --steps may change")
     cfg = dataclasses.replace(recorded, steps=args.steps or recorded.steps)
     validate(cfg, training=False)
+    return cfg, run
+
+
+def resume_checkpoint(run: Path, cfg: Settings) -> tuple[Path, dict]:
+    """The newest intact checkpoint of a resumed run, read once the run is held (no writer can be pruning it)."""
     try:
         ck, state = find_checkpoint(run)
     except checkpoints.CheckpointError as e:
@@ -669,7 +674,7 @@ def open_resume(args: argparse.Namespace) -> tuple[Settings, Path, tuple[Path, d
     if cfg.steps < state["step"]:
         usage_error(f"--steps {cfg.steps}: {run} is already at step {state['step']} ({ck.name}); allowed: "
                     f"--steps >= {state['step']}")
-    return cfg, run, (ck, state)
+    return ck, state
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -681,11 +686,27 @@ def new_run_dir(cfg: Settings) -> Path:
     resumed, so it starts again). One with a checkpoint holds a run: --resume it, or choose another --out."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{stamp}")
+    refuse_a_run_there(run)
+    return run
+
+
+def refuse_a_run_there(run: Path) -> None:
+    """Checked when the directory is chosen, and again once it is held (a run may have got there in between)."""
     if run.exists() and not run.is_dir():
         usage_error(f"--out {run}: is a file; allowed: a new or empty directory")
     if any((run / "checkpoints").glob("step-*")):
         usage_error(f"--out {run}: already holds a run; continue it with --resume {run}, or choose another --out")
-    return run
+
+
+def hold(directory: Path, option: str) -> checkpoints.RunHold | None:
+    """One writer per directory (checkpoints.hold_run_dir), taken before anything there is written. Under torchrun
+    rank 0 holds it for the whole job (the only process that writes); the others hold nothing."""
+    if distributed.env_rank() != 0:
+        return None
+    try:
+        return checkpoints.hold_run_dir(directory)
+    except checkpoints.RunHeld as e:
+        usage_error(f"{option} {directory}: {e}")
 
 
 def start_run_dir(run: Path, cfg: Settings) -> Settings:
@@ -702,24 +723,34 @@ def start_run_dir(run: Path, cfg: Settings) -> Settings:
     return cfg
 
 
+def checked_settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
+    """The settings and the run directory (None with --eval-only), checked before anything is loaded or written."""
+    if args.resume:
+        return resume_settings(args)
+    cfg = resolve(args)
+    validate(cfg, training=not args.eval_only)
+    if args.adapter and not args.eval_only:
+        usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
+    if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):
+        usage_error(f"--adapter {args.adapter}: not an adapter directory; allowed: a directory with "
+                    f"{' and '.join(ADAPTER_FILES)} (PEFT format, e.g. RUN_DIR/adapter)")
+    return cfg, None if args.eval_only else new_run_dir(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    world = World()
+    world, held, working = World(), None, False
     try:
-        if args.resume:
-            cfg, run, ck = open_resume(args)
-        else:
-            cfg, ck = resolve(args), None
-            validate(cfg, training=not args.eval_only)
-            if args.adapter and not args.eval_only:
-                usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
-            if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):
-                usage_error(f"--adapter {args.adapter}: not an adapter directory; allowed: a directory with "
-                            f"{' and '.join(ADAPTER_FILES)} (PEFT format, e.g. RUN_DIR/adapter)")
-            run = None if args.eval_only else new_run_dir(cfg)
+        cfg, run = checked_settings(args)
         task = check_inputs(cfg)  # seconds, where loading the weights takes minutes
+        if run is not None or cfg.out:  # before anything in the directory is written (or pruned)
+            held = hold(run or Path(cfg.out), "--resume" if args.resume else "--out")
+        ck = resume_checkpoint(run, cfg) if args.resume else None
+        if run is not None and ck is None:
+            refuse_a_run_there(run)
         world = distributed.from_env(cfg.device)  # under torchrun: this process's place among N; else World()
         on_device = dataclasses.replace(cfg, device=world.device) if world.size > 1 else cfg  # cuda:LOCAL_RANK
+        working = True  # from here on the directory may be written: the hold's record names this process
         if args.eval_only:
             eval_only(on_device, args.adapter, Path(cfg.out) if cfg.out else None, world)
             distributed.shutdown(world, synchronize=True)
@@ -746,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(130) from None
     finally:
         distributed.shutdown(world)
+        if held is not None:
+            held.release(restore=not working)
     return 0
 
 
