@@ -126,12 +126,17 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), readable before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def from_env(device: str) -> World:
     """The World torchrun describes in the environment; World() without torchrun (nothing touched).
 
     On CUDA each process takes cuda:LOCAL_RANK (a bare "cuda"; an explicit index is refused with N > 1) and NCCL;
     on the CPU, gloo."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = env_world_size()
     if size == 1:
         return World(device="cpu")
     import torch.distributed as dist

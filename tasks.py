@@ -55,6 +55,12 @@ class Task:
 
     def test_set(self) -> list: ...
 
+    def train_set(self) -> list:
+        """Training examples whose prompts include the longest the stream can give (train.check_inputs measures
+        them): the fixed training list; for a task that generates its examples (mult: every prompt has one format,
+        3 digits × 3 digits), the test examples stand for them."""
+        return self.test_set()
+
 
 class Mult(Task):
     """3×3-digit multiplication (paper Appendix A). A, B uniform in [101, 999]."""
@@ -155,6 +161,9 @@ class Svamp(Task):
                 raise DataError(f"{file}: record {i} ({rid}) needs string Body and Question and a numeric Answer")
         return records
 
+    def train_set(self):
+        return self.train
+
     def train_stream(self, rng):
         while True:  # epochs in a fresh shuffled order
             order = list(range(len(self.train)))
@@ -208,7 +217,7 @@ class Gsm8k(Task):
             raise DataError(f"{file}: no records")
         return out
 
-    train_stream = Svamp.train_stream
+    train_set, train_stream = Svamp.train_set, Svamp.train_stream
 
     def test_set(self):
         return self.test

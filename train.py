@@ -31,11 +31,13 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import random
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -66,6 +68,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
     """With N processes each takes a slice of the test set (distributed.py) and the counts are summed."""
     data = task.test_set()[: cfg.eval_limit]
     mine = [data[i] for i in world.share(len(data))]
+    new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     t0, correct, examples = time.time(), 0.0, []
     # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
     # logs and CI output stay one line per event
@@ -76,8 +79,11 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 raise EvalStopped
             batch = mine[i: i + cfg.eval_batch]
             prompts = [tok.encode(task.prompt(ex)) for ex in batch]
-            outs = M.greedy(net, prompts, cfg.eval_max_new_tokens or cfg.max_new_tokens, eos=eos,
-                            stop=task.stop())
+            try:
+                outs = M.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
+            except M.CacheTooLarge as e:
+                e.flags = f"--eval-batch {cfg.eval_batch}, --eval-max-new-tokens {new_tokens}"
+                raise
             for ex, out in zip(batch, outs):
                 text = tok.decode(out)
                 r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
@@ -230,9 +236,13 @@ class Trainer:
         """G completions of prompt∘prefix with their rewards (the reward reads prefix + completion). With N
         processes each samples and scores its share, and every process gets the whole group, in rank order."""
         cfg, n = self.cfg, self.world.counts(self.cfg.group_size)[self.world.rank]
-        outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
-                        temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
-                        stop=self.task.stop(prefix)) if n else []
+        try:
+            outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
+                            temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
+                            stop=self.task.stop(prefix)) if n else []
+        except M.CacheTooLarge as e:
+            e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
+            raise
         scored = [(o, self.task.reward(self.tok.decode(list(prefix) + o), self.ex)) for o in outs]
         group = self.world.gather(scored)
         return [o for o, _ in group], [r for _, r in group]
@@ -347,9 +357,8 @@ def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
 
 def load_everything(cfg: Settings):
     """The model, its tokenizer and its EOS ids. The files were checked by check_inputs before (main does)."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
-    net = M.load_model(model_dir, dtype=dtype, device=cfg.device)
+    net = M.load_model(model_dir, dtype=DTYPES[cfg.dtype], device=cfg.device)
     tok = M.Tokenizer(model_dir / "tokenizer.json")
     return net, tok, M.eos_ids(model_dir, net.config, tok)
 
@@ -470,6 +479,9 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
                              "or --dtype float32 in a new run avoids it") from None
         except checkpoints.NonFiniteState as e:
             raise SystemExit(f"error: {e}; stopped: {safe()}") from None
+        except M.CacheTooLarge as e:
+            raise SystemExit(f"error: {e}. Stopped: {safe()}; with memory freed on {e.device}, continue with python "
+                             f"train.py --resume {run}, or start a new run with fewer rows or new tokens") from None
         except WriteError as e:
             raise SystemExit(f"error: {e}. Stopped: {safe()}; once the disk has room, continue with "
                              f"python train.py --resume {run}") from None
@@ -513,11 +525,94 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
 # The model directory and the data, checked before any weight is loaded (the settings: settings.py)
 
 
-def check_inputs(cfg: Settings) -> Task:
-    """The model directory (config, tokenizer, weight headers) and the data, read before any weight is loaded."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_inputs(cfg: Settings, training: bool = True) -> Task:
+    """The model directory (config, tokenizer, weight headers), the data, and what the settings ask of this model and
+    this machine (positions, KV cache memory), all read before any weight is loaded."""
     model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
-    _, tok = M.check_model_dir(model_dir)
-    return make_task(cfg.task, tok, cfg.data, cfg.reward)
+    model_cfg, tok = M.check_model_dir(model_dir)
+    task = make_task(cfg.task, tok, cfg.data, cfg.reward)
+    for exact in (False, True):  # an upper bound on the prompts' lengths first: tokenizing them all takes seconds
+        uses = cache_uses(cfg, task, tok, training, exact)
+        problem = (position_problem(cfg, model_cfg, uses, model_dir / "config.json") or
+                   memory_problem(cfg, model_cfg, uses))
+        if problem is None:
+            return task
+    usage_error(problem)
+
+
+class CacheUse(NamedTuple):
+    """A KV cache the run builds: for sampling (G rows) or for the greedy evaluation (--eval-batch rows)."""
+    prompts: str  # "training" or "test": whose longest prompt starts each row
+    prompt_len: int  # that prompt, in tokens
+    length_flag: str  # the flag that sets the new tokens
+    new_tokens: int
+    rows_flag: str  # the flag that sets the rows
+    rows_setting: int
+    rows: int  # rows in one process's cache (with N processes each holds its share)
+
+
+def cache_uses(cfg: Settings, task: Task, tok: M.Tokenizer, training: bool, exact: bool) -> list[CacheUse]:
+    n = distributed.env_world_size()
+    tested = task.test_set()[: cfg.eval_limit]
+    eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
+    eval_new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    uses = [CacheUse("test", longest_prompt(task, tok, tested, exact), eval_flag, eval_new_tokens, "--eval-batch",
+                     cfg.eval_batch, min(cfg.eval_batch, -(-len(tested) // n)))]
+    if training:
+        uses.insert(0, CacheUse("training", longest_prompt(task, tok, task.train_set(), exact), "--max-new-tokens",
+                                cfg.max_new_tokens, "-G", cfg.group_size, -(-cfg.group_size // n)))
+    return uses
+
+
+def longest_prompt(task: Task, tok: M.Tokenizer, examples: list, exact: bool = True) -> int:
+    """Tokens in the longest prompt of `examples` (0 for none). exact=False: an upper bound, 3 per UTF-8 byte, with
+    no tokenizing: a Qwen2 tokenizer (byte-level BPE) gives at most one token per byte of the NFC-normalised text,
+    and NFC at most triples a text's UTF-8 bytes (Unicode's stated maximum expansion)."""
+    prompts = [task.prompt(ex) for ex in examples]
+    if not exact:
+        return 3 * max((len(p.encode()) for p in prompts), default=0)
+    return max((len(e.ids) for e in tok.tk.encode_batch(prompts, add_special_tokens=False)), default=0)
+
+
+def position_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse], where: Path) -> str | None:
+    """The longest prompt plus the new tokens must fit the positions the model was built for."""
+    limit = model_cfg.max_position_embeddings
+    for u in uses:
+        if u.prompt_len + u.new_tokens > limit:
+            allowed = (f"{u.length_flag} <= {limit - u.prompt_len}" if limit > u.prompt_len else
+                       "none: the prompt alone fills the model's positions (a model with more, or shorter prompts)")
+            return (f"{u.length_flag} {u.new_tokens}: the longest {u.prompts} prompt ({u.prompt_len} tokens, "
+                    f"{cfg.task}) plus {u.new_tokens} is {u.prompt_len + u.new_tokens}, beyond the model's "
+                    f"max_position_embeddings {limit} ({where}); allowed: {allowed}")
+    return None
+
+
+def memory_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse]) -> str | None:
+    """The KV cache alone must fit the device's memory (the weights need more besides: this refuses only the
+    impossible; what is merely too much shows when the cache is allocated, as M.CacheTooLarge)."""
+    total, device = device_memory(cfg.device)
+    for u in uses:
+        need = M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, DTYPES[cfg.dtype])
+        if need > total:
+            fits = total // M.cache_bytes(model_cfg, u.rows, 1, DTYPES[cfg.dtype]) - u.prompt_len
+            return (f"{u.rows_flag} {u.rows_setting}, {u.length_flag} {u.new_tokens}: the KV cache alone "
+                    f"({u.rows} rows × {u.prompt_len + u.new_tokens} positions, {cfg.dtype}) needs {need:,} bytes "
+                    f"({need / 2**30:.2f} GiB), more than all {total / 2**30:.2f} GiB of {device}; allowed: "
+                    + (f"{u.length_flag} <= {fits} with {u.rows_flag} {u.rows_setting}, or a smaller "
+                       f"{u.rows_flag}" if fits >= 1 else f"a smaller {u.rows_flag}"))
+    return None
+
+
+def device_memory(device: str) -> tuple[int, str]:
+    """(bytes, name): a GPU's total memory (under torchrun: cuda:LOCAL_RANK's), or the machine's RAM for the CPU."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        index = d.index if d.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM (--device cpu)"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -742,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     world, held, working = World(), None, False
     try:
         cfg, run = checked_settings(args)
-        task = check_inputs(cfg)  # seconds, where loading the weights takes minutes
+        task = check_inputs(cfg, training=not args.eval_only)  # seconds, where loading the weights takes minutes
         if run is not None or cfg.out:  # before anything in the directory is written (or pruned)
             held = hold(run or Path(cfg.out), "--resume" if args.resume else "--out")
         ck = resume_checkpoint(run, cfg) if args.resume else None
@@ -768,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
         train(dataclasses.replace(on_device, out=cfg.out), run, resume=ck is not None, task=task, checkpoint=ck,
               world=world)
         distributed.shutdown(world, synchronize=True)  # every process got here: end together
-    except (DataError, M.ModelNotFoundError, FileNotFoundError, ValueError, WriteError) as e:
+    except (DataError, M.ModelNotFoundError, M.CacheTooLarge, FileNotFoundError, ValueError, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # a write outside checkpoints.py's writers (mkdir): name the path
         raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}") from None

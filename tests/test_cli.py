@@ -123,6 +123,77 @@ def test_legal_but_useless_settings_start_with_a_warning(tmp_path, tiny, capsys,
     assert capsys.readouterr().err.startswith(warning)
 
 
+# --- lengths the model cannot hold, and a KV cache no device here can hold (issue 19) ------------------------------
+
+# The multiplication prompt in the byte tokenizer: 151 bytes of text, one token each, and 5 special tokens (3
+# <|im_start|>, 2 <|im_end|>): 156 tokens. The tiny model has max_position_embeddings 1024, so at most 868 new ones.
+MULT_PROMPT = 156
+
+
+def test_the_multiplication_prompt_is_156_byte_tokens(tiny):
+    prompt = train.make_task("mult", M.Tokenizer(tiny / "tokenizer.json")).prompt((123, 456))
+    text = prompt.replace(M.IM_START, "").replace(M.IM_END, "")
+    assert (len(text.encode()), prompt.count(M.IM_START), prompt.count(M.IM_END)) == (151, 3, 2)
+    assert len(M.Tokenizer(tiny / "tokenizer.json").encode(prompt)) == MULT_PROMPT == 151 + 5
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-new-tokens", "1000000000"], "--max-new-tokens 1000000000: the longest training prompt (156 tokens, mult) "
+                                         "plus 1000000000 is 1000000156"),
+    (["--max-new-tokens", "869"], "--max-new-tokens 869: the longest training prompt (156 tokens, mult) plus 869 is "
+                                  "1025"),
+    (["--eval-max-new-tokens", "5000"], "--eval-max-new-tokens 5000: the longest test prompt (156 tokens, mult) plus "
+                                        "5000 is 5156"),
+    (["--eval-only", "--max-new-tokens", "2000"], "--max-new-tokens 2000: the longest test prompt (156 tokens, mult) "
+                                                  "plus 2000 is 2156")])
+def test_a_length_the_model_cannot_hold_is_refused_before_loading(tmp_path, tiny, capsys, no_loading, flags,
+                                                                   message):
+    """The fault: --max-new-tokens 1000000000 died in the KV cache's allocation, with a stack trace, after the
+    weights had loaded. The limit is config.json's max_position_embeddings, read before any weight."""
+    run = tmp_path / "run"
+    code, err = refused(["--model", str(tiny), "--out", str(run), *flags], capsys)
+    flag = flags[-2]
+    assert code == 2 and err == (f"error: {message}, beyond the model's max_position_embeddings 1024 "
+                                 f"({tiny / 'config.json'}); allowed: {flag} <= {1024 - MULT_PROMPT}\n")
+    assert not run.exists()
+
+
+def test_868_new_tokens_fit_the_tiny_model(tmp_path, tiny, no_loading):
+    """The limit is exact: with 868 the checks pass and the run goes on to load the weights (refused here)."""
+    with pytest.raises(AssertionError, match="the weights were loaded"):
+        train.main(["--model", str(tiny), "--out", str(tmp_path / "r"), "--max-new-tokens", str(1024 - MULT_PROMPT)])
+
+
+def test_the_bound_on_prompt_lengths_is_above_the_exact_length(tiny):
+    """check_inputs tokenizes the prompts only when a cheap bound (3 tokens per UTF-8 byte) says a limit may be
+    reached; the bound must never be below the real length (shipped data, the byte tokenizer and Qwen2's)."""
+    from conftest import assets
+    import os
+    tokenizers = [tiny / "tokenizer.json"] + ([assets() / "qwen2" / "tokenizer.json"]
+                                               if os.environ.get("TOKRL_ASSETS") else [])
+    for path in tokenizers:
+        tok = M.Tokenizer(path)
+        for name in ("mult", "svamp", "gsm8k"):
+            task = train.make_task(name, tok)
+            for examples in (task.train_set(), task.test_set()):
+                exact = train.longest_prompt(task, tok, examples)
+                assert 0 < exact <= train.longest_prompt(task, tok, examples, exact=False)
+
+
+def test_a_kv_cache_beyond_the_device_s_memory_is_refused_before_loading(tmp_path, tiny, capsys, no_loading,
+                                                                          monkeypatch):
+    """A length the model holds, but a cache no device here holds: 4 rows × (156 + 500) positions × 1025 bytes
+    (keys and values: 2 × 4 layers × 2 KV heads × 16 head dims × 4 bytes; 1 byte of mask) = 2,689,600 bytes, on a
+    device of 1 MiB. 1,048,576 // (4 × 1025) = 255 positions fit: 99 new tokens after the prompt."""
+    monkeypatch.setattr(train, "device_memory", lambda device: (2**20, "a 1 MiB test device"))
+    run = tmp_path / "run"
+    code, err = refused(["--model", str(tiny), "--out", str(run), "-G", "4", "--max-new-tokens", "500"], capsys)
+    assert code == 2 and err == ("error: -G 4, --max-new-tokens 500: the KV cache alone (4 rows × 656 positions, "
+                                 "float32) needs 2,689,600 bytes (0.00 GiB), more than all 0.00 GiB of a 1 MiB test "
+                                 "device; allowed: --max-new-tokens <= 99 with -G 4, or a smaller -G\n")
+    assert not run.exists()
+
+
 # --- the model directory and the data, before any weight is loaded --------------------------------------------------
 
 def broken_model(tmp_path: Path, tiny: Path, how: str) -> Path:

@@ -488,6 +488,41 @@ def test_save_checkpoint_refuses_non_finite_state(tmp_path, tiny):
     assert not (tmp_path / "checkpoints").exists()
 
 
+# --- a KV cache the device cannot hold at run time (issue 19) -------------------------------------------------------
+
+def test_a_kv_cache_the_device_cannot_allocate_stops_the_run_with_its_size(done, tmp_path, tiny, monkeypatch):
+    """Step 2's group needs its KV cache and the allocator refuses (the CPU's own message; on a GPU, CUDA's out of
+    memory): one line naming -G, --max-new-tokens, the bytes and the device, and the last checkpoint (step 1),
+    byte-identical. With the memory back, the resume gives the uninterrupted run."""
+    run, real, seen = tmp_path / "run", torch.empty, {}
+
+    def empty(*shape, **kw):  # the G-row keys of step 2: (G, K, positions, D) = (4, 2, S, 16)
+        dims = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if len(dims) == 4 and dims[:2] == (4, 2) and (run / "checkpoints" / "step-000001").is_dir() and not seen:
+            seen["checkpoints"] = snapshot(run / "checkpoints")
+            raise RuntimeError(f"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               f"memory: you tried to allocate {4 * dims[2] * 2 * 16 * 4} bytes. Error code 12")
+        return real(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2"))
+    monkeypatch.setattr(torch, "empty", real)
+    msg = str(e.value)
+    positions = int(msg.split("rows × positions = 4 × ")[1].split(")")[0])
+    assert msg.startswith(f"error: the KV cache for -G 4, --max-new-tokens 8 (rows × positions = 4 × {positions}) "
+                          f"needs {4 * positions * 1025:,} bytes (0.00 GiB) on cpu, which could not be allocated "
+                          "(RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                          "allocate memory: ")
+    assert msg.endswith(f". Stopped: the last checkpoint, {run / 'checkpoints' / 'step-000001'}, is whole and "
+                        f"untouched; with memory freed on cpu, continue with python train.py --resume {run}, or start "
+                        "a new run with fewer rows or new tokens")
+    assert snapshot(run / "checkpoints") == seen["checkpoints"]
+    assert [m["step"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")] == [1]
+    train.main(["--resume", str(run)])
+    assert_same_run(done, run)
+
+
 # --- a second process: one run directory, one writer (issue 19) ------------------------------------------------------
 
 def snapshot(run: Path) -> dict:

@@ -49,16 +49,16 @@ def test_svamp_eval_only_scores_the_paper_s_300_problems_for_every_seed(tmp_path
     """A newcomer's `python train.py --task svamp --eval-only --model DIR`: no --data, no network; the same 300
     problems whatever --seed (before: a download, then a seeded 70/30 split that changed with the seed)."""
     seen = []
-    real = tasks.Svamp.prompt
+    real = tasks.Svamp.reward  # each evaluated problem is scored once (check_inputs builds the prompts too)
     for seed in ("0", "5"):
         seen.append([])
-        tasks.Svamp.prompt = lambda self, ex, box=seen[-1]: box.append(ex["ID"]) or real(self, ex)
+        tasks.Svamp.reward = lambda self, text, ex, box=seen[-1]: box.append(ex["ID"]) or real(self, text, ex)
         try:
             assert train.main(["--task", "svamp", "--eval-only", "--model", str(tiny), "--device", "cpu", "--seed",
                                seed, "--max-new-tokens", "1", "--eval-batch", "100",
                                "--out", str(tmp_path / seed)]) == 0
         finally:
-            tasks.Svamp.prompt = real
+            tasks.Svamp.reward = real
         assert json.loads((tmp_path / seed / "eval.json").read_text())["n"] == 300
     assert seen[0] == seen[1] == [r["ID"] for r in json.loads((tasks.Svamp.SHIPPED / "test.json").read_text())]
     assert "on 300 svamp test examples" in capsys.readouterr().out
