@@ -506,14 +506,11 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return path
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.utils import (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
-                                       validate_repo_id)
+    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
 
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
+    if not is_repo_id(name_or_path):
         raise ValueError(f"{name_or_path!r} is neither an existing directory nor a Hugging Face repo id "
-                         "(owner/name, e.g. Qwen/Qwen2-1.5B)") from None
+                         "(owner/name, e.g. Qwen/Qwen2-1.5B)")
     try:
         snap = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=list(MODEL_FILES)))
     except RepositoryNotFoundError as e:  # a gated or private repo without a token looks the same
@@ -530,6 +527,17 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
         why = f"{snap} is incomplete: {'; '.join(missing)}"
     raise ModelNotFoundError(f"{name_or_path} (revision {revision or 'main'}): {why}. "
                              f"{_by_hand(name_or_path, revision, constants.ENDPOINT, constants.HF_HUB_CACHE)}")
+
+
+def is_repo_id(name: str) -> bool:
+    """A Hugging Face repo id (owner/name), as resolve_model_dir reads a name that is not a directory."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _missing_files(snap: Path) -> list[str]:

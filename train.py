@@ -528,12 +528,18 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_inputs(cfg: Settings, training: bool = True) -> Task:
-    """The model directory (config, tokenizer, weight headers), the data, and what the settings ask of this model and
-    this machine (positions, KV cache memory), all read before any weight is loaded."""
+def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = None) -> Task:
+    """The model directory (config, tokenizer, weight headers), the data, an --adapter, and what the settings ask of
+    this model and this machine (LoRA layers, positions, KV cache memory), all read before any weight is loaded."""
     model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
     model_cfg, tok = M.check_model_dir(model_dir)
     task = make_task(cfg.task, tok, cfg.data, cfg.reward)
+    if adapter:
+        check_adapter(adapter, model_cfg, model_dir)
+    if training and lora.num_lora_layers(model_cfg.num_hidden_layers, cfg.lora_fraction) < 1:
+        L = model_cfg.num_hidden_layers
+        usage_error(f"--lora-fraction {cfg.lora_fraction}: adapts round({cfg.lora_fraction} × {L}) = 0 of the "
+                    f"model's {L} layers ({model_dir / 'config.json'}); allowed: --lora-fraction >= {0.5 / L:.4g}")
     for exact in (False, True):  # an upper bound on the prompts' lengths first: tokenizing them all takes seconds
         uses = cache_uses(cfg, task, tok, training, exact)
         problem = (position_problem(cfg, model_cfg, uses, model_dir / "config.json") or
@@ -541,6 +547,17 @@ def check_inputs(cfg: Settings, training: bool = True) -> Task:
         if problem is None:
             return task
     usage_error(problem)
+
+
+def check_adapter(adapter: str, model_cfg: M.Qwen2Config, model_dir: Path) -> None:
+    """The adapter fits this model (its layers, projections, ranks and tensor shapes): loaded, as --eval-only will
+    load it, onto a copy of the model on the meta device, which holds no weights."""
+    with torch.device("meta"):
+        net = M.Qwen2ForCausalLM(model_cfg)
+    try:
+        lora.load_adapter(net, adapter)
+    except ValueError as e:
+        raise ValueError(f"--adapter {adapter} cannot be applied to the model {model_dir}: {e}") from None
 
 
 class CacheUse(NamedTuple):
@@ -757,6 +774,10 @@ def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
                         f"({run / 'config.json'}); a resumed run keeps its settings, only --steps may change")
     cfg = dataclasses.replace(recorded, steps=args.steps or recorded.steps)
     validate(cfg, training=False)
+    if not Path(cfg.model).expanduser().is_dir() and not M.is_repo_id(cfg.model):
+        raise SystemExit(f"error: {run} was recorded with --model {cfg.model} ({run / 'config.json'}), which is not a "
+                         "directory here (a run from another machine, or started from another directory?); a resumed "
+                         f"run keeps its settings: put the same model at {cfg.model}, or a symbolic link to it")
     return cfg, run
 
 
@@ -837,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     world, held, working = World(), None, False
     try:
         cfg, run = checked_settings(args)
-        task = check_inputs(cfg, training=not args.eval_only)  # seconds, where loading the weights takes minutes
+        task = check_inputs(cfg, not args.eval_only, args.adapter)  # seconds; loading the weights takes minutes
         if run is not None or cfg.out:  # before anything in the directory is written (or pruned)
             held = hold(run or Path(cfg.out), "--resume" if args.resume else "--out")
         ck = resume_checkpoint(run, cfg) if args.resume else None

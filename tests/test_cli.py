@@ -116,7 +116,9 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path, tiny):
     (["-G", "1"], "warning: --group-size 1: one completion a group: every group has zero variance (Â = 0), so no "
                   "update learns from the reward\n"),
     (["--temperature", "0"], "warning: --temperature 0.0: greedy sampling draws G identical completions: every group "
-                             "has zero variance (Â = 0), so no update learns from the reward\n")])
+                             "has zero variance (Â = 0), so no update learns from the reward\n"),
+    (["--threads", "10000"], f"warning: --threads 10000: more threads than this machine's {os.cpu_count()} cores: the "
+                             "extra ones can only wait for a core\n")])
 def test_legal_but_useless_settings_start_with_a_warning(tmp_path, tiny, capsys, flags, warning):
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--eval-limit", "0",
                 "--out", str(tmp_path / "r"), *flags])
@@ -192,6 +194,51 @@ def test_a_kv_cache_beyond_the_device_s_memory_is_refused_before_loading(tmp_pat
                                  "float32) needs 2,689,600 bytes (0.00 GiB), more than all 0.00 GiB of a 1 MiB test "
                                  "device; allowed: --max-new-tokens <= 99 with -G 4, or a smaller -G\n")
     assert not run.exists()
+
+
+# --- settings and files that fit another model, or another machine (issue 19) --------------------------------------
+
+def test_a_lora_fraction_that_adapts_no_layer_is_refused_before_loading(tmp_path, tiny, capsys, no_loading):
+    """Legal for the flag (0 < fraction <= 1), impossible for a 4-layer model: round(0.1 × 4) = 0 layers. Before,
+    the run directory was written and the weights loaded before lora.apply_lora refused."""
+    run = tmp_path / "run"
+    code, err = refused(["--model", str(tiny), "--out", str(run), "--lora-fraction", "0.1"], capsys)
+    assert code == 2 and err == (f"error: --lora-fraction 0.1: adapts round(0.1 × 4) = 0 of the model's 4 layers "
+                                 f"({tiny / 'config.json'}); allowed: --lora-fraction >= 0.125\n")
+    assert not run.exists()
+
+
+@pytest.fixture(scope="module")
+def adapter_of_tiny(tiny, tmp_path_factory) -> Path:
+    """A PEFT adapter for the tiny model: rank 8 on q_proj and v_proj of all 4 layers (hidden 64)."""
+    import lora
+    net = M.load_model(tiny)
+    lora.apply_lora(net, 8, 1.0, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    lora.save_adapter(net, out)
+    return out
+
+
+@pytest.mark.parametrize("other,why", [
+    (dict(num_hidden_layers=2), "adapter_config.json: layers_to_transform [0, 1, 2, 3] names layers this model does "
+                                "not have (it has 2: 0..1); the adapter was trained for another model"),
+    (dict(hidden_size=32, intermediate_size=64), "adapter_model.safetensors: base_model.model.model.layers.0.self_attn."
+                                                 "q_proj.lora_A.weight has shape (8, 64), expected (8, 32)")],
+    ids=["fewer layers", "another hidden size"])
+def test_an_adapter_of_another_model_is_refused_before_the_weights_load(tmp_path, adapter_of_tiny, no_loading, other,
+                                                                        why):
+    """`--eval-only --adapter` with an adapter trained on another model: before, a stack trace (IndexError) or an
+    error after the base's weights had loaded. Now it is loaded onto a weightless (meta) copy of the model first."""
+    model = make_checkpoint(tmp_path / "other", tiny_config(**other))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(model), "--eval-only", "--adapter", str(adapter_of_tiny), "--device", "cpu"])
+    assert str(e.value) == (f"error: --adapter {adapter_of_tiny} cannot be applied to the model {model}: "
+                            f"{adapter_of_tiny}/{why}")
+
+
+def test_the_adapter_check_accepts_its_own_model(tiny, adapter_of_tiny, tmp_path):
+    assert train.main(["--model", str(tiny), "--eval-only", "--adapter", str(adapter_of_tiny), "--device", "cpu",
+                       "--eval-limit", "1", "--max-new-tokens", "2"]) == 0
 
 
 # --- the model directory and the data, before any weight is loaded --------------------------------------------------
@@ -306,6 +353,21 @@ def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, no_loading
     code, err = refused(["--resume", str(two_steps), "--steps", "1"], capsys)
     assert code == 2 and err == (f"error: --steps 1: {two_steps} is already at step 2 (step-000002); allowed: "
                                  "--steps >= 2\n")
+    assert files(two_steps) == before
+
+
+def test_resume_of_a_run_whose_model_is_not_here_says_where_to_put_it(two_steps, no_loading):
+    """A run directory copied from another machine records a --model path that does not exist here (and a resume may
+    not change it): one line naming the path and what to do, nothing written."""
+    config = json.loads((two_steps / "config.json").read_text())
+    (two_steps / "config.json").write_text(json.dumps({**config, "model": "/elsewhere/models/tiny"}))
+    before = files(two_steps)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(two_steps)])
+    assert str(e.value) == (f"error: {two_steps} was recorded with --model /elsewhere/models/tiny "
+                            f"({two_steps / 'config.json'}), which is not a directory here (a run from another "
+                            "machine, or started from another directory?); a resumed run keeps its settings: put the "
+                            "same model at /elsewhere/models/tiny, or a symbolic link to it")
     assert files(two_steps) == before
 
 
