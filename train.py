@@ -899,4 +899,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()  # an error raises SystemExit, with its own status, through the normal exit
+    if distributed.env_world_size() > 1:  # under torchrun: a finished run's status is not left to the teardown
+        distributed.exit_finished(status)
+    sys.exit(status)

@@ -67,11 +67,12 @@ def spawn(args: list[str], n: int = 2, timeout: int = 240, tries: int = 2) -> No
         assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}\n{err[-3000:]}"
 
 
-def torchrun(args: list[str], n: int = 2, timeout: int = 240, fault: str | None = None, fails: bool = False) -> str:
+def torchrun(args: list[str], n: int = 2, timeout: int = 240, fault: str | None = None, fails: bool = False,
+             env: dict | None = None) -> str:
     """train.py under torchrun (--standalone: a local rendezvous on a free port); returns its output. `fault`:
     TOKRL_FAULT for the processes (checkpoints.fault: the one that reaches the point kills itself), and the run
-    must then fail; `fails`: the run must fail for another reason."""
-    env = {**child_env(), **({"TOKRL_FAULT": fault} if fault else {})}
+    must then fail; `fails`: the run must fail for another reason; `env`: the environment (default child_env())."""
+    env = {**(env or child_env()), **({"TOKRL_FAULT": fault} if fault else {})}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                         "train.py", *args], env=env, cwd=ROOT, text=True, capture_output=True, timeout=timeout)
     assert (r.returncode != 0) == (bool(fault) or fails), f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -408,6 +409,23 @@ def test_resume_with_another_number_of_processes_is_refused(cli_runs, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", str(tmp_path / "two"), "--steps", "5"])
     assert "written by 2 process(es) and this run has 1" in str(e.value)
+
+
+def test_an_abort_in_the_interpreter_teardown_cannot_fail_a_finished_torchrun_run(cli_runs, tmp_path):
+    """Issue 19: a gloo process that aborts at exit ("terminate called without an active exception") after its run
+    is written would make torchrun count a finished run as failed. Injected: every worker's interpreter teardown
+    aborts (SIGABRT, from an atexit handler that a sitecustomize module installs in each process torchrun starts).
+    A finished run still exits 0 with every file: the CLI ends a torchrun process without that teardown."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import atexit, os\nif 'LOCAL_RANK' in os.environ:  # torchrun's workers\n"
+                                           "    atexit.register(os.abort)\n")
+    env = {**child_env(), "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    plain = subprocess.run([sys.executable, "-c", "pass"], env={**env, "LOCAL_RANK": "0"}, capture_output=True)
+    assert plain.returncode == -6  # the injection works: a process that exits normally aborts
+    model = cli_runs["one"].parent / "tiny"
+    out = torchrun(["--model", str(model), "--out", str(tmp_path / "run"), *CLI], env=env)
+    assert out.count("done:") == 1 and run_files(tmp_path / "run") == run_files(cli_runs["one"])
 
 
 def test_one_hold_serves_a_torchrun_job_and_a_held_directory_stops_the_whole_job(cli_runs, tmp_path):
