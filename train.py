@@ -572,6 +572,7 @@ class CacheUse(NamedTuple):
 
 
 def cache_uses(cfg: Settings, task: Task, tok: M.Tokenizer, training: bool, exact: bool) -> list[CacheUse]:
+    """The caches a run builds: sampling's (training only) and the evaluation's; with N processes, each one's share."""
     n = distributed.env_world_size()
     tested = task.test_set()[: cfg.eval_limit]
     eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"

@@ -116,9 +116,7 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path, tiny):
     (["-G", "1"], "warning: --group-size 1: one completion a group: every group has zero variance (Â = 0), so no "
                   "update learns from the reward\n"),
     (["--temperature", "0"], "warning: --temperature 0.0: greedy sampling draws G identical completions: every group "
-                             "has zero variance (Â = 0), so no update learns from the reward\n"),
-    (["--threads", "10000"], f"warning: --threads 10000: more threads than this machine's {os.cpu_count()} cores: the "
-                             "extra ones can only wait for a core\n")])
+                             "has zero variance (Â = 0), so no update learns from the reward\n")])
 def test_legal_but_useless_settings_start_with_a_warning(tmp_path, tiny, capsys, flags, warning):
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--eval-limit", "0",
                 "--out", str(tmp_path / "r"), *flags])
@@ -239,6 +237,16 @@ def test_an_adapter_of_another_model_is_refused_before_the_weights_load(tmp_path
 def test_the_adapter_check_accepts_its_own_model(tiny, adapter_of_tiny, tmp_path):
     assert train.main(["--model", str(tiny), "--eval-only", "--adapter", str(adapter_of_tiny), "--device", "cpu",
                        "--eval-limit", "1", "--max-new-tokens", "2"]) == 0
+
+
+def test_more_threads_than_cores_start_with_a_warning(tmp_path, tiny, capsys, no_loading):
+    """Legal, but slower, not faster. The warning comes with the settings' check, before the model's: here a length
+    the model cannot hold stops the run there (a run would start its 10,000 threads)."""
+    code, err = refused(["--model", str(tiny), "--out", str(tmp_path / "r"), "--threads", "10000",
+                         "--max-new-tokens", "1000"], capsys)
+    assert code == 2 and err.startswith(f"warning: --threads 10000: more threads than this machine's "
+                                        f"{os.cpu_count()} cores: the extra ones can only wait for a core\n"
+                                        "error: --max-new-tokens 1000: ")
 
 
 # --- the model directory and the data, before any weight is loaded --------------------------------------------------

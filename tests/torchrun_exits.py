@@ -69,6 +69,12 @@ def one_run(model: Path, out: Path, algo: str, nproc: int) -> dict:
             "aborts": output.count("terminate called"), "tail": output[-2000:]}
 
 
+def load() -> str:
+    """The load average, and the tasks runnable now (Linux: /proc/loadavg; a VM's load average can be far off)."""
+    runnable = Path("/proc/loadavg").read_text().split()[3] if Path("/proc/loadavg").is_file() else "?"
+    return f"load average {os.getloadavg()[0]:.1f}, runnable tasks {runnable}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=20, help="consecutive runs per algorithm (20)")
@@ -76,8 +82,8 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     args = p.parse_args()
     start = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    print(f"# torchrun exits, {start}: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load "
-          f"average {os.getloadavg()[0]:.1f} at start; python {platform.python_version()}, torch "
+    print(f"# torchrun exits, {start}: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+          f"{load()} at start; python {platform.python_version()}, torch "
           f"{__import__('torch').__version__}; {args.nproc} processes (gloo), {STEPS} steps a run", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +104,7 @@ def main() -> None:
               f"{sum(not r['missing'] for r in results)} | {sum(r['replays'] for r in results)} | "
               f"{sum(r['aborts'] for r in results)} | "
               f"{sum(r['seconds'] for r in results) / len(results):.1f} |")
-    print(f"\nload average {os.getloadavg()[0]:.1f} at the end ({datetime.datetime.now():%H:%M})")
+    print(f"\n{load()} at the end ({datetime.datetime.now():%H:%M})")
 
 
 if __name__ == "__main__":
