@@ -26,6 +26,9 @@ import torch.nn.functional as F
 # Config
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype's names
+
+
 @dataclass(frozen=True)
 class Qwen2Config:
     """The architecture fields of a Qwen2 `config.json`; field names are the file's keys."""

@@ -56,9 +56,9 @@ class Task:
     def test_set(self) -> list: ...
 
     def train_set(self) -> list:
-        """Training examples whose prompts include the longest the stream can give (train.check_inputs measures
-        them): the fixed training list; for a task that generates its examples (mult: every prompt has one format,
-        3 digits × 3 digits), the test examples stand for them."""
+        """Training examples whose prompts include the longest the stream can give (checks.py measures them): the
+        fixed training list; for a task that generates its examples (mult: every prompt has one format, 3 digits ×
+        3 digits), the test examples stand for them."""
         return self.test_set()
 
 

@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT, make_checkpoint, tiny_config, write_byte_tokenizer
 import checkpoints
+import checks
 import model as M
 import train
 from test_train import SMALL, write_svamp
@@ -176,8 +177,8 @@ def test_the_bound_on_prompt_lengths_is_above_the_exact_length(tiny):
         for name in ("mult", "svamp", "gsm8k"):
             task = train.make_task(name, tok)
             for examples in (task.train_set(), task.test_set()):
-                exact = train.longest_prompt(task, tok, examples)
-                assert 0 < exact <= train.longest_prompt(task, tok, examples, exact=False)
+                exact = checks.longest_prompt(task, tok, examples)
+                assert 0 < exact <= checks.longest_prompt(task, tok, examples, exact=False)
 
 
 def test_a_kv_cache_beyond_the_device_s_memory_is_refused_before_loading(tmp_path, tiny, capsys, no_loading,
@@ -185,7 +186,7 @@ def test_a_kv_cache_beyond_the_device_s_memory_is_refused_before_loading(tmp_pat
     """A length the model holds, but a cache no device here holds: 4 rows × (156 + 500) positions × 1025 bytes
     (keys and values: 2 × 4 layers × 2 KV heads × 16 head dims × 4 bytes; 1 byte of mask) = 2,689,600 bytes, on a
     device of 1 MiB. 1,048,576 // (4 × 1025) = 255 positions fit: 99 new tokens after the prompt."""
-    monkeypatch.setattr(train, "device_memory", lambda device: (2**20, "a 1 MiB test device"))
+    monkeypatch.setattr(checks, "device_memory", lambda device: (2**20, "a 1 MiB test device"))
     run = tmp_path / "run"
     code, err = refused(["--model", str(tiny), "--out", str(run), "-G", "4", "--max-new-tokens", "500"], capsys)
     assert code == 2 and err == ("error: -G 4, --max-new-tokens 500: the KV cache alone (4 rows × 656 positions, "
