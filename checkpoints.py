@@ -8,6 +8,9 @@ where a reader would take it for whole.
     RUN/checkpoints/step-NNNNNN/    adapter/ + state.pt, built as .tmp-step-NNNNNN and renamed when complete
     RUN/checkpoints/latest          the newest checkpoint's name (temporary file, then rename)
     RUN/adapter/                    the final adapter, PEFT format
+    RUN/.lock                       the hold of the process writing RUN: its pid, host and start time
+
+One process writes a run directory at a time (`hold_run_dir`): a second one is refused before it touches anything.
 
 A resume takes the newest checkpoint that reads back whole (`find_checkpoint`), drops log lines written after it,
 and removes the leftovers of an interrupted write (`remove_stale`). Every write error becomes a `WriteError` that
@@ -18,11 +21,14 @@ the N-th time it reaches POINT (`fault`); the points are listed in FAULT_POINTS.
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -71,6 +77,72 @@ class WriteError(RuntimeError):
 
 class NonFiniteState(RuntimeError):
     pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One writer per run directory
+
+HOLD_FILE = ".lock"
+
+
+class RunHeld(RuntimeError):
+    """Another process holds the run directory; the message names the process (pid, host, start time)."""
+
+
+class RunHold:
+    """This process's hold on a run directory: an exclusive flock on RUN/.lock, kept while the file stays open.
+    The kernel drops it whenever the process ends (exit, crash, kill -9, power loss), so a dead run never leaves a
+    hold to clear by hand; the file itself stays, naming the last holder, and the next holder rewrites it."""
+
+    def __init__(self, run: Path, fd: int, previous: bytes):
+        self.run, self.fd, self.previous = run, fd, previous
+
+    def release(self, restore: bool = False) -> None:
+        """Drop the hold. `restore`: put the previous holder's record back first (a start refused after taking the
+        hold, before writing anything, leaves the directory byte-identical)."""
+        if self.fd is None:
+            return
+        if restore and self.previous:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, self.previous, 0)
+        os.close(self.fd)  # closing the file drops the lock (the file is kept: deleting it would race a taker)
+        self.fd = None
+
+
+def hold_run_dir(run: Path) -> RunHold:
+    """Hold `run` (created if absent) for this process, or raise RunHeld naming the process that holds it. A refused
+    caller changes nothing: the file it opens already exists, and it only reads it."""
+    path = run / HOLD_FILE
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's record must stay readable
+    except OSError as e:
+        raise WriteError(path, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace")
+        os.close(fd)
+        raise RunHeld(f"in use by another process ({describe_holder(holder)}; its hold: {path}); a run directory "
+                      "has one writer at a time: wait for that process to end, or stop it") from None
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    try:
+        previous = os.pread(fd, 4096, 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise WriteError(path, e) from None
+    return RunHold(run, fd, previous)
+
+
+def describe_holder(record: str) -> str:
+    try:
+        h = json.loads(record)
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+    except (ValueError, TypeError, KeyError):  # taken a moment ago, its record not yet written
+        return "it has not yet written its pid, host and start time"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -286,6 +286,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
     L = len(model.model.layers)
     layers = cfg.get("layers_to_transform")
     layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+    if any(not isinstance(i, int) or not 0 <= i < L for i in layers):
+        raise ValueError(f"{cfg_path}: layers_to_transform {layers} names layers this model does not have (it has "
+                         f"{L}: 0..{L - 1}); the adapter was trained for another model")
     model.requires_grad_(False)
     for i in layers:
         attn = model.model.layers[i].self_attn

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 # Config
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype's names
+
+
 @dataclass(frozen=True)
 class Qwen2Config:
     """The architecture fields of a Qwen2 `config.json`; field names are the file's keys."""
@@ -145,20 +148,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def cache_bytes(cfg: Qwen2Config, rows: int, positions: int, dtype: torch.dtype) -> int:
+    """Bytes of a KV cache: keys and values, (rows, K, positions, D) each, in every layer, and the (rows, positions)
+    boolean mask."""
+    per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * dtype.itemsize + 1
+    return rows * positions * per_position
+
+
+class CacheTooLarge(RuntimeError):
+    """The KV cache could not be allocated on its device. `nbytes`: what it asked for; `flags`: the settings behind
+    its size, filled in by the caller that knows them (train.py)."""
+
+    def __init__(self, rows: int, positions: int, nbytes: int, device, reason: BaseException):
+        super().__init__()
+        self.rows, self.positions, self.nbytes, self.device = rows, positions, nbytes, str(device)
+        self.reason, self.flags = f"{type(reason).__name__}: {_first_line(reason)[:160]}", ""
+
+    def __str__(self) -> str:
+        return (f"the KV cache{' for ' + self.flags if self.flags else ''} (rows × positions = {self.rows} × "
+                f"{self.positions}) needs {self.nbytes:,} bytes ({self.nbytes / 2**30:.2f} GiB) on {self.device}, "
+                f"which could not be allocated ({self.reason})")
+
+
 class KVCache:
     """Preallocated keys and values for every layer: (B, K, S_max, D) each, filled up to `length`.
 
-    `valid` (B, S_max) marks real tokens; it is False for left padding (batched greedy evaluation).
+    `valid` (B, S_max) marks real tokens; it is False for left padding (batched greedy evaluation). An allocation
+    that fails raises CacheTooLarge, naming the bytes asked for.
     """
 
     def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_size)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.cfg, self.max_len, self.device, self.dtype = cfg, max_len, device, dtype
+        self.k, self.v, self.valid = self.allocate(batch)
+        self.valid.fill_(True)
         self.padded = False
         self.length = 0
-        self.max_len = max_len
+
+    def allocate(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Uninitialised keys and values (rows, K, S_max, D) for every layer, and the (rows, S_max) mask."""
+        shape = (rows, self.cfg.num_key_value_heads, self.max_len, self.cfg.head_size)
+        layers = range(self.cfg.num_hidden_layers)
+        try:
+            return ([torch.empty(shape, device=self.device, dtype=self.dtype) for _ in layers],
+                    [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in layers],
+                    torch.empty(rows, self.max_len, dtype=torch.bool, device=self.device))
+        except RuntimeError as e:  # CUDA's torch.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
+            nbytes = cache_bytes(self.cfg, rows, self.max_len, self.dtype)
+            raise CacheTooLarge(rows, self.max_len, nbytes, self.device, e) from None
 
     def expand_rows(self, n: int) -> None:
         """Copy a one-row cache (after a shared prefill) into n rows that can then be written independently.
@@ -166,9 +202,10 @@ class KVCache:
         A real copy, not `expand()`: expanded views share one storage, so the rows' decoded tokens would overwrite
         each other (tests/test_model.py::test_group_rows_draw_independent_tokens tells this bug's story)."""
         assert self.k[0].shape[0] == 1
-        self.k = [k.repeat(n, 1, 1, 1) for k in self.k]
-        self.v = [v.repeat(n, 1, 1, 1) for v in self.v]
-        self.valid = self.valid.repeat(n, 1)
+        k, v, valid = self.allocate(n)
+        for new, old in zip([*k, *v, valid], [*self.k, *self.v, self.valid]):
+            new.copy_(old)  # the one row broadcast to n
+        self.k, self.v, self.valid = k, v, valid
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows so that they stop costing compute."""
@@ -472,14 +509,11 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return path
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.utils import (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
-                                       validate_repo_id)
+    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
 
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
+    if not is_repo_id(name_or_path):
         raise ValueError(f"{name_or_path!r} is neither an existing directory nor a Hugging Face repo id "
-                         "(owner/name, e.g. Qwen/Qwen2-1.5B)") from None
+                         "(owner/name, e.g. Qwen/Qwen2-1.5B)")
     try:
         snap = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=list(MODEL_FILES)))
     except RepositoryNotFoundError as e:  # a gated or private repo without a token looks the same
@@ -496,6 +530,17 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
         why = f"{snap} is incomplete: {'; '.join(missing)}"
     raise ModelNotFoundError(f"{name_or_path} (revision {revision or 'main'}): {why}. "
                              f"{_by_hand(name_or_path, revision, constants.ENDPOINT, constants.HF_HUB_CACHE)}")
+
+
+def is_repo_id(name: str) -> bool:
+    """A Hugging Face repo id (owner/name), as resolve_model_dir reads a name that is not a directory."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _missing_files(snap: Path) -> list[str]:

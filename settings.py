@@ -8,6 +8,7 @@ its field here and its rule below.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn
@@ -28,7 +29,7 @@ class Settings:
     task: str = "mult"  # mult | svamp | gsm8k
     model: str = "Qwen/Qwen2-1.5B"  # a directory, or a repo id found in / downloaded to the Hugging Face cache
     revision: str | None = None  # with a repo id: branch, tag or commit (None: main)
-    data: str | None = None  # svamp / gsm8k data (file or directory); None: the tokrl cache, downloaded if absent
+    data: str | None = None  # svamp / gsm8k data (file or directory); None: the files shipped in data/
     out: str | None = None  # run directory; None: runs/{task}-{algo}-{time}
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "float32"  # the paper trains in fp32
@@ -162,11 +163,13 @@ RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
     ("dpo_beta", lambda v, s: _num(v) and v > 0, "allowed: a finite number > 0 (default 0.1)"),
     ("device", lambda v, s: device_problem(v) is None, ""),  # the message comes from device_problem
 ]
-WARNINGS: list[tuple[str, Callable[[Any, Settings], bool], str]] = [  # legal, but nothing can be learnt
+WARNINGS: list[tuple[str, Callable[[Any, Settings], bool], str]] = [  # legal, but nothing learnt, or slow
     ("group_size", lambda v, s: v == 1, "one completion a group: every group has zero variance (Â = 0), so no "
                                         "update learns from the reward"),
     ("temperature", lambda v, s: v == 0, "greedy sampling draws G identical completions: every group has zero "
                                          "variance (Â = 0), so no update learns from the reward"),
+    ("threads", lambda v, s: v is not None and v > (os.cpu_count() or 1),  # legal, but slower, not faster
+     f"more threads than this machine's {os.cpu_count()} cores: the extra ones can only wait for a core"),
 ]
 
 

@@ -21,9 +21,9 @@ Deviations from the paper and choices it leaves open (README "Choices the paper 
 
 Every setting is checked before anything is loaded (settings.RULES); a resume keeps the settings the run recorded.
 
-Sections: evaluation · the training loop · checking the inputs · command line. Settings, the paper's defaults and the
-rules they are checked against: settings.py; tasks and data: tasks.py; checkpoints and logs: checkpoints.py; T-SPMO's
-replay pool: replay.py; the plot: plot.py.
+Sections: evaluation · the training loop · command line. Settings, the paper's defaults and the rules they are
+checked against: settings.py; the settings against the model and this machine: checks.py; tasks and data: tasks.py;
+checkpoints, logs and the run directory's hold: checkpoints.py; T-SPMO's replay pool: replay.py; the plot: plot.py.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ from replay import ReplayPool
 from distributed import World, combine_stats, own_rng, rng_for_checkpoint
 from checkpoints import (WriteError, append_jsonl, find_checkpoint, read_jsonl, save_checkpoint, write_atomic,
                          write_jsonl)
+from checks import check_against_model
 from plot import svg_plot
 from settings import GROUP, LORA_TARGETS, TASK_DEFAULTS, Settings, flag, paper_defaults, usage_error, validate
 from tasks import DataError, Task, TrainStream, make_task
@@ -68,6 +69,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
     """With N processes each takes a slice of the test set (distributed.py) and the counts are summed."""
     data = task.test_set()[: cfg.eval_limit]
     mine = [data[i] for i in world.share(len(data))]
+    new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     t0, correct, examples, details = time.time(), 0.0, [], {}
     measures = getattr(task, "eval_details", lambda text, ex: {})  # a task's finer measures (tasks.Task)
     # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
@@ -79,8 +81,11 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 raise EvalStopped
             batch = mine[i: i + cfg.eval_batch]
             prompts = [tok.encode(task.prompt(ex)) for ex in batch]
-            outs = M.greedy(net, prompts, cfg.eval_max_new_tokens or cfg.max_new_tokens, eos=eos,
-                            stop=task.stop())
+            try:
+                outs = M.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
+            except M.CacheTooLarge as e:
+                e.flags = f"--eval-batch {cfg.eval_batch}, --eval-max-new-tokens {new_tokens}"
+                raise
             for ex, out in zip(batch, outs):
                 text = tok.decode(out)
                 r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
@@ -241,9 +246,13 @@ class Trainer:
         completion). With N processes each samples and scores its share, and every process gets the whole group, in
         rank order."""
         cfg, n = self.cfg, self.world.counts(self.cfg.group_size)[self.world.rank]
-        outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
-                        temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
-                        stop=self.task.stop(prefix)) if n else []
+        try:
+            outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
+                            temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
+                            stop=self.task.stop(prefix)) if n else []
+        except M.CacheTooLarge as e:
+            e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
+            raise
         scored = [(o, self.task.reward(self.tok.decode(list(prefix) + o), ex)) for o in outs]
         group = self.world.gather(scored)
         return [o for o, _ in group], [r for _, r in group]
@@ -363,9 +372,8 @@ def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
 
 def load_everything(cfg: Settings):
     """The model, its tokenizer and its EOS ids. The files were checked by check_inputs before (main does)."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
-    net = M.load_model(model_dir, dtype=dtype, device=cfg.device)
+    net = M.load_model(model_dir, dtype=M.DTYPES[cfg.dtype], device=cfg.device)
     tok = M.Tokenizer(model_dir / "tokenizer.json")
     return net, tok, M.eos_ids(model_dir, net.config, tok)
 
@@ -490,6 +498,9 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
                              "or --dtype float32 in a new run avoids it") from None
         except checkpoints.NonFiniteState as e:
             raise SystemExit(f"error: {e}; stopped: {safe()}") from None
+        except M.CacheTooLarge as e:
+            raise SystemExit(f"error: {e}. Stopped: {safe()}; with memory freed on {e.device}, continue with python "
+                             f"train.py --resume {run}, or start a new run with fewer rows or new tokens") from None
         except WriteError as e:
             raise SystemExit(f"error: {e}. Stopped: {safe()}; once the disk has room, continue with "
                              f"python train.py --resume {run}") from None
@@ -512,6 +523,8 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
 
 
 def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World = World()) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     net, tok, eos = load_everything(cfg)
     task = make_task(cfg.task, tok, cfg.data, cfg.reward)
     if adapter:
@@ -528,14 +541,17 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The model directory and the data, checked before any weight is loaded (the settings: settings.py)
+# The inputs, checked before any weight is loaded (the settings alone: settings.py; against the model: checks.py)
 
 
-def check_inputs(cfg: Settings) -> Task:
-    """The model directory (config, tokenizer, weight headers) and the data, read before any weight is loaded."""
+def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = None) -> Task:
+    """The model directory (config, tokenizer, weight headers), the data, an --adapter, and the settings against the
+    model and this machine, all read before any weight is loaded. Returns the task, its data read."""
     model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
-    _, tok = M.check_model_dir(model_dir)
-    return make_task(cfg.task, tok, cfg.data, cfg.reward)
+    model_cfg, tok = M.check_model_dir(model_dir)
+    task = make_task(cfg.task, tok, cfg.data, cfg.reward)
+    check_against_model(cfg, model_cfg, tok, task, model_dir, training, adapter)
+    return task
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -572,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", help="with a repo id: branch, tag or commit hash (default main)")
     g.add_argument("--data", help="svamp/gsm8k only. svamp: dir with train.json+test.json, or SVAMP.json (a "
                                   "fixed seeded split; default: the paper's 700/300 split shipped in data/svamp/); "
-                                  "gsm8k: dir with train.jsonl+test.jsonl (default: ~/.cache/tokrl, downloaded)")
+                                  "gsm8k: dir with train.jsonl+test.jsonl (default: the 7,473/1,319 files shipped "
+                                  "in data/gsm8k/)")
     g.add_argument("--out", help="run directory (default runs/{task}-{algo}-{time}); must not hold a run already")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest intact checkpoint, with the "
                                                        "settings it recorded (only --steps may change)")
@@ -673,9 +690,9 @@ def recorded_settings(run: Path) -> Settings:
     return Settings(**{**saved, **({"steps": resumes[-1]["steps"]} if resumes else {})})
 
 
-def open_resume(args: argparse.Namespace) -> tuple[Settings, Path, tuple[Path, dict]]:
-    """Everything a resume needs, checked before anything is loaded: the recorded settings (a typed flag that
-    differs from them is refused, except --steps), and the newest intact checkpoint."""
+def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
+    """A resume's settings, checked before anything is loaded: the recorded ones (a typed flag that differs from
+    them is refused, except --steps)."""
     run = Path(args.resume)
     recorded = recorded_settings(run)
     if args.eval_only or args.adapter:
@@ -687,6 +704,15 @@ def open_resume(args: argparse.Namespace) -> tuple[Settings, Path, tuple[Path, d
                         f"({run / 'config.json'}); a resumed run keeps its settings, only --steps may change")
     cfg = dataclasses.replace(recorded, steps=args.steps or recorded.steps)
     validate(cfg, training=False)
+    if not Path(cfg.model).expanduser().is_dir() and not M.is_repo_id(cfg.model):
+        raise SystemExit(f"error: {run} was recorded with --model {cfg.model} ({run / 'config.json'}), which is not a "
+                         "directory here (a run from another machine, or started from another directory?); a resumed "
+                         f"run keeps its settings: put the same model at {cfg.model}, or a symbolic link to it")
+    return cfg, run
+
+
+def resume_checkpoint(run: Path, cfg: Settings) -> tuple[Path, dict]:
+    """The newest intact checkpoint of a resumed run, read once the run is held (no writer can be pruning it)."""
     try:
         ck, state = find_checkpoint(run)
     except checkpoints.CheckpointError as e:
@@ -694,7 +720,7 @@ def open_resume(args: argparse.Namespace) -> tuple[Settings, Path, tuple[Path, d
     if cfg.steps < state["step"]:
         usage_error(f"--steps {cfg.steps}: {run} is already at step {state['step']} ({ck.name}); allowed: "
                     f"--steps >= {state['step']}")
-    return cfg, run, (ck, state)
+    return ck, state
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -706,11 +732,27 @@ def new_run_dir(cfg: Settings) -> Path:
     resumed, so it starts again). One with a checkpoint holds a run: --resume it, or choose another --out."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = Path(cfg.out or f"runs/{cfg.task}-{cfg.algo}-{stamp}")
+    refuse_a_run_there(run)
+    return run
+
+
+def refuse_a_run_there(run: Path) -> None:
+    """Checked when the directory is chosen, and again once it is held (a run may have got there in between)."""
     if run.exists() and not run.is_dir():
         usage_error(f"--out {run}: is a file; allowed: a new or empty directory")
     if any((run / "checkpoints").glob("step-*")):
         usage_error(f"--out {run}: already holds a run; continue it with --resume {run}, or choose another --out")
-    return run
+
+
+def hold(directory: Path, option: str) -> checkpoints.RunHold | None:
+    """One writer per directory (checkpoints.hold_run_dir), taken before anything there is written. Under torchrun
+    rank 0 holds it for the whole job (the only process that writes); the others hold nothing."""
+    if distributed.env_rank() != 0:
+        return None
+    try:
+        return checkpoints.hold_run_dir(directory)
+    except checkpoints.RunHeld as e:
+        usage_error(f"{option} {directory}: {e}")
 
 
 def start_run_dir(run: Path, cfg: Settings) -> Settings:
@@ -727,24 +769,34 @@ def start_run_dir(run: Path, cfg: Settings) -> Settings:
     return cfg
 
 
+def checked_settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
+    """The settings and the run directory (None with --eval-only), checked before anything is loaded or written."""
+    if args.resume:
+        return resume_settings(args)
+    cfg = resolve(args)
+    validate(cfg, training=not args.eval_only)
+    if args.adapter and not args.eval_only:
+        usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
+    if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):
+        usage_error(f"--adapter {args.adapter}: not an adapter directory; allowed: a directory with "
+                    f"{' and '.join(ADAPTER_FILES)} (PEFT format, e.g. RUN_DIR/adapter)")
+    return cfg, None if args.eval_only else new_run_dir(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    world = World()
+    world, held, working = World(), None, False
     try:
-        if args.resume:
-            cfg, run, ck = open_resume(args)
-        else:
-            cfg, ck = resolve(args), None
-            validate(cfg, training=not args.eval_only)
-            if args.adapter and not args.eval_only:
-                usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
-            if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):
-                usage_error(f"--adapter {args.adapter}: not an adapter directory; allowed: a directory with "
-                            f"{' and '.join(ADAPTER_FILES)} (PEFT format, e.g. RUN_DIR/adapter)")
-            run = None if args.eval_only else new_run_dir(cfg)
-        task = check_inputs(cfg)  # seconds, where loading the weights takes minutes
+        cfg, run = checked_settings(args)
+        task = check_inputs(cfg, not args.eval_only, args.adapter)  # seconds; loading the weights takes minutes
+        if run is not None or cfg.out:  # before anything in the directory is written (or pruned)
+            held = hold(run or Path(cfg.out), "--resume" if args.resume else "--out")
+        ck = resume_checkpoint(run, cfg) if args.resume else None
+        if run is not None and ck is None:
+            refuse_a_run_there(run)
         world = distributed.from_env(cfg.device)  # under torchrun: this process's place among N; else World()
         on_device = dataclasses.replace(cfg, device=world.device) if world.size > 1 else cfg  # cuda:LOCAL_RANK
+        working = True  # from here on the directory may be written: the hold's record names this process
         if args.eval_only:
             eval_only(on_device, args.adapter, Path(cfg.out) if cfg.out else None, world)
             distributed.shutdown(world, synchronize=True)
@@ -762,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         train(dataclasses.replace(on_device, out=cfg.out), run, resume=ck is not None, task=task, checkpoint=ck,
               world=world)
         distributed.shutdown(world, synchronize=True)  # every process got here: end together
-    except (DataError, M.ModelNotFoundError, FileNotFoundError, ValueError, WriteError) as e:
+    except (DataError, M.ModelNotFoundError, M.CacheTooLarge, FileNotFoundError, ValueError, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # a write outside checkpoints.py's writers (mkdir): name the path
         raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}") from None
@@ -771,8 +823,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(130) from None
     finally:
         distributed.shutdown(world)
+        if held is not None:
+            held.release(restore=not working)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()  # an error raises SystemExit, with its own status, through the normal exit
+    if distributed.env_world_size() > 1:  # under torchrun: a finished run's status is not left to the teardown
+        distributed.exit_finished(status)
+    sys.exit(status)

@@ -107,3 +107,22 @@ def hf_checkpoint(path: Path, *, tie: bool, dtype: torch.dtype = torch.float32, 
     hf.to(dtype).save_pretrained(path, **kw)
     write_byte_tokenizer(path / "tokenizer.json")
     return path, hf.float()
+
+
+HOLDER = """import sys, time
+from pathlib import Path
+import checkpoints
+checkpoints.hold_run_dir(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_in_another_process(run: Path):
+    """A second process that holds `run` as train.py does (checkpoints.hold_run_dir) and sleeps; returned once it
+    holds it. The caller ends it (kill -9: the hold must go with it)."""
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert p.stdout.readline() == "held\n", "the holder did not start"
+    return p

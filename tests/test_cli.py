@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT, make_checkpoint, tiny_config, write_byte_tokenizer
 import checkpoints
+import checks
 import model as M
 import train
 from test_train import SMALL, write_svamp
@@ -121,6 +122,132 @@ def test_legal_but_useless_settings_start_with_a_warning(tmp_path, tiny, capsys,
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--eval-limit", "0",
                 "--out", str(tmp_path / "r"), *flags])
     assert capsys.readouterr().err.startswith(warning)
+
+
+# --- lengths the model cannot hold, and a KV cache no device here can hold (issue 19) ------------------------------
+
+# The multiplication prompt in the byte tokenizer: 151 bytes of text, one token each, and 5 special tokens (3
+# <|im_start|>, 2 <|im_end|>): 156 tokens. The tiny model has max_position_embeddings 1024, so at most 868 new ones.
+MULT_PROMPT = 156
+
+
+def test_the_multiplication_prompt_is_156_byte_tokens(tiny):
+    prompt = train.make_task("mult", M.Tokenizer(tiny / "tokenizer.json")).prompt((123, 456))
+    text = prompt.replace(M.IM_START, "").replace(M.IM_END, "")
+    assert (len(text.encode()), prompt.count(M.IM_START), prompt.count(M.IM_END)) == (151, 3, 2)
+    assert len(M.Tokenizer(tiny / "tokenizer.json").encode(prompt)) == MULT_PROMPT == 151 + 5
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-new-tokens", "1000000000"], "--max-new-tokens 1000000000: the longest training prompt (156 tokens, mult) "
+                                         "plus 1000000000 is 1000000156"),
+    (["--max-new-tokens", "869"], "--max-new-tokens 869: the longest training prompt (156 tokens, mult) plus 869 is "
+                                  "1025"),
+    (["--eval-max-new-tokens", "5000"], "--eval-max-new-tokens 5000: the longest test prompt (156 tokens, mult) plus "
+                                        "5000 is 5156"),
+    (["--eval-only", "--max-new-tokens", "2000"], "--max-new-tokens 2000: the longest test prompt (156 tokens, mult) "
+                                                  "plus 2000 is 2156")])
+def test_a_length_the_model_cannot_hold_is_refused_before_loading(tmp_path, tiny, capsys, no_loading, flags,
+                                                                   message):
+    """The fault: --max-new-tokens 1000000000 died in the KV cache's allocation, with a stack trace, after the
+    weights had loaded. The limit is config.json's max_position_embeddings, read before any weight."""
+    run = tmp_path / "run"
+    code, err = refused(["--model", str(tiny), "--out", str(run), *flags], capsys)
+    flag = flags[-2]
+    assert code == 2 and err == (f"error: {message}, beyond the model's max_position_embeddings 1024 "
+                                 f"({tiny / 'config.json'}); allowed: {flag} <= {1024 - MULT_PROMPT}\n")
+    assert not run.exists()
+
+
+def test_868_new_tokens_fit_the_tiny_model(tmp_path, tiny, no_loading):
+    """The limit is exact: with 868 the checks pass and the run goes on to load the weights (refused here)."""
+    with pytest.raises(AssertionError, match="the weights were loaded"):
+        train.main(["--model", str(tiny), "--out", str(tmp_path / "r"), "--max-new-tokens", str(1024 - MULT_PROMPT)])
+
+
+def test_the_bound_on_prompt_lengths_is_above_the_exact_length(tiny):
+    """check_inputs tokenizes the prompts only when a cheap bound (3 tokens per UTF-8 byte) says a limit may be
+    reached; the bound must never be below the real length (shipped data, the byte tokenizer and Qwen2's)."""
+    from conftest import assets
+    import os
+    tokenizers = [tiny / "tokenizer.json"] + ([assets() / "qwen2" / "tokenizer.json"]
+                                               if os.environ.get("TOKRL_ASSETS") else [])
+    for path in tokenizers:
+        tok = M.Tokenizer(path)
+        for name in ("mult", "svamp", "gsm8k"):
+            task = train.make_task(name, tok)
+            for examples in (task.train_set(), task.test_set()):
+                exact = checks.longest_prompt(task, tok, examples)
+                assert 0 < exact <= checks.longest_prompt(task, tok, examples, exact=False)
+
+
+def test_a_kv_cache_beyond_the_device_s_memory_is_refused_before_loading(tmp_path, tiny, capsys, no_loading,
+                                                                          monkeypatch):
+    """A length the model holds, but a cache no device here holds: 4 rows × (156 + 500) positions × 1025 bytes
+    (keys and values: 2 × 4 layers × 2 KV heads × 16 head dims × 4 bytes; 1 byte of mask) = 2,689,600 bytes, on a
+    device of 1 MiB. 1,048,576 // (4 × 1025) = 255 positions fit: 99 new tokens after the prompt."""
+    monkeypatch.setattr(checks, "device_memory", lambda device: (2**20, "a 1 MiB test device"))
+    run = tmp_path / "run"
+    code, err = refused(["--model", str(tiny), "--out", str(run), "-G", "4", "--max-new-tokens", "500"], capsys)
+    assert code == 2 and err == ("error: -G 4, --max-new-tokens 500: the KV cache alone (4 rows × 656 positions, "
+                                 "float32) needs 2,689,600 bytes (0.00 GiB), more than all 0.00 GiB of a 1 MiB test "
+                                 "device; allowed: --max-new-tokens <= 99 with -G 4, or a smaller -G\n")
+    assert not run.exists()
+
+
+# --- settings and files that fit another model, or another machine (issue 19) --------------------------------------
+
+def test_a_lora_fraction_that_adapts_no_layer_is_refused_before_loading(tmp_path, tiny, capsys, no_loading):
+    """Legal for the flag (0 < fraction <= 1), impossible for a 4-layer model: round(0.1 × 4) = 0 layers. Before,
+    the run directory was written and the weights loaded before lora.apply_lora refused."""
+    run = tmp_path / "run"
+    code, err = refused(["--model", str(tiny), "--out", str(run), "--lora-fraction", "0.1"], capsys)
+    assert code == 2 and err == (f"error: --lora-fraction 0.1: adapts round(0.1 × 4) = 0 of the model's 4 layers "
+                                 f"({tiny / 'config.json'}); allowed: --lora-fraction >= 0.125\n")
+    assert not run.exists()
+
+
+@pytest.fixture(scope="module")
+def adapter_of_tiny(tiny, tmp_path_factory) -> Path:
+    """A PEFT adapter for the tiny model: rank 8 on q_proj and v_proj of all 4 layers (hidden 64)."""
+    import lora
+    net = M.load_model(tiny)
+    lora.apply_lora(net, 8, 1.0, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    lora.save_adapter(net, out)
+    return out
+
+
+@pytest.mark.parametrize("other,why", [
+    (dict(num_hidden_layers=2), "adapter_config.json: layers_to_transform [0, 1, 2, 3] names layers this model does "
+                                "not have (it has 2: 0..1); the adapter was trained for another model"),
+    (dict(hidden_size=32, intermediate_size=64), "adapter_model.safetensors: base_model.model.model.layers.0.self_attn."
+                                                 "q_proj.lora_A.weight has shape (8, 64), expected (8, 32)")],
+    ids=["fewer layers", "another hidden size"])
+def test_an_adapter_of_another_model_is_refused_before_the_weights_load(tmp_path, adapter_of_tiny, no_loading, other,
+                                                                        why):
+    """`--eval-only --adapter` with an adapter trained on another model: before, a stack trace (IndexError) or an
+    error after the base's weights had loaded. Now it is loaded onto a weightless (meta) copy of the model first."""
+    model = make_checkpoint(tmp_path / "other", tiny_config(**other))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(model), "--eval-only", "--adapter", str(adapter_of_tiny), "--device", "cpu"])
+    assert str(e.value) == (f"error: --adapter {adapter_of_tiny} cannot be applied to the model {model}: "
+                            f"{adapter_of_tiny}/{why}")
+
+
+def test_the_adapter_check_accepts_its_own_model(tiny, adapter_of_tiny, tmp_path):
+    assert train.main(["--model", str(tiny), "--eval-only", "--adapter", str(adapter_of_tiny), "--device", "cpu",
+                       "--eval-limit", "1", "--max-new-tokens", "2"]) == 0
+
+
+def test_more_threads_than_cores_start_with_a_warning(tmp_path, tiny, capsys, no_loading):
+    """Legal, but slower, not faster. The warning comes with the settings' check, before the model's: here a length
+    the model cannot hold stops the run there (a run would start its 10,000 threads)."""
+    code, err = refused(["--model", str(tiny), "--out", str(tmp_path / "r"), "--threads", "10000",
+                         "--max-new-tokens", "1000"], capsys)
+    assert code == 2 and err.startswith(f"warning: --threads 10000: more threads than this machine's "
+                                        f"{os.cpu_count()} cores: the extra ones can only wait for a core\n"
+                                        "error: --max-new-tokens 1000: ")
 
 
 # --- the model directory and the data, before any weight is loaded --------------------------------------------------
@@ -235,6 +362,21 @@ def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, no_loading
     code, err = refused(["--resume", str(two_steps), "--steps", "1"], capsys)
     assert code == 2 and err == (f"error: --steps 1: {two_steps} is already at step 2 (step-000002); allowed: "
                                  "--steps >= 2\n")
+    assert files(two_steps) == before
+
+
+def test_resume_of_a_run_whose_model_is_not_here_says_where_to_put_it(two_steps, no_loading):
+    """A run directory copied from another machine records a --model path that does not exist here (and a resume may
+    not change it): one line naming the path and what to do, nothing written."""
+    config = json.loads((two_steps / "config.json").read_text())
+    (two_steps / "config.json").write_text(json.dumps({**config, "model": "/elsewhere/models/tiny"}))
+    before = files(two_steps)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(two_steps)])
+    assert str(e.value) == (f"error: {two_steps} was recorded with --model /elsewhere/models/tiny "
+                            f"({two_steps / 'config.json'}), which is not a directory here (a run from another "
+                            "machine, or started from another directory?); a resumed run keeps its settings: put the "
+                            "same model at /elsewhere/models/tiny, or a symbolic link to it")
     assert files(two_steps) == before
 
 

@@ -28,7 +28,7 @@ import torch
 
 import distributed
 from distributed import World
-from conftest import ROOT, make_checkpoint
+from conftest import ROOT, hold_in_another_process, make_checkpoint
 
 ALGOS = ["grpo", "sgrpo", "tspmo", "ppo", "dpo"]
 
@@ -67,14 +67,15 @@ def spawn(args: list[str], n: int = 2, timeout: int = 240, tries: int = 2) -> No
         assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}\n{err[-3000:]}"
 
 
-def torchrun(args: list[str], n: int = 2, timeout: int = 240, fault: str | None = None) -> str:
+def torchrun(args: list[str], n: int = 2, timeout: int = 240, fault: str | None = None, fails: bool = False,
+             env: dict | None = None) -> str:
     """train.py under torchrun (--standalone: a local rendezvous on a free port); returns its output. `fault`:
     TOKRL_FAULT for the processes (checkpoints.fault: the one that reaches the point kills itself), and the run
-    must then fail."""
-    env = {**child_env(), **({"TOKRL_FAULT": fault} if fault else {})}
+    must then fail; `fails`: the run must fail for another reason; `env`: the environment (default child_env())."""
+    env = {**(env or child_env()), **({"TOKRL_FAULT": fault} if fault else {})}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                         "train.py", *args], env=env, cwd=ROOT, text=True, capture_output=True, timeout=timeout)
-    assert (r.returncode != 0) == bool(fault), f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert (r.returncode != 0) == (bool(fault) or fails), f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
 
 
@@ -247,8 +248,7 @@ def restore(params, values) -> None:
 
 if __name__ == "__main__" and sys.argv[1] == "worker":
     worker(sys.argv[2], sys.argv[3])
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)  # the results are written and the group destroyed: skip the interpreter's teardown of gloo's threads
+    distributed.exit_finished(0)  # the results are written and the group destroyed: no teardown, as train.py's
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -438,6 +438,42 @@ def test_resume_with_another_number_of_processes_is_refused(cli_runs, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", str(tmp_path / "two"), "--steps", "5"])
     assert "written by 2 process(es) and this run has 1" in str(e.value)
+
+
+def test_an_abort_in_the_interpreter_teardown_cannot_fail_a_finished_torchrun_run(cli_runs, tmp_path):
+    """Issue 19: a gloo process that aborts at exit ("terminate called without an active exception") after its run
+    is written would make torchrun count a finished run as failed. Injected: every worker's interpreter teardown
+    aborts (SIGABRT, from an atexit handler that a sitecustomize module installs in each process torchrun starts).
+    A finished run still exits 0 with every file: the CLI ends a torchrun process without that teardown."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import atexit, os\nif 'LOCAL_RANK' in os.environ:  # torchrun's workers\n"
+                                           "    atexit.register(os.abort)\n")
+    env = {**child_env(), "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    plain = subprocess.run([sys.executable, "-c", "pass"], env={**env, "LOCAL_RANK": "0"}, capture_output=True)
+    assert plain.returncode == -6  # the injection works: a process that exits normally aborts
+    model = cli_runs["one"].parent / "tiny"
+    out = torchrun(["--model", str(model), "--out", str(tmp_path / "run"), *CLI], env=env)
+    assert out.count("done:") == 1 and run_files(tmp_path / "run") == run_files(cli_runs["one"])
+
+
+def test_one_hold_serves_a_torchrun_job_and_a_held_directory_stops_the_whole_job(cli_runs, tmp_path):
+    """Rank 0 alone holds the run directory for the job (the 2-process runs above ran: rank 1 was never refused, and
+    the hold names one process). A job started on a directory another process holds stops: rank 0 with the one line,
+    torchrun then ends rank 1 (no rendezvous left waiting), and the directory is byte-identical."""
+    import shutil
+    import checkpoints
+    assert json.loads((cli_runs["two"] / checkpoints.HOLD_FILE).read_text())["pid"] > 0
+    run = Path(shutil.copytree(cli_runs["two"], tmp_path / "two"))
+    holder = hold_in_another_process(run)
+    try:
+        before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+        out = torchrun(["--resume", str(run), "--steps", "5"], fails=True, timeout=120)
+        assert out.count(f"error: --resume {run}: in use by another process (pid {holder.pid} on ") == 1
+        assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")

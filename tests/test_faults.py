@@ -1,7 +1,8 @@
 """Faults injected and survived. The training process is killed with SIGKILL at every write point of a checkpoint and
 of the logs (checkpoints.FAULT_POINTS), then resumed: the final adapter, the optimizer state and the metrics (less
 timings) are bit-identical to a run that was never interrupted. Also: resume from every step of every task × algo,
-torn log lines, broken checkpoints, stale temporary files, a full disk, Ctrl-C, and non-finite weights.
+torn log lines, broken checkpoints, stale temporary files, a full disk, Ctrl-C, non-finite weights, and a second
+process started on a run directory that one already writes.
 
 The killed runs are forked from this process (torch is already imported, so a run costs a fraction of a second); the
 child sets TOKRL_FAULT=POINT:N and checkpoints.fault kills it with SIGKILL the N-th time it reaches POINT."""
@@ -14,6 +15,10 @@ import os
 import random
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +29,7 @@ import checkpoints
 import model as M
 import tasks
 import train
+from conftest import ROOT, hold_in_another_process
 from test_train import write_gsm8k
 
 TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
@@ -102,7 +108,12 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert oa["evals"] == ob["evals"]
     names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names(a) == names(b)
-    assert not [p for p in b.rglob(".*")], "temporary files left behind"
+    assert not stray(b), "temporary files left behind"
+
+
+def stray(run: Path) -> list[Path]:
+    """Hidden files other than the run's hold (RUN/.lock, which stays by design, naming the last holder)."""
+    return [p for p in run.rglob(".*") if p != run / checkpoints.HOLD_FILE]
 
 
 def killed(point: str, n: int, args: list[str]) -> int | None:
@@ -351,7 +362,7 @@ def test_disk_full_names_the_path_and_what_is_safe(done, tmp_path, tiny, monkeyp
     assert f"{ck}, is whole and untouched; once the disk has room, continue with python train.py --resume {run}" in msg
     named = msg.split("cannot write ", 1)[1].split(":", 1)[0]
     assert named.endswith({"state.pt": "step-000002", "adapter_model.safetensors": "step-000002"}.get(target, target))
-    assert not list(run.rglob(".*")) and (run / "metrics.jsonl").read_text().endswith("\n")
+    assert not stray(run) and (run / "metrics.jsonl").read_text().endswith("\n")
     assert (run / "curves.svg").stat().st_size > 0 if (run / "curves.svg").exists() else target == "curves.svg"
     train.main(["--resume", str(run)])
     assert_same_run(done, run)
@@ -478,3 +489,120 @@ def test_save_checkpoint_refuses_non_finite_state(tmp_path, tiny):
     with pytest.raises(checkpoints.NonFiniteState, match="lora_B is not finite: checkpoint of step 7 not written"):
         checkpoints.save_checkpoint(tmp_path, 7, net, opt, {}, "m")
     assert not (tmp_path / "checkpoints").exists()
+
+
+# --- a KV cache the device cannot hold at run time (issue 19) -------------------------------------------------------
+
+def test_a_kv_cache_the_device_cannot_allocate_stops_the_run_with_its_size(done, tmp_path, tiny, monkeypatch):
+    """Step 2's group needs its KV cache and the allocator refuses (the CPU's own message; on a GPU, CUDA's out of
+    memory): one line naming -G, --max-new-tokens, the bytes and the device, and the last checkpoint (step 1),
+    byte-identical. With the memory back, the resume gives the uninterrupted run."""
+    run, real, seen = tmp_path / "run", torch.empty, {}
+
+    def empty(*shape, **kw):  # the G-row keys of step 2: (G, K, positions, D) = (4, 2, S, 16)
+        dims = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if len(dims) == 4 and dims[:2] == (4, 2) and (run / "checkpoints" / "step-000001").is_dir() and not seen:
+            seen["checkpoints"] = snapshot(run / "checkpoints")
+            raise RuntimeError(f"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               f"memory: you tried to allocate {4 * dims[2] * 2 * 16 * 4} bytes. Error code 12")
+        return real(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2"))
+    monkeypatch.setattr(torch, "empty", real)
+    msg = str(e.value)
+    positions = int(msg.split("rows × positions = 4 × ")[1].split(")")[0])
+    assert msg.startswith(f"error: the KV cache for -G 4, --max-new-tokens 8 (rows × positions = 4 × {positions}) "
+                          f"needs {4 * positions * 1025:,} bytes (0.00 GiB) on cpu, which could not be allocated "
+                          "(RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                          "allocate memory: ")
+    assert msg.endswith(f". Stopped: the last checkpoint, {run / 'checkpoints' / 'step-000001'}, is whole and "
+                        f"untouched; with memory freed on cpu, continue with python train.py --resume {run}, or start "
+                        "a new run with fewer rows or new tokens")
+    assert snapshot(run / "checkpoints") == seen["checkpoints"]
+    assert [m["step"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")] == [1]
+    train.main(["--resume", str(run)])
+    assert_same_run(done, run)
+
+
+# --- a second process: one run directory, one writer (issue 19) ------------------------------------------------------
+
+def snapshot(run: Path) -> dict:
+    """Every file's bytes and every directory's name under `run`."""
+    return {str(p.relative_to(run)): p.read_bytes() if p.is_file() else None for p in sorted(run.rglob("*"))}
+
+
+def refusal(run: Path, option: str, holder_pid: int) -> str:
+    """The one line a second process prints, naming the holder as its RUN/.lock records it."""
+    rec = json.loads((run / checkpoints.HOLD_FILE).read_text())
+    assert rec["pid"] == holder_pid and rec["host"] == socket.gethostname() and rec["started"][:2] == "20"
+    return (f"error: {option} {run}: in use by another process (pid {holder_pid} on {rec['host']}, started "
+            f"{rec['started']}; its hold: {run / checkpoints.HOLD_FILE}); a run directory has one writer at a time: "
+            "wait for that process to end, or stop it\n")
+
+
+def wait_for(path: Path, proc: subprocess.Popen, last: str | None = None, timeout: float = 120) -> str:
+    """Wait until `path` exists (and holds something other than `last`); returns its text."""
+    end = time.time() + timeout
+    while not path.exists() or path.read_text() == last:
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {path} changed"
+        assert time.time() < end, f"{path} did not change in {timeout} s"
+        time.sleep(0.1)
+    return path.read_text()
+
+
+def test_a_second_resume_stops_before_touching_a_running_run_and_kill_9_frees_it(tmp_path, tiny):
+    """The fault: two `train.py --resume RUN` a second apart both ran; the second pruned the checkpoint the first was
+    writing and finished over its files. Now the second (a real CLI process) stops with exit status 2 and one line
+    naming the directory and the holder (pid, host, start time); the first trains on, its files untouched (no
+    resumes.jsonl line). SIGKILL ends the first's hold with it: the next resume runs with nothing cleaned by hand."""
+    run, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = argv(tiny, tmp_path, "mult", "sgrpo", run, "--steps", "100000", "--eval-every", "0")
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        latest = wait_for(run / "checkpoints" / "latest", first)
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert (second.returncode, second.stdout) == (2, "")
+        assert second.stderr == refusal(run, "--resume", first.pid)
+        wait_for(run / "checkpoints" / "latest", first, last=latest)  # the first writes on
+        assert not (run / "resumes.jsonl").exists()
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / checkpoints.HOLD_FILE).exists()  # the dead holder's file stays; its hold does not
+    _, state = checkpoints.find_checkpoint(run)
+    assert train.main(["--resume", str(run), "--steps", str(state["step"] + 1)]) == 0
+    assert [m["step"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")] == list(range(1, state["step"] + 2))
+    assert json.loads((run / checkpoints.HOLD_FILE).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("how", ["--resume", "--out", "--eval-only --out"])
+def test_a_held_directory_is_refused_before_anything_is_loaded_or_written(tmp_path, tiny, monkeypatch, capsys, how):
+    """While another process holds RUN: a resume of it, a new run with --out RUN, and --eval-only --out RUN each stop
+    before the weights load, with one line and exit status 2, and leave RUN byte-identical (its .lock included).
+    Once the holder is killed (SIGKILL), the same command runs."""
+    run = tmp_path / "run"
+    if how == "--resume":
+        train.main(argv(tiny, tmp_path, "mult", "sgrpo", run, "--eval-every", "0"))
+    command = {"--resume": ["--resume", str(run)], "--out": argv(tiny, tmp_path, "mult", "sgrpo", run),
+               "--eval-only --out": ["--eval-only", "--model", str(tiny), "--device", "cpu", "--eval-limit", "2",
+                                     "--max-new-tokens", "4", "--out", str(run)]}[how]
+    holder = hold_in_another_process(run)
+    try:
+        before = snapshot(run)
+        with monkeypatch.context() as m:
+            m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                train.main(command)
+        assert e.value.code == 2 and capsys.readouterr().err == refusal(run, how.split()[-1], holder.pid)
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(command + (["--steps", str(STEPS + 1)] if how == "--resume" else [])) == 0
+    done = "eval.json" if how == "--eval-only --out" else "adapter"
+    assert (run / done).exists() and json.loads((run / checkpoints.HOLD_FILE).read_text())["pid"] == os.getpid()

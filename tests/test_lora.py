@@ -123,7 +123,7 @@ def test_adapter_norms_by_hand(tmp_path):
         for mod in mods:
             mod.lora_A.copy_(torch.randn(mod.lora_A.shape, generator=g)), mod.lora_B.copy_(torch.randn(
                 mod.lora_B.shape, generator=g))
-    explicit = sum(float((mod.lora_B @ mod.lora_A).pow(2).sum()) for mod in mods) ** 0.5
+        explicit = sum(float((mod.lora_B @ mod.lora_A).pow(2).sum()) for mod in mods) ** 0.5
     assert lora.adapter_norms(m)["lora_BA_norm"] == pytest.approx(explicit, rel=1e-5)
 
 

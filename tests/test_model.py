@@ -117,6 +117,22 @@ def test_group_rows_decode_from_their_own_cache(tiny_dir, monkeypatch):
             assert (got - want).abs().max() < 1e-4
 
 
+def test_a_kv_cache_the_allocator_refuses_is_named_with_its_bytes(tiny_dir):
+    """The real CPU allocator, asked for the prompt's one row × (3 + 2^37) positions: 1025 bytes a row and
+    position (keys and values: 2 × 4 layers × 2 KV heads × 16 head dims × 4 bytes, and 1 byte of mask), 141 TB.
+    Its RuntimeError becomes one CacheTooLarge naming rows, positions, bytes and device."""
+    m = M.load_model(tiny_dir)
+    positions = 3 + 2**37
+    assert M.cache_bytes(m.config, 4, positions, torch.float32) == 4 * positions * (2 * 4 * 2 * 16 * 4 + 1)
+    with pytest.raises(M.CacheTooLarge) as e:
+        M.sample(m, [1, 2, 3], 4, 2**37, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    nbytes = positions * 1025
+    assert (e.value.rows, e.value.positions, e.value.nbytes, e.value.device) == (1, positions, nbytes, "cpu")
+    assert str(e.value).startswith(f"the KV cache (rows × positions = 1 × {positions}) needs {nbytes:,} bytes "
+                                   f"({nbytes / 2**30:.2f} GiB) on cpu, which could not be allocated (RuntimeError: ")
+    assert "can't allocate memory" in str(e.value)
+
+
 def test_sampling_is_deterministic_under_a_seed(tiny_dir):
     m = M.load_model(tiny_dir)
     a = M.sample(m, [1, 2, 3], 5, 10, temperature=0.7, generator=torch.Generator().manual_seed(42))

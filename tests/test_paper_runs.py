@@ -1,15 +1,18 @@
-"""The paper's runs as a user starts them (issue 9): the shipped SVAMP split, --reward per task, T-SPMO's logs of
-fresh and replay groups, --accum with replay, and E1 read off Trainer.train_step. CPU, tiny models."""
+"""The paper's runs as a user starts them (issue 9): the shipped SVAMP split (and GSM8K's, issue 19: no task needs
+the network), --reward per task, T-SPMO's logs of fresh and replay groups, --accum with replay, and E1 read off
+Trainer.train_step. CPU, tiny models."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assets
+from conftest import assets, make_checkpoint, tiny_config
 import checkpoints
 import lora
 import model as M
@@ -46,16 +49,16 @@ def test_svamp_eval_only_scores_the_paper_s_300_problems_for_every_seed(tmp_path
     """A newcomer's `python train.py --task svamp --eval-only --model DIR`: no --data, no network; the same 300
     problems whatever --seed (before: a download, then a seeded 70/30 split that changed with the seed)."""
     seen = []
-    real = tasks.Svamp.prompt
+    real = tasks.Svamp.reward  # each evaluated problem is scored once (check_inputs builds the prompts too)
     for seed in ("0", "5"):
         seen.append([])
-        tasks.Svamp.prompt = lambda self, ex, box=seen[-1]: box.append(ex["ID"]) or real(self, ex)
+        tasks.Svamp.reward = lambda self, text, ex, box=seen[-1]: box.append(ex["ID"]) or real(self, text, ex)
         try:
             assert train.main(["--task", "svamp", "--eval-only", "--model", str(tiny), "--device", "cpu", "--seed",
                                seed, "--max-new-tokens", "1", "--eval-batch", "100",
                                "--out", str(tmp_path / seed)]) == 0
         finally:
-            tasks.Svamp.prompt = real
+            tasks.Svamp.reward = real
         assert json.loads((tmp_path / seed / "eval.json").read_text())["n"] == 300
     assert seen[0] == seen[1] == [r["ID"] for r in json.loads((tasks.Svamp.SHIPPED / "test.json").read_text())]
     assert "on 300 svamp test examples" in capsys.readouterr().out
@@ -68,6 +71,59 @@ def test_a_lone_svamp_json_is_split_the_same_way_for_every_run(tmp_path):
     b = tasks.make_task("svamp", None, str(tmp_path / "SVAMP.json"))
     assert [r["ID"] for r in a[1]] == [r["ID"] for r in b.test] and len(a[1]) == 6
     assert "not the paper's split" in a[2]
+
+
+# --- issue 19: GSM8K ships the same way, and no task touches the network ------------------------------------------
+
+GSM8K_SHA256 = {"test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+                "train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"}
+
+
+def test_default_gsm8k_data_is_the_shipped_7473_1319_files():
+    g = tasks.Gsm8k(None, None)
+    assert (len(g.train), len(g.test)) == (7473, 1319) and g.test[0]["answer"] == "18"
+    for name, digest in GSM8K_SHA256.items():  # openai/grade-school-math's files, byte for byte
+        assert hashlib.sha256((tasks.Gsm8k.SHIPPED / name).read_bytes()).hexdigest() == digest
+    licence = (tasks.Gsm8k.SHIPPED / "LICENSE").read_text()
+    assert licence.startswith("MIT License") and "Copyright (c) 2021 OpenAI" in licence
+
+
+def test_shipped_gsm8k_files_are_the_shared_ones():
+    shared = assets() / "data" / "gsm8k"
+    for f in ("train.jsonl", "test.jsonl", "LICENSE"):
+        assert (tasks.Gsm8k.SHIPPED / f).read_bytes() == (shared / f).read_bytes()
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> Path:
+    """A machine without network and with nothing cached: every socket connection fails, HF_HUB_OFFLINE is set, and
+    HOME and TOKRL_CACHE (where a download used to go) are empty. Returns that home."""
+    def unreachable(*a, **k):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable (cut by the test)")
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    home = tmp_path / "home"
+    home.mkdir()
+    for var, value in (("HOME", home), ("TOKRL_CACHE", home / "cache"), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(var, str(value))
+    return home
+
+
+def test_gsm8k_eval_only_scores_the_shipped_1319_problems_offline(tmp_path, offline, monkeypatch):
+    """`python train.py --task gsm8k --eval-only` with no network and no --data: the 1,319 shipped test problems,
+    each scored once, in the file's order (before: a download into ~/.cache/tokrl, which fails here). A one-layer
+    model on the byte tokenizer keeps it to seconds."""
+    model = make_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1, num_attention_heads=1,
+                                                        num_key_value_heads=1, hidden_size=32, intermediate_size=32))
+    scored, real = [], tasks.Gsm8k.reward
+    monkeypatch.setattr(tasks.Gsm8k, "reward", lambda self, text, ex: scored.append(ex["question"]) or
+                        real(self, text, ex))
+    assert train.main(["--task", "gsm8k", "--eval-only", "--model", str(model), "--device", "cpu", "--threads", "1",
+                       "--max-new-tokens", "1", "--eval-batch", "16", "--out", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["n"] == 1319
+    shipped = (tasks.Gsm8k.SHIPPED / "test.jsonl").read_text().splitlines()
+    assert scored == [json.loads(line)["question"] for line in shipped]
+    assert list(offline.rglob("*")) == []  # nothing downloaded, nothing cached
 
 
 # --- item 9: --reward per task -----------------------------------------------------------------------------------

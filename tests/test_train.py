@@ -95,8 +95,9 @@ def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
 def test_resume_continues_the_mult_data_stream(tmp_path, tiny, monkeypatch):
     """The training pairs after a resume are the ones an uninterrupted run would draw next."""
     seen = []
-    real_prompt = tasks.Mult.prompt
-    monkeypatch.setattr(tasks.Mult, "prompt", lambda self, ex: seen.append(ex) or real_prompt(self, ex))
+    real = train.Trainer.sample_group  # the example each step samples for (check_inputs builds other prompts too)
+    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, ex, *a: seen.append(ex) or
+                        real(self, prompt, ex, *a))
     common = ["--algo", "sgrpo", "--task", "mult", "--model", str(tiny), *SMALL, "--eval-every", "0"]
     train.main([*common, "--steps", "4", "--eval-limit", "0", "--out", str(tmp_path / "a")])
     straight, seen[:] = list(seen), []

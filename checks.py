@@ -1,0 +1,132 @@
+"""The settings against the model and this machine, checked before any weight is loaded: seconds, where loading the
+weights takes minutes. settings.py checks each setting alone; train.check_inputs reads the model directory
+(model.check_model_dir: config.json, tokenizer.json, the safetensors headers) and the data (tasks.py), then calls
+check_against_model:
+
+    an --adapter     loaded onto a weightless (meta) copy of the model: layers, projections, shapes   check_adapter
+    --lora-fraction  adapts at least one of the model's layers                                       check_against_model
+    lengths          the longest prompt plus the new tokens within config.json's                      position_problem
+                     max_position_embeddings
+    the KV cache     its rows × (prompt + new tokens) within the device's whole memory                memory_problem
+
+A refused setting is one line, `error: --flag VALUE: why; allowed: ...`, and exit status 2; an adapter that does not
+fit is named with the mismatch (exit status 1).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+import distributed
+import lora
+import model as M
+from settings import Settings, usage_error
+from tasks import Task
+
+
+
+
+def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: M.Tokenizer, task: Task,
+                        model_dir: Path, training: bool = True, adapter: str | None = None) -> None:
+    """An --adapter, and what the settings ask of this model and this machine (LoRA layers, positions, KV cache
+    memory). `model_cfg` and `tok` come from model.check_model_dir: nothing here reads a weight."""
+    if adapter:
+        check_adapter(adapter, model_cfg, model_dir)
+    if training and lora.num_lora_layers(model_cfg.num_hidden_layers, cfg.lora_fraction) < 1:
+        L = model_cfg.num_hidden_layers
+        usage_error(f"--lora-fraction {cfg.lora_fraction}: adapts round({cfg.lora_fraction} × {L}) = 0 of the "
+                    f"model's {L} layers ({model_dir / 'config.json'}); allowed: --lora-fraction >= {0.5 / L:.4g}")
+    for exact in (False, True):  # an upper bound on the prompts' lengths first: tokenizing them all takes seconds
+        uses = cache_uses(cfg, task, tok, training, exact)
+        problem = (position_problem(cfg, model_cfg, uses, model_dir / "config.json") or
+                   memory_problem(cfg, model_cfg, uses))
+        if problem is None:
+            return
+    usage_error(problem)
+
+
+def check_adapter(adapter: str, model_cfg: M.Qwen2Config, model_dir: Path) -> None:
+    """The adapter fits this model (its layers, projections, ranks and tensor shapes): loaded, as --eval-only will
+    load it, onto a copy of the model on the meta device, which holds no weights."""
+    with torch.device("meta"):
+        net = M.Qwen2ForCausalLM(model_cfg)
+    try:
+        lora.load_adapter(net, adapter)
+    except ValueError as e:
+        raise ValueError(f"--adapter {adapter} cannot be applied to the model {model_dir}: {e}") from None
+
+
+class CacheUse(NamedTuple):
+    """A KV cache the run builds: for sampling (G rows) or for the greedy evaluation (--eval-batch rows)."""
+    prompts: str  # "training" or "test": whose longest prompt starts each row
+    prompt_len: int  # that prompt, in tokens
+    length_flag: str  # the flag that sets the new tokens
+    new_tokens: int
+    rows_flag: str  # the flag that sets the rows
+    rows_setting: int
+    rows: int  # rows in one process's cache (with N processes each holds its share)
+
+
+def cache_uses(cfg: Settings, task: Task, tok: M.Tokenizer, training: bool, exact: bool) -> list[CacheUse]:
+    """The caches a run builds: sampling's (training only) and the evaluation's; with N processes, each one's share."""
+    n = distributed.env_world_size()
+    tested = task.test_set()[: cfg.eval_limit]
+    eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
+    eval_new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    uses = [CacheUse("test", longest_prompt(task, tok, tested, exact), eval_flag, eval_new_tokens, "--eval-batch",
+                     cfg.eval_batch, min(cfg.eval_batch, -(-len(tested) // n)))]
+    if training:
+        uses.insert(0, CacheUse("training", longest_prompt(task, tok, task.train_set(), exact), "--max-new-tokens",
+                                cfg.max_new_tokens, "-G", cfg.group_size, -(-cfg.group_size // n)))
+    return uses
+
+
+def longest_prompt(task: Task, tok: M.Tokenizer, examples: list, exact: bool = True) -> int:
+    """Tokens in the longest prompt of `examples` (0 for none). exact=False: an upper bound, 3 per UTF-8 byte, with
+    no tokenizing: a Qwen2 tokenizer (byte-level BPE) gives at most one token per byte of the NFC-normalised text,
+    and NFC at most triples a text's UTF-8 bytes (Unicode's stated maximum expansion)."""
+    prompts = [task.prompt(ex) for ex in examples]
+    if not exact:
+        return 3 * max((len(p.encode()) for p in prompts), default=0)
+    return max((len(e.ids) for e in tok.tk.encode_batch(prompts, add_special_tokens=False)), default=0)
+
+
+def position_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse], where: Path) -> str | None:
+    """The longest prompt plus the new tokens must fit the positions the model was built for."""
+    limit = model_cfg.max_position_embeddings
+    for u in uses:
+        if u.prompt_len + u.new_tokens > limit:
+            allowed = (f"{u.length_flag} <= {limit - u.prompt_len}" if limit > u.prompt_len else
+                       "none: the prompt alone fills the model's positions (a model with more, or shorter prompts)")
+            return (f"{u.length_flag} {u.new_tokens}: the longest {u.prompts} prompt ({u.prompt_len} tokens, "
+                    f"{cfg.task}) plus {u.new_tokens} is {u.prompt_len + u.new_tokens}, beyond the model's "
+                    f"max_position_embeddings {limit} ({where}); allowed: {allowed}")
+    return None
+
+
+def memory_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse]) -> str | None:
+    """The KV cache alone must fit the device's memory (the weights need more besides: this refuses only the
+    impossible; what is merely too much shows when the cache is allocated, as M.CacheTooLarge)."""
+    total, device = device_memory(cfg.device)
+    for u in uses:
+        need = M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, M.DTYPES[cfg.dtype])
+        if need > total:
+            fits = total // M.cache_bytes(model_cfg, u.rows, 1, M.DTYPES[cfg.dtype]) - u.prompt_len
+            return (f"{u.rows_flag} {u.rows_setting}, {u.length_flag} {u.new_tokens}: the KV cache alone "
+                    f"({u.rows} rows × {u.prompt_len + u.new_tokens} positions, {cfg.dtype}) needs {need:,} bytes "
+                    f"({need / 2**30:.2f} GiB), more than all {total / 2**30:.2f} GiB of {device}; allowed: "
+                    + (f"{u.length_flag} <= {fits} with {u.rows_flag} {u.rows_setting}, or a smaller "
+                       f"{u.rows_flag}" if fits >= 1 else f"a smaller {u.rows_flag}"))
+    return None
+
+
+def device_memory(device: str) -> tuple[int, str]:
+    """(bytes, name): a GPU's total memory (under torchrun: cuda:LOCAL_RANK's), or the machine's RAM for the CPU."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        index = d.index if d.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM (--device cpu)"
