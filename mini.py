@@ -133,8 +133,9 @@ def run_all(jobs: list[Job], parallel: int, log=say) -> list[dict]:
     if parallel <= 1:
         bases: dict[str, tuple] = {}
         for j in jobs:
-            report(run_job(j, bases.setdefault(j.cfg.model, train.load_everything(j.cfg))
-                           if j.cfg.model not in bases else bases[j.cfg.model]))
+            if j.cfg.model not in bases:
+                bases[j.cfg.model] = train.load_everything(j.cfg)
+            report(run_job(j, bases[j.cfg.model]))
     else:  # spawn: a fresh interpreter per worker (forking after torch's thread pool started can hang)
         with multiprocessing.get_context("spawn").Pool(parallel) as pool:
             for r in pool.imap_unordered(run_job, jobs):

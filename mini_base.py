@@ -226,7 +226,8 @@ def stages(setting: str, s) -> list[Stage]:
     if setting == "first-token":
         def mix(cot: float):
             return lambda a, b: (f"{a}*{b}=", trace(a, b) if rng.random() < cot else bare(a, b))
-        return [Stage("traces", s.cot_steps, s.lr, 100, mix(1.0)), Stage("mix", s.mix_steps, s.mix_lr, 0, mix(s.mix_cot))]
+        return [Stage("traces", s.cot_steps, s.lr, 100, mix(1.0)),
+                Stage("mix", s.mix_steps, s.mix_lr, 0, mix(s.mix_cot))]
     return [Stage("slips", s.steps, s.lr, 100,
                   lambda a, b: (f"{a}*{b}= ", steps_trace(a, b, tuple(rng.random() < s.slip for _ in range(3)))))]
 
@@ -331,8 +332,8 @@ def evaluate_steps(net, tok: M.Tokenizer, task: MiniMult, limit: int | None = No
         rewards += rs
         right += [steps_right(t, *ex) for t in texts]
         wins += any(r == 1.0 for r in rs)
-        branches += [(p, step_of(t, p)) for p, t in zip(branch_points(texts, rs), (t for t, r in zip(texts, rs)
-                                                                                  if r < 1.0))]
+        failures = [t for t, r in zip(texts, rs) if r < 1.0]
+        branches += [(p, step_of(t, p)) for p, t in zip(branch_points(texts, rs), failures)]
     n = len(right)
     given = [sum(r[k] for r in right if all(r[:k])) / max(sum(all(r[:k]) for r in right), 1) for k in range(3)]
     return {"accuracy": statistics.fmean(task.reward(t, ex) for t, ex in zip(greedy_texts, data)),
