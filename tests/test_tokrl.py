@@ -142,7 +142,7 @@ def test_per_completion_gradient_equals_batched_gradient(tmp_path, algo):
     zero(m)
     st = tokrl.grpo_backward(m, PROMPT, COMPLETIONS, REWARDS, beta=0.5, selection=selection)
     fast = grads(m)
-    assert st.loss == pytest.approx(float(loss_slow), abs=1e-6)
+    assert st.loss == pytest.approx(loss_slow.item(), abs=1e-6)
     assert st.forwards == 4 and st.tokens_in_loss == (17 if selection is None else sum(map(len, selection)))
     rel = (fast - slow).norm() / slow.norm()
     print(f"\n{algo}: per-completion vs batched gradient, relative error {rel:.2e}")
