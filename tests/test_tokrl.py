@@ -268,8 +268,8 @@ def test_tspmo_logs_policy_and_l2_terms_and_their_gradient_norms(tmp_path):
     for p in params:  # another prompt's gradient already accumulated: it must not count
         p.grad = torch.full_like(p, 0.7)
     st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, REWARDS, lam=lam, scale=scale)
-    assert st.policy_loss == pytest.approx(float(policy), rel=1e-5)
-    assert st.l2_loss == pytest.approx(float(l2), rel=1e-6)
+    assert st.policy_loss == pytest.approx(policy.item(), rel=1e-5)
+    assert st.l2_loss == pytest.approx(l2.item(), rel=1e-6)
     assert st.loss == pytest.approx(st.policy_loss + st.l2_loss, rel=1e-9)
     assert (st.policy_grad_norm, st.policy_grad_norm_A) == pytest.approx(want_policy, rel=1e-4)
     assert (st.l2_grad_norm, st.l2_grad_norm_A) == pytest.approx(want_l2, rel=1e-5)
