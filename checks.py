@@ -27,8 +27,6 @@ from settings import Settings, usage_error
 from tasks import Task
 
 
-
-
 def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: M.Tokenizer, task: Task,
                         model_dir: Path, training: bool = True, adapter: str | None = None) -> None:
     """An --adapter, and what the settings ask of this model and this machine (LoRA layers, positions, KV cache

@@ -71,7 +71,6 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
     mine = [data[i] for i in world.share(len(data))]
     new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     t0, correct, examples, details = time.time(), 0.0, [], {}
-    measures = getattr(task, "eval_details", lambda text, ex: {})  # a task's finer measures (tasks.Task)
     # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
     # logs and CI output stay one line per event
     with tqdm(total=len(mine), desc=f"eval {task.name}", unit="problem", disable=None if world.main else True,
@@ -90,7 +89,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 text = tok.decode(out)
                 r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
                 correct += r
-                for k, v in measures(text, ex).items():  # mult: S2's partial credit
+                for k, v in task.eval_details(text, ex).items():  # mult: S2's partial credit
                     details[k] = details.get(k, 0.0) + v
                 if len(examples) < 3:
                     examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text,

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import distributed
+import tasks
 from distributed import World
 from conftest import ROOT, hold_in_another_process, make_checkpoint
 
@@ -83,24 +84,16 @@ def torchrun(args: list[str], n: int = 2, timeout: int = 240, fault: str | None 
 # The worker (runs in each spawned process)
 
 
-class ToyTask:
+class ToyTask(tasks.Task):
     """Prompts from a list; reward (sum of the text's bytes mod 3)/2 ∈ {0, 0.5, 1}: a random tiny model's groups
     get rewards that vary, so every objective has a gradient."""
     name = "toy"
-
-    def __init__(self, tok):
-        self.tok = tok
 
     def prompt(self, ex):
         return f"Question {ex}:"
 
     def reward(self, text, ex):
         return (sum(text.encode()) % 3) / 2
-
-    eval_reward = reward
-
-    def stop(self, prefix=()):
-        return None
 
     def train_stream(self, rng):
         while True:
