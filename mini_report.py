@@ -106,14 +106,20 @@ def reading_rows(setting: str, results: list[dict]) -> dict[str, list[dict]]:
     for method in (m for m in LABELS if m.startswith("tspmo")):
         for r in (r for r in results if r["setting"] == setting and r["method"] == method):
             e = evals(r)
-            first, last = e[0], e[-1]
-            row = {"seed": r["seed"], "A0": first["lora_A_mean_abs"], "A": last["lora_A_mean_abs"],
-                   "B0": first["lora_B_mean_abs"], "B": last["lora_B_mean_abs"], "BA0": first["lora_BA_norm"],
-                   "BA": last["lora_BA_norm"], "base": first["accuracy"], "accuracy": last["accuracy"]}
-            row["inert"] = row["A"] < INERT_A * row["A0"] and abs(row["accuracy"] - row["base"]) <= SAME_ACCURACY
-            row["kept"] = row["A"] > KEPT_A * row["A0"]
-            out.setdefault(method, []).append(row)
+            out.setdefault(method, []).append(reading_row(r["seed"], e[0], e[-1]))
     return out
+
+
+def reading_row(seed: int, first: dict, last: dict) -> dict:
+    """One seed's row from its first evaluation (step 0) and its last: inert = mean |A| below INERT_A of its start
+    and the accuracy within SAME_ACCURACY of the base; kept = mean |A| above KEPT_A of its start."""
+    row = {"seed": seed, "A0": first["lora_A_mean_abs"], "A": last["lora_A_mean_abs"],
+           "B0": first["lora_B_mean_abs"], "B": last["lora_B_mean_abs"], "BA0": first["lora_BA_norm"],
+           "BA": last["lora_BA_norm"], "base": first["accuracy"], "accuracy": last["accuracy"]}
+    moved = abs(row["accuracy"] - row["base"])  # accuracies are k/300: 21/300 − 15/300 is 0.020000000000000004
+    row["inert"] = row["A"] < INERT_A * row["A0"] and moved <= SAME_ACCURACY + 1e-12
+    row["kept"] = row["A"] > KEPT_A * row["A0"]
+    return row
 
 
 def readings_table(setting: str, rows: dict[str, list[dict]]) -> str:

@@ -190,11 +190,19 @@ def test_the_shipped_tuning_table_covers_every_method_of_both_settings():
 # --- the λ rule ------------------------------------------------------------------------------------------------------
 
 def seeds(A_end: list[float], acc: list[float], A0=0.04, base=0.05) -> list[dict]:
-    out = []
-    for i, (a, c) in enumerate(zip(A_end, acc)):
-        out.append({"seed": i, "A0": A0, "A": a, "base": base, "accuracy": c,
-                    "inert": a < 0.1 * A0 and abs(c - base) <= 0.02, "kept": a > 0.5 * A0})
-    return out
+    """Rows as the report makes them from each seed's first and last evaluation (eval.jsonl's fields)."""
+    first = {"lora_A_mean_abs": A0, "lora_B_mean_abs": 0.0, "lora_BA_norm": 0.0, "accuracy": base}
+    return [mini_report.reading_row(i, first, {**first, "lora_A_mean_abs": a, "accuracy": c})
+            for i, (a, c) in enumerate(zip(A_end, acc))]
+
+
+def test_a_seed_is_inert_below_a_tenth_of_its_a_within_two_points_and_kept_above_half():
+    """The rule's thresholds on one seed each (start: mean |A| 0.04, base accuracy 15/300). Two points up, 21/300,
+    is within two points, though 21/300 − 15/300 is 0.020000000000000004 in floats."""
+    rows = seeds([0.0039, 0.0041, 0.0039, 0.0039, 0.0201, 0.0199], [15 / 300, 15 / 300, 21 / 300, 22 / 300, 0.5, 0.5],
+                 base=15 / 300)
+    assert [r["inert"] for r in rows] == [True, False, True, False, False, False]  # |A| < 0.004 and |Δacc| ≤ 0.02
+    assert [r["kept"] for r in rows] == [False, False, False, False, True, False]  # |A| > 0.02
 
 
 def test_the_lambda_rule_as_written():
@@ -238,7 +246,8 @@ def test_evaluate_first_token_counts_by_hand(tok, monkeypatch):
 def test_evaluate_steps_counts_by_hand(tok, monkeypatch):
     """Two problems, greedy: one right, one slipped at step 2. Samples (G = 4) for problem 1 (47 × 86): right, slipped
     at step 1, slipped at step 3, right; for problem 2: four step-1 slips (no success). Success 2/8; step 1 right
-    5/8 (2 + 1 + ... ); branch points: problem 1's two failures leave the successes at character 5 (step 1's
+    3/8 (problem 1's three without a step-1 slip), step 2 right 8/8 (no sample slips there), step 3 right 2/8 (a
+    step-1 slip carries into the sum); given the earlier steps right: 3/8, 3/3, 2/3; branch points: problem 1's two failures leave the successes at character 5 (step 1's
     leading digit) and 28 (the sum's leading digit, step 3); problem 2 has no success, so no branch point."""
     task = MiniMult(tok, "steps")
     (a1, b1), (a2, b2) = data = task.test_set()[:2]
