@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     bases = {}
     for setting in settings:
         if args.rebuild_base:
-            shutil.rmtree(out / ("base" if setting == "first-token" else "base-steps"), ignore_errors=True)
+            shutil.rmtree(mini_base.base_dir(out, setting), ignore_errors=True)
         bases[setting] = mini_base.build_base(out, setting, shipped=not args.rebuild_base)
     torch.set_num_threads(threads)
     step_scale = QUICK_STEP_SCALE if args.quick else STEP_SCALE

@@ -372,13 +372,18 @@ def default_sft(setting: str):
     return SftSettings() if setting == "first-token" else StepsSftSettings()
 
 
+def base_dir(out: Path, setting: str) -> Path:
+    """Where a setting's base lives in an output folder: OUT/base (first-token) or OUT/base-steps."""
+    return out / ("base" if setting == "first-token" else "base-steps")
+
+
 def build_base(out: Path, setting: str, s=None, log=say, shipped: bool = True) -> Path:
     """OUT/base/ (first-token) or OUT/base-steps/: the tokenizer, the SFT'd model and base.json (the SFT settings and
     the base's numbers). Cached: an existing base built with the same settings is reused (delete the folder to
     rebuild); else the shipped base (data/) when it was built with the same settings and `shipped`; else the SFT
     runs here."""
     s = s or default_sft(setting)
-    base = out / ("base" if setting == "first-token" else "base-steps")
+    base = base_dir(out, setting)
     meta = base / "base.json"
     key = [dataclasses.asdict(s), None]  # (None: the base is measured on the whole test set, as it always is now)
     if meta.is_file() and json.loads(meta.read_text()).get("key") == key:

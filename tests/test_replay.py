@@ -77,7 +77,7 @@ def test_history_replays_a_step_1_success_at_step_3_against_its_own_problem(tiny
     ms = run_steps(tr, script, monkeypatch, 3)
     replays = [m["replays"] for m in ms]
     assert [len(r) for r in replays] == [1, 1, 1]
-    for step, r in enumerate(replays, 1):
+    for r in replays:
         assert (r[0]["replay_source_step"], r[0]["replay_source_reward"], r[0]["replay_reward"]) == (1, 1.0, 1.0)
     replay_calls = [script.calls[i] for i in (1, 3, 5)]
     assert [problem for problem, _ in replay_calls] == [(11, 11)] * 3  # its own problem's prompt, not 12 or 13
