@@ -74,12 +74,34 @@ def cache_uses(cfg: Settings, task: Task, tok: M.Tokenizer, training: bool, exac
     tested = task.test_set()[: cfg.eval_limit]
     eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
     eval_new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    rows = cfg.eval_batch or (CPU_EVAL_BATCH if torch.device(cfg.device).type == "cpu" else 1)  # CUDA: sized to fit
     uses = [CacheUse("test", longest_prompt(task, tok, tested, exact), eval_flag, eval_new_tokens, "--eval-batch",
-                     cfg.eval_batch, min(cfg.eval_batch, -(-len(tested) // n)))]
+                     rows, min(rows, -(-len(tested) // n)))]
     if training:
         uses.insert(0, CacheUse("training", longest_prompt(task, tok, task.train_set(), exact), "--max-new-tokens",
                                 cfg.max_new_tokens, "-G", cfg.group_size, -(-cfg.group_size // n)))
     return uses
+
+
+CPU_EVAL_BATCH = 32  # --eval-batch's default on the CPU
+
+
+def eval_batch(cfg: Settings, model_cfg: M.Qwen2Config, prompt_len: int, examples: int) -> int:
+    """Prompts per greedy batch: --eval-batch if given; on the CPU 32; on CUDA as many as half the device's free
+    memory holds, at most `examples`. A row holds its KV cache (cache_bytes: the prompt, once more for the prefill,
+    and the new tokens), its logits with their two working copies (fp32), and its prompt's activations in one
+    layer of the prefill."""
+    if cfg.eval_batch:
+        return cfg.eval_batch
+    if torch.device(cfg.device).type != "cuda":
+        return CPU_EVAL_BATCH
+    dtype = M.DTYPES[cfg.dtype]
+    new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    per_row = (M.cache_bytes(model_cfg, 1, 2 * prompt_len + new_tokens + M.SLOT_BLOCK, dtype)
+               + 3 * model_cfg.vocab_size * 4
+               + prompt_len * (3 * model_cfg.intermediate_size + 4 * model_cfg.hidden_size) * dtype.itemsize)
+    free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+    return max(1, min(examples, free // 2 // per_row))
 
 
 def longest_prompt(task: Task, tok: M.Tokenizer, examples: list, exact: bool = True) -> int:

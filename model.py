@@ -10,10 +10,13 @@ Sections: config · decoder · loading · model location · tokenizer · samplin
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import os
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +217,48 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
 
 
+# The attention kernel of a fixed-shape decode step on CUDA (fp32, grouped queries, a boolean mask over the slots).
+# [decided] by measurement (tests/gpu_check.py, the decode table in docs/performance.md): see DECODE_KERNELS' use.
+DECODE_ATTENTION = "efficient"
+
+
+class StaticCache:
+    """Keys and values of one fixed shape for a whole decode, (B, K, S, D) in every layer, allocated and zeroed once.
+
+    `valid` (B, S) marks the slots that hold a real token (False for left padding and for the slots not yet
+    written); `slot` (a one-element tensor, so that a CUDA graph replays the step at each new slot) is where the
+    next token of every row goes. Rows that have finished keep decoding into their own slots, unread: on a GPU,
+    compute on a few idle rows costs less than copying the cache to drop them."""
+
+    def __init__(self, cfg: Qwen2Config, rows: int, slots: int, device, dtype):
+        shape = (rows, cfg.num_key_value_heads, slots, cfg.head_size)
+        try:
+            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+            self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=device)
+        except RuntimeError as e:  # as KVCache.allocate
+            raise CacheTooLarge(rows, slots, cache_bytes(cfg, rows, slots, dtype), device, e) from None
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.rows, self.slots, self.device = rows, slots, torch.device(device)
+
+    def load_prefix(self, prefill: KVCache) -> None:
+        """The prompt's keys and values from an eager prefill: one row (copied to every row) or one per row."""
+        P = prefill.length
+        for dst, src in zip(self.k + self.v, prefill.k + prefill.v):
+            dst[:, :, :P].copy_(src[:, :, :P])  # a one-row prefill broadcasts to every row
+        self.valid.zero_()
+        self.valid[:, :P].copy_(prefill.valid[:, :P])
+
+    def attention_kernel(self):
+        """On CUDA, the decode's attention kernel (DECODE_ATTENTION); elsewhere PyTorch's own choice."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        if DECODE_ATTENTION == "efficient":  # memory-efficient attention where it takes these inputs, else math
+            return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        return sdpa_kernel([SDPBackend.MATH])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -223,7 +268,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | StaticCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -231,6 +276,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training / scoring: one unpadded sequence per row, plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(cache, StaticCache):  # a fixed-shape decode step: one token per row
+            y = self.attend_static(q, k, v, cache, layer)
         else:
             start = cache.length
             cache.k[layer][:, :, start:start + T] = k
@@ -238,6 +285,21 @@ class Attention(nn.Module):
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, K, S, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask(cache, start, T), enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def attend_static(self, q, k, v, cache: StaticCache, layer: int) -> torch.Tensor:
+        """q (B, H, 1, D) against every slot of the fixed-shape cache, after writing k, v (B, K, 1, D) at its slot.
+
+        Grouped queries: the H/K query heads that share a key/value head are passed as that head's H/K query rows,
+        (B, K, H/K, D), so no key or value is copied (enable_gqa would repeat each to H/K heads, every layer, every
+        step). Head h reads key/value head h // (H/K), as enable_gqa's repeat_interleave pairs them."""
+        B, g = q.shape[0], self.n_head // self.n_kv
+        cache.k[layer].index_copy_(2, cache.slot, k)
+        cache.v[layer].index_copy_(2, cache.slot, v)
+        mask = cache.valid[:, None, None, :]  # (B, 1, 1, S): the slots written so far, this one included
+        with cache.attention_kernel():
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.head_dim), cache.k[layer],
+                                               cache.v[layer], attn_mask=mask)  # (B, K, H/K, D)
+        return y.reshape(B, self.n_head, 1, self.head_dim)
 
 
 def cache_mask(cache: KVCache, start: int, T: int) -> torch.Tensor | None:
@@ -320,6 +382,13 @@ class Qwen2ForCausalLM(nn.Module):
         if cache is not None:
             cache.length += T
         return self.model.norm(h)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """One token per row, tokens (B,) at positions (B,), into `cache` at its slot -> logits (B, V). Every shape
+        is fixed and no value leaves the device, so a CUDA graph can capture it once and replay it every step."""
+        cache.valid.index_fill_(1, cache.slot, True)
+        h = self.run_layers(self.model.embed_tokens(tokens[:, None]), positions[:, None], cache=cache)  # (B, 1, C)
+        return self.lm_head(self.model.norm(h[:, 0]))
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full (B, T, V) logits: for tests and small inputs only."""
@@ -652,68 +721,233 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 12
 
 
 StopFn = Callable[[list[int]], bool]
+DECODES = ("eager", "static", "graph")  # how sample() and greedy() run their decode steps (`decode`)
+PRECISIONS = ("fp32", "tf32", "bf16")  # sample()'s matrix products (`precision`)
+SLOT_BLOCK = 64  # a fixed-shape cache's slots are rounded up to a multiple: prompts of other lengths reuse its graph
 
 
-def _decode(model: Qwen2ForCausalLM, cache: KVCache, logits: torch.Tensor, pad: torch.Tensor, max_new_tokens: int,
-            temperature: float, top_p: float, generator, eos: Sequence[int], stop: StopFn | None,
-            suppress: Sequence[int]) -> list[list[int]]:
-    """Decode rows of `cache` from their last logits (B, V) until each stops; finished rows are dropped."""
+def default_decode(device) -> str:
+    """CUDA: the fixed-shape step, replayed as a CUDA graph. The CPU: the eager step, which drops finished rows
+    from its cache (on a CPU every row costs compute, and there are no kernel launches to save)."""
+    return "graph" if torch.device(device).type == "cuda" else "eager"
+
+
+def _decode(steps, logits: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, generator,
+            eos: Sequence[int], stop: StopFn | None, suppress: Sequence[int]) -> list[list[int]]:
+    """Decode from the rows' last logits (B, V) until each row stops. `steps(tok, keep)` feeds the live rows' new
+    tokens (n,) to the model and returns the next logits of the rows it keeps (indices into the live rows)."""
     out: list[list[int]] = [[] for _ in range(logits.shape[0])]
-    rows = list(range(logits.shape[0]))  # original row of each live cache row
+    live = list(range(logits.shape[0]))  # original row of each live row
     eos = set(eos)
     for step in range(max_new_tokens):
         if suppress:
             logits[:, list(suppress)] = float("-inf")
-        tok = next_token(logits, temperature, top_p, generator)  # (B,)
+        tok = next_token(logits, temperature, top_p, generator)  # (n,): one draw per live row, from `generator`
         keep = []
-        for r, t in enumerate(tok.tolist()):
-            out[rows[r]].append(t)
-            if t not in eos and not (stop and stop(out[rows[r]])):
-                keep.append(r)
+        for i, t in enumerate(tok.tolist()):
+            out[live[i]].append(t)
+            if t not in eos and not (stop and stop(out[live[i]])):
+                keep.append(i)
         if not keep or step == max_new_tokens - 1:
             break
-        if len(keep) < len(rows):  # drop finished rows from the cache: they stop costing compute
-            idx = torch.tensor(keep, device=tok.device)
-            cache.keep_rows(idx)
-            tok, pad, rows = tok[idx], pad[idx], [rows[r] for r in keep]
-        positions = (cache.length - pad)[:, None]  # (B, 1): a left-padded row starts at position 0 after its pad
-        logits = model.lm_head(model(tok[:, None], cache, positions)[:, -1])  # (B, V)
+        logits = steps(tok, keep)
+        live = [live[i] for i in keep]
     return out
+
+
+class EagerSteps:
+    """Decode steps on a KVCache of the live rows only: finished rows are dropped from the cache (a copy of it)."""
+
+    def __init__(self, model: Qwen2ForCausalLM, cache: KVCache, pad: torch.Tensor):
+        self.model, self.cache, self.pad = model, cache, pad
+
+    def __call__(self, tok: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        if len(keep) < tok.shape[0]:  # drop finished rows from the cache: they stop costing compute
+            idx = torch.tensor(keep, device=tok.device)
+            self.cache.keep_rows(idx)
+            tok, self.pad = tok[idx], self.pad[idx]
+        positions = (self.cache.length - self.pad)[:, None]  # (B, 1): a left-padded row starts at 0 after its pad
+        return self.model.lm_head(self.model(tok[:, None], self.cache, positions)[:, -1])  # (B, V)
+
+
+class FixedSteps:
+    """Decode steps of fixed shape: every row stays in the Decoder's batch; the live rows' logits are read out."""
+
+    def __init__(self, model: Qwen2ForCausalLM, decoder: Decoder, prefill: KVCache, pad: torch.Tensor):
+        self.model, self.decoder, self.pad = model, decoder, pad
+        decoder.cache.load_prefix(prefill)
+        self.slot = prefill.length  # the slot of the next token, the same in every row
+        self.live = torch.arange(decoder.cache.rows, device=pad.device)
+
+    def __call__(self, tok: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        if len(keep) < tok.shape[0]:
+            idx = torch.tensor(keep, device=tok.device)
+            tok, self.live = tok[idx], self.live[idx]
+        d = self.decoder
+        d.tokens.index_copy_(0, self.live, tok)  # a finished row keeps feeding its last token, unread
+        d.positions.copy_(self.slot - self.pad)  # a left-padded row's positions start at 0 after its pad
+        d.cache.slot.fill_(self.slot)
+        self.slot += 1
+        logits = d.run(self.model)  # (B, V), every row
+        return logits if self.live.shape[0] == d.cache.rows else logits.index_select(0, self.live)
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool):
+    """CUDA matrix products in fp32 (the paper's, and the default whatever the process set) or TF32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+class Decoder:
+    """A model's decode step over one StaticCache of rows × slots, with fixed input buffers (tokens, positions, the
+    cache's slot). graph=False runs the step as it is; graph=True captures it once as a CUDA graph and replays it:
+    one launch for the ~1,300 small kernels of a Qwen2-1.5B step, which launched one by one cost more than the
+    GPU's work at 8 to 50 rows. The graph reads the model's weights where they lie, so an adapter trained in place
+    (the optimizer's step) is seen at the next replay."""
+
+    captures = 0  # CUDA graphs captured in this process (a test counts them)
+
+    def __init__(self, model: Qwen2ForCausalLM, rows: int, slots: int, graph: bool, tf32: bool):
+        p = next(model.parameters())
+        self.cache = StaticCache(model.config, rows, slots, p.device, p.dtype)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=p.device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=p.device)
+        self.tf32, self.graph, self.logits = tf32, None, None
+        if graph:
+            self.capture(model)
+
+    def capture(self, model: Qwen2ForCausalLM) -> None:
+        dev = self.cache.device
+        with torch.cuda.device(dev), matmul_precision(self.tf32):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS handles and workspaces, kernel choice
+                for _ in range(2):
+                    model.decode_step(self.tokens, self.positions, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model.decode_step(self.tokens, self.positions, self.cache)
+        self.cache.valid.zero_()  # the warm-up steps wrote slot 0; load_prefix overwrites it
+        Decoder.captures += 1
+
+    def run(self, model: Qwen2ForCausalLM) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        with matmul_precision(self.tf32):
+            return model.decode_step(self.tokens, self.positions, self.cache)
+
+
+def structure(model: nn.Module) -> tuple:
+    """Where every parameter lies, and every module's switches (LoRA's enabled, merged): what a captured graph and a
+    bf16 copy depend on. Parameters updated in place keep it; replaced or re-wrapped ones change it."""
+    params = tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in model.parameters())
+    return params + tuple((getattr(m, "enabled", None), getattr(m, "merged", None)) for m in model.modules())
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure, {shape: Decoder})
+_BF16: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure, its bf16 copy)
+
+
+def decoder(model: Qwen2ForCausalLM, rows: int, length: int, graph: bool, tf32: bool = False) -> Decoder:
+    """The model's Decoder for rows × length (slots rounded up to SLOT_BLOCK), made on first use and kept with the
+    model, so that a shape is captured once per run, not once per call; made again after the model changes."""
+    sig = structure(model)
+    kept = _DECODERS.get(model)
+    if kept is None or kept[0] != sig:
+        kept = _DECODERS[model] = (sig, {})
+    key = (rows, -(-length // SLOT_BLOCK) * SLOT_BLOCK, graph, tf32)
+    if key not in kept[1]:
+        kept[1][key] = Decoder(model, *key)
+    return kept[1][key]
+
+
+def release_decoders(model: Qwen2ForCausalLM) -> None:
+    """Free the model's fixed-shape caches and graphs (the evaluation's large batch holds gigabytes)."""
+    _DECODERS.pop(model, None)
+    if model in _BF16:
+        _DECODERS.pop(_BF16[model][1], None)
+
+
+def bf16_copy(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
+    """The model for sampling in bf16: a bf16 copy of every frozen weight, and the very tensors of the trained ones
+    (the LoRA adapter, fp32, applied as in training), so each update is sampled from at once. Made once per model."""
+    sig = structure(model)
+    kept = _BF16.get(model)
+    if kept is None or kept[0] != sig:
+        memo = {id(p): p if p.requires_grad else nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                for p in model.parameters()}
+        kept = _BF16[model] = (sig, copy.deepcopy(model, memo))
+    return kept[1]
+
+
+def _prepare(model: Qwen2ForCausalLM, decode: str | None, precision: str = "fp32"):
+    """The network that samples (the model, or its bf16 copy) and the decode to use."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+    decode = decode or default_decode(next(model.parameters()).device)
+    if decode not in DECODES:
+        raise ValueError(f"decode {decode!r}: allowed {', '.join(DECODES)}")
+    return (bf16_copy(model) if precision == "bf16" else model), decode
 
 
 @torch.no_grad()
 def sample(model: Qwen2ForCausalLM, prompt: Sequence[int], num_samples: int, max_new_tokens: int, *,
            temperature: float, generator: torch.Generator | None, top_p: float = 1.0, eos: Sequence[int] = (),
-           stop: StopFn | None = None, suppress: Sequence[int] = ()) -> list[list[int]]:
+           stop: StopFn | None = None, suppress: Sequence[int] = (), decode: str | None = None,
+           precision: str = "fp32") -> list[list[int]]:
     """G = num_samples completions of one prompt: the prompt is prefilled once and its cache copied to G rows.
 
     Each row stops at an EOS token (kept in its completion), when `stop(tokens)` is true, or at max_new_tokens.
-    Returns the G completions as token lists (generated tokens only)."""
+    Returns the G completions as token lists (generated tokens only). `decode`: eager, static (fixed shape) or
+    graph (fixed shape, a CUDA graph); None: default_decode. The draws come from `generator` in the same order
+    whatever the decode. `precision`: fp32 (the paper's), tf32 (CUDA matrix products in TF32) or bf16 (a bf16 copy
+    of the frozen weights): the samples are then slightly off the fp32 policy (docs/performance.md measures it)."""
     if not prompt:
         raise ValueError("sample: the prompt is empty")
-    p = next(model.parameters())
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, p.device, p.dtype)
-    h = model(torch.tensor([list(prompt)], device=p.device), cache)[:, -1]  # (1, C)
-    logits = model.lm_head(h).expand(num_samples, -1).clone()  # (G, V): G independent draws from one distribution
-    cache.expand_rows(num_samples)
-    pad = torch.zeros(num_samples, dtype=torch.long, device=p.device)
-    return _decode(model, cache, logits, pad, max_new_tokens, temperature, top_p, generator, eos, stop, suppress)
+    net, decode = _prepare(model, decode, precision)
+    p = next(net.parameters())
+    length = len(prompt) + max_new_tokens
+    with matmul_precision(precision == "tf32"):
+        cache = KVCache(net.config, 1, length if decode == "eager" else len(prompt), p.device, p.dtype)
+        h = net(torch.tensor([list(prompt)], device=p.device), cache)[:, -1]  # (1, C)
+        logits = net.lm_head(h).expand(num_samples, -1).clone()  # (G, V): G independent draws from one distribution
+        pad = torch.zeros(num_samples, dtype=torch.long, device=p.device)
+        if decode == "eager":
+            cache.expand_rows(num_samples)
+            steps = EagerSteps(net, cache, pad)
+        else:
+            fixed = decoder(net, num_samples, length, decode == "graph", precision == "tf32")
+            steps = FixedSteps(net, fixed, cache, pad)
+        return _decode(steps, logits, max_new_tokens, temperature, top_p, generator, eos, stop, suppress)
 
 
 @torch.no_grad()
 def greedy(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-           eos: Sequence[int] = (), stop: StopFn | None = None) -> list[list[int]]:
-    """Greedy completions of B different prompts in one batch (left-padded; padding is masked out)."""
-    p = next(model.parameters())
+           eos: Sequence[int] = (), stop: StopFn | None = None, decode: str | None = None) -> list[list[int]]:
+    """Greedy completions of B different prompts in one batch (left-padded; padding is masked out), in fp32."""
+    net, decode = _prepare(model, decode)
+    p = next(net.parameters())
     B, T = len(prompts), max(len(x) for x in prompts)
     pad = torch.tensor([T - len(x) for x in prompts], device=p.device)  # (B,)
     ids = torch.tensor([[0] * (T - len(x)) + list(x) for x in prompts], device=p.device)  # (B, T)
-    cache = KVCache(model.config, B, T + max_new_tokens, p.device, p.dtype)
-    cache.valid[:, :T] = torch.arange(T, device=p.device)[None] >= pad[:, None]
-    cache.padded = bool(pad.any())
-    positions = (torch.arange(T, device=p.device)[None] - pad[:, None]).clamp(min=0)  # (B, T)
-    logits = model.lm_head(model(ids, cache, positions)[:, -1])  # (B, V)
-    return _decode(model, cache, logits, pad, max_new_tokens, 0.0, 1.0, None, eos, stop, ())
+    with matmul_precision(False):
+        cache = KVCache(net.config, B, T + max_new_tokens if decode == "eager" else T, p.device, p.dtype)
+        cache.valid[:, :T] = torch.arange(T, device=p.device)[None] >= pad[:, None]
+        cache.padded = bool(pad.any())
+        positions = (torch.arange(T, device=p.device)[None] - pad[:, None]).clamp(min=0)  # (B, T)
+        logits = net.lm_head(net(ids, cache, positions)[:, -1])  # (B, V)
+        if decode == "eager":
+            steps = EagerSteps(net, cache, pad)
+        else:
+            steps = FixedSteps(net, decoder(net, B, T + max_new_tokens, decode == "graph"), cache, pad)
+        return _decode(steps, logits, max_new_tokens, 0.0, 1.0, None, eos, stop, ())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

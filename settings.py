@@ -44,6 +44,7 @@ class Settings:
     temperature: float = 0.3
     top_p: float = 1.0  # the paper names no top-p: plain temperature sampling
     max_new_tokens: int = 300
+    sample_precision: str = "fp32"  # sampling's matrix products: fp32 (the paper's) | tf32 | bf16 (a bf16 copy of the base)
     eval_max_new_tokens: int | None = None  # greedy evaluation's limit (None: max_new_tokens)
     beta: float = 0.01  # KL weight of GRPO / S-GRPO (E3, E5)
     lam: float = 0.01  # λ of T-SPMO's L2 term (E10), read literally (README "E10's λ"); 0: λ as AdamW's decay only
@@ -65,9 +66,10 @@ class Settings:
     # evaluation and bookkeeping (ours)
     eval_every: int = 50
     eval_limit: int | None = None  # evaluate on the first N test examples (None: all)
-    eval_batch: int = 32
+    eval_batch: int | None = None  # prompts per greedy batch (None: CUDA what the device's memory holds; CPU 32)
     save_every: int = 10
     threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
+    backward_batch: int = 1  # completions per forward/backward (1: the paper's per-completion backward, Alg2)
     # PPO with a critic (K1–K4) and DPO (D1), SPEC-baselines.md; PPO's KL weight w2 is `beta`
     critic: str = "shared"  # [decided] (SPEC-baselines.md) the value head shares the policy's base and LoRA
     gamma: float = baselines.GAMMA
@@ -138,7 +140,16 @@ RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
                                                             "the paper's) or group (this prompt's G only)"),
     ("eval_every", lambda v, s: v >= 0, "allowed: an integer >= 0 (0: at the start and the end only)"),
     ("eval_limit", lambda v, s: v is None or v >= 0, "allowed: an integer >= 0 (default: the whole test set)"),
-    ("eval_batch", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 32)"),
+    ("eval_batch", lambda v, s: v is None or v >= 1, "allowed: an integer >= 1 (default: on CUDA what the device's "
+                                                    "memory holds, on the CPU 32)"),
+    ("backward_batch", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 1: one completion per backward)"),
+    ("backward_batch", lambda v, s: v == 1 or s.algo != "tspmo", "T-SPMO runs one forward per trie prefix; allowed: "
+                                                                 "--backward-batch 1 with --algo tspmo"),
+    ("sample_precision", lambda v, s: v in ("fp32", "tf32", "bf16"), "allowed: fp32 (the paper's), tf32 (CUDA matrix "
+                                                                    "products in TF32) or bf16 (a bf16 copy of the "
+                                                                    "frozen weights for sampling)"),
+    ("sample_precision", lambda v, s: v != "tf32" or torch.device(s.device).type == "cuda",
+     "TF32 is a CUDA matrix-product mode; allowed on the CPU: fp32 or bf16"),
     ("save_every", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 10)"),
     ("seed", lambda v, s: 0 <= v < 2**62, "allowed: an integer in [0, 2^62)"),
     ("data", lambda v, s: v is None or s.task != "mult", "the mult task generates its problems and reads no data; "

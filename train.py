@@ -51,7 +51,7 @@ from replay import ReplayPool
 from distributed import World, combine_stats, own_rng, rng_for_checkpoint
 from checkpoints import (WriteError, append_jsonl, find_checkpoint, read_jsonl, save_checkpoint, write_atomic,
                          write_jsonl)
-from checks import check_against_model
+from checks import check_against_model, eval_batch
 from plot import svg_plot
 from settings import GROUP, LORA_TARGETS, TASK_DEFAULTS, Settings, flag, paper_defaults, usage_error, validate
 from tasks import DataError, Task, TrainStream, make_task
@@ -71,19 +71,21 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
     mine = [data[i] for i in world.share(len(data))]
     new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     t0, correct, examples, details = time.time(), 0.0, [], {}
+    encoded = [tok.encode(task.prompt(ex)) for ex in mine]
+    rows = eval_batch(cfg, net.config, max(map(len, encoded), default=1), len(mine))
     # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
     # logs and CI output stay one line per event
     with tqdm(total=len(mine), desc=f"eval {task.name}", unit="problem", disable=None if world.main else True,
               leave=False) as bar:
-        for i in range(0, len(mine), cfg.eval_batch):
+        for i in range(0, len(mine), rows):
             if stop is not None and stop.requested and world.size == 1:  # N processes: between steps only
                 raise EvalStopped
-            batch = mine[i: i + cfg.eval_batch]
-            prompts = [tok.encode(task.prompt(ex)) for ex in batch]
+            batch, prompts = mine[i: i + rows], encoded[i: i + rows]
             try:
                 outs = M.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
             except M.CacheTooLarge as e:
-                e.flags = f"--eval-batch {cfg.eval_batch}, --eval-max-new-tokens {new_tokens}"
+                e.flags = f"--eval-batch {cfg.eval_batch or f'{rows} (its default here)'}, " \
+                          f"--eval-max-new-tokens {new_tokens}"
                 raise
             for ex, out in zip(batch, outs):
                 text = tok.decode(out)
@@ -96,6 +98,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                                      "reward": r})
             bar.update(len(batch))
             bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
+    M.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
     correct, examples = world.sum([correct])[0], world.gather(examples)[:3]  # one process: unchanged
     totals: dict[str, float] = {}
     for part in world.gather([details]):  # N processes: a rank with no problem has no keys
@@ -151,7 +154,7 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
         return combine_stats(world, st, algo)
     if algo == "dpo":
         st = baselines.dpo_backward(net, prompt, completions, rewards, beta=cfg.dpo_beta, scale=scale,  # [D1]
-                                    share=share)
+                                    share=share, backward_batch=cfg.backward_batch)
         return combine_stats(world, st, algo)
     if algo == "tspmo":
         st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam if world.main else 0.0,  # [E10]
@@ -163,7 +166,7 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
         selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"])  # [Alg1]
                      for y in completions]
     st = tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale,
-                             share=share)
+                             share=share, backward_batch=cfg.backward_batch)
     return combine_stats(world, st, algo)
 
 
@@ -183,7 +186,8 @@ def ppo_update(net, critic: baselines.Critic, opt, prompt, completions, rewards,
             opt.step()
             opt.zero_grad(set_to_none=True)
         passes.append(baselines.ppo_backward(net, critic, batch, clip_eps=cfg.clip_eps, w1=cfg.w1, w2=cfg.beta,
-                                             w3=cfg.w3, share=world.assign if world.size > 1 else None))  # [K3] [K4]
+                                             w3=cfg.w3, share=world.assign if world.size > 1 else None,
+                                             backward_batch=cfg.backward_batch))  # [K3] [K4]
         check_finite(net, passes[-1], critic.parameters(), world)
     st, n = passes[-1], len(passes)
     st.loss, st.kl = sum(p.loss for p in passes) / n, sum(p.kl for p in passes) / n
@@ -248,7 +252,7 @@ class Trainer:
         try:
             outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
                             temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
-                            stop=self.task.stop(prefix)) if n else []
+                            stop=self.task.stop(prefix), precision=cfg.sample_precision) if n else []
         except M.CacheTooLarge as e:
             e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
             raise
@@ -610,6 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="sampling temperature, >= 0 (0.3)")
     g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1.0: off; the paper names none)")
     g.add_argument("--max-new-tokens", type=int, help="completion length limit, >= 1 (300)")
+    g.add_argument("--sample-precision", choices=["fp32", "tf32", "bf16"],
+                   help="sampling's matrix products: fp32 (default, the paper's), tf32 (CUDA's TF32 products) or bf16 "
+                        "(a bf16 copy of the frozen base weights, the fp32 adapter applied as in training): faster "
+                        "on a GPU, the samples slightly off the fp32 policy (docs/performance.md measures how far)")
+    g.add_argument("--backward-batch", type=int,
+                   help="completions per forward/backward, >= 1 (1: the paper's per-completion backward and its "
+                        "memory); GRPO, S-GRPO, PPO, DPO")
     g.add_argument("--eval-max-new-tokens", type=int,
                    help="greedy evaluation's length limit, >= 1 (default: --max-new-tokens)")
     g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO, >= 0 (0.01)")
@@ -638,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, help="steps between test evaluations, >= 0 (50; 0: start and end only)")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples, >= 0 (default all)")
-    g.add_argument("--eval-batch", type=int, help="prompts per greedy batch, >= 1 (32)")
+    g.add_argument("--eval-batch", type=int, help="prompts per greedy batch, >= 1 (default: on CUDA as many as "
+                                                  "half the device's free memory holds; on the CPU 32)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints, >= 1 (10)")
     g.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's, one per core)")
     g = p.add_argument_group("PPO with a critic (K1-K4) and DPO (D1); PPO's KL weight w2 is --beta")

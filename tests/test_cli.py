@@ -49,7 +49,14 @@ BAD_SETTINGS = [
     (["--lora-rank", "0"], "--lora-rank 0: allowed: an integer >= 1 (the paper: 8 or 16)"),
     (["--lora-rank", "-8"], "--lora-rank -8: allowed: an integer >= 1 (the paper: 8 or 16)"),
     (["--save-every", "0"], "--save-every 0: allowed: an integer >= 1 (default 10)"),
-    (["--eval-batch", "0"], "--eval-batch 0: allowed: an integer >= 1 (default 32)"),
+    (["--eval-batch", "0"], "--eval-batch 0: allowed: an integer >= 1 (default: on CUDA what the device's memory "
+                            "holds, on the CPU 32)"),
+    (["--backward-batch", "0"], "--backward-batch 0: allowed: an integer >= 1 (default 1: one completion per "
+                                "backward)"),
+    (["--algo", "tspmo", "--backward-batch", "4"], "--backward-batch 4: T-SPMO runs one forward per trie prefix; "
+                                                   "allowed: --backward-batch 1 with --algo tspmo"),
+    (["--sample-precision", "tf32", "--device", "cpu"], "--sample-precision tf32: TF32 is a CUDA matrix-product "
+                                                        "mode; allowed on the CPU: fp32 or bf16"),
     (["--replay-success", "-1"], "--replay-success -1: a count of replays; allowed: an integer >= 0"),
     (["--replay-failure", "-1"], "--replay-failure -1: a count of replays; allowed: an integer >= 0"),
     (["--temperature", "-1"], "--temperature -1.0: allowed: a finite number >= 0 (0: greedy; the paper: 0.3)"),
