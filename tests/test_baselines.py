@@ -227,6 +227,37 @@ def test_dpo_per_completion_gradient_equals_batched_gradient(tmp_path):
         assert st.extra["pairs"] == len(B.dpo_pairs(rewards)) and 0 <= st.extra["preference_accuracy"] <= 1
 
 
+@pytest.mark.parametrize("algo", ["ppo-shared", "ppo-separate", "dpo"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_batched_backward_gives_the_per_completion_gradient(tmp_path, algo, n):
+    """--backward-batch N for PPO (policy LoRA, value head, the separate critic's LoRA) and DPO: the gradient and
+    loss of the per-completion backward, within fp32 rounding, in ceil(G/N) passes."""
+    m = adapted_model(tmp_path)
+    if algo == "dpo":
+        critic, params = None, lora.lora_parameters(m)
+
+        def backward(k):
+            return B.dpo_backward(m, PROMPT, COMPLETIONS, [0.0, 0.5, 1.0, 0.5], beta=0.1, backward_batch=k)
+    else:
+        critic = B.Critic(m, algo.split("-")[1])
+        params = [*lora.lora_parameters(m), *critic.parameters()]
+        with torch.no_grad():
+            critic.head.proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        batch = B.ppo_prepare(m, critic, PROMPT, COMPLETIONS, REWARDS, gamma=1.0, gae_lambda=0.95)
+
+        def backward(k):
+            return B.ppo_backward(m, critic, batch, clip_eps=0.2, w1=0.05, w2=0.1, w3=0.5, backward_batch=k)
+    one = backward(1)
+    per_completion = torch.cat([p.grad.flatten() for p in params])
+    for p in params:
+        p.grad = None
+    st = backward(n)
+    rel = (torch.cat([p.grad.flatten() for p in params]) - per_completion).norm() / per_completion.norm()
+    assert per_completion.norm() > 0 and rel < 1e-5
+    assert st.loss == pytest.approx(one.loss, rel=1e-6, abs=1e-6) and st.kl == pytest.approx(one.kl, abs=1e-6)
+    assert st.forwards == -(-one.forwards // n)
+
+
 def test_dpo_with_no_pair_takes_no_update(tmp_path):
     m = adapted_model(tmp_path)
     st = B.dpo_backward(m, PROMPT, COMPLETIONS, [1.0] * 4)
