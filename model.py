@@ -283,23 +283,28 @@ class Attention(nn.Module):
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, K, S, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask(cache, start, T), enable_gqa=True)
+            if T == 1:  # a decode step: its query sees every real cached key, itself included
+                y = self.grouped(q, k, v, cache.valid[:, None, None, :start + 1] if cache.padded else None)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask(cache, start, T), enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
-    def attend_static(self, q, k, v, cache: StaticCache, layer: int) -> torch.Tensor:
-        """q (B, H, 1, D) against every slot of the fixed-shape cache, after writing k, v (B, K, 1, D) at its slot.
-
-        Grouped queries: the H/K query heads that share a key/value head are passed as that head's H/K query rows,
-        (B, K, H/K, D), so no key or value is copied (enable_gqa would repeat each to H/K heads, every layer, every
-        step). Head h reads key/value head h // (H/K), as enable_gqa's repeat_interleave pairs them."""
+    def grouped(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """One query per row, q (B, H, 1, D), against keys and values (B, K, S, D): the H/K query heads that share a
+        key/value head are passed as that head's H/K query rows, (B, K, H/K, D), so no key or value is copied
+        (enable_gqa would repeat each to H/K heads, every layer, every step). Head h reads key/value head h // (H/K),
+        as enable_gqa's repeat_interleave pairs them. mask: (B, 1, 1, S) or None."""
         B, g = q.shape[0], self.n_head // self.n_kv
+        y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.head_dim), k, v, attn_mask=mask)
+        return y.reshape(B, self.n_head, 1, self.head_dim)
+
+    def attend_static(self, q, k, v, cache: StaticCache, layer: int) -> torch.Tensor:
+        """q (B, H, 1, D) against every slot of the fixed-shape cache, after writing k, v (B, K, 1, D) at its slot;
+        the slots not yet written, and left padding, are masked."""
         cache.k[layer].index_copy_(2, cache.slot, k)
         cache.v[layer].index_copy_(2, cache.slot, v)
-        mask = cache.valid[:, None, None, :]  # (B, 1, 1, S): the slots written so far, this one included
         with cache.attention_kernel():
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.head_dim), cache.k[layer],
-                                               cache.v[layer], attn_mask=mask)  # (B, K, H/K, D)
-        return y.reshape(B, self.n_head, 1, self.head_dim)
+            return self.grouped(q, cache.k[layer], cache.v[layer], cache.valid[:, None, None, :])
 
 
 def cache_mask(cache: KVCache, start: int, T: int) -> torch.Tensor | None:
@@ -723,7 +728,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 12
 StopFn = Callable[[list[int]], bool]
 DECODES = ("eager", "static", "graph")  # how sample() and greedy() run their decode steps (`decode`)
 PRECISIONS = ("fp32", "tf32", "bf16")  # sample()'s matrix products (`precision`)
-SLOT_BLOCK = 64  # a fixed-shape cache's slots are rounded up to a multiple: prompts of other lengths reuse its graph
+SLOT_BLOCK = 16  # a fixed-shape cache's slots are rounded up to a multiple: prompts of other lengths reuse its graph
 
 
 def default_decode(device) -> str:
