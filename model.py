@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -217,8 +218,10 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
 
 
-# The attention kernel of a fixed-shape decode step on CUDA (fp32, grouped queries, a boolean mask over the slots).
-# [decided] by measurement (tests/gpu_check.py, the decode table in docs/performance.md): see DECODE_KERNELS' use.
+# The attention kernel of a fixed-shape decode step on CUDA (fp32, grouped queries, a boolean mask over the slots):
+# "efficient" (PyTorch's memory-efficient kernel, math where it refuses the inputs) or "math". Not yet measured: no
+# GPU was lent to this work. `python tests/benchmark.py --device cuda` times both and prints the faster; efficient is
+# the prior (one fused kernel, no (B, K, H/K, S) score tensor written and read back).
 DECODE_ATTENTION = "efficient"
 
 
@@ -816,6 +819,7 @@ class Decoder:
     (the optimizer's step) is seen at the next replay."""
 
     captures = 0  # CUDA graphs captured in this process (a test counts them)
+    refused = 0  # captures that failed (each decodes without a graph)
 
     def __init__(self, model: Qwen2ForCausalLM, rows: int, slots: int, graph: bool, tf32: bool):
         p = next(model.parameters())
@@ -824,20 +828,28 @@ class Decoder:
         self.positions = torch.zeros(rows, dtype=torch.long, device=p.device)
         self.tf32, self.graph, self.logits = tf32, None, None
         if graph:
-            self.capture(model)
+            try:
+                self.capture(model)
+            except RuntimeError as e:  # a driver or build that refuses the capture: decode without the graph, slower
+                self.graph = None
+                if not Decoder.refused:
+                    print(f"warning: the decode step could not be captured as a CUDA graph ({_first_line(e)[:200]}); "
+                          "decoding without it, slower", file=sys.stderr)
+                Decoder.refused += 1
 
     def capture(self, model: Qwen2ForCausalLM) -> None:
-        dev = self.cache.device
-        with torch.cuda.device(dev), matmul_precision(self.tf32):
+        """Two warm-up steps, then the capture, on one side stream: cuBLAS's handle and workspace, kept per stream,
+        exist before the capture starts (made during it, they would be an illegal allocation)."""
+        with torch.cuda.device(self.cache.device), matmul_precision(self.tf32):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS handles and workspaces, kernel choice
+            with torch.cuda.stream(side):
                 for _ in range(2):
                     model.decode_step(self.tokens, self.positions, self.cache)
-            torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=side):
                 self.logits = model.decode_step(self.tokens, self.positions, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
         self.cache.valid.zero_()  # the warm-up steps wrote slot 0; load_prefix overwrites it
         Decoder.captures += 1
 

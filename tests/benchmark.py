@@ -606,16 +606,23 @@ def training(preset: str, ckpt: Path, work: Path, dev, prompt, ys8, T, kinds) ->
           f"lr {LR:g}, wd {WD:g}, β = λ = {BETA:g}, S-GRPO (α, k, P) = ({ALPHA}, {K}, {P_SELECT}). Reference: "
           "transformers + PEFT, full forward + full log_softmax + reference forward, tokrl.grpo_loss_batched "
           "(T-SPMO: E10 as per-token weights, 8 rows at a time), same LoRA init. Each cell is a fresh process.\n")
-    rows, ours = [], {}
+    rows, ours, batch_rows = [], {}, []
     for kind in [k for k in PAPER if k in kinds]:
-        a, b = (measure(f"{x}-{kind}", ckpt, work, dev) for x in ("tokrl", "hf"))
+        a = measure(f"tokrl-{kind}", ckpt, work, dev, batches="1,2,4,8" if kind == "grpo" else "")
+        b = measure(f"hf-{kind}", ckpt, work, dev)
         ours[kind] = a
+        batch_rows += [[f"GRPO (G=8), --backward-batch {k[5:]}", f"{v['train']:.2f}", gib(v["peak"]), gib(v["inc"])]
+                       for k, v in a.items() if k.startswith("batch")]
         rows.append([NAMES[kind], f"{a['train']:.2f}", f"{b['train']:.2f}", f"{a['train'] / b['train']:.2f}",
                      f"{gib(a['peak'])} (Δ {gib(a['inc'])})", f"{gib(b['peak'])} (Δ {gib(b['inc'])})",
                      f"{a['peak'] / b['peak']:.2f} (Δ {a['inc'] / b['inc']:.2f})", f"{grad_err(work, kind):.1e}"])
     if rows:
         table(["algorithm", "tokrl s", "reference s", "time ratio", "tokrl peak", "reference peak", "memory ratio",
                "grad rel. err"], rows)
+    if batch_rows:
+        print("GRPO's training step with N completions per forward and backward (--backward-batch N; 1: the paper's "
+              "per-completion backward), in one process, each its own peak:\n")
+        table(["training", "s", "peak", "Δ"], batch_rows)
     if any(k in kinds for k in BASELINES):
         baseline_rows(ckpt, work, dev, kinds, ours.get("grpo") or measure("tokrl-grpo", ckpt, work, dev))
 
