@@ -63,7 +63,12 @@ def test_a_damaged_adapter_file_is_one_line_exit_2(tmp_path, tiny, adapter, caps
         os.truncate(weights, weights.stat().st_size - 100)
     code, err = refused(["--model", str(tiny), "--eval-only", "--adapter", str(bad), "--device", "cpu"], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"error: --adapter {bad}: {weights}: not a safetensors file"), err
+    if damage == "random bytes":
+        assert err.startswith(f"error: --adapter {bad}: {weights}: not a safetensors file"), err
+    else:
+        n = (adapter / "adapter_model.safetensors").stat().st_size
+        assert err == (f"error: --adapter {bad}: {weights}: {n - 100} bytes, but its header announces {n}: the file is "
+                       "truncated (an interrupted download or copy)\n")
 
 
 def test_a_non_finite_adapter_weight_is_named_before_the_weights_load(tmp_path, tiny, adapter, capsys, no_loading):
@@ -105,7 +110,8 @@ def test_a_gsm8k_file_that_is_not_utf8_is_named_with_its_line(tmp_path, tiny, ca
     run = tmp_path / "run"
     code, err = refused(["--task", "gsm8k", "--model", str(tiny), "--data", str(d), "--out", str(run), *SMALL],
                         capsys)
-    assert code == 2 and err == (f"error: {d / 'train.jsonl'}: line 4 is not UTF-8 text (byte 0xe9 at column 14); "
+    # line 4 is {"question": "What is 3 pl\xe9s 1?", ...}: 26 characters before the byte 0xe9
+    assert code == 2 and err == (f"error: {d / 'train.jsonl'}: line 4 is not UTF-8 text (byte 0xe9 at column 27); "
                                  "save the file as UTF-8\n")
     assert not run.exists()
 
