@@ -131,20 +131,3 @@ def test_an_out_that_is_a_dangling_symbolic_link_is_named(tmp_path, tiny, capsys
     assert code == 2 and err == (f"error: --out {link}: a symbolic link to {tmp_path / 'gone' / 'run'}, which does "
                                  "not exist; allowed: a new or empty directory, or a link to one\n")
     assert link.is_symlink() and not (tmp_path / "gone").exists()
-
-
-def test_an_adapter_of_another_model_exits_2(tmp_path, adapter, capsys, no_loading):
-    """A file handed in that does not fit: status 2, as the README's rule says (before: 1)."""
-    from conftest import tiny_config
-    other = make_checkpoint(tmp_path / "other", tiny_config(num_hidden_layers=2))
-    code, err = refused(["--model", str(other), "--eval-only", "--adapter", str(adapter), "--device", "cpu"], capsys)
-    assert code == 2 and err.startswith(f"error: --adapter {adapter} cannot be applied to the model {other}: ")
-
-
-def test_a_resume_whose_model_is_gone_exits_2(tmp_path, tiny, capsys):
-    run = tmp_path / "run"
-    train.main(["--model", str(tiny), *SMALL, "--steps", "1", "--eval-limit", "1", "--out", str(run)])
-    config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "model": str(tmp_path / "gone")}))
-    code, err = refused(["--resume", str(run)], capsys)
-    assert code == 2 and err.startswith(f"error: {run} was recorded with --model {tmp_path / 'gone'}")
