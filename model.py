@@ -85,7 +85,7 @@ class Qwen2Config:
         if "eos_token_id" not in d:
             kw["eos_token_id"] = None
         for key, value in kw.items():
-            if (why := _config_value_problem(key, value)) is not None:
+            if value is not None and (why := _config_value_problem(key, value)) is not None:
                 raise ValueError(f"{source}: {key} is {reprlib.repr(value)}; {why}")
         cfg = cls(**kw)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
