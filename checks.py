@@ -2,18 +2,21 @@
 and before anything is written: seconds, where loading the weights takes minutes. settings.py checks each setting
 alone; check_inputs reads each file a run will read, whole, then calls check_against_model:
 
-    the model directory  config.json (each value's type), tokenizer.json, generation_config.json,      check_inputs
-                         the safetensors headers (names and shapes against the config; files whole)    (model.py)
-    the data             every SVAMP record and GSM8K line: fields, types, finite numbers, an answer   check_inputs
-                         the reward reads, at most tasks.MAX_TEXT_CHARS of text; the file UTF-8         (tasks.py)
-    an --adapter         adapter_config.json's fields; the safetensors header (names, shapes, dtypes)  check_adapter
-                         then the tensors (finite), against a weightless (meta) copy of the model       (lora.py)
-    --lora-fraction      adapts at least one of the model's layers                                     check_against_model
-    lengths              the longest prompt plus the new tokens within config.json's                   position_problem
+    the model directory  config.json (each value's type), tokenizer.json,                    check_inputs (model.py)
+                         generation_config.json, the safetensors headers (names and shapes
+                         against the config; each file whole)
+    the data             every SVAMP record and GSM8K line: fields, types, finite numbers,      check_inputs (tasks.py)
+                         an answer the reward reads, at most tasks.MAX_TEXT_CHARS of text;
+                         the file UTF-8
+    an --adapter         adapter_config.json's fields; the safetensors header (names, shapes,   check_adapter (lora.py)
+                         dtypes), then the tensors (finite), against a weightless (meta) copy
+                         of the model
+    --lora-fraction      adapts at least one of the model's layers                              check_against_model
+    lengths              the longest prompt plus the new tokens within config.json's            position_problem
                          max_position_embeddings
-    the KV cache         its rows × (prompt + new tokens) within the device's whole memory             memory_problem
-    a resumed run        config.json (every setting, its type and its rule), resumes.jsonl             read_run_settings
-                         the newest intact checkpoint (state.pt, adapter), the logs up to it            check_resume
+    the KV cache         its rows × (prompt + new tokens) within the device's whole memory      memory_problem
+    a resumed run        config.json (every setting, its type and its rule), resumes.jsonl      read_run_settings
+                         the newest intact checkpoint (state.pt, adapter), the logs up to it    check_resume
 
 A bad flag or a bad file handed in is one line, `error: --flag VALUE: why; allowed: ...` or `error: FILE: what is
 wrong` (the record or line named), and exit status 2; a failure at run time (a full disk, a non-finite loss, memory

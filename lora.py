@@ -336,7 +336,8 @@ def _adapter_plan(model: nn.Module, cfg: dict, cfg_path: Path) -> dict[str, tupl
                 r = _pattern_value(cfg.get("rank_pattern") or {}, full, cfg["r"])
                 alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha") or r))
             except re.error as e:
-                raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern holds a bad regular expression ({e})") from None
+                raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern holds a bad regular expression "
+                                 f"({e})") from None
             plan[full] = (r, alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha)  # rsLoRA: α/√r = (α·√r)/r
     return plan
 
@@ -378,7 +379,8 @@ def read_adapter_tensors(w_path: Path) -> dict[str, torch.Tensor]:
 
     for name, (dtype, _) in M.safetensors_header(w_path).items():
         if dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"{w_path}: {name} holds {dtype} numbers; allowed: floating point ({', '.join(ADAPTER_DTYPES)})")
+            raise ValueError(f"{w_path}: {name} holds {dtype} numbers; allowed: floating point "
+                             f"({', '.join(ADAPTER_DTYPES)})")
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
