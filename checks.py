@@ -211,4 +211,8 @@ def check_resume(run: Path, cfg: Settings) -> tuple[Path, dict]:
     if cfg.steps < state["step"]:
         usage_error(f"--steps {cfg.steps}: {run} is already at step {state['step']} ({ck.name}); allowed: "
                     f"--steps >= {state['step']}")
+    saved, here = len(state.get("rng_ranks", [None])), distributed.env_world_size()
+    if saved != here:  # its N sampling streams cannot continue as another number
+        usage_error(f"--resume {run}: {ck / 'state.pt'} was written by {saved} process(es) and this run has {here}: "
+                    f"resume with the same number (torchrun --nproc-per-node {saved}, or plain python for 1)")
     return ck, state
