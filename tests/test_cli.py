@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_checkpoint, tiny_config, write_byte_tokenizer
+from conftest import ROOT, make_checkpoint, refused, tiny_config, write_byte_tokenizer
 import checkpoints
 import checks
 import model as M
@@ -21,21 +21,6 @@ from test_train import SMALL, write_svamp
 
 
 pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest.py: fsync off, the faults here are kills
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Loading weights is an error here: every check must come before it."""
-    def refuse(*a, **k):
-        raise AssertionError("the weights were loaded before the input was checked")
-    monkeypatch.setattr(M, "load_model", refuse)
-
-
-def refused(args: list[str], capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main(args)
-    return e.value.code, capsys.readouterr().err
 
 
 # (flags, the exact error line). The values below are every one a user tried that reached a traceback, a crash after
@@ -205,17 +190,6 @@ def test_a_lora_fraction_that_adapts_no_layer_is_refused_before_loading(tmp_path
     assert code == 2 and err == (f"error: --lora-fraction 0.1: adapts round(0.1 × 4) = 0 of the model's 4 layers "
                                  f"({tiny / 'config.json'}); allowed: --lora-fraction >= 0.125\n")
     assert not run.exists()
-
-
-@pytest.fixture(scope="module")
-def adapter_of_tiny(tiny, tmp_path_factory) -> Path:
-    """A PEFT adapter for the tiny model: rank 8 on q_proj and v_proj of all 4 layers (hidden 64)."""
-    import lora
-    net = M.load_model(tiny)
-    lora.apply_lora(net, 8, 1.0, generator=torch.Generator().manual_seed(0))
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    lora.save_adapter(net, out)
-    return out
 
 
 @pytest.mark.parametrize("other,why", [

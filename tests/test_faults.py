@@ -29,7 +29,7 @@ import checkpoints
 import model as M
 import tasks
 import train
-from conftest import ROOT, hold_in_another_process
+from conftest import ROOT, hold_in_another_process, refused
 from test_train import write_gsm8k
 
 TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
@@ -109,14 +109,6 @@ def assert_same_run(a: Path, b: Path) -> None:
     names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names(a) == names(b)
     assert not stray(b), "temporary files left behind"
-
-
-def refused(args: list[str], capsys) -> tuple[int, str]:
-    """(exit status, stderr) of train.main(args), which must stop with SystemExit."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main(args)
-    return e.value.code, capsys.readouterr().err
 
 
 def stray(run: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_checkpoint
+from conftest import ROOT, make_checkpoint, refused
 import checkpoints
 import lora
 import model as M
@@ -26,40 +26,12 @@ from test_train import SMALL, write_gsm8k, write_svamp
 pytestmark = pytest.mark.usefixtures("no_fsync")
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Loading weights is an error here: every check must come before it."""
-    def refuse(*a, **k):
-        raise AssertionError("the weights were loaded before the input was checked")
-    monkeypatch.setattr(M, "load_model", refuse)
-
-
-def refused(args: list[str], capsys) -> tuple[int, str]:
-    """(exit status, stderr) of train.main(args), which must stop with SystemExit."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main(args)
-    code, err = e.value.code, capsys.readouterr().err
-    if isinstance(code, str):  # SystemExit("error: ...") prints its message and exits 1
-        code, err = 1, err + code + "\n"
-    return code, err
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny, tmp_path_factory) -> Path:
-    net = M.load_model(tiny)
-    lora.apply_lora(net, 8, 1.0, generator=torch.Generator().manual_seed(0))
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    lora.save_adapter(net, out)
-    return out
-
-
 # --- the faults a new user found ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["random bytes", "100 bytes short"])
-def test_a_damaged_adapter_file_is_one_line_exit_2(tmp_path, tiny, adapter, capsys, no_loading, damage):
+def test_a_damaged_adapter_file_is_one_line_exit_2(tmp_path, tiny, adapter_of_tiny, capsys, no_loading, damage):
     """Before: exit 1 and a 22-line traceback ending in safetensors' `SafetensorError`."""
-    bad = Path(shutil.copytree(adapter, tmp_path / "bad"))
+    bad = Path(shutil.copytree(adapter_of_tiny, tmp_path / "bad"))
     weights = bad / "adapter_model.safetensors"
     if damage == "random bytes":
         weights.write_bytes(os.urandom(weights.stat().st_size))
@@ -70,14 +42,15 @@ def test_a_damaged_adapter_file_is_one_line_exit_2(tmp_path, tiny, adapter, caps
     if damage == "random bytes":
         assert err.startswith(f"error: --adapter {bad}: {weights}: not a safetensors file"), err
     else:
-        n = (adapter / "adapter_model.safetensors").stat().st_size
+        n = (adapter_of_tiny / "adapter_model.safetensors").stat().st_size
         assert err == (f"error: --adapter {bad}: {weights}: {n - 100} bytes, but its header announces {n}: the file is "
                        "truncated (an interrupted download or copy)\n")
 
 
-def test_a_non_finite_adapter_weight_is_named_before_the_weights_load(tmp_path, tiny, adapter, capsys, no_loading):
+def test_a_non_finite_adapter_weight_is_named_before_the_weights_load(tmp_path, tiny, adapter_of_tiny, capsys,
+                                                                       no_loading):
     from safetensors.torch import load_file, save_file
-    bad = Path(shutil.copytree(adapter, tmp_path / "bad"))
+    bad = Path(shutil.copytree(adapter_of_tiny, tmp_path / "bad"))
     weights = load_file(str(bad / "adapter_model.safetensors"))
     name = sorted(weights)[1]
     weights[name][0, 0] = float("inf")
@@ -171,7 +144,7 @@ def finished(tiny, tmp_path_factory) -> Path:
 
 
 class Row:
-    """What one row's scenario needs: a fresh copy of the finished run, the tiny model, the adapter, the fixtures."""
+    """What one row's scenario needs: a fresh copy of the finished run, the tiny model, its adapter, the fixtures."""
 
     def __init__(self, finished, tiny, adapter, tmp_path, capsys, monkeypatch):
         self.finished, self.tiny, self.adapter, self.tmp = finished, tiny, adapter, tmp_path
@@ -357,6 +330,7 @@ def test_the_table_follows_the_one_rule_and_every_row_has_a_scenario():
 
 
 @pytest.mark.parametrize("key", [k for k, v in ROWS.items() if not isinstance(v, str)])
-def test_every_row_of_the_table_has_its_exit_status(key, finished, tiny, adapter, tmp_path, capsys, monkeypatch):
+def test_every_row_of_the_table_has_its_exit_status(key, finished, tiny, adapter_of_tiny, tmp_path, capsys,
+                                                    monkeypatch):
     [statuses] = [s for fault, s in table_rows().items() if row_key(fault) == key]
-    assert ROWS[key](Row(finished, tiny, adapter, tmp_path, capsys, monkeypatch)) == statuses
+    assert ROWS[key](Row(finished, tiny, adapter_of_tiny, tmp_path, capsys, monkeypatch)) == statuses
