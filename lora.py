@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model as M
+
 TARGETS = ("q_proj", "v_proj")  # the paper adapts the query and value projections
 
 
@@ -375,9 +377,7 @@ def read_adapter_tensors(w_path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    import model as M  # the safetensors header reader the model's own files go through
-
-    for name, (dtype, _) in M.safetensors_header(w_path).items():
+    for name, (dtype, _) in M.safetensors_header(w_path).items():  # the reader the model's own files go through
         if dtype not in ADAPTER_DTYPES:
             raise ValueError(f"{w_path}: {name} holds {dtype} numbers; allowed: floating point "
                              f"({', '.join(ADAPTER_DTYPES)})")
