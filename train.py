@@ -695,9 +695,6 @@ def refuse_a_run_there(run: Path) -> None:
     """Checked when the directory is chosen, and again once it is held (a run may have got there in between)."""
     if run.exists() and not run.is_dir():
         usage_error(f"--out {run}: is a file; allowed: a new or empty directory")
-    if run.is_symlink() and not run.exists():
-        usage_error(f"--out {run}: a symbolic link to {os.readlink(run)}, which does not exist; allowed: a new or "
-                    "empty directory, or a link to one")
     if any((run / "checkpoints").glob("step-*")):
         usage_error(f"--out {run}: already holds a run; continue it with --resume {run}, or choose another --out")
 
@@ -733,6 +730,9 @@ def checked_settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
         return resume_settings(args)
     cfg = resolve(args)
     validate(cfg, training=not args.eval_only)
+    if cfg.out and Path(cfg.out).is_symlink() and not Path(cfg.out).exists():
+        usage_error(f"--out {cfg.out}: a symbolic link to {os.readlink(cfg.out)}, which does not exist; allowed: a "
+                    "new or empty directory, or a link to one")
     if args.eval_only and cfg.eval_limit == 0:
         usage_error("--eval-limit 0: --eval-only measures an accuracy, and 0 examples have none; allowed: "
                     "--eval-limit >= 1 with --eval-only")

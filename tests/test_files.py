@@ -100,11 +100,12 @@ def test_an_evaluation_of_no_example_is_refused(tiny, capsys, no_loading):
                                  "allowed: --eval-limit >= 1 with --eval-only\n")
 
 
-def test_an_out_that_is_a_dangling_symbolic_link_is_named(tmp_path, tiny, capsys, no_loading):
+@pytest.mark.parametrize("how", [[], ["--eval-only"]], ids=["a new run", "--eval-only"])
+def test_an_out_that_is_a_dangling_symbolic_link_is_named(tmp_path, tiny, capsys, no_loading, how):
     """Before: `cannot write …/.lock: File exists`, which misleads: nothing is there."""
     link = tmp_path / "run"
     link.symlink_to(tmp_path / "gone" / "run")
-    code, err = refused(["--model", str(tiny), "--out", str(link), *SMALL], capsys)
+    code, err = refused(["--model", str(tiny), "--out", str(link), *SMALL, *how], capsys)
     assert code == 2 and err == (f"error: --out {link}: a symbolic link to {tmp_path / 'gone' / 'run'}, which does "
                                  "not exist; allowed: a new or empty directory, or a link to one\n")
     assert link.is_symlink() and not (tmp_path / "gone").exists()
