@@ -25,6 +25,7 @@ import datetime
 import fcntl
 import io
 import json
+import math
 import os
 import random
 import reprlib
@@ -341,13 +342,16 @@ def state_problem(state, step: int, accum: int | None) -> str | None:
 
     if not isinstance(state, dict) or not {"step", "optimizer", "rng", "data_position"} <= set(state):
         return "lacks step, optimizer, rng or data_position"
-    if state["step"] != step or not integer(state["step"]):
+    if not integer(state["step"]) or state["step"] != step:
         return f"step is {reprlib.repr(state['step'])}, not this checkpoint's {step}"
     most = step * accum if accum else 2**62
     if not integer(state["data_position"]) or not 0 <= state["data_position"] <= most:
         return (f"data_position is {reprlib.repr(state['data_position'])}; allowed: the examples drawn by step {step}, "
                 f"an integer from 0 to {most}")
-    for rng in [state["rng"], *state.get("rng_ranks", [])]:
+    ranks = state.get("rng_ranks", [])
+    if not isinstance(ranks, list):
+        return "rng_ranks is not a list of the processes' generator states"
+    for rng in [state["rng"], *ranks]:
         if not (isinstance(rng, dict) and all(torch.is_tensor(rng.get(k)) and rng[k].dtype == torch.uint8
                                               for k in ("sample", "select"))):
             return "rng does not hold the sampling and selection generators' states"
@@ -359,6 +363,9 @@ def state_problem(state, step: int, accum: int | None) -> str | None:
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])):
         return "optimizer is not AdamW's state (state and param_groups)"
+    numbers = [v for g in opt["param_groups"] for v in g.values() if isinstance(v, (int, float))]
+    if not all(math.isfinite(v) for v in numbers):  # lr, eps, weight_decay
+        return "optimizer's param_groups hold a number that is not finite"
     for i, entry in opt["state"].items():
         tensors = entry.values() if isinstance(entry, dict) else [None]
         if not all(torch.is_tensor(t) and (not t.is_floating_point() or torch.isfinite(t).all()) for t in tensors):
