@@ -21,6 +21,7 @@ import mini_report
 import model as M
 import tokrl
 import train
+from conftest import refused
 from mini_base import MiniMult
 
 
@@ -380,11 +381,13 @@ def test_quick_runs_both_settings_through_train_train_and_writes_the_report(tmp_
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     last = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert {"right_a*ones", "right_a*tens", "right_sum", "lora_A_mean_abs", "lora_BA_norm"} <= set(last)
-    # the base directories are normal model directories that train.py --model accepts (they load; the paper's ChatML
-    # multiplication prompts, 207 of its tokens, do not fit their 128 positions: --eval-limit 0 evaluates none)
-    assert train.main(["--model", str(out / "base-steps"), "--eval-only", "--eval-limit", "0", "--max-new-tokens",
-                       "4", "--device", "cpu"]) == 0
-    capsys.readouterr()
+    # the base directories are normal model directories: train.py --model reads them whole and refuses only the
+    # paper's ChatML multiplication prompts (207 of its tokens) as longer than their 128 positions; they load
+    code, err = refused(["--model", str(out / "base-steps"), "--eval-only", "--max-new-tokens", "4", "--device",
+                         "cpu"], capsys)
+    assert code == 2 and err.startswith("error: --max-new-tokens 4: the longest test prompt (207 tokens, mult) plus "
+                                        "4 is 211, beyond the model's max_position_embeddings 128")
+    assert M.load_model(out / "base-steps").config.max_position_embeddings == 128
     mini.main([*args, "--methods", "grpo", "--settings", "steps"])  # a rerun reuses the cached base
     assert "base (steps): reusing" in capsys.readouterr().out
 
