@@ -14,8 +14,10 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
+import reprlib
 import sys
 import weakref
 from collections.abc import Callable, Sequence
@@ -86,6 +88,9 @@ class Qwen2Config:
                 raise ValueError(f"{source}: required key {key!r} is missing")
         if "eos_token_id" not in d:
             kw["eos_token_id"] = None
+        for key, value in kw.items():
+            if value is not None and (why := _config_value_problem(key, value)) is not None:
+                raise ValueError(f"{source}: {key} is {reprlib.repr(value)}; {why}")
         cfg = cls(**kw)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ValueError(f"{source}: num_attention_heads ({cfg.num_attention_heads}) is not a multiple of "
@@ -109,6 +114,26 @@ class Qwen2Config:
         d["eos_token_id"] = list(self.eos_ids) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
                 "use_sliding_window": False, **{k: v for k, v in d.items() if v is not None}}
+
+
+MAX_SIZE = 2**31  # a config's sizes and token ids are below this (PyTorch's shapes and the tokenizers' u32 ids)
+
+
+def _config_value_problem(key: str, value) -> str | None:
+    """What is wrong with one value of config.json (None: nothing): sizes are integers >= 1, token ids integers >= 0,
+    RoPE's theta and the norm's epsilon finite numbers > 0, tie_word_embeddings true or false."""
+    def integer(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and least <= v < MAX_SIZE
+
+    if key in ("rope_theta", "rms_norm_eps"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        return None if ok else "expected a finite number > 0"
+    if key == "tie_word_embeddings":
+        return None if isinstance(value, bool) else "expected true or false"
+    if key in ("bos_token_id", "eos_token_id"):
+        ids = value if isinstance(value, tuple) else (value,)
+        return None if all(integer(i, 0) for i in ids) else "expected a token id (an integer >= 0) or a list of them"
+    return None if integer(value, 1) else "expected an integer >= 1 and below 2^31"
 
 
 # Named presets so tests and benchmarks can build real shapes offline.
@@ -508,13 +533,14 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 def check_model_dir(model_dir: str | os.PathLike) -> tuple[Qwen2Config, Tokenizer]:
     """What `load_model` would refuse, found in seconds: config.json, the tokenizer against the config's vocabulary,
-    and the safetensors headers (names, shapes, and files long enough for the data they announce), no weights read."""
+    generation_config.json, and the safetensors headers (names, shapes, and files whose offsets cover them exactly),
+    no weights read."""
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read config.json ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, an integer of 5,000 digits
+        raise ValueError(f"{path}: cannot read config.json ({_first_line(e)})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: config.json holds a JSON {type(d).__name__}, expected an object of settings")
     cfg = Qwen2Config.from_dict(d, source=str(path))
@@ -523,26 +549,49 @@ def check_model_dir(model_dir: str | os.PathLike) -> tuple[Qwen2Config, Tokenize
     if n_ids > cfg.vocab_size:
         raise ValueError(f"{model_dir / 'tokenizer.json'}: the tokenizer has {n_ids} ids, more than the model's "
                          f"vocab_size {cfg.vocab_size} in config.json (tokenizer and model do not belong together)")
+    eos_ids(model_dir, cfg, tok)  # generation_config.json
     shapes = {}
     for f in weight_files(model_dir):
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            try:
-                header = json.loads(fh.read(n)) if 0 < n < 100 * 2**20 else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                header = None
-        if not isinstance(header, dict):
-            raise ValueError(f"{f}: not a safetensors file (unreadable header); it may be truncated or corrupt")
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = 8 + n + max([v["data_offsets"][1] for v in tensors.values()] + [0])
-        if f.stat().st_size < end:
-            raise ValueError(f"{f}: {f.stat().st_size} bytes, but its header announces {end}: the file is truncated "
-                             "(an interrupted download or copy)")
-        shapes.update({k: torch.empty(v["shape"], device="meta") for k, v in tensors.items()})
+        shapes.update({k: torch.empty(shape, device="meta") for k, (_, shape) in safetensors_header(f).items()})
+    layers = {m.group(1) for k in shapes if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if len(layers) != cfg.num_hidden_layers:  # before the model is built: config.json may claim a billion layers
+        raise ValueError(f"{path}: num_hidden_layers is {cfg.num_hidden_layers}, but the weights in {model_dir} hold "
+                         f"{len(layers)} layers (config and weights do not belong together)")
     with torch.device("meta"):
         check_state_dict(Qwen2ForCausalLM(cfg), shapes, model_dir)
     return cfg, tok
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
+
+
+def safetensors_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A safetensors file's tensors, name -> (dtype, shape), from its header alone (no tensor is read), checked by the
+    safetensors library itself (the header parses, its offsets cover the file exactly). Errors name the file; a file
+    shorter than its header announces is named as truncated."""
+    from safetensors import SafetensorError, safe_open
+
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(fh.read(n)) if 0 < n <= MAX_HEADER_BYTES else None
+        except (ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{f}: not a safetensors file (unreadable header); it may be truncated or corrupt")
+    try:
+        end = 8 + n + max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] + [0])
+    except (TypeError, KeyError, IndexError):
+        end = 0  # a malformed entry: the library names it below
+    if f.stat().st_size < end:
+        raise ValueError(f"{f}: {f.stat().st_size} bytes, but its header announces {end}: the file is truncated "
+                         "(an interrupted download or copy)")
+    try:
+        with safe_open(str(f), "pt") as st:
+            return {k: (st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape())) for k in st.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{f}: not a safetensors file ({_first_line(e)}); it may be truncated or corrupt") from None
 
 
 def save_model(model: Qwen2ForCausalLM, model_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -581,7 +630,7 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
     repo id: found in the Hugging Face cache (with the network off too), else downloaded into it.
     `revision`: a branch, tag or commit hash (None: the repo's main branch)."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if is_dir(name_or_path):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return path
@@ -607,6 +656,14 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
         why = f"{snap} is incomplete: {'; '.join(missing)}"
     raise ModelNotFoundError(f"{name_or_path} (revision {revision or 'main'}): {why}. "
                              f"{_by_hand(name_or_path, revision, constants.ENDPOINT, constants.HF_HUB_CACHE)}")
+
+
+def is_dir(name: str) -> bool:
+    """`name` is an existing directory (False, not an OSError, for a name too long to be a path)."""
+    try:
+        return Path(name).expanduser().is_dir()
+    except OSError:
+        return False
 
 
 def is_repo_id(name: str) -> bool:
@@ -687,10 +744,14 @@ def eos_ids(model_dir: str | os.PathLike | None, cfg: Qwen2Config, tokenizer: To
     gen = Path(model_dir) / "generation_config.json" if model_dir is not None else None
     if gen is not None and gen.is_file():
         try:
-            e = json.loads(gen.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{gen}: not valid JSON ({err})") from None
-        ids.update([e] if isinstance(e, int) else e or [])
+            d = json.loads(gen.read_text())
+        except (OSError, ValueError, RecursionError) as err:
+            raise ValueError(f"{gen}: not valid JSON ({_first_line(err)})") from None
+        e = d.get("eos_token_id") if isinstance(d, dict) else None
+        e = [e] if isinstance(e, int) else e or []
+        if not isinstance(d, dict) or not isinstance(e, list) or _config_value_problem("eos_token_id", tuple(e)):
+            raise ValueError(f"{gen}: expected a JSON object whose eos_token_id is a token id or a list of them")
+        ids.update(e)
     for tok in (ENDOFTEXT, IM_END):
         if tokenizer is not None and (i := tokenizer.token_id(tok)) is not None:
             ids.add(i)

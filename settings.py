@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import torch
@@ -204,12 +206,41 @@ def flag(name: str) -> str:
 
 
 def usage_error(message: str) -> NoReturn:
+    """A bad flag or a bad file handed in: one line, exit status 2 (argparse's convention)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def validate(cfg: Settings, training: bool = True) -> None:
-    """Every rule of RULES, before anything is loaded or written; then the warnings (training only)."""
+def refuse_setting(name: str, value, why: str, source: Path | None = None) -> NoReturn:
+    usage_error(f"{source}: {name} is {reprlib.repr(value)}; {why}" if source else f"{flag(name)} {value}: {why}")
+
+
+def type_problem(name: str, value) -> str | None:
+    """A setting's value against its field's type (None: it fits). The command line always gives the type; a
+    resumed run's config.json may hold anything: integers must be below 2^62, strings at most MAX_STR characters."""
+    base, _, optional = Settings.__dataclass_fields__[name].type.partition(" | ")
+    if value is None and optional:
+        return None
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**62:
+        return None
+    if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    if base == "str" and isinstance(value, str) and len(value) <= MAX_STR:
+        return None
+    return "allowed: " + {"int": "an integer below 2^62", "float": "a number",
+                          "str": f"a string of at most {MAX_STR:,} characters"}[base] + (" or null" if optional else "")
+
+
+MAX_STR = 4096  # the longest path Linux opens (PATH_MAX), and so the longest string setting
+
+
+def validate(cfg: Settings, training: bool = True, source: Path | None = None) -> None:
+    """Every setting's type and every rule of RULES, before anything is loaded or written; then the warnings
+    (training only). `source`: the file the settings come from (a resumed run's config.json), which a refusal
+    names instead of the flag."""
+    for name in Settings.__dataclass_fields__:
+        if (why := type_problem(name, getattr(cfg, name))) is not None:
+            refuse_setting(name, getattr(cfg, name), why, source)
     for name, ok, why in RULES:
         value = getattr(cfg, name)
         try:
@@ -217,7 +248,7 @@ def validate(cfg: Settings, training: bool = True) -> None:
         except TypeError:  # e.g. a string where a number belongs (a hand-edited config.json)
             good = False
         if not good:
-            usage_error(f"{flag(name)} {value}: {why or device_problem(value)}")
+            refuse_setting(name, value, why or device_problem(value), source)
     for name, bad, why in WARNINGS:
         if training and bad(getattr(cfg, name), cfg):
             print(f"warning: {flag(name)} {getattr(cfg, name)}: {why}", file=sys.stderr)

@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -51,7 +52,7 @@ from replay import ReplayPool
 from distributed import World, combine_stats, own_rng, rng_for_checkpoint
 from checkpoints import (WriteError, append_jsonl, find_checkpoint, read_jsonl, save_checkpoint, write_atomic,
                          write_jsonl)
-from checks import check_against_model, eval_batch
+from checks import check_inputs, check_resume, eval_batch, read_run_settings
 from plot import svg_plot
 from settings import GROUP, LORA_TARGETS, TASK_DEFAULTS, Settings, flag, paper_defaults, usage_error, validate
 from tasks import DataError, Task, TrainStream, make_task
@@ -544,20 +545,6 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The inputs, checked before any weight is loaded (the settings alone: settings.py; against the model: checks.py)
-
-
-def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = None) -> Task:
-    """The model directory (config, tokenizer, weight headers), the data, an --adapter, and the settings against the
-    model and this machine, all read before any weight is loaded. Returns the task, its data read."""
-    model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
-    model_cfg, tok = M.check_model_dir(model_dir)
-    task = make_task(cfg.task, tok, cfg.data, cfg.reward)
-    check_against_model(cfg, model_cfg, tok, task, model_dir, training, adapter)
-    return task
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -682,30 +669,11 @@ def resolve(args: argparse.Namespace, base: Settings | None = None) -> Settings:
     return Settings(**{**paper_defaults(algo, task), "algo": algo, "task": task, **given})
 
 
-def recorded_settings(run: Path) -> Settings:
-    """A run's settings: its config.json, with the --steps of its latest resume (resumes.jsonl)."""
-    path = run / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {run} is not a tokrl run directory (no config.json)")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path}: cannot read the run's settings ({e})") from None
-    unknown = set(saved) - set(Settings.__dataclass_fields__) if isinstance(saved, dict) else None
-    if unknown is None or unknown:
-        raise SystemExit(f"error: {path}: not the settings of a run of this tokrl "
-                         f"({'unknown settings ' + str(sorted(unknown)) if unknown else 'not a JSON object'})")
-    resumes = read_jsonl(run / "resumes.jsonl")
-    # a run recorded before --replay-pool existed replayed from its current group: it continues as it started
-    saved = {"replay_pool": "group", **saved}
-    return Settings(**{**saved, **({"steps": resumes[-1]["steps"]} if resumes else {})})
-
-
 def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
     """A resume's settings, checked before anything is loaded: the recorded ones (a typed flag that differs from
     them is refused, except --steps)."""
     run = Path(args.resume)
-    recorded = recorded_settings(run)
+    recorded = read_run_settings(run)
     if args.eval_only or args.adapter:
         usage_error(f"{'--eval-only' if args.eval_only else '--adapter'}: not with --resume; evaluate a run's "
                     f"adapter with --eval-only --adapter {run / 'adapter'}")
@@ -715,23 +683,11 @@ def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
                         f"({run / 'config.json'}); a resumed run keeps its settings, only --steps may change")
     cfg = dataclasses.replace(recorded, steps=args.steps or recorded.steps)
     validate(cfg, training=False)
-    if not Path(cfg.model).expanduser().is_dir() and not M.is_repo_id(cfg.model):
-        raise SystemExit(f"error: {run} was recorded with --model {cfg.model} ({run / 'config.json'}), which is not a "
-                         "directory here (a run from another machine, or started from another directory?); a resumed "
-                         f"run keeps its settings: put the same model at {cfg.model}, or a symbolic link to it")
+    if not M.is_dir(cfg.model) and not M.is_repo_id(cfg.model):
+        usage_error(f"{run} was recorded with --model {cfg.model} ({run / 'config.json'}), which is not a directory "
+                    "here (a run from another machine, or started from another directory?); a resumed run keeps its "
+                    f"settings: put the same model at {cfg.model}, or a symbolic link to it")
     return cfg, run
-
-
-def resume_checkpoint(run: Path, cfg: Settings) -> tuple[Path, dict]:
-    """The newest intact checkpoint of a resumed run, read once the run is held (no writer can be pruning it)."""
-    try:
-        ck, state = find_checkpoint(run)
-    except checkpoints.CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    if cfg.steps < state["step"]:
-        usage_error(f"--steps {cfg.steps}: {run} is already at step {state['step']} ({ck.name}); allowed: "
-                    f"--steps >= {state['step']}")
-    return ck, state
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -786,6 +742,12 @@ def checked_settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
         return resume_settings(args)
     cfg = resolve(args)
     validate(cfg, training=not args.eval_only)
+    if cfg.out and Path(cfg.out).is_symlink() and not Path(cfg.out).exists():
+        usage_error(f"--out {cfg.out}: a symbolic link to {os.readlink(cfg.out)}, which does not exist; allowed: a "
+                    "new or empty directory, or a link to one")
+    if args.eval_only and cfg.eval_limit == 0:
+        usage_error("--eval-limit 0: --eval-only measures an accuracy, and 0 examples have none; allowed: "
+                    "--eval-limit >= 1 with --eval-only")
     if args.adapter and not args.eval_only:
         usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
     if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):
@@ -802,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         task = check_inputs(cfg, not args.eval_only, args.adapter)  # seconds; loading the weights takes minutes
         if run is not None or cfg.out:  # before anything in the directory is written (or pruned)
             held = hold(run or Path(cfg.out), "--resume" if args.resume else "--out")
-        ck = resume_checkpoint(run, cfg) if args.resume else None
+        ck = check_resume(run, cfg) if args.resume else None
         if run is not None and ck is None:
             refuse_a_run_there(run)
         world = distributed.from_env(cfg.device)  # under torchrun: this process's place among N; else World()

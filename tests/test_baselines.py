@@ -11,6 +11,7 @@ import torch
 from conftest import make_checkpoint
 import baselines as B
 import checkpoints
+import checks
 import lora
 import tokrl
 import train
@@ -330,7 +331,8 @@ def test_ppo_and_dpo_resume_bit_exact(tmp_path, algo, critic, monkeypatch):
     """4 steps straight, or 2, stop, resume for 2 more: the same policy adapter, the same value head and critic
     LoRA, the same metrics. (PPO's π_θold lives within a step: at a step boundary it is the current policy.)"""
     d = digit_model(tmp_path / "digits")
-    monkeypatch.setattr(train, "make_task", lambda name, tok, *a: SevenTask(tok))
+    for where in (train, checks):  # checks.check_inputs reads the task main trains on
+        monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", algo, "--critic", critic, "--model", str(d), "--device", "cpu", "-G", "6",
               "--max-new-tokens", "1", "--temperature", "1.0", "--lr", "3e-2", "--lora-fraction", "1",
               "--eval-every", "0", "--save-every", "2"]
@@ -354,7 +356,8 @@ def test_ppo_and_dpo_resume_bit_exact(tmp_path, algo, critic, monkeypatch):
 
 def test_resume_with_a_different_critic_is_named(tmp_path, monkeypatch, capsys):
     d = digit_model(tmp_path / "digits")
-    monkeypatch.setattr(train, "make_task", lambda name, tok, *a: SevenTask(tok))
+    for where in (train, checks):  # checks.check_inputs reads the task main trains on
+        monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", "ppo", "--model", str(d), "--device", "cpu", "-G", "4", "--max-new-tokens", "1",
               "--lora-fraction", "1", "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path / "r")]
     train.main([*common, "--steps", "1"])
