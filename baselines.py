@@ -6,11 +6,12 @@
     K4   the lecture's PPO objective        ppo_token_objective, ppo_backward  ·  ppo_loss_batched (slow path)
     D1   online DPO from the group          dpo_pairs, dpo_coefficients, dpo_backward  ·  dpo_loss_batched (slow path)
 
-Sources: SPEC-baselines.md and the RLHF lecture (paper/rlhf-lecture-ppo-grpo-dpo.txt). Same conventions as tokrl.py:
-a completion is the generated tokens only, losses are −J, every `*_backward` runs forward and backward one completion
-at a time, and the caller zeroes gradients before and steps the optimizer after.
+Sources: docs/SPEC-baselines.md and the course lecture it follows (ST7003 Procesamiento Natural del Lenguaje,
+"Lecture06 – RLHF": PPO, GRPO, DPO). Same conventions as tokrl.py: a completion is the generated tokens only, losses
+are −J, every `*_backward` runs forward and backward one completion at a time, and the caller zeroes gradients before
+and steps the optimizer after.
 
-PPO, one training step (train.py:update):
+PPO, one training step (training.py:update):
 
     sample G completions with π_θold = π_θ                          (the sampler: model.sample)
     ppo_prepare, no gradient, one pass:  log π_θold, log π_ref, V(s_t)  →  r_t, K2: A_t, R_t, whitened Â_t
@@ -36,15 +37,9 @@ import torch.nn.functional as F
 
 import lora
 from model import Qwen2ForCausalLM
-from tokrl import (StepStats, _bottom, _top, batch_states_and_logprobs, chunks, kl_estimator, policy_and_ref_logprobs,
-                   policy_states_and_logprobs)
+from tokrl import (StepStats, adapted_top, batch_states_and_logprobs, chunks, frozen_bottom, kl_estimator,
+                   policy_and_ref_logprobs, policy_states_and_logprobs)
 
-GAMMA = 1.0  # [decided] (SPEC-baselines.md) γ = 1
-GAE_LAMBDA = 0.95  # [decided] (SPEC-baselines.md) λ_GAE = 0.95
-PPO_CLIP_EPS = 0.2  # K3 ε
-PPO_PASSES = 4  # [decided] (SPEC-baselines.md) μ = 4 passes over the step's completions
-W1, W3 = 0.0, 0.5  # [decided] (SPEC-baselines.md) w1 = 0 (entropy), w3 = 0.5 (value); w2 = β = 0.01 (train.py)
-DPO_BETA = 0.1  # [decided] (SPEC-baselines.md) β_D = 0.1
 WHITEN_EPS = 1e-8  # ours: (A − mean)/(std + 1e-8); a step whose advantages are all equal gets Â = 0
 
 
@@ -89,10 +84,10 @@ class Critic:
         copy's own (one forward of the right-padded batch)."""
         if self.net is None:
             return [self.head(s) for s in policy_states]
-        h, pos = _bottom(self.net, seqs)
+        h, pos = frozen_bottom(self.net, seqs)
         T = h.shape[1]
         rows = torch.cat([b * T + p for b, p in enumerate(positions)])
-        v = self.head(_top(self.net, h, pos, rows - 1))  # the state at p−1, as for the policy
+        v = self.head(adapted_top(self.net, h, pos, rows - 1))  # the state at p−1, as for the policy
         return list(v.split([len(p) for p in positions]))
 
     def _named(self) -> dict[str, nn.Parameter]:
@@ -188,8 +183,8 @@ def _positions(prompt_len: int, y: Sequence[int], device) -> torch.Tensor:
 
 @torch.no_grad()
 def ppo_prepare(policy: Qwen2ForCausalLM, critic: Critic, prompt: Sequence[int],
-                completions: Sequence[Sequence[int]], rewards: Sequence[float], *, gamma: float = GAMMA,
-                gae_lambda: float = GAE_LAMBDA, with_ref: bool = True) -> PPOBatch:
+                completions: Sequence[Sequence[int]], rewards: Sequence[float], *, gamma: float, gae_lambda: float,
+                with_ref: bool = True) -> PPOBatch:
     """One forward per completion without gradient: π_θold, π_ref and V at sampling time, then K2."""
     dev, P = policy.lm_head.weight.device, len(prompt)
     keep = [(list(y), r) for y, r in zip(completions, rewards) if len(y)]  # an empty completion has no token
@@ -222,8 +217,8 @@ def ppo_token_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: to
     return clipped + w1 * entropy - w2 * kl - w3 * value_err  # [K4] L_clip + w1·H − w2·KL − w3·L(γ)
 
 
-def ppo_backward(policy: Qwen2ForCausalLM, critic: Critic, batch: PPOBatch, *, clip_eps: float = PPO_CLIP_EPS,
-                 w1: float = W1, w2: float = 0.01, w3: float = W3, scale: float = 1.0,
+def ppo_backward(policy: Qwen2ForCausalLM, critic: Critic, batch: PPOBatch, *, clip_eps: float, w1: float, w2: float,
+                 w3: float, scale: float = 1.0,
                  share: Callable[[list[int]], list[int]] | None = None, backward_batch: int = 1) -> StepStats:
     """One of the μ passes: per completion, forward (policy, and the separate critic) and backward of
     −Σ_t L_PPO,t / N, N = all completion tokens of the step; gradients accumulate in .grad. `share` (several
@@ -306,7 +301,7 @@ def dpo_coefficients(log_ratios: torch.Tensor, pairs: Sequence[tuple[int, int]],
 
 
 def dpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
-                 rewards: Sequence[float], *, beta: float = DPO_BETA, scale: float = 1.0,
+                 rewards: Sequence[float], *, beta: float, scale: float = 1.0,
                  share: Callable[[list[int]], list[int]] | None = None, backward_batch: int = 1) -> StepStats:
     """D1, exact per-completion backward: the G log-ratios without gradient first, then one forward+backward of
     coef_i·log π_θ(y_i|x) per completion that is in a pair. [decided] (SPEC-baselines.md) no pair: no update."""

@@ -201,10 +201,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def write_adapter(net, out: Path, base_model: str, point: str = "") -> None:
-    """The adapter in PEFT's format (as lora.save_adapter), every file written atomically through write_atomic."""
+def write_adapter(net, out: str | os.PathLike, base_model: str = "", point: str = "") -> None:
+    """The adapter in PEFT's format (lora.adapter_state, lora.adapter_config: what peft.PeftModel.from_pretrained and
+    vLLM's LoRA loader read), every file written atomically through write_atomic."""
     from safetensors.torch import save
 
+    out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

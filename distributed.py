@@ -185,7 +185,7 @@ def exit_finished(status: int) -> NoReturn:
 SHARE_FIELDS = {
     "grpo": ("loss", "forwards", "tokens_in_loss"),  # and kl, a mean over tokens_in_loss (below)
     "sgrpo": ("loss", "forwards", "tokens_in_loss"),
-    "tspmo": ("loss", "forwards", "policy_loss", "l2_loss"),  # λ·Σ‖W‖² on rank 0 only (train.update)
+    "tspmo": ("loss", "forwards", "policy_loss", "l2_loss"),  # λ·Σ‖W‖² on rank 0 only (training.update)
     "ppo": ("loss", "forwards", "kl", "clip_fraction", "approx_kl", "entropy", "value_loss"),  # each a sum / N
     "dpo": ("forwards", "tokens_in_loss"),
 }

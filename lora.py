@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021) on chosen linear layers of model.py's Qwen2 — tag L1 — saved and loaded in PEFT's format.
+"""LoRA (Hu et al. 2021) on chosen linear layers of model.py's Qwen2 — tag L1 — in PEFT's format, loaded here and
+written by checkpoints.write_adapter.
 
     h = W0·x + b0 + (α/r)·B·A·x        A (r, C_in) Kaiming-uniform,  B (C_out, r) zero  →  step 0 equals the base model
 
@@ -14,7 +15,6 @@ import math
 import os
 import re
 import reprlib
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -196,30 +196,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
         out[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
     return out
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: a crash never leaves a half-written file under the real name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str = "") -> None:
-    """Write the adapter in PEFT's format (loadable by peft.PeftModel.from_pretrained and by vLLM's LoRA loader)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = adapter_state(model)
-    cfg = json.dumps(adapter_config(model, base_model), indent=2) + "\n"
-    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(cfg))
 
 
 def _adapter_files(adapter_dir: Path) -> tuple[Path, Path]:

@@ -8,7 +8,7 @@
 What it does (each stage writes into --out, default runs/mini/):
   1. the bases (mini_base.py): a 1 M-parameter Qwen2 and a character tokenizer; per setting an SFT'd base, copied
      from data/ (or built here from its seed);
-  2. the runs, each through `train.train` (the code path of `python train.py`): the paper's settings scaled to the
+  2. the runs, each through `training.train` (the code path of `python train.py`): the paper's settings scaled to the
      miniature (`run_settings`), the learning rate of each (setting, method) the one `--tune` chose on the
      validation set (data/mini-tuning.json), two runs at a time, one CPU thread each;
   3. OUT/results.md: per setting the table beside the paper's Table II, the tuning table, the table of E10's λ
@@ -34,8 +34,9 @@ import torch
 
 import mini_base
 import mini_report
-import train
+import training
 from mini_base import MAX_NEW_TOKENS, SETTINGS, MiniMult, say
+from settings import Settings, paper_defaults
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The methods and their settings
@@ -79,13 +80,13 @@ def scaled_selection() -> tuple[int, int]:
 
 
 def run_settings(method: str, setting: str, seed: int, base: Path, lr: float,
-                 step_scale: float = STEP_SCALE) -> train.Settings:
+                 step_scale: float = STEP_SCALE) -> Settings:
     """Settings of one run: the paper's defaults for (algo, mult), scaled; the same for every method except G,
     S-GRPO's (α, k), T-SPMO's replay and λ, PPO's critic, and the learning rate --tune chose."""
     algo, change = METHODS[method]
     alpha, k = scaled_selection()
-    paper = train.paper_defaults(algo, "mult")
-    return train.Settings(**{
+    paper = paper_defaults(algo, "mult")
+    return Settings(**{
         **paper, "algo": algo, "task": f"mini-{setting}", "model": str(base), "device": "cpu", "seed": seed,
         "steps": max(1, round(STEPS[algo] * step_scale)), "alpha": alpha, "k": k,
         "lr": lr, "lora_fraction": LORA_FRACTION, "lora_targets": LORA_TARGETS,
@@ -99,22 +100,22 @@ class Job:
     method: str
     seed: int
     split: str  # "test", or "validation" (--tune)
-    cfg: train.Settings
+    cfg: Settings
 
 
 def run_job(job: Job, loaded=None) -> dict:
-    """One RL run through train.train, its progress lines in RUN/log.txt; the task scores job.split. `loaded`: (net,
+    """One RL run through training.train, its progress lines in RUN/log.txt; the task scores job.split. `loaded`: (net,
     tok, eos) of the base, copied so that each run puts its LoRA on a fresh model (None: read it from disk)."""
     run = Path(job.cfg.out)
     if run.exists():
-        shutil.rmtree(run)  # train.train appends to metrics.jsonl: start clean
+        shutil.rmtree(run)  # training.train appends to metrics.jsonl: start clean
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(job.cfg), indent=2) + "\n")
     torch.set_num_threads(job.cfg.threads or 1)
-    net, tok, eos = loaded or train.load_everything(job.cfg)
+    net, tok, eos = loaded or training.load_everything(job.cfg)
     t0 = time.time()
     with open(run / "log.txt", "w") as f, contextlib.redirect_stdout(f):
-        final = train.train(job.cfg, run, task=MiniMult(tok, job.setting, job.split),
+        final = training.train(job.cfg, run, task=MiniMult(tok, job.setting, job.split),
                             loaded=(copy.deepcopy(net), tok, eos))
     return {"setting": job.setting, "method": job.method, "seed": job.seed, "split": job.split, "lr": job.cfg.lr,
             "accuracy": final["accuracy"], "steps": job.cfg.steps, "minutes": (time.time() - t0) / 60,
@@ -134,7 +135,7 @@ def run_all(jobs: list[Job], parallel: int, log=say) -> list[dict]:
         bases: dict[str, tuple] = {}
         for j in jobs:
             if j.cfg.model not in bases:
-                bases[j.cfg.model] = train.load_everything(j.cfg)
+                bases[j.cfg.model] = training.load_everything(j.cfg)
             report(run_job(j, bases[j.cfg.model]))
     else:  # spawn: a fresh interpreter per worker (forking after torch's thread pool started can hang)
         with multiprocessing.get_context("spawn").Pool(parallel) as pool:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import lora
+import checkpoints
 import model as M
 import tasks
 from reward import exact_match_reward
@@ -166,7 +166,7 @@ class MiniMult(tasks.Task):
         self.setting, self.split_name = setting, split_name
 
     def test_set(self):
-        return list(split(self.split_name))  # what train.evaluate scores: the test set, or --tune's validation set
+        return list(split(self.split_name))  # what training.evaluate scores: the test set, or --tune's validation set
 
     def train_stream(self, rng: random.Random):
         return pair_stream(rng, frozenset(split("test")) | frozenset(split("validation")))
@@ -178,7 +178,7 @@ class MiniMult(tasks.Task):
         return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
 
     def eval_details(self, text: str, ex) -> dict[str, float]:
-        """Logged beside the accuracy (train.evaluate): the steps setting's right rate of each step (the paper's
+        """Logged beside the accuracy (training.evaluate): the steps setting's right rate of each step (the paper's
         "token-level correctness"); the first-token setting's share of outputs that open a trace."""
         if self.setting == "steps":
             return {f"right_{name}": float(r) for name, r in zip(STEP_NAMES, steps_right(text, *ex))}
@@ -410,7 +410,7 @@ def build_base(out: Path, setting: str, s=None, log=say, shipped: bool = True) -
     ev = evaluate_base(net, tok, setting)
     info = {"key": key, "setting": setting, "sft": dataclasses.asdict(s), "parameters": M.num_parameters(net),
             "minutes": minutes, "history": history, **ev, **quick_check(net, tok, setting)}
-    lora.atomic_write(meta, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
+    checkpoints.write_atomic(meta, (json.dumps(info, indent=2) + "\n").encode())
     log(f"base ({setting}): {info['parameters']:,} parameters; SFT {minutes:.1f} min; {describe(info)}")
     return base
 

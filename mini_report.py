@@ -20,6 +20,7 @@ from pathlib import Path
 
 import checkpoints
 import mini_base
+from plot import svg_panels
 
 PAPER_TABLE_II = {"base": 3.9, "grpo": 4.4, "sgrpo": 22.9, "tspmo": 70.0}  # Qwen2-1.5B, 3x3 digits, n = 3000
 LABELS = {"base": "base (SFT)", "grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo-literal": "T-SPMO, λ literal (a)",
@@ -160,43 +161,6 @@ def lam_rule(by_setting: dict[str, dict[str, list[dict]]], settings) -> tuple[st
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Figures
-
-
-def svg_panels(panels: list[tuple[str, list[tuple[str, bool, list[tuple[float, float]]]]]], legend: list[tuple],
-               title: str, ymax: float = 1.0) -> str:
-    """Side-by-side panels, each (name, [(color, dashed, [(step, value)])]); values in [0, ymax]."""
-    W, H, pad, top = 360, 280, 46, 30
-    xmax = max([s for _, lines in panels for _, _, pts in lines for s, _ in pts] + [1])
-
-    def xy(s, v):
-        return pad + (W - pad - 10) * s / xmax, top + (H - top - pad) * (1 - min(max(v / ymax, 0.0), 1.0))
-
-    body = []
-    for i, (name, lines) in enumerate(panels):
-        body += [f'<g transform="translate({i * W},0)"><text x="{W / 2}" y="20" text-anchor="middle" '
-                 f'font-size="13">{name}</text>', f'<rect x="{pad}" y="{top}" width="{W - pad - 10}" '
-                 f'height="{H - top - pad}" fill="none" stroke="#999"/>']
-        for v in (0, 0.25, 0.5, 0.75, 1.0):
-            body.append(f'<text x="{pad - 4}" y="{xy(0, v * ymax)[1] + 4:.1f}" text-anchor="end" '
-                        f'font-size="11">{v * ymax:g}</text>')
-        for s in (0, xmax // 2, xmax):
-            body.append(f'<text x="{xy(s, 0)[0]:.1f}" y="{H - pad + 16}" text-anchor="middle" '
-                        f'font-size="11">{s:g}</text>')
-        body.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="12">step</text>')
-        for color, dashed, pts in lines:
-            if pts:
-                line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, v) for s, v in pts))
-                dash = ' stroke-dasharray="6,4"' if dashed else ""
-                body.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
-        body.append("</g>")
-    width, column = len(panels) * W, 300  # legend columns wide enough for the longest label
-    per_row = max(1, width // column)
-    body += [f'<text x="{10 + column * (i % per_row)}" y="{H + 34 + 16 * (i // per_row)}" fill="{c}" '
-             f'font-size="11">{label}{" (dashed)" if d else ""}</text>' for i, (label, c, d) in enumerate(legend)]
-    height = H + 44 + 16 * ((len(legend) - 1) // per_row)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
-            f'<text x="{width / 2}" y="{H + 14}" text-anchor="middle" font-size="12">{title}</text>'
-            + "".join(body) + "</svg>\n")
 
 
 def mean_curve(per_seed: list[dict[int, float]]) -> list[tuple[int, float]]:

@@ -1,39 +1,56 @@
-"""An SVG of the training reward and the test accuracy against step (the paper's Figure 1), with no dependency."""
+"""SVG figures with no dependency: side-by-side panels of lines against step. A run's curves.svg (training reward
+and test accuracy, the paper's Figure 1) and the miniature's figures (mini_report.py) are all drawn by `svg_panels`."""
 from __future__ import annotations
 
+Line = tuple[str, bool, list[tuple[float, float]]]  # (color, dashed, [(step, value)])
+
+
+def svg_panels(panels: list[tuple[str, list[Line]]], legend: list[tuple[str, str, bool]], title: str,
+               ymax: float = 1.0, dots: bool = False) -> str:
+    """Side-by-side panels, each (name, [(color, dashed, [(step, value)])]), values drawn within [0, ymax]; the legend
+    (label, color, dashed) below them. `dots`: a dot on each point of a line of fewer than 40."""
+    W, H, pad, top = 360, 280, 46, 30
+    xmax = max([s for _, lines in panels for _, _, pts in lines for s, _ in pts] + [1])
+
+    def xy(s, v):
+        return pad + (W - pad - 10) * s / xmax, top + (H - top - pad) * (1 - min(max(v / ymax, 0.0), 1.0))
+
+    body = []
+    for i, (name, lines) in enumerate(panels):
+        body += [f'<g transform="translate({i * W},0)"><text x="{W / 2}" y="20" text-anchor="middle" '
+                 f'font-size="13">{name}</text>', f'<rect x="{pad}" y="{top}" width="{W - pad - 10}" '
+                 f'height="{H - top - pad}" fill="none" stroke="#999"/>']
+        for v in (0, 0.25, 0.5, 0.75, 1.0):
+            body.append(f'<text x="{pad - 4}" y="{xy(0, v * ymax)[1] + 4:.1f}" text-anchor="end" '
+                        f'font-size="11">{v * ymax:g}</text>')
+        for s in (0, xmax // 2, xmax):
+            body.append(f'<text x="{xy(s, 0)[0]:.1f}" y="{H - pad + 16}" text-anchor="middle" '
+                        f'font-size="11">{s:g}</text>')
+        body.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="12">step</text>')
+        for color, dashed, pts in lines:
+            if pts:
+                line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, v) for s, v in pts))
+                dash = ' stroke-dasharray="6,4"' if dashed else ""
+                body.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+                if dots and len(pts) < 40:
+                    body += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>'
+                             for x, y in (xy(s, v) for s, v in pts)]
+        body.append("</g>")
+    width, column = len(panels) * W, 300  # legend columns wide enough for the longest label
+    per_row = max(1, width // column)
+    body += [f'<text x="{10 + column * (i % per_row)}" y="{H + 34 + 16 * (i // per_row)}" fill="{c}" '
+             f'font-size="11">{label}{" (dashed)" if d else ""}</text>' for i, (label, c, d) in enumerate(legend)]
+    height = H + 44 + 16 * ((len(legend) - 1) // per_row)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+            f'<text x="{width / 2}" y="{H + 14}" text-anchor="middle" font-size="12">{title}</text>'
+            + "".join(body) + "</svg>\n")
 
 
 def svg_plot(metrics: list[dict], evals: list[dict], title: str) -> str:
-    W, H, pad = 440, 300, 46
-
-    def panel(x0, name, pts, color):
-        out = [f'<g transform="translate({x0},0)"><text x="{W / 2}" y="20" text-anchor="middle">{name}</text>',
-               f'<rect x="{pad}" y="30" width="{W - pad - 10}" height="{H - 30 - pad}" fill="none" stroke="#999"/>']
-        xmax = max([p[0] for p in pts] + [1])
-
-        def xy(s, v):
-            return pad + (W - pad - 10) * s / xmax, 30 + (H - 30 - pad) * (1 - v)
-
-        for v in (0, 0.25, 0.5, 0.75, 1.0):
-            y = xy(0, v)[1]
-            out.append(f'<text x="{pad - 4}" y="{y + 4}" text-anchor="end" font-size="11">{v:g}</text>')
-        for s in (0, xmax // 2, xmax):
-            x = xy(s, 0)[0]
-            out.append(f'<text x="{x}" y="{H - pad + 16}" text-anchor="middle" font-size="11">{s}</text>')
-        out.append(f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle" font-size="12">step</text>')
-        if pts:
-            line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(s, min(max(v, 0), 1)) for s, v in pts))
-            out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
-            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>'
-                    for x, y in (xy(s, v) for s, v in pts)] if len(pts) < 40 else []
-        return out + ["</g>"]
-
+    """curves.svg: the training reward (moving mean over the last 10 steps) and the test accuracy against step."""
     rewards = [m["reward_mean"] for m in metrics]
     smooth = [(m["step"], sum(rewards[max(0, i - 9): i + 1]) / len(rewards[max(0, i - 9): i + 1]))
-              for i, m in enumerate(metrics)]  # moving mean over the last 10 steps
-    acc = [(e["step"], e["accuracy"]) for e in evals]
-    body = panel(0, "train reward (mean of 10 steps)", smooth, "#1f77b4") + \
-        panel(W, "test accuracy", acc, "#d62728")
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H + 20}" font-family="sans-serif">'
-            f'<text x="{W}" y="{H + 14}" text-anchor="middle" font-size="12">{title}</text>'
-            + "".join(body) + "</svg>\n")
+              for i, m in enumerate(metrics)]
+    accuracy = [(e["step"], e["accuracy"]) for e in evals]
+    return svg_panels([("train reward (mean of 10 steps)", [("#1f77b4", False, smooth)]),
+                       ("test accuracy", [("#d62728", False, accuracy)])], [], title, dots=True)

@@ -96,7 +96,7 @@ def loss_mask(prompt_len: int, lengths: Sequence[int], total_len: int) -> torch.
 # Forward passes for the loss: frozen bottom without autograd, adapted top with it
 
 
-def _bottom(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_bottom(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Embedding and the layers below the first LoRA layer, without autograd, for sequences right-padded to the
     longest: (B, T, C) hidden and (B, T) positions. Right padding needs no mask: attention is causal, so no real
     token sees the padding after it."""
@@ -108,7 +108,7 @@ def _bottom(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[tor
     return h, pos
 
 
-def _top(model: Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def adapted_top(model: Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The layers from the first LoRA layer up and the final norm; hidden states (N, C) at `rows` only: flat
     indices b·T + t into the (B, T) batch (for one sequence, its positions)."""
     h = model.run_layers(h, pos, lora.first_lora_layer(model))
@@ -132,16 +132,16 @@ def batch_states_and_logprobs(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[i
                               positions: Sequence[torch.Tensor], with_ref: bool):
     """`policy_states_and_logprobs` for several sequences in one forward of their right-padded batch: per sequence
     its states (N_i, C), log π_θ (N_i,) and log π_ref (N_i,) or None, at its own positions."""
-    h, pos = _bottom(model, seqs)
+    h, pos = frozen_bottom(model, seqs)
     T = h.shape[1]
     rows = torch.cat([b * T + p for b, p in enumerate(positions)])  # flat (b, p) of every scored token
     targets = torch.cat([torch.tensor(list(s), device=h.device)[p] for s, p in zip(seqs, positions)])
-    states = _top(model, h, pos, rows - 1)  # (N, C): the state at p−1 predicts token p
+    states = adapted_top(model, h, pos, rows - 1)  # (N, C): the state at p−1 predicts token p
     logp = logprobs_at(model, states, targets)
     ref = None
     if with_ref:
         with torch.no_grad(), lora.adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
-            ref = logprobs_at(model, _top(model, h, pos, rows - 1), targets)
+            ref = logprobs_at(model, adapted_top(model, h, pos, rows - 1), targets)
     sizes = [len(p) for p in positions]
     split = lambda t: list(t.split(sizes)) if t is not None else [None] * len(sizes)  # noqa: E731
     return split(states), split(logp), split(ref)
@@ -284,8 +284,8 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
         width = max(map(len, tg.tokens))
         tokens = torch.tensor([t + [0] * (width - len(t)) for t in tg.tokens], device=dev)  # (N, M), padded
         adv = torch.tensor([a + [0.0] * (width - len(a)) for a in tg.advantages], device=dev)  # padding has A = 0
-        h, pos = _bottom(model, [ids])
-        logp = logprobs_at(model, _top(model, h, pos, rows), tokens)  # (N, M) log π_θ(v|p)
+        h, pos = frozen_bottom(model, [ids])
+        logp = logprobs_at(model, adapted_top(model, h, pos, rows), tokens)  # (N, M) log π_θ(v|p)
         pi = logp.exp() if objective == "pi" else logp  # (N, M) π_θ(v|p), the paper's; "logpi": our ablation
         J_part = (pi * adv).sum() / U  # [E10] π_θ(v|p)·A(v|p) — π, not log π, as the paper writes it
         loss = -J_part * scale

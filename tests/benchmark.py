@@ -48,10 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import baselines  # noqa: E402
+import checkpoints  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
+import settings  # noqa: E402
 import tokrl  # noqa: E402
-import train  # noqa: E402
+from training import ppo_update  # noqa: E402
 from trie import PrefixTrie  # noqa: E402
 
 # The paper's multiplication settings (SPEC.md "Training settings", S-GRPO / T-SPMO).
@@ -63,7 +65,7 @@ STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350, "ppo": 450, "pposep": 450, "dp
 NAMES = {"grpo": "GRPO (G=8)", "sgrpo": "S-GRPO (G=8)", "tspmo": "T-SPMO (G=50, +1 replay)",
          "ppo": "PPO (G=8, shared critic, μ=4)", "pposep": "PPO (G=8, separate critic, μ=4)", "dpo": "DPO (G=8)"}
 PAPER, BASELINES = ("grpo", "sgrpo", "tspmo"), ("ppo", "pposep", "dpo")
-PPO = dataclasses.replace(train.Settings(), beta=BETA)  # SPEC-baselines.md's decided γ, λ_GAE, ε, μ, w1, w3
+PPO = dataclasses.replace(settings.Settings(), beta=BETA)  # SPEC-baselines.md's decided γ, λ_GAE, ε, μ, w1, w3
 EOS = (151643, 151645)  # <|endoftext|>, <|im_end|>: both suppressed, so every row makes exactly N tokens
 GiB = 2 ** 30
 
@@ -451,9 +453,9 @@ def ours_backward(model, kind, prompt, ys, rs, sel, critic=None, opt=None, backw
     if kind == "tspmo":
         tokrl.tspmo_backward(model, prompt, ys, rs, lam=LAM)
     elif kind in ("ppo", "pposep"):  # what train.py runs: the no-grad pass, then μ passes (μ − 1 optimizer steps here)
-        train.ppo_update(model, critic, opt, prompt, ys, rs, dataclasses.replace(PPO, backward_batch=backward_batch))
+        ppo_update(model, critic, opt, prompt, ys, rs, dataclasses.replace(PPO, backward_batch=backward_batch))
     elif kind == "dpo":
-        baselines.dpo_backward(model, prompt, ys, rs, backward_batch=backward_batch)
+        baselines.dpo_backward(model, prompt, ys, rs, beta=PPO.dpo_beta, backward_batch=backward_batch)
     else:
         tokrl.grpo_backward(model, prompt, ys, rs, beta=BETA, selection=sel if kind == "sgrpo" else None,
                             backward_batch=backward_batch)
@@ -512,7 +514,7 @@ def one(args) -> None:
     if backend == "tokrl":
         model = M.load_model(args.ckpt, device=dev)
         lora.apply_lora(model, r=LORA_R, fraction=LORA_FRACTION, generator=torch.Generator().manual_seed(4))
-        lora.save_adapter(model, work / "adapter")  # PEFT starts from these very A and B
+        checkpoints.write_adapter(model, work / "adapter")  # PEFT starts from these very A and B
         critic = None
         if kind in ("ppo", "pposep"):  # separate: a second copy of the base weights, resident before the step
             critic = baselines.Critic(model, "separate" if kind == "pposep" else "shared")

@@ -79,11 +79,12 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapter_of_tiny(tiny, tmp_path_factory) -> Path:
     """A PEFT adapter for `tiny`: rank 8 on q_proj and v_proj of all 4 layers (hidden 64)."""
+    import checkpoints
     import lora
     net = M.load_model(tiny)
     lora.apply_lora(net, 8, 1.0, generator=torch.Generator().manual_seed(0))
     out = tmp_path_factory.mktemp("adapter") / "adapter"
-    lora.save_adapter(net, out)
+    checkpoints.write_adapter(net, out)
     return out
 
 

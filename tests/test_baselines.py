@@ -14,7 +14,9 @@ import checkpoints
 import checks
 import lora
 import tokrl
+import settings
 import train
+import training
 from test_train import SevenTask, adapter_tensors, digit_model, learn_toy_task
 from test_tokrl import COMPLETIONS, PROMPT, REWARDS, adapted_model
 
@@ -171,7 +173,7 @@ def test_ppo_with_one_pass_is_the_advantage_weighted_logprob_gradient(tmp_path):
     """μ = 1, w1 = w2 = w3 = 0: the surrogate's gradient is −(1/N) Σ_t Â_t ∇log π_θ(y_t|s_t)."""
     m = adapted_model(tmp_path)
     critic = B.Critic(m, "shared")
-    batch = B.ppo_prepare(m, critic, PROMPT, COMPLETIONS, REWARDS)
+    batch = B.ppo_prepare(m, critic, PROMPT, COMPLETIONS, REWARDS, gamma=1.0, gae_lambda=0.95)
     B.ppo_backward(m, critic, batch, clip_eps=0.2, w1=0, w2=0, w3=0)
     fast = torch.cat([p.grad.flatten() for p in lora.lora_parameters(m)])
     for p in lora.lora_parameters(m):
@@ -261,7 +263,7 @@ def test_batched_backward_gives_the_per_completion_gradient(tmp_path, algo, n):
 
 def test_dpo_with_no_pair_takes_no_update(tmp_path):
     m = adapted_model(tmp_path)
-    st = B.dpo_backward(m, PROMPT, COMPLETIONS, [1.0] * 4)
+    st = B.dpo_backward(m, PROMPT, COMPLETIONS, [1.0] * 4, beta=0.1)
     assert st.forwards == 0 and st.extra == {"pairs": 0, "dpo_skipped": True} and st.zero_variance
     assert all(p.grad is None for p in lora.lora_parameters(m))
     before = [p.detach().clone() for p in lora.lora_parameters(m)]
@@ -297,7 +299,7 @@ def test_bad_baseline_settings_are_named(capsys):
 
 def toy_settings(tmp_path, algo, **kw):
     d = digit_model(tmp_path / "digits")
-    return dataclasses.replace(train.Settings(), algo=algo, task="seven", model=str(d), device="cpu", steps=40,
+    return dataclasses.replace(settings.Settings(), algo=algo, task="seven", model=str(d), device="cpu", steps=40,
                                group_size=8, max_new_tokens=1, temperature=1.0, lr=3e-2, lora_fraction=1.0,
                                lora_rank=4, eval_every=0, save_every=100, seed=1, **kw)
 
@@ -331,7 +333,7 @@ def test_ppo_and_dpo_resume_bit_exact(tmp_path, algo, critic, monkeypatch):
     """4 steps straight, or 2, stop, resume for 2 more: the same policy adapter, the same value head and critic
     LoRA, the same metrics. (PPO's π_θold lives within a step: at a step boundary it is the current policy.)"""
     d = digit_model(tmp_path / "digits")
-    for where in (train, checks):  # checks.check_inputs reads the task main trains on
+    for where in (training, checks):  # checks.check_inputs reads the task main trains on
         monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", algo, "--critic", critic, "--model", str(d), "--device", "cpu", "-G", "6",
               "--max-new-tokens", "1", "--temperature", "1.0", "--lr", "3e-2", "--lora-fraction", "1",
@@ -356,7 +358,7 @@ def test_ppo_and_dpo_resume_bit_exact(tmp_path, algo, critic, monkeypatch):
 
 def test_resume_with_a_different_critic_is_named(tmp_path, monkeypatch, capsys):
     d = digit_model(tmp_path / "digits")
-    for where in (train, checks):  # checks.check_inputs reads the task main trains on
+    for where in (training, checks):  # checks.check_inputs reads the task main trains on
         monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", "ppo", "--model", str(d), "--device", "cpu", "-G", "4", "--max-new-tokens", "1",
               "--lora-fraction", "1", "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path / "r")]
@@ -397,10 +399,10 @@ def test_ppo_and_dpo_on_cuda_equal_the_cpu(tmp_path):
     out = []
     for m in (cpu, gpu):
         critic = B.Critic(m, "separate")
-        batch = B.ppo_prepare(m, critic, PROMPT, COMPLETIONS, REWARDS)
-        st = B.ppo_backward(m, critic, batch, w2=0.1)
+        batch = B.ppo_prepare(m, critic, PROMPT, COMPLETIONS, REWARDS, gamma=1.0, gae_lambda=0.95)
+        st = B.ppo_backward(m, critic, batch, clip_eps=0.2, w1=0.0, w2=0.1, w3=0.5)
         grads = critic_grads(m, critic).cpu()
-        dpo = B.dpo_backward(m, PROMPT, COMPLETIONS, REWARDS)
+        dpo = B.dpo_backward(m, PROMPT, COMPLETIONS, REWARDS, beta=0.1)
         out.append((grads, st.loss, dpo.loss, batch.explained_variance))
     (g0, l0, d0, e0), (g1, l1, d1, e1) = out
     assert (g1 - g0).norm() / g0.norm() < 1e-4 and l1 == pytest.approx(l0, rel=1e-4)

@@ -16,6 +16,7 @@ from conftest import ROOT, make_checkpoint, refused, tiny_config, write_byte_tok
 import checkpoints
 import checks
 import model as M
+import tasks
 import train
 from test_train import SMALL, write_svamp
 
@@ -124,7 +125,7 @@ MULT_PROMPT = 156
 
 
 def test_the_multiplication_prompt_is_156_byte_tokens(tiny):
-    prompt = train.make_task("mult", M.Tokenizer(tiny / "tokenizer.json")).prompt((123, 456))
+    prompt = tasks.make_task("mult", M.Tokenizer(tiny / "tokenizer.json")).prompt((123, 456))
     text = prompt.replace(M.IM_START, "").replace(M.IM_END, "")
     assert (len(text.encode()), prompt.count(M.IM_START), prompt.count(M.IM_END)) == (151, 3, 2)
     assert len(M.Tokenizer(tiny / "tokenizer.json").encode(prompt)) == MULT_PROMPT == 151 + 5
@@ -167,7 +168,7 @@ def test_the_bound_on_prompt_lengths_is_above_the_exact_length(tiny):
     for path in tokenizers:
         tok = M.Tokenizer(path)
         for name in ("mult", "svamp", "gsm8k"):
-            task = train.make_task(name, tok)
+            task = tasks.make_task(name, tok)
             for examples in (task.train_set(), task.test_set()):
                 exact = checks.longest_prompt(task, tok, examples)
                 assert 0 < exact <= checks.longest_prompt(task, tok, examples, exact=False)

@@ -117,19 +117,19 @@ def grads(params) -> list[torch.Tensor]:
 
 
 def backward_once(net, algo, cfg, world: World):
-    """train.update on the fixed group (as the Trainer calls it), the gradients summed over the processes. PPO: one
+    """training.update on the fixed group (as the Trainer calls it), the gradients summed over the processes. PPO: one
     pass (μ = 1), with a shared critic whose value head's gradient is compared too."""
     import baselines
     import lora
-    import train
+    import training
     prompt, completions, rewards = fixed_group(cfg.group_size)
     critic = baselines.Critic(net, "shared") if algo == "ppo" else None
     params = lora.lora_parameters(net) + (critic.parameters() if critic else [])
     for p in params:
         p.grad = None
     gens = {"select": torch.Generator().manual_seed(7)}
-    st = train.update(net, algo, prompt, completions, rewards, dataclasses.replace(cfg, ppo_passes=1), gens, 0.5,
-                      critic=critic, world=world)
+    st = training.update(net, algo, prompt, completions, rewards, dataclasses.replace(cfg, ppo_passes=1), gens, 0.5,
+                         critic=critic, world=world)
     world.sum_grads(params)
     return grads(params), dataclasses.asdict(st)
 
@@ -151,13 +151,14 @@ class SameGroupsForAnyN:
 def worker(model_dir: str, out: str) -> None:
     import lora
     import model as M
-    import train
+    import settings
+    import training
     torch.set_num_threads(1)
     world = distributed.from_env("cpu")
-    cfg = dataclasses.replace(train.Settings(), model=model_dir, device="cpu", group_size=6, max_new_tokens=8,
+    cfg = dataclasses.replace(settings.Settings(), model=model_dir, device="cpu", group_size=6, max_new_tokens=8,
                               alpha=2, k=4, lora_rank=4, lora_fraction=0.5, temperature=1.0, eval_batch=2,
                               eval_limit=None, replay_success=1, replay_failure=1, replay_threshold=0.5, seed=11)
-    net, tok, eos = train.load_everything(cfg)
+    net, tok, eos = training.load_everything(cfg)
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # B ≠ 0: A gets a policy gradient too, and π_θ ≠ π_ref (a KL gradient)
         g = torch.Generator().manual_seed(2)
@@ -183,7 +184,7 @@ def worker(model_dir: str, out: str) -> None:
         after = {}
         for name, w in (("one", World()), ("split", world)):
             restore(params, start)
-            tr = train.Trainer(c, Path(out), net, tok, task, eos, world=w)
+            tr = training.Trainer(c, Path(out), net, tok, task, eos, world=w)
             M.sample = SameGroupsForAnyN(real, c.group_size)
             M.sample.world = w
             try:
@@ -202,7 +203,7 @@ def worker(model_dir: str, out: str) -> None:
     res["pool"] = {}
     for name, w in (("one", World()), ("split", world)):
         restore(params, start)
-        tr = train.Trainer(c, Path(out), net, tok, task, eos, world=w)
+        tr = training.Trainer(c, Path(out), net, tok, task, eos, world=w)
         M.sample = SameGroupsForAnyN(real, c.group_size)
         M.sample.world = w
         stream, sources = task.train_stream(random.Random(0)), []
@@ -219,13 +220,13 @@ def worker(model_dir: str, out: str) -> None:
     restore(params, start)
 
     # 3. real sampling: each rank its share, every rank the whole group
-    tr = train.Trainer(cfg, Path(out), net, tok, task, eos, world=world)
+    tr = training.Trainer(cfg, Path(out), net, tok, task, eos, world=world)
     res["group"] = tr.sample_group(tok.encode(task.prompt(3)), 3)
 
     # 4. evaluation: each rank a slice of the test set, the counts summed
     with torch.no_grad():
-        res["eval_one"] = train.evaluate(net, tok, task, cfg, eos, world=World())
-        res["eval_split"] = train.evaluate(net, tok, task, cfg, eos, world=world)
+        res["eval_one"] = training.evaluate(net, tok, task, cfg, eos, world=World())
+        res["eval_split"] = training.evaluate(net, tok, task, cfg, eos, world=world)
     for e in (res["eval_one"], res["eval_split"]):
         e.pop("seconds")
     Path(out, f"rank{world.rank}.json").write_text(json.dumps(res))
@@ -287,7 +288,7 @@ def test_one_process_never_touches_torch_distributed(monkeypatch):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_summed_gradient_equals_one_process_E3_E5_E10_K4_D1(pair, algo):
     """GRPO (E3), S-GRPO (E5), T-SPMO (E10), PPO (K4, with its value head's gradient) and DPO (D1): each rank
-    backpropagates its share (train.update), gloo sums the shares; the sum equals the one-process gradient on both
+    backpropagates its share (training.update), gloo sums the shares; the sum equals the one-process gradient on both
     ranks within fp32 rounding."""
     for r in pair:
         g = r["grads"][algo]

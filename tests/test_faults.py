@@ -29,6 +29,7 @@ import checkpoints
 import model as M
 import tasks
 import train
+import training
 from conftest import ROOT, hold_in_another_process, refused
 from test_train import write_gsm8k
 
@@ -415,21 +416,21 @@ def test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly(done, 
                                                                          at_step):
     """Ctrl-C while step `at_step` samples: that step completes and is checkpointed, the evaluation due after it is
     left to the resume (during the last step: the final evaluation and the adapter), and the resumed run is exact."""
-    real, where = train.Trainer.train_step, {}
+    real, where = training.Trainer.train_step, {}
 
     def train_step(self, stream):
         if self.step + 1 == at_step and not where:
             where["sent"] = os.kill(os.getpid(), signal.SIGINT)
         return real(self, stream)
 
-    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    monkeypatch.setattr(training.Trainer, "train_step", train_step)
     run = tmp_path / "run"
     assert train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2")) == 0
     assert f"stopped at step {at_step}; continue with: python train.py --resume {run}" in capsys.readouterr().out
     assert (run / "checkpoints" / "latest").read_text() == f"step-{at_step:06d}\n"
     assert [e["step"] for e in checkpoints.read_jsonl(run / "eval.jsonl")] == [s for s in (0, 2) if s < at_step]
     assert not (run / "adapter").exists()
-    monkeypatch.setattr(train.Trainer, "train_step", real)
+    monkeypatch.setattr(training.Trainer, "train_step", real)
     train.main(["--resume", str(run)])
     assert_same_run(done, run)
 
@@ -442,7 +443,7 @@ def test_non_finite_weights_stop_the_run_before_they_are_saved(tmp_path, tiny, m
     the run stops at once, names the last good checkpoint and leaves it (and `latest`) untouched; the bad step is
     neither logged nor saved, and no final adapter is written."""
     run = tmp_path / "run"
-    real_step, real_replay, real_train_step = torch.optim.AdamW.step, train.Trainer.replay, train.Trainer.train_step
+    real_step, real_replay, real_train_step = torch.optim.AdamW.step, training.Trainer.replay, training.Trainer.train_step
     where = {"step": 0, "replay": False, "poisoned": None}
 
     def train_step(self, stream):
@@ -464,8 +465,8 @@ def test_non_finite_weights_stop_the_run_before_they_are_saved(tmp_path, tiny, m
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_poison)
-    monkeypatch.setattr(train.Trainer, "replay", replay)
-    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    monkeypatch.setattr(training.Trainer, "replay", replay)
+    monkeypatch.setattr(training.Trainer, "train_step", train_step)
     with pytest.raises(SystemExit) as e:
         train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "0"))
     step, msg = where["poisoned"], str(e.value)

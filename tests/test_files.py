@@ -21,6 +21,7 @@ import checkpoints
 import lora
 import model as M
 import train
+import training
 from test_train import SMALL, write_gsm8k, write_svamp
 
 pytestmark = pytest.mark.usefixtures("no_fsync")
@@ -202,19 +203,19 @@ def disk_full(t: Row) -> list[int]:
 
 
 def non_finite(t: Row) -> list[int]:
-    real = train.update
+    real = training.update
 
     def poisoned(*a, **k):
         st = real(*a, **k)
         st.loss = float("nan")
         return st
     with t.monkeypatch.context() as m:
-        m.setattr(train, "update", poisoned)
+        m.setattr(training, "update", poisoned)
         return [t.resume(t.run(), "--steps", "3")]
 
 
 def ctrl_c(t: Row) -> list[int]:
-    real, codes = train.Trainer.train_step, []
+    real, codes = training.Trainer.train_step, []
     for presses in (1, 2):
         def train_step(self, stream, presses=presses):
             m = real(self, stream)
@@ -222,7 +223,7 @@ def ctrl_c(t: Row) -> list[int]:
                 signal.raise_signal(signal.SIGINT)  # StopRequest's handler: the first asks, the second stops at once
             return m
         with t.monkeypatch.context() as m:
-            m.setattr(train.Trainer, "train_step", train_step)
+            m.setattr(training.Trainer, "train_step", train_step)
             codes.append(t.resume(t.run(), "--steps", "5"))
     return codes
 

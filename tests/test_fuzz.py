@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import make_checkpoint
+import checkpoints
 import lora
 import model as M
 import train
@@ -52,7 +53,7 @@ def originals(tiny, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("originals")
     net = M.load_model(tiny)
     lora.apply_lora(net, 8, 0.5, generator=torch.Generator().manual_seed(0))
-    lora.save_adapter(net, root / "adapter")
+    checkpoints.write_adapter(net, root / "adapter")
     run = root / "run"
     assert train.main(["--model", str(tiny), "--out", str(run), *RUN]) == 0
     svamp, gsm8k = write_svamp(root / "svamp"), write_gsm8k(root / "gsm8k")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import hf_checkpoint, make_checkpoint, tiny_config
+import checkpoints
 import lora
 import model as M
 
@@ -131,7 +132,7 @@ def test_save_and_load_round_trip(tmp_path):
     m = tiny_model(tmp_path)
     lora.apply_lora(m, r=4, fraction=0.5)
     train_a_little(m)
-    lora.save_adapter(m, tmp_path / "adapter", base_model="tiny")
+    checkpoints.write_adapter(m, tmp_path / "adapter", base_model="tiny")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 4 and cfg["layers_to_transform"] == [2, 3]
     assert cfg["target_modules"] == ["q_proj", "v_proj"]
@@ -149,7 +150,7 @@ def test_peft_loads_what_tokrl_saved_and_tokrl_loads_what_peft_saved(tmp_path):
     ours = M.load_model(path)
     lora.apply_lora(ours, r=4, fraction=0.5, generator=torch.Generator().manual_seed(1))
     train_a_little(ours)
-    lora.save_adapter(ours, tmp_path / "ad", base_model=str(path))
+    checkpoints.write_adapter(ours, tmp_path / "ad", base_model=str(path))
     pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
     with torch.no_grad():
         err = (pm(IDS).logits - ours.logits(IDS)).abs().max()
@@ -267,7 +268,7 @@ def test_peft_rank_and_alpha_patterns_give_peft_s_logits(tmp_path):
 def test_peft_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, value):
     m = tiny_model(tmp_path)
     lora.apply_lora(m, r=2, fraction=0.25)
-    lora.save_adapter(m, tmp_path / "ad")
+    checkpoints.write_adapter(m, tmp_path / "ad")
     cfg_path = tmp_path / "ad" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg[field] = value

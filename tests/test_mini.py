@@ -1,7 +1,7 @@
 """The paper in miniature (mini_base.py, mini.py, mini_report.py): the character tokenizer round-trips every trace,
 the splits are disjoint, the SFT'd bases are deterministic and land in their stated bands, the base's numbers are
 counted by hand, --tune chooses by validation accuracy and never evaluates the test set, the λ rule reads as written,
---quick runs both settings through train.train; and the library settings the miniature needed (a loaded model, the
+--quick runs both settings through training.train; and the library settings the miniature needed (a loaded model, the
 evaluation length, LoRA targets, threads, T-SPMO's log π ablation)."""
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ import mini_base
 import mini_report
 import model as M
 import tokrl
+import settings
 import train
+import training
 from conftest import refused
 from mini_base import MiniMult
 
@@ -161,7 +163,7 @@ def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypat
     evaluation fails the test), and the chosen rate is the one with the best validation accuracy, as recorded. The
     tiny runs all score 0: each evaluation's accuracy is replaced by TUNED_ACCURACY's for its run, after the real
     evaluation of the validation split."""
-    real, real_evaluate = MiniMult.test_set, train.evaluate
+    real, real_evaluate = MiniMult.test_set, training.evaluate
     scored = []
 
     def no_test(self):
@@ -174,7 +176,7 @@ def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypat
         return {**real_evaluate(net, tok, task, cfg, *a, **k), "accuracy": TUNED_ACCURACY[cfg.algo, cfg.lr]}
 
     monkeypatch.setattr(MiniMult, "test_set", no_test)
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(training, "evaluate", evaluate)
     out = tmp_path / "m"
     assert mini.main(["--tune", "--out", str(out), "--steps", "2", "--methods", "grpo,tspmo-literal", "--eval-limit",
                       "4", "--parallel", "1"]) == 0
@@ -348,11 +350,11 @@ def test_the_full_base_lands_in_the_stated_band(tmp_path, setting):
 # --- the runs ---------------------------------------------------------------------------------------------------------
 
 def test_quick_runs_both_settings_through_train_train_and_writes_the_report(tmp_path, monkeypatch, capsys):
-    """--quick with a handful of steps, in this process: every run of both settings goes through train.train and
+    """--quick with a handful of steps, in this process: every run of both settings goes through training.train and
     the CLI's Trainer.train_step (counted), on the test split, at the shipped rates; results.md and the figures are
     written, and the steps setting's evaluations log each step's right rate."""
     calls = {"train": 0, "step": 0}
-    real_train, real_step = train.train, train.Trainer.train_step
+    real_train, real_step = training.train, training.Trainer.train_step
 
     def counting_train(*a, **k):
         calls["train"] += 1
@@ -362,8 +364,8 @@ def test_quick_runs_both_settings_through_train_train_and_writes_the_report(tmp_
         calls["step"] += 1
         return real_step(self, stream)
 
-    monkeypatch.setattr(train, "train", counting_train)
-    monkeypatch.setattr(train.Trainer, "train_step", counting_step)
+    monkeypatch.setattr(training, "train", counting_train)
+    monkeypatch.setattr(training.Trainer, "train_step", counting_step)
     out = tmp_path / "mini"
     args = ["--quick", "--out", str(out), "--steps", "2", "--eval-limit", "4", "--parallel", "1"]
     assert mini.main(args) == 0
@@ -411,8 +413,8 @@ def test_bad_mini_arguments_are_named_before_any_work(tmp_path, capsys):
 
 
 
-def tiny_settings(tiny: Path, **kw) -> train.Settings:
-    return dataclasses.replace(train.Settings(), **{
+def tiny_settings(tiny: Path, **kw) -> settings.Settings:
+    return dataclasses.replace(settings.Settings(), **{
         "algo": "grpo", "task": "mult", "model": str(tiny), "device": "cpu", "steps": 1, "group_size": 2,
         "max_new_tokens": 6, "eval_limit": 2, "eval_every": 0, "save_every": 100, "lora_fraction": 0.5, **kw})
 
@@ -423,7 +425,7 @@ def test_the_new_flags_resolve_into_settings():
     cfg = train.resolve(ns)
     assert (cfg.tspmo_objective, cfg.lora_targets, cfg.eval_max_new_tokens, cfg.threads) == \
         ("logpi", "q_proj,o_proj", 9, 1)
-    d = train.Settings()
+    d = settings.Settings()
     assert (d.tspmo_objective, d.lora_targets, d.eval_max_new_tokens, d.threads) == ("pi", "q_proj,v_proj", None, None)
 
 
@@ -439,11 +441,11 @@ def test_bad_new_flags_are_named(capsys, args, word):
 
 
 def test_train_uses_a_loaded_model_and_the_settings(tmp_path, tiny, monkeypatch):
-    """train.train(..., loaded=) trains the given model without reading the disk; LoRA goes on cfg.lora_targets;
+    """training.train(..., loaded=) trains the given model without reading the disk; LoRA goes on cfg.lora_targets;
     the evaluation stops at eval_max_new_tokens, sampling at max_new_tokens; cfg.threads sets torch's threads."""
     cfg = tiny_settings(tiny, lora_targets="q_proj,o_proj", eval_max_new_tokens=2, threads=1)
-    loaded = train.load_everything(cfg)
-    monkeypatch.setattr(train, "load_everything", lambda cfg: pytest.fail("train.train read the model from disk"))
+    loaded = training.load_everything(cfg)
+    monkeypatch.setattr(training, "load_everything", lambda cfg: pytest.fail("training.train read the model from disk"))
     seen = {}
     real_greedy, real_sample = M.greedy, M.sample
     monkeypatch.setattr(M, "greedy", lambda net, p, n, **k: seen.setdefault("greedy", n) and
@@ -452,7 +454,7 @@ def test_train_uses_a_loaded_model_and_the_settings(tmp_path, tiny, monkeypatch)
                         real_sample(net, p, g, n, **k))
     threads = torch.get_num_threads()
     try:
-        train.train(cfg, tmp_path, loaded=loaded)
+        training.train(cfg, tmp_path, loaded=loaded)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
@@ -463,7 +465,7 @@ def test_train_uses_a_loaded_model_and_the_settings(tmp_path, tiny, monkeypatch)
     # unset, evaluation uses max_new_tokens
     seen.clear()
     (tmp_path / "b").mkdir()
-    train.train(tiny_settings(tiny), tmp_path / "b", loaded=_fresh(tiny))
+    training.train(tiny_settings(tiny), tmp_path / "b", loaded=_fresh(tiny))
     assert seen == {"greedy": 6, "sample": 6}
 
 

@@ -17,7 +17,10 @@ import checkpoints
 import lora
 import model as M
 import tasks
+import runlog
+import settings
 import train
+import training
 
 SMALL = ["--device", "cpu", "-G", "4", "--max-new-tokens", "12", "--eval-limit", "2", "--eval-every", "0",
          "--save-every", "100", "--lora-fraction", "0.5"]
@@ -188,17 +191,17 @@ FRESH = ([[5, 6, 7], [5, 9], [8], [5, 6]], [1.0, 0.0, 0.0, 1.0])
 REPLAY = ([[1, 2], [1, 3], [4]], [1.0, 0.0, 0.0])
 
 
-def trainer(tiny, tmp_path, **kw) -> train.Trainer:
-    cfg = train.Settings(**{**train.paper_defaults(kw.get("algo", "tspmo"), "mult"), "device": "cpu",
+def trainer(tiny, tmp_path, **kw) -> training.Trainer:
+    cfg = settings.Settings(**{**settings.paper_defaults(kw.get("algo", "tspmo"), "mult"), "device": "cpu",
                             "group_size": 4, "max_new_tokens": 12, "lora_fraction": 0.5, "model": str(tiny), **kw})
-    net, tok, eos = train.load_everything(cfg)
+    net, tok, eos = training.load_everything(cfg)
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, generator=torch.Generator().manual_seed(0))
-    return train.Trainer(cfg, tmp_path, net, tok, tasks.make_task("mult", tok), eos)
+    return training.Trainer(cfg, tmp_path, net, tok, tasks.make_task("mult", tok), eos)
 
 
 def test_train_step_logs_the_E1_estimate(tiny, tmp_path, monkeypatch):
     """E1: J(θ) = E_{Y~π_θ}[r(Y)] is estimated by the group's mean reward: [1, 0, 0, 1] -> 0.5, σ 0.5."""
-    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): FRESH)
+    monkeypatch.setattr(training.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): FRESH)
     tr = trainer(tiny, tmp_path, algo="grpo")
     m = tr.train_step(tasks.TrainStream(tr.task, 2))
     assert (m["reward_mean"], m["reward_std"], m["len_mean"], m["forwards"]) == (0.5, 0.5, 2.0, 4)
@@ -215,7 +218,7 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
         calls.append(prefix)
         return FRESH if len(calls) == 1 else REPLAY  # the fresh group, then the replay's continuations
 
-    monkeypatch.setattr(train.Trainer, "sample_group", fake)
+    monkeypatch.setattr(training.Trainer, "sample_group", fake)
     tr = trainer(tiny, tmp_path, replay_success=1)
     m = tr.train_step(tasks.TrainStream(tr.task, 2))
     fresh, replay = m["groups"]
@@ -230,7 +233,7 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
     assert m["l2_loss"] == pytest.approx(fresh["l2_loss"] + replay["l2_loss"], rel=1e-12)
     mean_A, mean_B = lora.mean_abs(tr.net)
     assert (m["lora_A_mean_abs"], m["lora_B_mean_abs"]) == (mean_A, mean_B) and mean_B > 0
-    line = train.progress_line(m, 10, 0.0, 0)
+    line = runlog.progress_line(m, 10, 0.0, 0)
     assert "policy" in line and "λ" in line and "A≠0 92.3%" in line
 
 
@@ -247,7 +250,7 @@ def test_accum_with_tspmo_replays_one_round_per_prompt(tiny, tmp_path, monkeypat
         calls.append(ex)  # the example the sampled completions are scored against
         return FRESH
 
-    monkeypatch.setattr(train.Trainer, "sample_group", fake)
+    monkeypatch.setattr(training.Trainer, "sample_group", fake)
     tr = trainer(tiny, tmp_path, accum=3, replay_success=1, replay_pool=pool)
     m = tr.train_step(tasks.TrainStream(tr.task, 2))
     examples = calls[:3]
@@ -270,7 +273,7 @@ def test_eval_only_applies_the_adapter(tmp_path, tiny):
     with torch.no_grad():
         for _, mod in lora.lora_modules(net):
             mod.lora_B.normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
-    lora.save_adapter(net, tmp_path / "ad")
+    checkpoints.write_adapter(net, tmp_path / "ad")
     out = {}
     for name, extra in (("base", []), ("adapter", ["--adapter", str(tmp_path / "ad")])):
         train.main(["--task", "mult", "--model", str(tiny), "--eval-only", "--eval-limit", "3", "--max-new-tokens",
@@ -283,7 +286,7 @@ def test_eval_only_applies_the_adapter(tmp_path, tiny):
 
 @pytest.mark.parametrize("algo", ["sgrpo", "tspmo"])
 def test_bfloat16_run_keeps_fp32_adapter_and_optimizer_state(tmp_path, tiny, algo, monkeypatch):
-    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): FRESH)  # rewards vary
+    monkeypatch.setattr(training.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): FRESH)  # rewards vary
     run = tmp_path / "r"
     assert train.main(["--task", "mult", "--algo", algo, "--model", str(tiny), *SMALL, "--steps", "2",
                        "--save-every", "1", "--dtype", "bfloat16", "--out", str(run)]) == 0

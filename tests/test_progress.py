@@ -7,7 +7,8 @@ import sys
 
 import model as M
 import tasks
-import train
+import settings
+import training
 
 
 class Terminal(io.StringIO):
@@ -18,8 +19,8 @@ class Terminal(io.StringIO):
 def evaluate_into(stream: io.StringIO, tiny_dir, monkeypatch) -> dict:
     monkeypatch.setattr(sys, "stderr", stream)  # tqdm writes to sys.stderr as it is when the bar is made
     net, tok = M.load_model(tiny_dir), M.Tokenizer(tiny_dir / "tokenizer.json")
-    cfg = train.Settings(device="cpu", eval_limit=5, eval_batch=2, max_new_tokens=4)
-    return train.evaluate(net, tok, tasks.make_task("mult", tok), cfg, eos=(256,))
+    cfg = settings.Settings(device="cpu", eval_limit=5, eval_batch=2, max_new_tokens=4)
+    return training.evaluate(net, tok, tasks.make_task("mult", tok), cfg, eos=(256,))
 
 
 def test_evaluation_bar_on_a_terminal_only(tiny_dir, monkeypatch):

@@ -9,8 +9,8 @@ from conftest import ROOT, assets
 
 TAG_NAMES = r"E\d+|Alg\d|L\d|P\d|S\d|K\d|D\d"
 TAG = re.compile(rf"\[({TAG_NAMES})\]")
-SOURCES = ["model.py", "lora.py", "reward.py", "trie.py", "tokrl.py", "train.py", "settings.py", "tasks.py",
-           "checkpoints.py", "baselines.py", "replay.py"]
+SOURCES = ["model.py", "lora.py", "reward.py", "trie.py", "tokrl.py", "train.py", "training.py", "settings.py",
+           "tasks.py", "checkpoints.py", "baselines.py", "replay.py"]
 
 
 def readme_index() -> dict[str, str]:

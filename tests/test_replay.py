@@ -15,7 +15,8 @@ import torch
 import lora
 import model as M
 import tasks
-import train
+import settings
+import training
 from replay import ReplayPool
 
 PAIRS = [(11, 11), (12, 12), (13, 13), (14, 14)]  # the problems of steps 1, 2, 3, 4: answers 121, 144, 169, 196
@@ -43,16 +44,16 @@ class Script:
         return [self.tok.encode(t) for t in what]
 
 
-def trainer(tiny, tmp_path, monkeypatch, **kw) -> train.Trainer:
-    cfg = train.Settings(**{**train.paper_defaults("tspmo", "mult"), "device": "cpu", "group_size": 4,
+def trainer(tiny, tmp_path, monkeypatch, **kw) -> training.Trainer:
+    cfg = settings.Settings(**{**settings.paper_defaults("tspmo", "mult"), "device": "cpu", "group_size": 4,
                             "max_new_tokens": 12, "lora_fraction": 0.5, "model": str(tiny), "seed": 3, **kw})
     monkeypatch.setattr(tasks.Mult, "train_stream", lambda self, rng: iter(PAIRS))
-    net, tok, eos = train.load_everything(cfg)
+    net, tok, eos = training.load_everything(cfg)
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, generator=torch.Generator().manual_seed(0))
-    return train.Trainer(cfg, tmp_path, net, tok, tasks.make_task("mult", tok), eos)
+    return training.Trainer(cfg, tmp_path, net, tok, tasks.make_task("mult", tok), eos)
 
 
-def run_steps(tr: train.Trainer, script: Script, monkeypatch, steps: int) -> list[dict]:
+def run_steps(tr: training.Trainer, script: Script, monkeypatch, steps: int) -> list[dict]:
     monkeypatch.setattr(M, "sample", script)
     stream, out = tasks.TrainStream(tr.task, 0), []
     for _ in range(steps):

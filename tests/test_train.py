@@ -15,7 +15,9 @@ import model as M
 import checkpoints
 import checks
 import tasks
+import settings
 import train
+import training
 
 SMALL = ["--device", "cpu", "-G", "4", "--max-new-tokens", "12", "--eval-limit", "3", "--eval-every", "2",
          "--save-every", "2", "--lora-fraction", "0.5", "--alpha", "3", "--k", "6"]
@@ -77,7 +79,7 @@ def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
     """4 steps straight, or 2 steps, stop, resume for 2 more: the same adapter weights and the same metrics.
     On the toy task (rewards vary, so the weights move and every step's samples differ), through the real CLI."""
     d = digit_model(tmp_path / "digits")
-    for where in (train, checks):  # checks.check_inputs reads the task main trains on
+    for where in (training, checks):  # checks.check_inputs reads the task main trains on
         monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", algo, "--model", str(d), "--device", "cpu", "-G", "6", "--max-new-tokens", "1",
               "--temperature", "1.0", "--lr", "3e-2", "--lora-fraction", "1", "--eval-every", "0", "--save-every", "2",
@@ -97,8 +99,8 @@ def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
 def test_resume_continues_the_mult_data_stream(tmp_path, tiny, monkeypatch):
     """The training pairs after a resume are the ones an uninterrupted run would draw next."""
     seen = []
-    real = train.Trainer.sample_group  # the example each step samples for (check_inputs builds other prompts too)
-    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, ex, *a: seen.append(ex) or
+    real = training.Trainer.sample_group  # the example each step samples for (check_inputs builds other prompts too)
+    monkeypatch.setattr(training.Trainer, "sample_group", lambda self, prompt, ex, *a: seen.append(ex) or
                         real(self, prompt, ex, *a))
     common = ["--algo", "sgrpo", "--task", "mult", "--model", str(tiny), *SMALL, "--eval-every", "0"]
     train.main([*common, "--steps", "4", "--eval-limit", "0", "--out", str(tmp_path / "a")])
@@ -156,21 +158,21 @@ class SevenTask(tasks.Task):
         return [None]
 
 
-def learn_toy_task(tmp_path, cfg: train.Settings) -> tuple[float, list[float], dict]:
+def learn_toy_task(tmp_path, cfg: settings.Settings) -> tuple[float, list[float], dict]:
     """Train on the toy task: π(7) at the start, each step's metrics, the final evaluation."""
     run = tmp_path / "run"
     run.mkdir()
-    net, tok, _ = train.load_everything(cfg)
+    net, tok, _ = training.load_everything(cfg)
     with torch.no_grad():
         p7 = torch.softmax(net.logits(torch.tensor([tok.encode(SevenTask(tok).prompt(None))]))[0, -1], -1)[7]
-    final = train.train(cfg, run, task=SevenTask(tok))
+    final = training.train(cfg, run, task=SevenTask(tok))
     return float(p7), checkpoints.read_jsonl(run / "metrics.jsonl"), final
 
 
 @pytest.mark.parametrize("algo,G,steps", [("grpo", 8, 40), ("sgrpo", 8, 40), ("tspmo", 16, 40)])
 def test_each_algorithm_learns_the_toy_task(tmp_path, algo, G, steps):
     d = digit_model(tmp_path / "digits")
-    cfg = dataclasses.replace(train.Settings(), algo=algo, task="seven", model=str(d), device="cpu", steps=steps,
+    cfg = dataclasses.replace(settings.Settings(), algo=algo, task="seven", model=str(d), device="cpu", steps=steps,
                               group_size=G, max_new_tokens=1, temperature=1.0, lr=3e-2, lora_fraction=1.0,
                               lora_rank=4, alpha=1, k=1, eval_every=0, save_every=100, replay_success=1, seed=1)
     p7, metrics, final = learn_toy_task(tmp_path, cfg)
@@ -278,14 +280,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny, mon
     args = ["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--out", str(run)]
     train.main([*args, "--steps", "2"])
     good = adapter_tensors(run / "checkpoints" / "step-000002")
-    real = train.update
+    real = training.update
 
     def poisoned(*a, **k):
         st = real(*a, **k)
         st.loss = float("nan")
         return st
 
-    monkeypatch.setattr(train, "update", poisoned)
+    monkeypatch.setattr(training, "update", poisoned)
     msg = run_main(["--resume", str(run), "--steps", "4"])
     assert "not finite" in msg and "step-000002" in msg
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
@@ -323,7 +325,7 @@ def test_logged_reward_is_the_E1_estimate(tmp_path, tiny, monkeypatch):
     """E1: J(θ) = E_{Y~π_θ}[r(Y)] is logged as the group's mean reward. A group with rewards [1, 0, 0, 1] logs
     mean 0.5 and (population) std 0.5; GRPO puts all 3 + 2 + 1 + 2 = 8 generated tokens in the loss."""
     fixed = ([[5, 6, 7], [5, 9], [8], [5, 6]], [1.0, 0.0, 0.0, 1.0])
-    monkeypatch.setattr(train.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): fixed)
+    monkeypatch.setattr(training.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): fixed)
     run = tmp_path / "r"
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run),
                 "--eval-limit", "0"])

@@ -1,0 +1,83 @@
+"""What a run logs: each step's metrics (metrics.jsonl) and its progress line, the evaluations (eval.jsonl) and
+curves.svg, as a RunLog holds them in memory and on disk. README "What a run writes" lists every key."""
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import torch
+
+import lora
+import tokrl
+from checkpoints import append_jsonl, read_jsonl, write_atomic, write_jsonl
+from plot import svg_plot
+from settings import Settings
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak)
+
+
+GROUP_FIELDS = ("edges", "forwards", "nonzero_adv_tokens", "tokens_generated", "policy_loss", "l2_loss",
+                "policy_grad_norm", "l2_grad_norm", "policy_grad_norm_A", "l2_grad_norm_A")
+
+
+def tspmo_metrics(net, fresh: list[tokrl.StepStats], replays: list[tokrl.StepStats]) -> dict:
+    """T-SPMO's log, fresh and replay groups alike: |U|, the fraction of generated tokens whose edge has A ≠ 0, the
+    policy and λ terms with their gradient norms (per group: which term drives the adapter), and mean |A|, |B|."""
+    every = fresh + replays
+    groups = [{"kind": "fresh" if i < len(fresh) else "replay", **{f: getattr(s, f) for f in GROUP_FIELDS},
+               **s.extra} for i, s in enumerate(every)]
+    mean_A, mean_B = lora.mean_abs(net)
+    return {"edges": sum(s.edges for s in every),
+            "nonzero_adv_token_fraction": sum(s.nonzero_adv_tokens for s in every) /
+            max(sum(s.tokens_generated for s in every), 1),
+            "policy_loss": sum(s.policy_loss for s in every), "l2_loss": sum(s.l2_loss for s in every),
+            "lora_A_mean_abs": mean_A, "lora_B_mean_abs": mean_B,
+            "replays": [s.extra for s in replays], "groups": groups}
+
+
+def progress_line(m: dict, steps: int, started: float, first_step: int) -> str:
+    done = m["step"] - first_step
+    eta = (time.time() - started) / max(done, 1) * (steps - m["step"])
+    if "groups" in m:  # T-SPMO: the two terms of the loss and their gradient norms (fresh group), |A|
+        g = m["groups"][0]
+        what = (f"loss {m['loss']:+.4f} (policy {m['policy_loss']:+.4f}, λ {m['l2_loss']:.4f}) | "
+                f"|∇| policy {g['policy_grad_norm']:.1e} λ {g['l2_grad_norm']:.1e} | |A| {m['lora_A_mean_abs']:.2e} | "
+                f"A≠0 {100 * m['nonzero_adv_token_fraction']:.1f}%")
+    else:
+        what = f"loss {m['loss']:+.4f} | kl {m['kl']:.4f} | in-loss {100 * m['loss_token_fraction']:.1f}%"
+    return (f"step {m['step']:>4}/{steps} | reward {m['reward_mean']:.3f}±{m['reward_std']:.3f}"
+            f"{' (zero-var)' if m['zero_variance'] else ''} | {what} | len {m['len_mean']:.0f} | "
+            f"{m['seconds']:.1f} s | {m['tokens_per_s']:.0f} tok/s | mem {m['peak_mem_gb']:.2f} GB | "
+            f"eta {datetime.timedelta(seconds=int(eta))}")
+
+
+class RunLog:
+    """A run's logs in memory and on disk: metrics.jsonl and eval.jsonl (appended), curves.svg (rewritten whole)."""
+
+    def __init__(self, run: Path, cfg: Settings, resume_step: int | None = None, write: bool = True):
+        self.run, self.title, self.write = run, f"{cfg.algo} on {cfg.task}", write  # write: rank 0 of N only
+        self.metrics = read_jsonl(run / "metrics.jsonl", resume_step) if resume_step is not None else []
+        self.evals = read_jsonl(run / "eval.jsonl", resume_step) if resume_step is not None else []
+        if resume_step is not None and write:  # drop what was logged after the checkpoint: those steps are run again
+            write_jsonl(run / "metrics.jsonl", self.metrics)
+            write_jsonl(run / "eval.jsonl", self.evals)
+
+    def step(self, m: dict) -> None:
+        self.metrics.append(m)
+        if self.write:
+            append_jsonl(self.run / "metrics.jsonl", m, "metrics")
+
+    def eval(self, e: dict) -> None:
+        self.evals.append(e)
+        if self.write:
+            append_jsonl(self.run / "eval.jsonl", e, "eval")
+
+    def curves(self) -> None:
+        if self.write:
+            write_atomic(self.run / "curves.svg", svg_plot(self.metrics, self.evals, self.title).encode(), "curves")

@@ -1,0 +1,481 @@
+"""The training loop, for train.py (the command line) and mini.py: a run from its first step to its adapter.
+
+    train           the run: set up, step after step with evaluations and checkpoints, the final adapter
+    Trainer         one step: each prompt's group sampled and scored, its backward, AdamW's step; T-SPMO's replays
+    update          one group's backward with the chosen objective (tokrl.py, baselines.py); ppo_update: PPO's passes
+    evaluate        greedy test accuracy; eval_only: that alone (--eval-only)
+    RunLog          metrics.jsonl, eval.jsonl and curves.svg
+    restore         a checkpoint back into a Trainer
+
+With N processes (distributed.py) every one runs this loop on its share of each group; rank 0 alone prints and writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import baselines
+import checkpoints
+import lora
+import model as M
+import tokrl
+from checkpoints import WriteError, find_checkpoint, save_checkpoint, write_atomic
+from checks import eval_batch
+from distributed import World, combine_stats, own_rng, rng_for_checkpoint
+from replay import ReplayPool
+from runlog import RunLog, peak_memory_gb, progress_line, tspmo_metrics
+from settings import Settings
+from tasks import Task, TrainStream, make_task
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy, batched, accuracy = mean reward ([decided] SPEC.md)
+
+
+class EvalStopped(Exception):
+    """Ctrl-C during an evaluation: it is abandoned between batches (and run again on resume)."""
+
+
+def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None = None,
+             world: World = World()) -> dict:
+    """With N processes each takes a slice of the test set (distributed.py) and the counts are summed."""
+    data = task.test_set()[: cfg.eval_limit]
+    mine = [data[i] for i in world.share(len(data))]
+    new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    t0, correct, examples, details = time.time(), 0.0, [], {}
+    encoded = [tok.encode(task.prompt(ex)) for ex in mine]
+    rows = eval_batch(cfg, net.config, max(map(len, encoded), default=1), len(mine))
+    # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
+    # logs and CI output stay one line per event
+    with tqdm(total=len(mine), desc=f"eval {task.name}", unit="problem", disable=None if world.main else True,
+              leave=False) as bar:
+        for i in range(0, len(mine), rows):
+            if stop is not None and stop.requested and world.size == 1:  # N processes: between steps only
+                raise EvalStopped
+            batch, prompts = mine[i: i + rows], encoded[i: i + rows]
+            try:
+                outs = M.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
+            except M.CacheTooLarge as e:
+                e.flags = f"--eval-batch {cfg.eval_batch or f'{rows} (its default here)'}, " \
+                          f"--eval-max-new-tokens {new_tokens}"
+                raise
+            for ex, out in zip(batch, outs):
+                text = tok.decode(out)
+                r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
+                correct += r
+                for k, v in task.eval_details(text, ex).items():  # mult: S2's partial credit
+                    details[k] = details.get(k, 0.0) + v
+                if len(examples) < 3:
+                    examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text,
+                                     "reward": r})
+            bar.update(len(batch))
+            bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
+    M.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
+    correct, examples = world.sum([correct])[0], world.gather(examples)[:3]  # one process: unchanged
+    totals: dict[str, float] = {}
+    for part in world.gather([details]):  # N processes: a rank with no problem has no keys
+        for k, v in part.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return {"accuracy": correct / max(len(data), 1), "n": len(data), "seconds": round(time.time() - t0, 2),
+            **{k: v / max(len(data), 1) for k, v in sorted(totals.items())}, "examples": examples}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+class StopRequest:
+    """First Ctrl-C: finish the current step, checkpoint, exit. Second: stop at once (the last checkpoint stays)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to quit now; the last checkpoint stays)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float, opt=None,
+           critic: baselines.Critic | None = None, world: World = World()) -> tokrl.StepStats:
+    """Backward of one group with the chosen objective (the caller sums the gradients over the processes and steps
+    the optimizer; PPO takes its first μ − 1 steps itself, with `opt`). With N processes each backpropagates its
+    share and the statistics are the whole group's."""
+    share = world.assign if world.size > 1 else None
+    if algo == "ppo":
+        st = ppo_update(net, critic, opt, prompt, completions, rewards, cfg, world)  # the lecture's PPO objective
+        return combine_stats(world, st, algo)
+    if algo == "dpo":
+        st = baselines.dpo_backward(net, prompt, completions, rewards, beta=cfg.dpo_beta, scale=scale,  # online DPO
+                                    share=share, backward_batch=cfg.backward_batch)
+        return combine_stats(world, st, algo)
+    if algo == "tspmo":
+        st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam if world.main else 0.0,  # T-SPMO's J
+                                  scale=scale, objective=cfg.tspmo_objective, share=share,
+                                  summed_grads=world.summed_grads if share else None)
+        return combine_stats(world, st, algo)  # λ·Σ‖W‖² once, on rank 0: its gradient is summed with the others'
+    selection = None
+    if algo == "sgrpo":  # every process draws every T_i, in order: the "select" stream stays the same everywhere
+        selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"])  # token selection
+                     for y in completions]
+    st = tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale,
+                             share=share, backward_batch=cfg.backward_batch)
+    return combine_stats(world, st, algo)
+
+
+def ppo_update(net, critic: baselines.Critic, opt, prompt, completions, rewards, cfg: Settings,
+               world: World = World()) -> tokrl.StepStats:
+    """[decided] (SPEC-baselines.md) μ passes over the step's completions, each accumulating the per-completion
+    gradients and taking one optimizer step; π_θold, advantages and value targets are fixed once, at sampling time.
+    The first μ − 1 steps are taken here, the last one by the caller. Logged: means over the μ passes.
+    With N processes each backpropagates its share of the completions and the gradients are summed before each step
+    (the sampling-time pass runs whole on every process: the whitening reads every token of the step)."""
+    batch = baselines.ppo_prepare(net, critic, prompt, completions, rewards, gamma=cfg.gamma,
+                                  gae_lambda=cfg.gae_lambda, with_ref=cfg.beta != 0)  # GAE
+    passes = []
+    for k in range(cfg.ppo_passes):
+        if k:
+            world.sum_grads([p for group in opt.param_groups for p in group["params"]])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        passes.append(baselines.ppo_backward(net, critic, batch, clip_eps=cfg.clip_eps, w1=cfg.w1, w2=cfg.beta,
+                                             w3=cfg.w3, share=world.assign if world.size > 1 else None,
+                                             backward_batch=cfg.backward_batch))  # clipped surrogate
+        check_finite(net, passes[-1], critic.parameters(), world)
+    st, n = passes[-1], len(passes)
+    st.loss, st.kl = sum(p.loss for p in passes) / n, sum(p.kl for p in passes) / n
+    st.forwards, st.zero_variance = sum(p.forwards for p in passes), len(set(rewards)) == 1
+    st.extra = {k: sum(p.extra[k] for p in passes) / n for k in st.extra}
+    st.extra["explained_variance"] = batch.explained_variance
+    return st
+
+
+def check_finite(net, st: tokrl.StepStats, more=(), world: World = World()) -> None:
+    """The loss and every gradient (the policy's LoRA, and `more`: a critic's parameters) are finite. With N
+    processes (whose gradients are still shares) they decide together: all stop, or none."""
+    bad = not math.isfinite(st.loss) or any(not torch.isfinite(p.grad).all()
+                                            for p in [*lora.lora_parameters(net), *more] if p.grad is not None)
+    if world.size > 1:
+        bad = world.sum([float(bad)])[0] > 0
+    if bad:
+        raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
+
+
+class Trainer:
+    def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos, world: World = World()):
+        self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
+        self.world = world  # one process, or this one's place among N (distributed.py)
+        self.dev = next(net.parameters()).device
+        # PPO: the critic (value head; separate: and a second copy of the base with its LoRA) trains with the policy
+        self.critic = baselines.Critic(net, cfg.critic) if cfg.algo == "ppo" else None
+        params = lora.lora_parameters(net) + (self.critic.parameters() if self.critic else [])
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the sampling generator lives on the model's device (torch.multinomial needs it there): a seed gives different
+        # samples on CPU and CUDA (different streams), each reproducible; the other draws are on the CPU everywhere
+        # with N processes each samples from its own stream (rank 0's is the one-process one); the others are the same
+        self.gens = {"sample": torch.Generator(self.dev).manual_seed(world.seed_for_rank(cfg.seed)),
+                     "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
+                     "replay": random.Random(cfg.seed + 3)}  # the data's RNG: tasks.TrainStream, seed + 2
+        self.step = 0
+        self.pool = ReplayPool(cfg.replay_threshold)  # T-SPMO's replay pool (--replay-pool history): run state
+        self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
+
+    def say(self, *args, **kwargs) -> None:
+        if self.world.main:  # N processes: rank 0 alone prints
+            print(*args, **kwargs)
+
+    def stopping(self, stop: StopRequest) -> bool:
+        """A Ctrl-C seen by any process stops them all, after the same step (a collective)."""
+        return bool(self.world.sum([stop.requested])[0])
+
+    def save(self, position: int) -> None:
+        """A checkpoint of this step, written by rank 0: adapter, AdamW, every process's generators, the data position
+        `position`, T-SPMO's replay pool (a resume draws the same replays), PPO's critic."""
+        state = {**rng_for_checkpoint(self.world, self.rng_state()), "data_position": position}
+        if len(self.pool):
+            state["replay_pool"] = self.pool.state()
+        if self.critic is not None:
+            state["extra"] = self.critic.state()  # the value head (and the separate critic's LoRA)
+        self.last_saved = (save_checkpoint(self.run, self.step, self.net, self.opt, state, self.cfg.model)
+                           if self.world.main else self.run / "checkpoints" / f"step-{self.step:06d}")
+
+    def safe(self) -> str:
+        return (f"the last checkpoint, {self.last_saved}, is whole and untouched" if self.last_saved else
+                "no checkpoint was written yet")
+
+    def rng_state(self) -> dict:
+        g = self.gens
+        return {"sample": g["sample"].get_state(), "select": g["select"].get_state(), "replay": g["replay"].getstate()}
+
+    def set_rng_state(self, r: dict) -> None:
+        self.gens["sample"].set_state(r["sample"]), self.gens["select"].set_state(r["select"])
+        self.gens["replay"].setstate(r["replay"])
+
+    def optimizer_step(self) -> None:
+        """The gradients summed over the processes (each holds its share's; one process: nothing to do), AdamW's
+        step, the same everywhere, then the guard: a non-finite adapter weight or moment stops the run before it is
+        saved."""
+        self.world.sum_grads([p for group in self.opt.param_groups for p in group["params"]])
+        self.opt.step()
+        bad = checkpoints.non_finite(self.net, self.opt)
+        if bad:
+            raise NonFiniteLoss(f"{bad} is not finite after the optimizer step")
+
+    def sample_group(self, prompt_ids, ex, prefix=()):
+        """G completions of prompt∘prefix with their rewards against the example `ex` (the reward reads prefix +
+        completion). With N processes each samples and scores its share, and every process gets the whole group, in
+        rank order."""
+        cfg, n = self.cfg, self.world.counts(self.cfg.group_size)[self.world.rank]
+        try:
+            outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
+                            temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
+                            stop=self.task.stop(prefix), precision=cfg.sample_precision) if n else []
+        except M.CacheTooLarge as e:
+            e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
+            raise
+        scored = [(o, self.task.reward(self.tok.decode(list(prefix) + o), ex)) for o in outs]
+        group = self.world.gather(scored)
+        return [o for o, _ in group], [r for _, r in group]
+
+    def check_finite(self, st: tokrl.StepStats) -> None:
+        check_finite(self.net, st, self.critic.parameters() if self.critic else (), self.world)
+
+    def replay(self, groups: list[tuple]) -> list[tokrl.StepStats]:
+        """T-SPMO replay, after the update on this step's fresh groups (ex, prompt ids, completions, rewards): for each
+        of them, C_success + C_failure completions drawn from the pool, each restarted from a random cut of its own
+        tokens, under its own problem; one update each."""
+        cfg, rng, step = self.cfg, self.gens["replay"], self.step + 1
+        if cfg.replay_pool == "history":  # [decided] (SPEC.md) the replay pool: every fresh completion so far
+            for ex, _, completions, rewards in groups:
+                self.pool.add_group(ex, completions, rewards, step)
+        stats = []
+        for ex, _, completions, rewards in groups:  # ours: with --accum N, N rounds of picks (one per fresh group)
+            pool = self.pool
+            if cfg.replay_pool == "group":  # the ablation: this prompt's G completions only
+                pool = ReplayPool(cfg.replay_threshold)
+                pool.add_group(ex, completions, rewards, step)
+            for i in pool.draw(rng, cfg.replay_success, cfg.replay_failure):  # R_success, R_fail: replay.py
+                y, source = pool.completion(i), pool.example(i)
+                j = rng.randint(0, len(y) - 1)  # cut uniform in [0, |y| − 1]: the prefix is prompt + y_1 … y_j
+                if cfg.max_new_tokens - j < 1:
+                    continue
+                prompt_ids = self.tok.encode(self.task.prompt(source))  # its own problem's prompt
+                conts, rs = self.sample_group(prompt_ids, source, y[:j])  # scored against its own problem
+                self.opt.zero_grad(set_to_none=True)
+                st = update(self.net, "tspmo", list(prompt_ids) + list(y[:j]), conts, rs, cfg, self.gens, 1.0,
+                            world=self.world)  # T-SPMO's objective
+                self.check_finite(st)
+                self.optimizer_step()  # deviation 1 (module docstring): each replayed group is its own update
+                st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs),  # the continuations' mean reward
+                            "replay_source_step": pool.step[i], "replay_source_reward": pool.reward[i]}
+                stats.append(st)
+        return stats
+
+    def train_step(self, stream) -> dict:
+        """One optimizer step over cfg.accum prompts' groups (Alg2), then, for T-SPMO, the replays.
+
+        ours: with --accum N, T-SPMO draws N rounds of replays after the accumulated update (one round per fresh
+        group: from the whole pool, or with --replay-pool group from that group, scored against its own example),
+        each replayed group its own update."""
+        cfg, t0 = self.cfg, time.time()
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        self.opt.zero_grad(set_to_none=True)
+        rewards_all, stats, lengths, groups = [], [], [], []
+        for _ in range(cfg.accum):
+            ex = next(stream)
+            prompt_ids = self.tok.encode(self.task.prompt(ex))
+            completions, rewards = self.sample_group(prompt_ids, ex)
+            st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum,
+                        opt=self.opt, critic=self.critic, world=self.world)
+            self.check_finite(st)
+            rewards_all += rewards
+            lengths += [len(y) for y in completions]
+            stats.append(st)
+            groups.append((ex, prompt_ids, completions, rewards))
+        self.optimizer_step()
+        replays = self.replay(groups) if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_failure else []
+        secs = time.time() - t0
+        n = len(rewards_all)
+        mean = sum(rewards_all) / n  # [E1] J(θ) = E_{Y~π_θ}[r(Y)], estimated by the mean reward of the group
+        gen_tokens = sum(lengths) + sum(s.tokens_generated for s in replays)
+        every = stats + replays  # fresh groups, then replay groups: all of them did forwards and took a loss
+        m = {"step": self.step + 1, "reward_mean": mean,
+             "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards_all) / n),
+             "zero_variance": any(s.zero_variance for s in stats),
+             "loss": sum(s.loss for s in every), "kl": sum(s.kl for s in stats) / len(stats),
+             "len_mean": sum(lengths) / n, "len_max": max(lengths), "forwards": sum(s.forwards for s in every)}
+        if cfg.algo == "tspmo":
+            m.update(tspmo_metrics(self.net, stats, replays))
+        else:
+            m["loss_token_fraction"] = sum(s.tokens_in_loss for s in stats) / max(sum(lengths), 1)
+            m.update({k: v for s in stats for k, v in s.extra.items()})  # PPO / DPO statistics (baselines.py)
+        m.update({"seconds": round(secs, 3), "tokens_per_s": round(gen_tokens / secs, 1),
+                  "peak_mem_gb": round(peak_memory_gb(self.dev), 3)})
+        return m
+
+
+def load_everything(cfg: Settings):
+    """The model, its tokenizer and its EOS ids. The files were checked by check_inputs before (main does)."""
+    model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
+    net = M.load_model(model_dir, dtype=M.DTYPES[cfg.dtype], device=cfg.device)
+    tok = M.Tokenizer(model_dir / "tokenizer.json")
+    return net, tok, M.eos_ids(model_dir, net.config, tok)
+
+
+def restore(tr: Trainer, ck: Path, state: dict) -> int:
+    """A checkpoint back into the trainer: adapter, AdamW, step, RNGs. Returns the data position."""
+    lora.load_adapter_weights(tr.net, ck / "adapter")
+    tr.opt.load_state_dict(state["optimizer"])
+    tr.step = state["step"]
+    tr.set_rng_state(own_rng(tr.world, state))  # N processes: each its own generators
+    if tr.critic is not None:
+        tr.critic.load_state(state.get("extra", {}))  # PPO: the value head (and the separate critic's LoRA)
+    if "replay_pool" in state:
+        tr.pool = ReplayPool.from_state(state["replay_pool"])
+    return state["data_position"]
+
+
+def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None,
+          checkpoint: tuple[Path, dict] | None = None, loaded=None, world: World = World()) -> dict:
+    """The whole run; returns the final evaluation. `task` lets tests (and mini.py) plug in their own task;
+    `checkpoint` is the one main() already chose for a resume (else the newest intact one is found here); `loaded` =
+    (net, tok, eos) an already-loaded model to train instead of reading cfg.model from disk (LoRA is put on that net
+    in place: pass a fresh copy per run). `world`: this process's place among N (distributed.py)."""
+    tr = start(cfg, run, task, loaded, world)
+    position = 0
+    if resume:
+        tr.last_saved, state = checkpoint or find_checkpoint(run)
+        position = restore(tr, tr.last_saved, state)
+        tr.say(f"resumed {run} at step {tr.step} from {tr.last_saved.name}")
+    log = RunLog(run, cfg, tr.step if resume else None, write=world.main)
+    if hasattr(tr.task, "split_note"):
+        tr.say(f"data: {tr.task.split_note}")
+    stream = TrainStream(tr.task, cfg.seed + 2, position)  # past the examples drawn: an uninterrupted run's next ones
+    with StopRequest() as stop:
+        try:
+            run_steps(tr, log, stream, stop)
+        except (NonFiniteLoss, checkpoints.NonFiniteState, M.CacheTooLarge, WriteError) as e:
+            raise SystemExit(f"error: {stopped(e, tr)}") from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            print(f"\nstopped at once: {tr.safe()}; continue with: python train.py --resume {run}", file=sys.stderr)
+            raise SystemExit(130) from None
+    finished = tr.step == cfg.steps and bool(log.evals) and log.evals[-1]["step"] == tr.step
+    if tr.stopping(stop) and not finished:
+        tr.say(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
+        return log.evals[-1] if log.evals else {}
+    return finish(tr, log)
+
+
+def start(cfg: Settings, run: Path, task: Task | None, loaded, world: World) -> Trainer:
+    """torch's global state for the run, the model (loaded, or `loaded`) with LoRA put on, the task, the Trainer."""
+    torch.manual_seed(cfg.seed)  # nothing should draw from the global RNG; this only pins what might
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # CPU: arithmetic on denormal floats (below 1.2e-38) is slow; flushing them to zero changes no result that matters
+    # and made a zero-variance backward 30x faster on the test machine
+    torch.set_flush_denormal(True)
+    net, tok, eos = loaded or load_everything(cfg)
+    task = task or make_task(cfg.task, tok, cfg.data, cfg.reward)
+    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, targets=cfg.lora_targets.split(","),
+                    generator=torch.Generator().manual_seed(cfg.seed + 4))  # LoRA: A Kaiming-uniform, B = 0
+    return Trainer(cfg, run, net, tok, task, eos, world)
+
+
+def run_steps(tr: Trainer, log: RunLog, stream: TrainStream, stop: StopRequest) -> None:
+    """Step after step to cfg.steps or a stop: an evaluation when one is due, a checkpoint every --save-every steps,
+    at the last and at a stop. A stop during an evaluation abandons it (it runs again on resume) and checkpoints."""
+    cfg, started, first = tr.cfg, time.time(), tr.step
+    try:
+        if eval_due(cfg, tr.step) and not any(e["step"] == tr.step for e in log.evals):
+            log_eval(tr, log, stop)  # step 0, or an evaluation that a stop or a crash cut short
+        while tr.step < cfg.steps and not tr.stopping(stop):
+            m = tr.train_step(stream)
+            tr.step = m["step"]
+            log.step(m)
+            tr.say(progress_line(m, cfg.steps, started, first), flush=True)
+            if eval_due(cfg, tr.step):
+                log_eval(tr, log, stop)
+            if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or tr.stopping(stop):
+                tr.save(stream.position)
+            log.curves()
+    except EvalStopped:
+        pass
+    if tr.stopping(stop) and (tr.last_saved is None or tr.last_saved.name != f"step-{tr.step:06d}"):
+        tr.save(stream.position)  # a stop during the step-0 (or another) evaluation: a checkpoint of this step
+
+
+def eval_due(cfg: Settings, step: int) -> bool:
+    return step == 0 or step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+
+
+def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
+    with torch.no_grad():
+        e = {"step": tr.step, **evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
+             **lora.adapter_norms(tr.net)}
+    log.eval(e)
+    tr.say(f"eval  step {tr.step:>4} | accuracy {e['accuracy']:.4f} on {e['n']} | {e['seconds']:.0f} s", flush=True)
+
+
+def stopped(e: Exception, tr: Trainer) -> str:
+    """The line a failure at run time ends the run with: what failed, what is safe, what to do next."""
+    resume = f"python train.py --resume {tr.run}"
+    if isinstance(e, NonFiniteLoss):
+        return (f"{e} at step {tr.step + 1}; stopped without saving it: {tr.safe()}. A lower --lr or --dtype float32 "
+                "in a new run avoids it")
+    if isinstance(e, checkpoints.NonFiniteState):
+        return f"{e}; stopped: {tr.safe()}"
+    if isinstance(e, M.CacheTooLarge):
+        return (f"{e}. Stopped: {tr.safe()}; with memory freed on {e.device}, continue with {resume}, or start a new "
+                "run with fewer rows or new tokens")
+    return f"{e}. Stopped: {tr.safe()}; once the disk has room, continue with {resume}"  # a WriteError
+
+
+def finish(tr: Trainer, log: RunLog) -> dict:
+    """The last curves and the final adapter (PEFT format); returns the final evaluation."""
+    try:
+        log.curves()
+        if tr.world.main:
+            checkpoints.write_adapter(tr.net, tr.run / "adapter", tr.cfg.model)
+    except WriteError as e:
+        raise SystemExit(f"error: {e}. The run is complete in {tr.last_saved}; once the disk has room, "
+                         f"python train.py --resume {tr.run} writes the rest") from None
+    tr.say(f"done: accuracy {log.evals[-1]['accuracy']:.4f}; adapter in {tr.run / 'adapter'} (PEFT format)")
+    return log.evals[-1]
+
+
+def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World = World()) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    net, tok, eos = load_everything(cfg)
+    task = make_task(cfg.task, tok, cfg.data, cfg.reward)
+    if adapter:
+        lora.load_adapter(net, adapter)
+    with torch.no_grad():
+        e = evaluate(net, tok, task, cfg, eos, world=world)
+    if world.main:
+        print(f"accuracy {e['accuracy']:.4f} on {e['n']} {cfg.task} test examples "
+              f"({'adapter ' + adapter if adapter else 'base model'})")
+    if out and world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "eval.json", (json.dumps({"adapter": adapter, **e}, indent=2) + "\n").encode())
+    return e
