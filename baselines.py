@@ -129,7 +129,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     adv = [0.0] * len(r)
     running, next_value = 0.0, 0.0
     for t in reversed(range(len(r))):
-        delta = r[t] + gamma * next_value - v[t]  # [K2] δ_t = r_t + γ·V(s_{t+1}) − V(s_t)
+        delta = r[t] + gamma * next_value - v[t]  # δ_t = r_t + γ·V(s_{t+1}) − V(s_t)
         running = delta + gamma * lam * running  # [K2] A_t = δ_t + γλ·A_{t+1} = Σ_l (γλ)^l δ_{t+l}
         adv[t] = running
         next_value = v[t]
@@ -148,7 +148,7 @@ def whiten(advantages: list[torch.Tensor], eps: float = WHITEN_EPS) -> list[torc
     """[decided] (SPEC-baselines.md) Â = (A − mean)/std over all completion tokens of the step (every completion
     together); std is the population one (divide by N)."""
     flat = torch.cat(advantages)
-    z = (flat - flat.mean()) / (flat.std(correction=0) + eps)  # [K2] whitened advantages
+    z = (flat - flat.mean()) / (flat.std(correction=0) + eps)  # K2's whitened Â
     return list(z.split([len(a) for a in advantages]))
 
 
@@ -193,9 +193,9 @@ def ppo_prepare(policy: Qwen2ForCausalLM, critic: Critic, prompt: Sequence[int],
         ids, positions = list(prompt) + y, _positions(P, y, dev)
         states, logp, ref_logp = policy_states_and_logprobs(policy, ids, positions, with_ref)
         v = critic.values([states], [ids], [positions])[0].detach()
-        a = gae(terminal_rewards(len(y), R), v, gamma, gae_lambda)  # [K2] (T,) float64, CPU
+        a = gae(terminal_rewards(len(y), R), v, gamma, gae_lambda)  # K2's A_t: (T,) float64, CPU
         old.append(logp), ref.append(ref_logp), vals.append(v)
-        advs.append(a), rets.append((a + v.double().cpu()).float().to(dev))  # [K2] R_t = A_t + V(s_t), a constant
+        advs.append(a), rets.append((a + v.double().cpu()).float().to(dev))  # K2's R_t = A_t + V(s_t), a constant
     white = [a.float().to(dev) for a in whiten(advs)] if advs else []
     n = sum(len(y) for y, _ in keep)
     ev = explained_variance(torch.cat(vals).double().cpu(), torch.cat(rets).double().cpu()) if vals else None
@@ -212,7 +212,7 @@ def ppo_token_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: to
     clipped = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [K3]
     entropy = -logp  # H at the sampled token
     # [decided] (SPEC-baselines.md) the KL is a loss term (E4 at the sampled tokens), not a reward penalty
-    kl = kl_estimator(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # [E4]
+    kl = kl_estimator(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # E4's estimator
     value_err = (values - returns.detach()) ** 2  # (V(s_t) − sg(R_t))², the critic's L(γ) per token
     return clipped + w1 * entropy - w2 * kl - w3 * value_err  # [K4] L_clip + w1·H − w2·KL − w3·L(γ)
 
@@ -237,7 +237,7 @@ def ppo_backward(policy: Qwen2ForCausalLM, critic: Critic, batch: PPOBatch, *, c
         for i, logp, v in zip(part, logps, values):
             J = ppo_token_objective(logp, batch.old_logp[i], batch.ref_logp[i], batch.advantages[i], v,
                                     batch.returns[i], clip_eps=clip_eps, w1=w1, w2=w2, w3=w3)
-            loss = loss - J.sum() / N * scale  # [K4] the mean over all N completion tokens of the step
+            loss = loss - J.sum() / N * scale  # K4's mean over all N completion tokens of the step
             with torch.no_grad():
                 lp, old = logp.detach(), batch.old_logp[i]
                 clipped += float(((lp - old).exp() - 1).abs().gt(clip_eps).sum())  # tokens where the clip is active
@@ -293,10 +293,10 @@ def dpo_coefficients(log_ratios: torch.Tensor, pairs: Sequence[tuple[int, int]],
     w = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     l = torch.tensor([p[1] for p in pairs], dtype=torch.long)
     lr = log_ratios.double()
-    z = beta * (lr[w] - lr[l])  # [D1] z = β_D·[(log π_θ − log π_ref)(y_w) − (log π_θ − log π_ref)(y_l)]
+    z = beta * (lr[w] - lr[l])  # z = β_D·[(log π_θ − log π_ref)(y_w) − (log π_θ − log π_ref)(y_l)]
     loss = F.softplus(-z).mean()  # [D1] mean over pairs of −log σ(z)
     g = torch.sigmoid(-z) * beta / len(pairs)  # |∂loss/∂ratio| per pair
-    coef = torch.zeros_like(lr).index_add_(0, w, -g).index_add_(0, l, g)  # [D1] Σ_pairs ±σ(−z)·β_D/n
+    coef = torch.zeros_like(lr).index_add_(0, w, -g).index_add_(0, l, g)  # Σ_pairs ±σ(−z)·β_D/n
     return loss, z, coef
 
 
@@ -329,7 +329,7 @@ def dpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Se
         positions = [_positions(P, completions[i], dev) for i in part]
         _, logps, _ = batch_states_and_logprobs(model, seqs, positions, with_ref=False)
         grad_terms = [float(coef[i]) * scale * logp.sum() for i, logp in zip(part, logps)]
-        sum(grad_terms).backward()  # [D1] Σ_i ∂loss/∂log π_θ(y_i|x) · ∇log π_θ(y_i|x)
+        sum(grad_terms).backward()  # D1's gradient: Σ_i ∂loss/∂log π_θ(y_i|x) · ∇log π_θ(y_i|x)
         st.forwards += 1
         st.tokens_in_loss += sum(len(completions[i]) for i in part)
     st.loss = float(loss) * scale

@@ -76,7 +76,7 @@ def init_lora_A(r: int, c_in: int, generator: torch.Generator | None = None) -> 
     from a CPU generator (None: torch's default CPU generator), so one seed gives the same A on every device and
     dtype; the caller moves it. (A CPU generator cannot fill a CUDA tensor, and CUDA's stream differs from the CPU's.)"""
     a = torch.empty(r, c_in, device="cpu", dtype=torch.float32)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # [L1] A Kaiming-uniform
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # L1's A: Kaiming-uniform
     return a
 
 
@@ -122,7 +122,7 @@ def first_lora_layer(model: nn.Module) -> int:
 
 def l2_penalty(model: nn.Module) -> torch.Tensor:
     """Σ_{W ∈ LoRA} ‖W‖²_2 over every A and B (the squared Frobenius norm), the regulariser of E10."""
-    return sum(p.pow(2).sum() for p in lora_parameters(model))  # [E10] Σ_W ‖W‖²
+    return sum(p.pow(2).sum() for p in lora_parameters(model))  # Σ_W ‖W‖², E10's L2 term
 
 
 def mean_abs(model: nn.Module) -> tuple[float, float]:

@@ -175,7 +175,7 @@ class MiniMult(tasks.Task):
         return f"{ex[0]}*{ex[1]}=" + (" " if self.setting == "steps" else "")  # steps: the opener is prefilled
 
     def reward(self, text, ex):
-        return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
+        return exact_match_reward(text, ex[0] * ex[1])  # P1: the last integer == A·B
 
     def eval_details(self, text: str, ex) -> dict[str, float]:
         """Logged beside the accuracy (training.evaluate): the steps setting's right rate of each step (the paper's

@@ -36,18 +36,19 @@ _INT = re.compile(r"-?\d+")  # [decided] a leading minus sign belongs to the int
 
 
 def parse_last_int(text: str) -> int | None:
-    """Paper Appendix B [P1]: remove every comma, find every integer, return the last one (None if there is none).
+    """Paper Appendix B (P1): remove every comma, find every integer, return the last one (None if there is none).
 
     The regex is `-?\\d+`, so: "1,234" -> 1234; "-5" -> -5; "3.5" -> 5 (the paper's rule reads the integers 3 and
     5, not a decimal); "3-4" -> -4 (a hyphen before a digit is read as a minus sign, which is what the decided
     rule gives; the paper does not say). Any length: a 5,000-digit integer is read too (never a ValueError).
     """
-    found = _last_int_string(text)
+    found = last_int_string(text)
     return _to_int(found) if found is not None else None
 
 
-def _last_int_string(text: str) -> str | None:
-    found = _INT.findall(text.replace(",", ""))  # [P1]
+def last_int_string(text: str) -> str | None:
+    """The last integer of `text`, as the string the paper's rule reads (parse_last_int converts it)."""
+    found = _INT.findall(text.replace(",", ""))  # [P1] remove every comma; the last integer is the prediction
     return found[-1] if found else None
 
 
@@ -76,12 +77,12 @@ def exact_match_reward(text: str, answer: float | int | str) -> float:
 
     Compared as exact fractions, so a non-integral answer (e.g. 2.5) never matches an integer prediction.
     """
-    truth, found = _to_fraction(answer), _last_int_string(text)
+    truth, found = _to_fraction(answer), last_int_string(text)
     if found is None or truth.denominator != 1:
         return 0.0
     if len(found.lstrip("-").lstrip("0")) > abs(truth.numerator).bit_length() * 0.30103 + 1:  # > the answer's digits
         return 0.0  # more significant digits than the answer: not equal (and not worth converting a huge run)
-    return 1.0 if _to_int(found) == truth.numerator else 0.0  # [P1]
+    return 1.0 if _to_int(found) == truth.numerator else 0.0  # P1's prediction == the answer
 
 
 # ---------------------------------------------------------------------------------------------- S1: extraction
@@ -366,12 +367,12 @@ def _symbolic_equal(expression: str, truth: sympy.Expr, max_len: int) -> bool:
     diff = pred - truth
     if diff == 0 or diff.is_Rational:  # exact numbers: no simplify needed
         return diff == 0
-    return sympy.simplify(diff) == 0  # [S1]
+    return sympy.simplify(diff) == 0  # S1's SymPyEvaluate(y) = A*: simplify(a − b) == 0
 
 
 def sympy_reward(text: str, answer: str | float | int, *, timeout_s: float = 2.0,
                  max_len: int = MAX_EXPR_LEN) -> float:
-    """S1 oracle [S1]: 1.0 if the final answer of `text` (see extract_final_answer) equals `answer` symbolically,
+    """The S1 oracle: 1.0 if the final answer of `text` (see extract_final_answer) equals `answer` symbolically,
     i.e. simplify(a − b) == 0, else 0.0. "3/4", "0.75", "\\frac{3}{4}" and "\\boxed{\\frac{3}{4}}" all equal 0.75.
 
     0.0 also when no answer is found, it is refused by the safe parser, or parsing + comparison together take
@@ -385,7 +386,7 @@ def sympy_reward(text: str, answer: str | float | int, *, timeout_s: float = 2.0
         equal = _call_with_timeout(lambda: _symbolic_equal(expression, truth, max_len), timeout_s)
     except (_Timeout, Exception):  # too slow, or SymPy failing on odd input (RecursionError, …): no reward
         return 0.0
-    return 1.0 if equal else 0.0
+    return 1.0 if equal else 0.0  # [S1] R = 1 if SymPyEvaluate(y) = A*, else 0
 
 
 # ---------------------------------------------------------------------------------------------- S2
@@ -403,7 +404,7 @@ def long_multiplication_steps(a: int, b: int) -> list[int]:
 
 
 def partial_credit_reward(text: str, a: int, b: int) -> float:
-    """S2 [S2]: R = (1/T)·Σ_t 1{s*_t appears in the completion}, s* = long_multiplication_steps(a, b).
+    """S2: R = (1/T)·Σ_t 1{s*_t appears in the completion}, s* = long_multiplication_steps(a, b).
 
     [decided] "appears" = occurs in the text with commas removed (SPEC.md). Our choice: as a whole number, i.e. a
     maximal digit run equal to str(s*_t), so "7380" or "17380" does not count as 738 (nor "0738").

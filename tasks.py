@@ -100,14 +100,14 @@ class Mult(Task):
 
     def reward(self, text, ex):
         if self.reward_name == "partial":
-            return partial_credit_reward(text, ex[0], ex[1])  # [S2] fraction of the long-multiplication steps
+            return partial_credit_reward(text, ex[0], ex[1])  # S2: the fraction of the long-multiplication steps
         return self.eval_reward(text, ex)
 
     def eval_reward(self, text, ex):
-        return exact_match_reward(text, ex[0] * ex[1])  # [P1] last integer == A·B
+        return exact_match_reward(text, ex[0] * ex[1])  # P1: the last integer == A·B
 
     def eval_details(self, text, ex):
-        return {"partial_credit": partial_credit_reward(text, ex[0], ex[1])}  # [S2]: which steps were right
+        return {"partial_credit": partial_credit_reward(text, ex[0], ex[1])}  # S2: which steps were right
 
 
 def _line_stop(tok: M.Tokenizer, begun: re.Pattern, prefix=()):
@@ -214,7 +214,7 @@ class Svamp(Task):
         return f"Problem: {ex['Body'].strip()} {ex['Question'].strip()}\nAnswer:"
 
     def reward(self, text, ex):
-        return exact_match_reward(text, ex["Answer"])  # [P1]
+        return exact_match_reward(text, ex["Answer"])  # P1
 
     def stop(self, prefix=()):
         # [decided] (SPEC.md) stop at the first newline after the answer has begun (the prompt asks for one number)
@@ -263,7 +263,7 @@ class Gsm8k(Task):
             return f"holds {n:,} characters of question and answer; allowed: at most {MAX_TEXT_CHARS:,}"
         answer = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
         try:
-            sympy_reward("", answer)  # [S1] reads the ground truth first
+            sympy_reward("", answer)  # S1's oracle reads the ground truth first
         except ValueError:
             return f"has the answer {reprlib.repr(answer)} after '####', which the SymPy reward cannot read as a number"
         return None
@@ -277,7 +277,7 @@ class Gsm8k(Task):
         return f"Problem: {ex['question'].strip()}\nSolve it step by step, then give the final answer after '####'.\n"
 
     def reward(self, text, ex):
-        return sympy_reward(text, ex["answer"])  # [S1]
+        return sympy_reward(text, ex["answer"])  # S1
 
     def stop(self, prefix=()):
         return _line_stop(self.tok, re.compile(r"####\s*\S"), prefix)

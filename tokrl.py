@@ -23,14 +23,15 @@ Memory and time (each tested against its slow path):
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 import lora
 from model import Qwen2ForCausalLM, logprobs_at
-from trie import PrefixTrie
+from trie import PrefixTrie, Target
 
 ADV_EPS = 1e-4  # [decided] (SPEC.md) Â = (R − μ)/(σ + 1e-4)
 CLIP_EPS = 0.2  # PPO clip ε. With μ = 1 update per group ρ ≡ 1 and the clip never acts; kept to match E3 as written
@@ -62,14 +63,11 @@ def select_tokens(T: int, alpha: int, k: int, p: float, generator: torch.Generat
     The T uniforms are drawn at once from `generator` (its own stream, not the sampler's)."""
     u = torch.rand(T, generator=generator).tolist()
     chosen: list[int] = []
-    for t in range(T):  # [Alg1]
-        if t < alpha:
-            chosen.append(t)  # [E6] 1 if t < α
-        elif len(chosen) < k:
-            if u[t] < p:
-                chosen.append(t)  # [E6] Bernoulli(P) if t ≥ α and |T_i| < k
-        else:
-            break  # [E6] 0 otherwise: |T_i| = k, nothing later can enter
+    for t in range(T):  # [Alg1] scan t: include, sample, or break
+        if t >= alpha and len(chosen) >= k:
+            break  # 0 otherwise: |T_i| = k, nothing later can enter
+        if t < alpha or u[t] < p:  # [E6] 1 if t < α; Bernoulli(P) if t ≥ α and |T_i| < k
+            chosen.append(t)
     return chosen
 
 
@@ -186,9 +184,9 @@ def grpo_token_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, adv:
     ρ = exp(log π_θ − log π_θ.detach()) is 1 in value and its gradient is ∇log π_θ: this is E5's
     π_θ/π_θ|no-grad, and E3's clip is inactive at ρ = 1."""
     ratio = torch.exp(logp - logp.detach())  # ρ = π_θ/π_θold, = 1 in value
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [E3] / [E5]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # min[ρÂ, clip(ρ)Â]
     kl = kl_estimator(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
-    return surrogate - beta * kl  # [E3] the term in braces
+    return surrogate - beta * kl  # [E3] the term in braces: min[ρÂ, clip(ρ, 1−ε, 1+ε)Â] − β·D_KL
 
 
 def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
@@ -217,7 +215,8 @@ def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: S
         _, logps, refs = batch_states_and_logprobs(model, seqs, positions, with_ref=beta != 0)
         loss = 0.0
         for i, logp, ref in zip(part, logps, refs):
-            J_i = grpo_token_objective(logp, ref, float(adv[i]), beta).mean()  # [E3] (1/|y_i|)·Σ_t, [E5] (1/|T_i|)·Σ_{t∈T_i}
+            # GRPO's T_i is every t: E3's (1/|y_i|)·Σ_t
+            J_i = grpo_token_objective(logp, ref, float(adv[i]), beta).mean()  # [E5] (1/|T_i|)·Σ_{t∈T_i}
             loss = loss - J_i / G * scale  # [Alg2] loss divided by G, then backward per completion
             st.tokens_in_loss += len(chosen[i])
             if ref is not None:
@@ -241,7 +240,7 @@ def grpo_loss_batched(logits: torch.Tensor, ref_logits: torch.Tensor | None, ids
     m = mask[:, 1:].to(logp.device, logp.dtype)  # token t is predicted at t − 1
     adv = group_advantages(rewards).to(logp)[:, None]  # (G, 1): one advantage for every token of y_i
     per_token = grpo_token_objective(logp, ref, adv, beta)  # (G, T−1)
-    J = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()  # [E3] (1/G)·Σ_i (1/|y_i|)·Σ_t
+    J = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()  # E3 the slow way: (1/G)·Σ_i (1/|y_i|)·Σ_t
     return -J
 
 
@@ -263,52 +262,53 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     summed over the processes, so that the logged gradient norms are the whole group's."""
     if objective not in ("pi", "logpi"):
         raise ValueError(f"tspmo_backward: objective is {objective!r}; choose 'pi' (E10) or 'logpi'")
-    trie = PrefixTrie(completions, rewards)  # [E7] [E8] [E9] per edge
-    U = len(trie.edges)
-    P = len(prompt)
-    dev = model.lm_head.weight.device
-    st = StepStats(edges=U, tokens_generated=sum(map(len, completions)))
+    trie = PrefixTrie(completions, rewards)  # A(v|p) of every edge (E7–E9)
+    U, targets, mods = len(trie.edges), trie.targets(), [m for _, m in lora.lora_modules(model)]
+    st = StepStats(edges=U, tokens_generated=sum(map(len, completions)), zero_variance=len(set(rewards)) == 1)
     st.nonzero_adv_tokens = round(trie.nonzero_token_fraction() * st.tokens_generated)
-    st.zero_variance = len(set(rewards)) == 1
-    mods = [m for _, m in lora.lora_modules(model)]
-    params = lora.lora_parameters(model)
-    held = [p.grad for p in params]  # another prompt's accumulated gradient: set aside, so the norms read this group's
+    mine = range(len(targets)) if share is None else share([max(tg.positions) for tg in targets])
+    with _this_group_gradient(lora.lora_parameters(model)):  # so that the logged norms are this group's
+        for tg in (targets[k] for k in mine):
+            logp, adv = _prefix_logprobs(model, prompt, completions[tg.completion], tg)  # (N, M) each
+            pi = logp.exp() if objective == "pi" else logp  # π_θ(v|p), the paper's; "logpi": log π_θ(v|p), ours
+            loss = -(pi * adv).sum() / U * scale  # [E10] −(1/|U|)·Σ π_θ(v|p)·A(v|p), over this prefix's edges
+            loss.backward()
+            st.loss, st.forwards = st.loss + float(loss.detach()), st.forwards + 1
+        st.policy_loss = st.loss
+        st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, summed_grads)
+    if lam:  # λ read literally (README "E10's λ"); lam = 0: λ is AdamW's weight decay alone
+        reg = lam * lora.l2_penalty(model) * scale  # E10's λ·Σ_W ‖W‖²: − in J, so + in the loss
+        reg.backward()
+        st.l2_loss, (st.l2_grad_norm, st.l2_grad_norm_A) = float(reg.detach()), _l2_grad_norms(mods, lam * scale)
+        st.loss += st.l2_loss
+    return st
+
+
+def _prefix_logprobs(model: Qwen2ForCausalLM, prompt: Sequence[int], y: Sequence[int],
+                     tg: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of prompt∘y[:max(tg.positions)], the longest prefix the target needs on completion y: log π_θ(v|p)
+    (N, M) for the tokens v of the edges leaving each needed prefix p, and their A(v|p) (N, M), padding A = 0."""
+    dev, P = model.lm_head.weight.device, len(prompt)
+    ids = list(prompt) + list(y[: max(tg.positions)])
+    rows = torch.tensor([P + j - 1 for j in tg.positions], device=dev)  # last token of prompt∘y[:j] predicts v
+    width = max(map(len, tg.tokens))
+    tokens = torch.tensor([t + [0] * (width - len(t)) for t in tg.tokens], device=dev)  # (N, M), padded
+    adv = torch.tensor([a + [0.0] * (width - len(a)) for a in tg.advantages], device=dev)  # padding has A = 0
+    h, pos = frozen_bottom(model, [ids])
+    return logprobs_at(model, adapted_top(model, h, pos, rows), tokens), adv
+
+
+@contextlib.contextmanager
+def _this_group_gradient(params: list[torch.Tensor]) -> Iterator[None]:
+    """Inside, .grad holds this group's gradient alone: another prompt's accumulated one is set aside, and added back
+    on leaving (the same sum, with the norms in between read from this group's)."""
+    held = [p.grad for p in params]
     for p in params:
         p.grad = None
-    targets = trie.targets()
-    mine = range(len(targets)) if share is None else share([max(tg.positions) for tg in targets])
-    for tg in (targets[k] for k in mine):
-        y = completions[tg.completion]
-        ids = list(prompt) + list(y[: max(tg.positions)])  # the longest prefix needed on this completion
-        rows = torch.tensor([P + j - 1 for j in tg.positions], device=dev)  # last token of prompt∘y[:j] predicts v
-        width = max(map(len, tg.tokens))
-        tokens = torch.tensor([t + [0] * (width - len(t)) for t in tg.tokens], device=dev)  # (N, M), padded
-        adv = torch.tensor([a + [0.0] * (width - len(a)) for a in tg.advantages], device=dev)  # padding has A = 0
-        h, pos = frozen_bottom(model, [ids])
-        logp = logprobs_at(model, adapted_top(model, h, pos, rows), tokens)  # (N, M) log π_θ(v|p)
-        pi = logp.exp() if objective == "pi" else logp  # (N, M) π_θ(v|p), the paper's; "logpi": our ablation
-        J_part = (pi * adv).sum() / U  # [E10] π_θ(v|p)·A(v|p) — π, not log π, as the paper writes it
-        loss = -J_part * scale
-        loss.backward()
-        st.loss += float(loss.detach())
-        st.forwards += 1
-    st.policy_loss = st.loss
-    st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, summed_grads)
+    yield
     for p, g in zip(params, held):
         if g is not None:
             p.grad = g if p.grad is None else p.grad.add_(g)
-    if lam:
-        # λ read literally, the default (README "E10's λ"): the miniature's rule measured this reading against λ as
-        # AdamW's weight decay (lam = 0) and kept it; the literal term left its adapter without effect on every run
-        reg = lam * lora.l2_penalty(model) * scale  # [E10] − λ·Σ_W ‖W‖² in J, so + in the loss
-        reg.backward()
-        st.l2_loss = float(reg.detach())
-        st.loss += st.l2_loss
-        # its gradient is 2·λ·scale·W: the norms need no second backward
-        sq_A = sum(float(m.lora_A.detach().pow(2).sum()) for m in mods)
-        sq_B = sum(float(m.lora_B.detach().pow(2).sum()) for m in mods)
-        st.l2_grad_norm, st.l2_grad_norm_A = 2 * lam * scale * (sq_A + sq_B) ** 0.5, 2 * lam * scale * sq_A ** 0.5
-    return st
 
 
 def _policy_grad_norms(mods: list, summed_grads=None) -> tuple[float, float]:
@@ -323,6 +323,13 @@ def _policy_grad_norms(mods: list, summed_grads=None) -> tuple[float, float]:
     sq = lambda g: 0.0 if g is None else float(g.detach().pow(2).sum())  # noqa: E731
     sq_A, sq_B = sum(map(sq, grads_A)), sum(map(sq, grads_B))
     return (sq_A + sq_B) ** 0.5, sq_A ** 0.5
+
+
+def _l2_grad_norms(mods: list, weight: float) -> tuple[float, float]:
+    """‖∇(weight·Σ‖W‖²)‖ over every A and B, and over the A alone: the gradient is 2·weight·W, so no second backward."""
+    sq_A = sum(float(m.lora_A.detach().pow(2).sum()) for m in mods)
+    sq_B = sum(float(m.lora_B.detach().pow(2).sum()) for m in mods)
+    return 2 * weight * (sq_A + sq_B) ** 0.5, 2 * weight * sq_A ** 0.5
 
 
 def tspmo_objective_bruteforce(pi: dict[tuple[tuple[int, ...], int], torch.Tensor],

@@ -32,12 +32,12 @@ ROOT = 0
 
 @dataclass(frozen=True)
 class Edge:
-    """One unique transition (p, v) of U, with its advantage A(v|p) [E7]."""
+    """One unique transition (p, v) of U, with its advantage A(v|p) (E7)."""
     parent: int       # node id of prefix p
     child: int        # node id of p∘v
     token: int        # v
     depth: int        # |p| = number of completion tokens before v (0-based index of v in any completion through it)
-    advantage: float  # A(v|p)  [E7]
+    advantage: float  # A(v|p), E7
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class PrefixTrie:
         self.completions: list[list[int]] = [[int(v) for v in y] for y in completions]
         self.rewards: list[float] = [float(r) for r in rewards]
         self._build()
-        self._advantage = self._advantages()
+        self._advantage = self.edge_advantages()
 
     # ---- construction -------------------------------------------------------------------------------------
     def _new_node(self, parent: int, token: int, depth: int, first: int) -> int:
@@ -123,8 +123,8 @@ class PrefixTrie:
                 self.reward_sum[node] += r_exact
             self.paths.append(path)
 
-    def _advantages(self) -> list[float]:
-        """A(v|p) [E7] of the edge entering each node; index = child node id (root: 0.0, it has no edge)."""
+    def edge_advantages(self) -> list[float]:
+        """A(v|p) of the edge entering each node (E7, from E8 and E9); index = child node id (root: 0.0, no edge)."""
         adv = [0.0] * self.num_nodes
         for c in range(1, self.num_nodes):
             p = self.parent[c]
@@ -139,11 +139,11 @@ class PrefixTrie:
         return len(self.count)
 
     def mean_reward(self, node: int) -> float:
-        """E[R|p] of the prefix p of `node` [E8]; for a child node p∘v this is E[R|p∘v] [E9]."""
-        return float(self.reward_sum[node] / self.count[node])  # [E8] / [E9]
+        """E[R|p] of the prefix p of `node` (E8); for a child node p∘v this is E[R|p∘v] (E9)."""
+        return float(self.reward_sum[node] / self.count[node])
 
     def advantage(self, child: int) -> float:
-        """A(v|p) [E7] of the edge (p, v) that enters node `child` (p∘v)."""
+        """A(v|p) (E7) of the edge (p, v) that enters node `child` (p∘v)."""
         if child == ROOT:
             raise ValueError("the root has no incoming edge, so no advantage")
         return self._advantage[child]

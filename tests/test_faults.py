@@ -443,7 +443,8 @@ def test_non_finite_weights_stop_the_run_before_they_are_saved(tmp_path, tiny, m
     the run stops at once, names the last good checkpoint and leaves it (and `latest`) untouched; the bad step is
     neither logged nor saved, and no final adapter is written."""
     run = tmp_path / "run"
-    real_step, real_replay, real_train_step = torch.optim.AdamW.step, training.Trainer.replay, training.Trainer.train_step
+    real_step, real_replay = torch.optim.AdamW.step, training.Trainer.replay
+    real_train_step = training.Trainer.train_step
     where = {"step": 0, "replay": False, "poisoned": None}
 
     def train_step(self, stream):

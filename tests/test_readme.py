@@ -3,14 +3,15 @@ SPEC-baselines.md."""
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 
 from conftest import ROOT, assets
 
 TAG_NAMES = r"E\d+|Alg\d|L\d|P\d|S\d|K\d|D\d"
 TAG = re.compile(rf"\[({TAG_NAMES})\]")
-SOURCES = ["model.py", "lora.py", "reward.py", "trie.py", "tokrl.py", "train.py", "training.py", "settings.py",
-           "tasks.py", "checkpoints.py", "baselines.py", "replay.py"]
+SOURCES = sorted(p.name for p in ROOT.glob("*.py"))  # every room of the code; tests/ holds the proofs
 
 
 def readme_index() -> dict[str, str]:
@@ -44,6 +45,84 @@ def test_the_index_points_at_functions_that_carry_the_tag():
             name = func.split(".")[-1]
             assert re.search(rf"(def|class) {name}\b", src), f"{tag}: {file} has no {func}"
         assert any(f"[{tag}]" in (ROOT / file).read_text() for file, _ in refs), f"{tag}: not tagged in {refs}"
+
+
+def functions_by_line(tree: ast.Module) -> dict[int, str]:
+    """Line number -> the qualified name (Class.method) of the innermost function holding it."""
+    where: dict[int, str] = {}
+
+    def visit(node, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    where.update({n: name for n in range(child.lineno, child.end_lineno + 1)})
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+    visit(tree, "")
+    return where
+
+
+def computed_on(tree: ast.Module, line: int) -> list[ast.AST]:
+    """The expressions a line computes: the innermost statement starting on it (of a compound statement, the header:
+    an if's test, a for's target and iterable)."""
+    starts = [n for n in ast.walk(tree) if isinstance(n, ast.stmt) and n.lineno == line]
+    if not starts:
+        return []
+    stmt = min(starts, key=lambda n: n.end_lineno - n.lineno)
+    header = {ast.If: ("test",), ast.While: ("test",), ast.For: ("target", "iter"), ast.With: ("items",)}
+    if type(stmt) in header:
+        return [getattr(stmt, f) for f in header[type(stmt)] if not isinstance(getattr(stmt, f), list)] + \
+            [i.context_expr for i in getattr(stmt, "items", [])]
+    return [stmt]
+
+
+def tag_sites() -> list[tuple[str, str, int, str, bool]]:
+    """Every bracketed tag written in the code: (tag, file, line, the holding function, in a comment after code)."""
+    sites = []
+    for f in SOURCES:
+        src = (ROOT / f).read_text()
+        comments = {t.start: t.string for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                    if t.type == tokenize.COMMENT}
+        holder, lines = functions_by_line(ast.parse(src)), src.splitlines()
+        for n, line in enumerate(lines, 1):
+            for m in TAG.finditer(line):
+                after_code = any(row == n and col <= m.start() and col > 0 and line[:col].strip()
+                                 for (row, col) in comments)
+                sites.append((m.group(1), f, n, holder.get(n, ""), after_code))
+    return sites
+
+
+def test_each_tag_is_on_one_computing_line_and_the_index_names_its_function_first():
+    """A tag in brackets is written once in the whole code: in the comment of the line that computes its equation
+    (not a docstring, not a comment line of its own, not a call of another tagged function: a call site names the
+    equation in words). The README index's first file.py:function for that tag is the function holding that line."""
+    sites, index = tag_sites(), readme_index()
+    by_tag: dict[str, list] = {}
+    for site in sites:
+        by_tag.setdefault(site[0], []).append(site)
+    holders = {holder.split(".")[-1] for _, _, _, holder, _ in sites}  # the functions that compute a tag
+    problems = [f"[{t}] written {len(s)} times: " + ", ".join(f"{f}:{n}" for _, f, n, _, _ in s)
+                for t, s in sorted(by_tag.items()) if len(s) != 1]
+    for tag, f, n, holder, after_code in (s[0] for s in by_tag.values() if len(s) == 1):
+        tree = ast.parse((ROOT / f).read_text())
+        exprs = computed_on(tree, n)
+        nodes = [x for e in exprs for x in ast.walk(e)]
+        computes = any(isinstance(x, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.Call,
+                                         ast.Subscript))
+                       for x in nodes)
+        top = exprs[0].value if exprs and isinstance(exprs[0], (ast.Assign, ast.Expr, ast.Return)) else None
+        called = top.func.attr if isinstance(top, ast.Call) and isinstance(top.func, ast.Attribute) else \
+            getattr(getattr(top, "func", None), "id", None)
+        if not after_code or not computes:
+            problems.append(f"[{tag}] {f}:{n}: not in the comment of a line that computes")
+        elif called in holders - {holder.split(".")[-1]}:
+            problems.append(f"[{tag}] {f}:{n}: a call of {called}, which computes a tagged equation itself")
+        first = re.findall(r"`(\w+\.py:[\w.]+)`", index.get(tag, ""))[:1]
+        if first != [f"{f}:{holder}"]:
+            problems.append(f"[{tag}] {f}:{n} is in {f}:{holder}; the README index names {first} first")
+    assert not problems, "\n".join(problems)
 
 
 def all_test_functions() -> list[tuple[str, str, set[str]]]:
