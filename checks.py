@@ -184,10 +184,10 @@ def device_memory(device: str) -> tuple[int, str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # A resumed run's files
 
-# Settings a run records that tokrl added after its first release: a run recorded before one existed ran as the
-# default says (replay_pool: it replayed from its own group). Every other setting must be in the run's config.json.
-ADDED_LATER = {"revision", "reward", "eval_max_new_tokens", "tspmo_objective", "lora_targets", "replay_pool",
-               "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta"}
+# Settings a run's config.json may lack: a run recorded without one ran as its default says, except replay_pool (a run
+# recorded without it replayed from its own group). Every other setting must be in the run's config.json.
+MAY_BE_ABSENT = {"revision", "reward", "eval_max_new_tokens", "tspmo_objective", "lora_targets", "replay_pool",
+                 "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta"}
 
 
 def read_run_settings(run: Path) -> Settings:
@@ -202,7 +202,7 @@ def read_run_settings(run: Path) -> Settings:
         usage_error(f"{path}: cannot read the run's settings ({(str(e).splitlines() or [''])[0]})")
     fields = set(Settings.__dataclass_fields__)
     unknown = set(saved) - fields if isinstance(saved, dict) else None
-    missing = fields - ADDED_LATER - set(saved) if isinstance(saved, dict) else None
+    missing = fields - MAY_BE_ABSENT - set(saved) if isinstance(saved, dict) else None
     if unknown is None or unknown or missing:
         why = ("not a JSON object" if unknown is None else f"unknown settings {sorted(unknown)}" if unknown else
                f"settings missing: {sorted(missing)}")

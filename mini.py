@@ -56,8 +56,8 @@ METHODS = {  # name: (algo, what differs from the algorithm's settings)
     "ppo": ("ppo", {}),
     "ppo-separate": ("ppo", {"critic": "separate"}),
     "dpo": ("dpo", {}),
-    # issue 17's ablation, not run by default (--methods): replay from this prompt's group only, at the rate tuned
-    # for the history pool
+    # an ablation, not run by default (--methods): replay from this prompt's group only, at the rate tuned for the
+    # history pool
     "tspmo-literal-group": ("tspmo", {"lam": 0.01, "replay_pool": "group"}),
     "tspmo-decay-group": ("tspmo", {"lam": 0.0, "replay_pool": "group"}),
 }

@@ -191,7 +191,7 @@ class MiniMult(tasks.Task):
 
 @dataclasses.dataclass(frozen=True)
 class SftSettings:
-    """The first-token base (issue 11): traces only, then briefly 85% bare answers and 15% traces."""
+    """The first-token base: traces only, then briefly 85% bare answers and 15% traces."""
     cot_steps: int = 1000  # stage 1: traces only (test accuracy of the traces about 80% at the end)
     mix_steps: int = 100  # stage 2, brief: 85% bare answers, 15% traces
     mix_cot: float = 0.15
@@ -385,7 +385,7 @@ def build_base(out: Path, setting: str, s=None, log=say, shipped: bool = True) -
     s = s or default_sft(setting)
     base = base_dir(out, setting)
     meta = base / "base.json"
-    key = [dataclasses.asdict(s), None]  # (None: the base is measured on the whole test set, as it always is now)
+    key = [dataclasses.asdict(s), None]  # (None: the base is measured on the whole test set)
     if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
         log(f"base ({setting}): reusing {base} (delete it to rebuild)")
         return base

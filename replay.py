@@ -67,8 +67,8 @@ class ReplayPool:
 
     def draw(self, rng: random.Random, n_success: int, n_failure: int) -> list[int]:
         """C_success indices uniformly from R_success and C_failure from R_fail, without repeats (fewer if a subset
-        is smaller). The draws depend only on the two subsets' sizes: a pool of one group draws what the
-        pre-history code drew from that group."""
+        is smaller). The draws depend only on the two subsets' sizes, so a pool that holds one group draws as that
+        group alone would (--replay-pool group)."""
         return (rng.sample(self.success, min(n_success, len(self.success))) +
                 rng.sample(self.failure, min(n_failure, len(self.failure))))
 

@@ -117,7 +117,7 @@ def test_legal_but_useless_settings_start_with_a_warning(tmp_path, tiny, capsys,
     assert capsys.readouterr().err.startswith(warning)
 
 
-# --- lengths the model cannot hold, and a KV cache no device here can hold (issue 19) ------------------------------
+# --- lengths the model cannot hold, and a KV cache no device here can hold --------------------------------------------
 
 # The multiplication prompt in the byte tokenizer: 151 bytes of text, one token each, and 5 special tokens (3
 # <|im_start|>, 2 <|im_end|>): 156 tokens. The tiny model has max_position_embeddings 1024, so at most 868 new ones.
@@ -188,7 +188,7 @@ def test_a_kv_cache_beyond_the_device_s_memory_is_refused_before_loading(tmp_pat
     assert not run.exists()
 
 
-# --- settings and files that fit another model, or another machine (issue 19) --------------------------------------
+# --- settings and files that fit another model, or another machine ----------------------------------------------------
 
 def test_a_lora_fraction_that_adapts_no_layer_is_refused_before_loading(tmp_path, tiny, capsys, no_loading):
     """Legal for the flag (0 < fraction <= 1), impossible for a 4-layer model: round(0.1 × 4) = 0 layers. Before,
@@ -234,7 +234,7 @@ def test_more_threads_than_cores_start_with_a_warning(tmp_path, tiny, capsys, no
                                         "error: --max-new-tokens 1000: ")
 
 
-# --- the model directory and the data, before any weight is loaded --------------------------------------------------
+# --- the model directory and the data, before any weight is loaded ----------------------------------------------------
 
 def broken_model(tmp_path: Path, tiny: Path, how: str) -> Path:
     import shutil

@@ -441,7 +441,7 @@ def test_resume_with_another_number_of_processes_is_refused(cli_runs, tmp_path, 
 
 
 def test_an_abort_in_the_interpreter_teardown_cannot_fail_a_finished_torchrun_run(cli_runs, tmp_path):
-    """Issue 19: a gloo process that aborts at exit ("terminate called without an active exception") after its run
+    """A gloo process that aborts at exit ("terminate called without an active exception") after its run
     is written would make torchrun count a finished run as failed. Injected: every worker's interpreter teardown
     aborts (SIGABRT, from an atexit handler that a sitecustomize module installs in each process torchrun starts).
     A finished run still exits 0 with every file: the CLI ends a torchrun process without that teardown."""

@@ -494,7 +494,7 @@ def test_save_checkpoint_refuses_non_finite_state(tmp_path, tiny):
     assert not (tmp_path / "checkpoints").exists()
 
 
-# --- a KV cache the device cannot hold at run time (issue 19) -------------------------------------------------------
+# --- a KV cache the device cannot hold at run time --------------------------------------------------------------------
 
 def test_a_kv_cache_the_device_cannot_allocate_stops_the_run_with_its_size(done, tmp_path, tiny, monkeypatch):
     """Step 2's group needs its KV cache and the allocator refuses (the CPU's own message; on a GPU, CUDA's out of
@@ -529,7 +529,7 @@ def test_a_kv_cache_the_device_cannot_allocate_stops_the_run_with_its_size(done,
     assert_same_run(done, run)
 
 
-# --- a second process: one run directory, one writer (issue 19) ------------------------------------------------------
+# --- a second process: one run directory, one writer ------------------------------------------------------------------
 
 def snapshot(run: Path) -> dict:
     """Every file's bytes and every directory's name under `run`."""

@@ -1,4 +1,4 @@
-"""The GPU path (issue 9): wherever CUDA is available these run; elsewhere they skip cleanly.
+"""The GPU path: wherever CUDA is available these run; elsewhere they skip cleanly.
 
 Each (algo, task) through the CLI for two steps on CUDA; one seed gives the same LoRA A on the CPU and on CUDA;
 greedy decoding, scoring and the per-completion gradients on CUDA equal the CPU's within fp32 tolerance; the

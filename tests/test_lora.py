@@ -175,7 +175,7 @@ def test_peft_loads_what_tokrl_saved_and_tokrl_loads_what_peft_saved(tmp_path):
     assert err2 < 1e-5
 
 
-# --- issue 9: the same A on every device and dtype (item 1), fp32 adapters under a bf16 base (item 5) ----------------
+# --- the same A on every device and dtype, fp32 adapters under a bf16 base --------------------------------------------
 
 def test_A_is_drawn_in_fp32_on_the_cpu_whatever_the_base(tmp_path):
     """One seed, one A: drawn on the CPU in fp32 from the seeded CPU generator, then moved. A bf16 base (or a CUDA
@@ -238,7 +238,7 @@ def test_bf16_forward_mixes_like_peft_and_stays_close_to_fp32(tmp_path):
     assert err < 0.05 * moved
 
 
-# --- issue 9 item 7: PEFT config fields are honoured or refused by name ---------------------------------------------
+# --- PEFT config fields are honoured or refused by name ---------------------------------------------------------------
 
 def test_peft_rank_and_alpha_patterns_give_peft_s_logits(tmp_path):
     peft = pytest.importorskip("peft")

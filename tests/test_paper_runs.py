@@ -1,6 +1,6 @@
-"""The paper's runs as a user starts them (issue 9): the shipped SVAMP split (and GSM8K's, issue 19: no task needs
-the network), --reward per task, T-SPMO's logs of fresh and replay groups, --accum with replay, and E1 read off
-Trainer.train_step. CPU, tiny models."""
+"""The paper's runs as a user starts them: the shipped SVAMP split (and GSM8K's: no task needs the network),
+--reward per task, T-SPMO's logs of fresh and replay groups, --accum with replay, and E1 read off Trainer.train_step.
+CPU, tiny models."""
 from __future__ import annotations
 
 import errno
@@ -30,7 +30,7 @@ def byte_tok(tiny: Path) -> M.Tokenizer:
     return M.Tokenizer(tiny / "tokenizer.json")
 
 
-# --- item 2: the paper's SVAMP split ships with the project ------------------------------------------------------
+# --- the paper's SVAMP split ships with the project -------------------------------------------------------------------
 
 def test_default_svamp_data_is_the_shipped_700_300_split():
     train_set, test_set, note = tasks.Svamp.load(None)
@@ -87,7 +87,7 @@ def test_a_lone_svamp_json_is_split_the_same_way_for_every_run(tmp_path, tiny):
         assert [e["example"]["ID"] for e in examples] == LONE_TEST_IDS[:3]
 
 
-# --- issue 19: GSM8K ships the same way, and no task touches the network ------------------------------------------
+# --- GSM8K ships the same way, and no task touches the network --------------------------------------------------------
 
 GSM8K_SHA256 = {"test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
                 "train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"}
@@ -140,7 +140,7 @@ def test_gsm8k_eval_only_scores_the_shipped_1319_problems_offline(tmp_path, offl
     assert list(offline.rglob("*")) == []  # nothing downloaded, nothing cached
 
 
-# --- item 9: --reward per task -----------------------------------------------------------------------------------
+# --- --reward per task ------------------------------------------------------------------------------------------------
 
 def fixed_text_sampler(tok, text):
     ids = tok.encode(text)
@@ -185,7 +185,7 @@ def test_gsm8k_defaults_to_the_sympy_reward():
     assert cfg.reward == "sympy" and tasks.check_reward("gsm8k", None) == "sympy"
 
 
-# --- E1 and item 4: what one step logs, fresh and replay groups alike --------------------------------------------
+# --- E1: what one step logs, fresh and replay groups alike ------------------------------------------------------------
 
 FRESH = ([[5, 6, 7], [5, 9], [8], [5, 6]], [1.0, 0.0, 0.0, 1.0])
 REPLAY = ([[1, 2], [1, 3], [4]], [1.0, 0.0, 0.0])
@@ -237,7 +237,7 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
     assert "policy" in line and "λ" in line and "A≠0 92.3%" in line
 
 
-# --- item 8: --accum with T-SPMO: one round of replays per prompt of the step ---------------------------------------
+# --- --accum with T-SPMO: one round of replays per prompt of the step -------------------------------------------------
 
 @pytest.mark.parametrize("pool", ["history", "group"])
 def test_accum_with_tspmo_replays_one_round_per_prompt(tiny, tmp_path, monkeypatch, pool):
@@ -263,7 +263,7 @@ def test_accum_with_tspmo_replays_one_round_per_prompt(tiny, tmp_path, monkeypat
         assert [r["replay_source_step"] for r in m["replays"]] == [1, 1, 1]
 
 
-# --- a weak test elsewhere, made to prove its point: --eval-only --adapter really applies the adapter ------------
+# --- a weak test elsewhere, made to prove its point: --eval-only --adapter really applies the adapter -----------------
 
 def test_eval_only_applies_the_adapter(tmp_path, tiny):
     """test_train.py's eval-only test passes whether or not the adapter is applied (accuracy 0 either way); here a
@@ -282,7 +282,7 @@ def test_eval_only_applies_the_adapter(tmp_path, tiny):
     assert len(out["base"]) == 3 and out["base"] != out["adapter"]
 
 
-# --- item 5 through the CLI: a bf16 base trains fp32 adapters ------------------------------------------------------
+# --- through the CLI: a bf16 base trains fp32 adapters ----------------------------------------------------------------
 
 @pytest.mark.parametrize("algo", ["sgrpo", "tspmo"])
 def test_bfloat16_run_keeps_fp32_adapter_and_optimizer_state(tmp_path, tiny, algo, monkeypatch):

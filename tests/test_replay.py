@@ -1,4 +1,4 @@
-"""T-SPMO's replay pool (replay.py, issue 17): the paper's "set of all previously generated completions, each
+"""T-SPMO's replay pool (replay.py): the paper's "set of all previously generated completions, each
 associated with a scalar reward", against the ablation that replays only the current group.
 
 The groups are built by hand: model.sample is replaced by a script that returns, for each fresh prompt, the

@@ -264,10 +264,10 @@ def test_partial_credit_reward(text, expected):
     assert partial_credit_reward(text, 123, 456) == expected
 
 
-# ---------------------------------------------------------------------------------------------- issue 9, item 6
+# ---------------------------------------------------------------------------------------------- untrusted output
 def test_a_last_integer_over_python_s_4300_digit_limit_never_raises():
     """int() refuses a string of more than 4,300 digits (ValueError); the rewards read model output and must
-    return a value for any string. Each of these raised before the fix."""
+    return a value for any string, a digit run past int()'s limit too."""
     huge = "7" * 5000
     assert parse_last_int(f"the answer is {huge}") == int("7" * 2500) * 10 ** 2500 + int("7" * 2500)
     assert parse_last_int("-" + "0" * 4999 + "12") == -12

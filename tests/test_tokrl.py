@@ -13,7 +13,7 @@ import model as M
 import tokrl
 
 
-# --- E2 -----------------------------------------------------------------------------------------------------------
+# --- E2 ---------------------------------------------------------------------------------------------------------------
 
 def test_advantages_by_hand():
     # rewards [1,0,0,1]: μ = 0.5, σ (population) = 0.5 -> Â = ±0.5/(0.5 + 1e-4) = ±0.99980004
@@ -26,7 +26,7 @@ def test_advantages_by_hand():
     assert tokrl.group_advantages([0.7] * 5).tolist() == [0.0] * 5  # zero-variance group
 
 
-# --- E4 -----------------------------------------------------------------------------------------------------------
+# --- E4 ---------------------------------------------------------------------------------------------------------------
 
 def test_kl_estimator_closed_form():
     logp = torch.log(torch.tensor([0.5, 0.2, 0.9]))
@@ -41,7 +41,7 @@ def test_kl_estimator_closed_form():
     assert (tokrl.kl_estimator(x, torch.randn(1000)) >= 0).all()
 
 
-# --- E5 / E6 / Alg1 -----------------------------------------------------------------------------------------------
+# --- E5 / E6 / Alg1 ---------------------------------------------------------------------------------------------------
 
 def test_selection_rules():
     """E6/Alg1 against its closed form, with the same uniforms: T_i = the first min(α, T) positions, then the first
@@ -76,7 +76,7 @@ def test_selected_fraction_matches_P_and_is_seeded():
     assert a == b
 
 
-# --- the loss mask ------------------------------------------------------------------------------------------------
+# --- the loss mask ----------------------------------------------------------------------------------------------------
 
 def test_loss_mask_holds_eos_and_not_padding():
     # prompt of 2; completion 0 = [a, b, EOS] (3 tokens), completion 1 = [EOS] (1 token), padded to 5
@@ -84,7 +84,7 @@ def test_loss_mask_holds_eos_and_not_padding():
     assert m.int().tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
 
 
-# --- gradients: per-completion fast path == batched slow path -------------------------------------------------------
+# --- gradients: per-completion fast path == batched slow path ---------------------------------------------------------
 
 EOS = 256
 PROMPT = [10, 11, 12, 13]
@@ -263,7 +263,7 @@ def test_tspmo_evaluates_each_needed_prefix_once(tmp_path):
 
 
 
-# --- issue 9 item 4: T-SPMO logs its two terms and their gradient norms -------------------------------------------
+# --- T-SPMO logs its two terms and their gradient norms ---------------------------------------------------------------
 
 def test_tspmo_logs_policy_and_l2_terms_and_their_gradient_norms(tmp_path):
     """loss = policy_loss + l2_loss; each gradient norm equals the norm of that term's gradient computed alone by
