@@ -48,7 +48,7 @@ from training import eval_only, train
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Command line
+# The command line: a flag per setting, resolved against the paper's defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +97,10 @@ def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
                     "here (a run from another machine, or started from another directory?); a resumed run keeps its "
                     f"settings: put the same model at {cfg.model}, or a symbolic link to it")
     return cfg, run
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run directory: new, resumed, held
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

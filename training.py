@@ -1,13 +1,12 @@
 """The training loop, for train.py (the command line) and mini.py: a run from its first step to its adapter.
 
-    train           the run: set up, step after step with evaluations and checkpoints, the final adapter
-    Trainer         one step: each prompt's group sampled and scored, its backward, AdamW's step; T-SPMO's replays
-    update          one group's backward with the chosen objective (tokrl.py, baselines.py); ppo_update: PPO's passes
     evaluate        greedy test accuracy; eval_only: that alone (--eval-only)
-    RunLog          metrics.jsonl, eval.jsonl and curves.svg
+    update          one group's backward with the chosen objective (tokrl.py, baselines.py); ppo_update: PPO's passes
+    Trainer         one step: each prompt's group sampled and scored, its backward, AdamW's step; T-SPMO's replays
     restore         a checkpoint back into a Trainer
+    train           the run: start, run_steps (evaluations and checkpoints between steps), finish (the adapter)
 
-With N processes (distributed.py) every one runs this loop on its share of each group; rank 0 alone prints and writes.
+What each step and evaluation logs, and where: runlog.py. With N processes (distributed.py) every one runs this loop on its share of each group; rank 0 alone prints and writes.
 """
 from __future__ import annotations
 
@@ -181,6 +180,9 @@ def check_finite(net, st: tokrl.StepStats, more=(), world: World = World()) -> N
 
 
 class Trainer:
+    """A run's state (the model and its LoRA, AdamW, PPO's critic, the generators, the step, T-SPMO's replay pool, the
+    last checkpoint) and one training step."""
+
     def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos, world: World = World()):
         self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
         self.world = world  # one process, or this one's place among N (distributed.py)
@@ -284,7 +286,7 @@ class Trainer:
                 st = update(self.net, "tspmo", list(prompt_ids) + list(y[:j]), conts, rs, cfg, self.gens, 1.0,
                             world=self.world)  # T-SPMO's objective
                 self.check_finite(st)
-                self.optimizer_step()  # deviation 1 (module docstring): each replayed group is its own update
+                self.optimizer_step()  # deviation 1 (train.py's docstring): each replayed group is its own update
                 st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs),  # the continuations' mean reward
                             "replay_source_step": pool.step[i], "replay_source_reward": pool.reward[i]}
                 stats.append(st)
