@@ -280,14 +280,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def paper_defaults(algo: str, task: str) -> dict:
-    """The paper's settings that vary with (algo, task); gsm8k is our extension and borrows SVAMP's."""
-    return {f.name: next(table[key] for key in ((task, algo), task, algo) if key in table)
-            for f in fields(Settings) if isinstance(table := f.metadata["paper"], dict)}
+    """The paper's settings for (algo, task): those it varies, and those that are the same for every run (their
+    defaults); gsm8k is our extension and borrows SVAMP's."""
+    return {f.name: f.default if table == ALL else next(table[key] for key in ((task, algo), task, algo) if key in table)
+            for f in fields(Settings) if (table := f.metadata["paper"]) is not None}
 
 
 def paper_table() -> str:
     """--help's epilog: the paper's settings per (task, algo), then those that are the same for every run."""
-    varying = list(paper_defaults(ALGOS[0], next(iter(TASKS))))
+    varying = [f.name for f in fields(Settings) if isinstance(f.metadata["paper"], dict)]
     show = lambda v: f"{v:.3g}" if isinstance(v, float) and len(str(v)) > 6 else str(v)  # noqa: E731
     width = {n: max(len(flag(n)) - 2, *(len(show(paper_defaults(a, t)[n])) for a in ALGOS for t in TASKS)) + 2
              for n in varying}
