@@ -21,17 +21,20 @@ from pathlib import Path
 import checkpoints
 import mini_base
 
-PAPER_TABLE_II = {"base": 3.9, "grpo": 4.4, "sgrpo": 22.9, "tspmo": 70.0}  # Qwen2-1.5B, 3x3 digits, n = 3000
-LABELS = {"base": "base (SFT)", "grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo-literal": "T-SPMO, λ literal (a)",
-          "tspmo-literal-logpi": "T-SPMO, λ literal (a), log π", "tspmo-decay": "T-SPMO, λ as weight decay (b)",
-          "tspmo-decay-logpi": "T-SPMO, λ as weight decay (b), log π", "ppo": "PPO (shared critic)",
-          "ppo-separate": "PPO (separate critic)", "dpo": "DPO (online)",
-          "tspmo-literal-group": "T-SPMO, λ literal (a), group pool", "tspmo-decay-group":
-              "T-SPMO, λ as weight decay (b), group pool"}
-COLORS = {"grpo": "#1f77b4", "sgrpo": "#ff7f0e", "tspmo-literal": "#2ca02c", "tspmo-decay": "#2ca02c",
-          "tspmo-literal-logpi": "#8c8c00", "tspmo-decay-logpi": "#8c8c00", "ppo": "#d62728",
+# Qwen2-1.5B, 3x3 digits, n = 3000: Table II; T-SPMO without replay, (G, C_success, C_failure) = (50, 0, 0): Table V
+PAPER = {"base": "3.9", "grpo": "4.4", "sgrpo": "22.9", "tspmo-decay": "70.0", "tspmo-literal": "70.0",
+         "tspmo-decay-noreplay": "19.5 (Table V)"}
+LABELS = {"base": "base (SFT)", "grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo-decay": "T-SPMO, λ as weight decay (b)",
+          "tspmo-literal": "T-SPMO, λ literal (a)", "tspmo-decay-noreplay": "T-SPMO (b), no replay",
+          "tspmo-decay-logpi": "T-SPMO, λ as weight decay (b), log π",
+          "tspmo-literal-logpi": "T-SPMO, λ literal (a), log π", "tspmo-decay-group": "T-SPMO (b), group pool",
+          "tspmo-literal-group": "T-SPMO (a), group pool", "ppo": "PPO (shared critic)",
+          "ppo-separate": "PPO (separate critic)", "dpo": "DPO (online)"}
+COLORS = {"grpo": "#1f77b4", "sgrpo": "#ff7f0e", "tspmo-decay": "#2ca02c", "tspmo-literal": "#2ca02c",
+          "tspmo-decay-noreplay": "#17becf", "tspmo-decay-logpi": "#8c8c00", "tspmo-literal-logpi": "#8c8c00",
+          "tspmo-decay-group": "#7f7f7f", "tspmo-literal-group": "#7f7f7f", "ppo": "#d62728",
           "ppo-separate": "#8c564b", "dpo": "#9467bd"}
-DASHED = {"tspmo-decay", "tspmo-decay-logpi"}  # the λ readings: (a) solid, (b) dashed
+DASHED = {"tspmo-literal", "tspmo-literal-logpi", "tspmo-literal-group"}  # the λ readings: (b) solid, (a) dashed
 INERT_A, KEPT_A, SAME_ACCURACY = 0.10, 0.50, 0.02  # the rule's thresholds (README "The paper in miniature")
 
 
@@ -63,21 +66,27 @@ def evals(r: dict) -> list[dict]:
 # Tables
 
 
+def rate(entry: dict) -> str:
+    """The learning rate, and whose tuned rate it is when the method borrows it (mini.TUNED_AS)."""
+    return f"{entry['lr']:g}" + (f" ({LABELS[entry['as']]}'s)" if "as" in entry else "")
+
+
 def results_table(setting: str, base_info: dict, results: list[dict], rates: dict) -> str:
-    """Accuracy (%) on the test set, mean ± std over seeds and each seed, at the rate --tune chose."""
-    rows = ["| method | learning rate | test accuracy (%), mean ± std | per seed | steps | minutes per run | "
-            "paper, Table II (%) |", "|---|---|---|---|---|---|---|",
-            f"| {LABELS['base']} | | {pct(base_info['accuracy'])} | (greedy: one value) | 0 | | "
-            f"{PAPER_TABLE_II['base']} |"]
+    """Accuracy (%) on the test set, mean ± std over seeds and each seed, at the rate --tune chose; the minutes of
+    a run, wall clock (which depends on what else the machine runs) and CPU (its own process, one thread)."""
+    rows = ["| method | learning rate | test accuracy (%), mean ± std | per seed | steps | minutes per run, wall "
+            "(CPU) | paper (%), Table II |", "|---|---|---|---|---|---|---|",
+            f"| {LABELS['base']} | | {pct(base_info['accuracy'])} | (greedy: one value) | 0 | | {PAPER['base']} |"]
     for method in LABELS:
         rs = [r for r in results if r["setting"] == setting and r["method"] == method]
         if not rs:
             continue
         m, s = mean_std([100 * r["accuracy"] for r in rs])
-        paper = PAPER_TABLE_II.get("tspmo" if method in ("tspmo-literal", "tspmo-decay") else method, "—")
-        rows.append(f"| {LABELS[method]} | {rates[setting][method]['lr']:g} | {m:.1f} ± {s:.1f} | "
+        rows.append(f"| {LABELS[method]} | {rate(rates[setting][method])} | {m:.1f} ± {s:.1f} | "
                     f"{', '.join(pct(r['accuracy']) for r in rs)} | {rs[0]['steps']} | "
-                    f"{statistics.fmean(r['minutes'] for r in rs):.1f} | {paper} |")
+                    f"{statistics.fmean(r['minutes'] for r in rs):.1f} "
+                    f"({statistics.fmean(r.get('cpu_minutes', float('nan')) for r in rs):.1f}) | "
+                    f"{PAPER.get(method, '—')} |")
     return "\n".join(rows)
 
 
@@ -87,7 +96,7 @@ def tuning_table(table: dict) -> str:
     rows = ["| setting | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
             "|---|---|" + "---|" * (len(lrs) + 1)]
     for setting, per in table.items():
-        for method in (m for m in LABELS if m in per and not m.endswith("-group")):  # ablations take a tuned rate
+        for method in (m for m in LABELS if m in per and "as" not in per[m]):  # not the borrowed rates
             e = per[method]
             cells = [(f"**{pct(e['validation'][lr])}**" if lr == e["lr"] else pct(e["validation"][lr]))
                      if lr in e["validation"] else "" for lr in lrs]

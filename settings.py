@@ -46,7 +46,9 @@ class Settings:
     max_new_tokens: int = 300
     eval_max_new_tokens: int | None = None  # greedy evaluation's limit (None: max_new_tokens)
     beta: float = 0.01  # KL weight of GRPO / S-GRPO (E3, E5)
-    lam: float = 0.01  # λ of T-SPMO's L2 term (E10), read literally (README "E10's λ"); 0: λ as AdamW's decay only
+    # [decided] (SPEC.md, E10) λ read as AdamW's weight decay (reading (b)): no λ term in the loss by default, the
+    # weight decay above does the regularising; 0.01: λ·Σ‖W‖² in the loss, E10 read literally (reading (a))
+    lam: float = 0.0
     tspmo_objective: str = "pi"  # E10's π_θ(v|p) (the paper's) | "logpi": log π_θ(v|p), an ablation (ours)
     # LoRA
     lora_fraction: float = 0.25
@@ -79,7 +81,7 @@ class Settings:
     dpo_beta: float = baselines.DPO_BETA  # β_D
 
 
-COMMON = dict(lr=1e-4, beta=0.01, lam=0.01, temperature=0.3, max_new_tokens=300)
+COMMON = dict(lr=1e-4, beta=0.01, lam=0.0, temperature=0.3, max_new_tokens=300)  # lam 0: λ as weight decay (E10)
 TASK_DEFAULTS = {  # LoRA per task (paper IV-A); S-GRPO (α, k) (Table III); replay (Table V)
     "mult": dict(lora_fraction=1 / 4, lora_rank=8, alpha=50, k=100, replay_success=1, replay_failure=0,
                  reward="exact"),
@@ -123,7 +125,8 @@ RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
                                                    "0 < top-p <= 1 (1: off)"),
     ("max_new_tokens", lambda v, s: v >= 1, "a completion needs a token; allowed: an integer >= 1 (the paper: 300)"),
     ("beta", lambda v, s: _num(v) and v >= 0, "a KL weight; allowed: a finite number >= 0 (the paper: 0.01)"),
-    ("lam", lambda v, s: _num(v) and v >= 0, "an L2 weight; allowed: a finite number >= 0 (the paper: 0.01)"),
+    ("lam", lambda v, s: _num(v) and v >= 0, "an L2 weight in the loss; allowed: a finite number >= 0 (default 0: "
+                                           "the paper's λ as weight decay; 0.01: its λ read literally)"),
     ("lora_fraction", lambda v, s: _num(v) and 0 < v <= 1, "a fraction of the layers; allowed: 0 < fraction <= 1"),
     ("lora_rank", lambda v, s: v >= 1, "allowed: an integer >= 1 (the paper: 8 or 16)"),
     ("lora_alpha", lambda v, s: v is None or (_num(v) and v > 0), "LoRA's scale is alpha/r; allowed: a finite "

@@ -566,7 +566,8 @@ def paper_table() -> str:
             rows.append(f"  {task:<6} {algo:<6} {d['steps']:<6} {d['group_size']:<3} "
                         f"{d['lora_fraction']:.3g}/{d['lora_rank']:<11} {d['alpha']},{d['k']:<8}  "
                         f"{d['replay_success']},{d['replay_failure']}")
-    rows.append("  all: AdamW lr 1e-4 (weight decay 0.01), beta = lambda = 0.01, temperature 0.3, "
+    rows.append("  all: AdamW lr 1e-4 (weight decay 0.01: T-SPMO's lambda = 0.01 read as it, --lam 0; --lam 0.01 "
+                "puts it in the loss), beta = 0.01, temperature 0.3, "
                 "300 new tokens, fp32, one prompt per step, P = 0.5, replay threshold r = 1.0, replay pool: every "
                 "completion generated so far (history)")
     rows.append("  reward (--reward): mult exact (the paper's; or partial = S2), svamp exact, gsm8k sympy (S1)")
@@ -613,8 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-new-tokens", type=int,
                    help="greedy evaluation's length limit, >= 1 (default: --max-new-tokens)")
     g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO, >= 0 (0.01)")
-    g.add_argument("--lam", type=float, help="T-SPMO's λ·Σ‖W‖² on LoRA in the loss, >= 0 (0.01: E10 read literally, "
-                                             "the default; 0: λ read as AdamW's weight decay 0.01 alone)")
+    g.add_argument("--lam", type=float,
+                   help="T-SPMO's λ·Σ‖W‖² on LoRA in the loss, >= 0. Default 0: the paper's λ read as AdamW's weight "
+                        "decay 0.01, no term in the loss (SPEC.md E10: the literal term leaves the adapter inert in "
+                        "the miniature, README \"E10's λ\"); 0.01: E10's λ·Σ‖W‖² read literally")
     g.add_argument("--tspmo-objective", choices=["pi", "logpi"],
                    help="T-SPMO's per-edge term: pi = π·A, E10 as the paper writes it (default); logpi = log π·A")
     g = p.add_argument_group("LoRA (paper: mult last 1/4 of layers, rank 8; svamp last 1/3, rank 16)")

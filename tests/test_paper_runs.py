@@ -205,7 +205,7 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
         return FRESH if len(calls) == 1 else REPLAY  # the fresh group, then the replay's continuations
 
     monkeypatch.setattr(train.Trainer, "sample_group", fake)
-    tr = trainer(tiny, tmp_path, replay_success=1)
+    tr = trainer(tiny, tmp_path, replay_success=1, lam=0.01)  # E10's λ·Σ‖W‖² in the loss: logged per group
     m = tr.train_step(tasks.TrainStream(tr.task, 2))
     fresh, replay = m["groups"]
     assert (fresh["kind"], replay["kind"]) == ("fresh", "replay") and len(m["replays"]) == len(calls) - 1 == 1
