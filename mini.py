@@ -14,7 +14,7 @@ What it does (each stage writes into --out, default runs/mini/):
      `--tune` chose on the validation set at the same step counts (data/mini-tuning.json), two runs at a time, one
      CPU thread each;
   3. OUT/results.md: per setting the table beside the paper's Table II, the tuning table, the table of E10's λ
-     readings and the decision the rule of README "The paper in miniature" gives; the figures (mini_report.py).
+     readings and the decision the rule of docs/mini.md gives; the figures (mini_report.py).
 
 The same budget of tries for every method: one seed at each of three learning rates, the best validation accuracy
 kept (ties: the smaller rate); then 3 seeds at that rate on the test set.
@@ -45,9 +45,9 @@ from mini_base import MAX_NEW_TOKENS, SETTINGS, MiniMult, say
 METHODS = {  # name: (algo, what differs from the algorithm's settings); each sets λ itself, whatever the CLI's default
     "grpo": ("grpo", {}),
     "sgrpo": ("sgrpo", {}),
-    # E10's λ, two readings (README "E10's λ"): (b) λ as AdamW's decoupled weight decay of 0.01, no λ term in the loss
-    # (the CLI's default, [decided] SPEC.md); (a) literal, λ·Σ‖W‖² over every LoRA A and B in the loss, λ = 0.01.
-    # AdamW's weight decay is 0.01 in both (torch's default, [decided] SPEC.md).
+    # E10's λ, two readings (docs/mini.md, "E10's λ"): (b) λ as AdamW's decoupled weight decay of 0.01, no λ term in
+    # the loss (the CLI's default, [decided] SPEC.md); (a) literal, λ·Σ‖W‖² over every LoRA A and B in the loss,
+    # λ = 0.01. AdamW's weight decay is 0.01 in both (torch's default, [decided] SPEC.md).
     "tspmo-decay": ("tspmo", {"lam": 0.0}),
     "tspmo-literal": ("tspmo", {"lam": 0.01}),
     # Table V's contrast: T-SPMO (b) without replay, C_success = C_failure = 0 (the paper: 70.0% with success replay,
@@ -73,7 +73,7 @@ TUNED_AS = {"tspmo-decay-noreplay": "tspmo-decay", "tspmo-decay-logpi": "tspmo-d
             "tspmo-literal-group": "tspmo-literal"}
 TUNED_METHODS = tuple(m for m in DEFAULT_METHODS if m not in TUNED_AS)  # what --tune runs by default
 STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350, "ppo": 450, "dpo": 450}  # Table II's; PPO, DPO: GRPO's
-STEP_SCALE = 1.0  # the paper's step counts: at a third of them both the ranking and E10's λ read otherwise (README)
+STEP_SCALE = 1.0  # the paper's step counts: at a third of them the ranking and E10's λ read otherwise (docs/mini.md)
 QUICK_STEP_SCALE = 1 / 9
 LRS = (3e-4, 1e-3, 3e-3)  # --tune's grid (the paper's 1e-4 moves a 1 M-parameter model's LoRA too little)
 # ours: the miniature has 4 layers, so the paper's last 1/4 would be one layer with q/v only (4,096 LoRA parameters);

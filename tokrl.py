@@ -276,8 +276,8 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     if lam:
         # λ read literally (reading (a), --lam 0.01). Not the default: by default (lam = 0, [decided] SPEC.md E10) λ is
         # AdamW's weight decay and nothing is added here. At the paper's 350 steps the miniature's literal term
-        # drives mean |A| under 1% of its start on every seed and leaves the accuracy exactly the base's (README
-        # "E10's λ"), so under it the paper's own T-SPMO result could not happen
+        # drives mean |A| under 1% of its start on every seed and leaves the accuracy exactly the base's
+        # (docs/mini.md, "E10's λ"), so under it the paper's own T-SPMO result could not happen
         reg = lam * lora.l2_penalty(model) * scale  # [E10] − λ·Σ_W ‖W‖² in J, so + in the loss
         reg.backward()
         st.l2_loss = float(reg.detach())

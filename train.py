@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lam", type=float,
                    help="T-SPMO's λ·Σ‖W‖² on LoRA in the loss, >= 0. Default 0: the paper's λ read as AdamW's weight "
                         "decay 0.01, no term in the loss (SPEC.md E10: the literal term leaves the adapter inert in "
-                        "the miniature, README \"E10's λ\"); 0.01: E10's λ·Σ‖W‖² read literally")
+                        "the miniature, docs/mini.md); 0.01: E10's λ·Σ‖W‖² read literally")
     g.add_argument("--tspmo-objective", choices=["pi", "logpi"],
                    help="T-SPMO's per-edge term: pi = π·A, E10 as the paper writes it (default); logpi = log π·A")
     g = p.add_argument_group("LoRA (paper: mult last 1/4 of layers, rank 8; svamp last 1/3, rank 16)")
