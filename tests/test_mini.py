@@ -203,6 +203,18 @@ def test_the_shipped_tuning_table_covers_every_method_of_both_settings():
                 assert e["as"] == mini.TUNED_AS[method] and e["lr"] == raw[setting][e["as"]]["lr"]
 
 
+def test_the_documented_tuning_table_is_the_shipped_one():
+    """docs/mini.md's tuning table is what mini_report prints from data/mini-tuning.json (what --tune wrote), row for
+    row; the shipped file records the command that wrote it."""
+    shipped = json.loads(mini.TUNING.read_text())
+    assert shipped["command"] == "python mini.py --tune"
+    printed = mini_report.tuning_table(mini.read_tuning(mini.TUNING)).splitlines()
+    assert len(printed) == 2 + len(mini_base.SETTINGS) * len(mini.TUNED_METHODS)
+    doc = (ROOT / "docs" / "mini.md").read_text().splitlines()
+    start = doc.index(printed[0])
+    assert doc[start: start + len(printed)] == printed
+
+
 # --- the λ rule ------------------------------------------------------------------------------------------------------
 
 def seeds(A_end: list[float], acc: list[float], A0=0.04, base=0.05) -> list[dict]:
