@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 import lora
 from model import Qwen2ForCausalLM
-from tokrl import StepStats, _bottom, _top, kl_estimator, policy_and_ref_logprobs, policy_states_and_logprobs
+from tokrl import (StepStats, _bottom, _top, batch_states_and_logprobs, chunks, kl_estimator, policy_and_ref_logprobs,
+                   policy_states_and_logprobs)
 
 GAMMA = 1.0  # [decided] (SPEC-baselines.md) γ = 1
 GAE_LAMBDA = 0.95  # [decided] (SPEC-baselines.md) λ_GAE = 0.95
@@ -82,12 +83,17 @@ class Critic:
         """What the critic trains: the value head, and the separate copy's LoRA."""
         return list(self.head.parameters()) + (lora.lora_parameters(self.net) if self.net is not None else [])
 
-    def values(self, policy_states: torch.Tensor, ids: list[int], positions: torch.Tensor) -> torch.Tensor:
-        """V(s_t) (N,) for the tokens at `positions` of ids: from the policy's states (shared) or the copy's own."""
+    def values(self, policy_states: list[torch.Tensor], seqs: list[list[int]],
+               positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """V(s_t) (N_i,) for the tokens at each sequence's `positions`: from the policy's states (shared) or the
+        copy's own (one forward of the right-padded batch)."""
         if self.net is None:
-            return self.head(policy_states)
-        h, pos = _bottom(self.net, ids)
-        return self.head(_top(self.net, h, pos, positions - 1))  # the state at p−1, as for the policy
+            return [self.head(s) for s in policy_states]
+        h, pos = _bottom(self.net, seqs)
+        T = h.shape[1]
+        rows = torch.cat([b * T + p for b, p in enumerate(positions)])
+        v = self.head(_top(self.net, h, pos, rows - 1))  # the state at p−1, as for the policy
+        return list(v.split([len(p) for p in positions]))
 
     def _named(self) -> dict[str, nn.Parameter]:
         out = {f"value_head.{k}": p for k, p in self.head.named_parameters()}
@@ -191,7 +197,7 @@ def ppo_prepare(policy: Qwen2ForCausalLM, critic: Critic, prompt: Sequence[int],
     for y, R in keep:
         ids, positions = list(prompt) + y, _positions(P, y, dev)
         states, logp, ref_logp = policy_states_and_logprobs(policy, ids, positions, with_ref)
-        v = critic.values(states, ids, positions).detach()
+        v = critic.values([states], [ids], [positions])[0].detach()
         a = gae(terminal_rewards(len(y), R), v, gamma, gae_lambda)  # [K2] (T,) float64, CPU
         old.append(logp), ref.append(ref_logp), vals.append(v)
         advs.append(a), rets.append((a + v.double().cpu()).float().to(dev))  # [K2] R_t = A_t + V(s_t), a constant
@@ -218,33 +224,36 @@ def ppo_token_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: to
 
 def ppo_backward(policy: Qwen2ForCausalLM, critic: Critic, batch: PPOBatch, *, clip_eps: float = PPO_CLIP_EPS,
                  w1: float = W1, w2: float = 0.01, w3: float = W3, scale: float = 1.0,
-                 share: Callable[[list[int]], list[int]] | None = None) -> StepStats:
+                 share: Callable[[list[int]], list[int]] | None = None, backward_batch: int = 1) -> StepStats:
     """One of the μ passes: per completion, forward (policy, and the separate critic) and backward of
     −Σ_t L_PPO,t / N, N = all completion tokens of the step; gradients accumulate in .grad. `share` (several
-    processes, distributed.py): given each completion's length, the ones this process backpropagates (None: all)."""
+    processes, distributed.py): given each completion's length, the ones this process backpropagates (None: all).
+    `backward_batch` > 1 (ours): that many completions in one forward and backward."""
     dev, P, N = policy.lm_head.weight.device, len(batch.prompt), max(batch.n_tokens, 1)
     st = StepStats(tokens_generated=batch.n_tokens, tokens_in_loss=batch.n_tokens)
     clipped = approx_kl = entropy = value_loss = kl_ref = 0.0
     mine = range(len(batch.completions)) if share is None else share([len(y) for y in batch.completions])
-    for i in mine:
-        y = batch.completions[i]
-        ids, positions = batch.prompt + y, _positions(P, y, dev)
-        states, logp, _ = policy_states_and_logprobs(policy, ids, positions, with_ref=False)  # π_ref: precomputed
-        v = critic.values(states, ids, positions)
-        J = ppo_token_objective(logp, batch.old_logp[i], batch.ref_logp[i], batch.advantages[i], v,
-                                batch.returns[i], clip_eps=clip_eps, w1=w1, w2=w2, w3=w3)
-        loss = -J.sum() / N * scale  # [K4] the mean over all N completion tokens of the step
+    for part in chunks(list(mine), backward_batch):
+        seqs = [batch.prompt + batch.completions[i] for i in part]
+        positions = [_positions(P, batch.completions[i], dev) for i in part]
+        states, logps, _ = batch_states_and_logprobs(policy, seqs, positions, with_ref=False)  # π_ref: precomputed
+        values = critic.values(states, seqs, positions)
+        loss = 0.0
+        for i, logp, v in zip(part, logps, values):
+            J = ppo_token_objective(logp, batch.old_logp[i], batch.ref_logp[i], batch.advantages[i], v,
+                                    batch.returns[i], clip_eps=clip_eps, w1=w1, w2=w2, w3=w3)
+            loss = loss - J.sum() / N * scale  # [K4] the mean over all N completion tokens of the step
+            with torch.no_grad():
+                lp, old = logp.detach(), batch.old_logp[i]
+                clipped += float(((lp - old).exp() - 1).abs().gt(clip_eps).sum())  # tokens where the clip is active
+                approx_kl += float(kl_estimator(lp, old).sum())  # KL[π_θold ‖ π_θ], k3 on π_θold's samples
+                entropy += float(-lp.sum())
+                value_loss += float(((v.detach() - batch.returns[i]) ** 2).sum())
+                if batch.ref_logp[i] is not None:
+                    kl_ref += float(kl_estimator(lp, batch.ref_logp[i]).sum())
         loss.backward()
         st.loss += float(loss.detach())
         st.forwards += 1
-        with torch.no_grad():
-            lp, old = logp.detach(), batch.old_logp[i]
-            clipped += float(((lp - old).exp() - 1).abs().gt(clip_eps).sum())  # tokens where the clip is active
-            approx_kl += float(kl_estimator(lp, old).sum())  # KL[π_θold ‖ π_θ], k3 on π_θold's samples
-            entropy += float(-lp.sum())
-            value_loss += float(((v.detach() - batch.returns[i]) ** 2).sum())
-            if batch.ref_logp[i] is not None:
-                kl_ref += float(kl_estimator(lp, batch.ref_logp[i]).sum())
     st.kl = kl_ref / N
     st.extra = {"clip_fraction": clipped / N, "approx_kl": approx_kl / N, "entropy": entropy / N,
                 "value_loss": value_loss / N}
@@ -298,7 +307,7 @@ def dpo_coefficients(log_ratios: torch.Tensor, pairs: Sequence[tuple[int, int]],
 
 def dpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
                  rewards: Sequence[float], *, beta: float = DPO_BETA, scale: float = 1.0,
-                 share: Callable[[list[int]], list[int]] | None = None) -> StepStats:
+                 share: Callable[[list[int]], list[int]] | None = None, backward_batch: int = 1) -> StepStats:
     """D1, exact per-completion backward: the G log-ratios without gradient first, then one forward+backward of
     coef_i·log π_θ(y_i|x) per completion that is in a pair. [decided] (SPEC-baselines.md) no pair: no update."""
     dev, P = model.lm_head.weight.device, len(prompt)
@@ -320,12 +329,14 @@ def dpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Se
     todo = [i for i, y in enumerate(completions) if coef[i] != 0 and y]  # in no pair: no gradient
     if share is not None:  # several processes: this one's completions (the log-ratios above are the whole group's)
         todo = [todo[k] for k in share([len(completions[i]) for i in todo])]
-    for i in todo:
-        y = completions[i]
-        logp, _ = policy_and_ref_logprobs(model, list(prompt) + list(y), _positions(P, y, dev), with_ref=False)
-        (float(coef[i]) * scale * logp.sum()).backward()  # [D1] ∂loss/∂log π_θ(y_i|x) · ∇log π_θ(y_i|x)
+    for part in chunks(todo, backward_batch):  # backward_batch > 1 (ours): that many in one forward and backward
+        seqs = [list(prompt) + list(completions[i]) for i in part]
+        positions = [_positions(P, completions[i], dev) for i in part]
+        _, logps, _ = batch_states_and_logprobs(model, seqs, positions, with_ref=False)
+        grad_terms = [float(coef[i]) * scale * logp.sum() for i, logp in zip(part, logps)]
+        sum(grad_terms).backward()  # [D1] Σ_i ∂loss/∂log π_θ(y_i|x) · ∇log π_θ(y_i|x)
         st.forwards += 1
-        st.tokens_in_loss += len(y)
+        st.tokens_in_loss += sum(len(completions[i]) for i in part)
     st.loss = float(loss) * scale
     st.kl = kl_sum / max(st.tokens_generated, 1)
     st.extra.update({"preference_accuracy": float((z > 0).double().mean()), "reward_margin": float(z.mean())})

@@ -25,7 +25,10 @@ import datetime
 import fcntl
 import io
 import json
+import math
 import os
+import random
+import reprlib
 import shutil
 import signal
 import socket
@@ -216,9 +219,9 @@ def write_adapter(net, out: Path, base_model: str, point: str = "") -> None:
 # Reading: JSON lines that may end in a torn line
 
 
-def read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
-    """The rows of a JSON-lines log (those with step <= max_step). A last line cut short by a crash is dropped with a
-    warning; a bad line elsewhere cannot come from a crash, and is an error naming it."""
+def read_jsonl(path: Path, max_step: int | None = None, warn: bool = True) -> list[dict]:
+    """The rows of a JSON-lines log (those with step <= max_step). A last line cut short by a crash is dropped (with
+    a warning, if `warn`); a bad line elsewhere cannot come from a crash, and is a ValueError naming it."""
     if not path.is_file():
         return []
     lines = path.read_text(errors="replace").split("\n")
@@ -232,8 +235,9 @@ def read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
                 raise ValueError("not an object")
         except ValueError:
             if i == len(lines) - 1:  # no newline after it: the append was cut short
-                print(f"warning: {path}: dropped a torn last line (a crash during its append): {line[:60]!r}",
-                      file=sys.stderr)
+                if warn:
+                    print(f"warning: {path}: dropped a torn last line (a crash during its append): {line[:60]!r}",
+                          file=sys.stderr)
                 break
             raise ValueError(f"{path}: line {i + 1} is not a JSON object ({line[:60]!r}); fix or remove that line")
         rows.append(row)
@@ -314,31 +318,73 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def read_checkpoint(ck: Path) -> tuple[dict, dict]:
-    """(state.pt's contents, the adapter's tensors), or an exception saying what is wrong with the files."""
-    from safetensors.torch import load_file
-
-    state = torch.load(io.BytesIO((ck / "state.pt").read_bytes()), weights_only=True)
-    if not isinstance(state, dict) or not {"step", "optimizer", "rng", "data_position"} <= set(state):
-        raise ValueError("state.pt lacks step, optimizer, rng or data_position")
-    tensors = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
-    json.loads((ck / "adapter" / "adapter_config.json").read_text())
-    if any(not torch.isfinite(t).all() for t in tensors.values()):
-        raise ValueError("the adapter holds non-finite weights")
+def read_checkpoint(ck: Path, accum: int | None = None) -> tuple[dict, dict]:
+    """(state.pt's contents, the adapter's tensors), or a ValueError naming the file and what is wrong with it:
+    state.pt must hold this checkpoint's step, a data position of at most step × `accum` examples, the generators'
+    states and an AdamW state whose numbers are finite; the adapter must read back whole and finite."""
+    path = ck / "state.pt"
+    try:
+        state = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+    except Exception as e:  # torch.load raises many kinds (pickle, zip, EOF, ...): any of them means "not whole"
+        raise ValueError(f"{path}: not a checkpoint torch can read ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:120]})") from None
+    if (problem := state_problem(state, int(ck.name[len("step-"):]), accum)) is not None:
+        raise ValueError(f"{path}: {problem}")
+    tensors = lora.read_adapter_tensors(ck / "adapter" / "adapter_model.safetensors")
+    lora.read_adapter_config(ck / "adapter" / "adapter_config.json")
     return state, tensors
 
 
-def find_checkpoint(run: Path) -> tuple[Path, dict]:
-    """The newest checkpoint that reads back whole, and its state. Skipped ones are named in a warning, and so is a
-    `latest` that names a missing or broken one; none intact is a CheckpointError naming what was tried."""
+def state_problem(state, step: int, accum: int | None) -> str | None:
+    """What is wrong with state.pt's contents (None: nothing), read before a resume uses any of it."""
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(state, dict) or not {"step", "optimizer", "rng", "data_position"} <= set(state):
+        return "lacks step, optimizer, rng or data_position"
+    if not integer(state["step"]) or state["step"] != step:
+        return f"step is {reprlib.repr(state['step'])}, not this checkpoint's {step}"
+    most = step * accum if accum else 2**62
+    if not integer(state["data_position"]) or not 0 <= state["data_position"] <= most:
+        return (f"data_position is {reprlib.repr(state['data_position'])}; allowed: the examples drawn by step {step}, "
+                f"an integer from 0 to {most}")
+    ranks = state.get("rng_ranks", [])
+    if not isinstance(ranks, list):
+        return "rng_ranks is not a list of the processes' generator states"
+    for rng in [state["rng"], *ranks]:
+        if not (isinstance(rng, dict) and all(torch.is_tensor(rng.get(k)) and rng[k].dtype == torch.uint8
+                                              for k in ("sample", "select"))):
+            return "rng does not hold the sampling and selection generators' states"
+        try:
+            random.Random().setstate(rng.get("replay"))
+        except (TypeError, ValueError):
+            return "rng does not hold the replay generator's state"
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])):
+        return "optimizer is not AdamW's state (state and param_groups)"
+    numbers = [v for g in opt["param_groups"] for v in g.values() if isinstance(v, (int, float))]
+    if not all(math.isfinite(v) for v in numbers):  # lr, eps, weight_decay
+        return "optimizer's param_groups hold a number that is not finite"
+    for i, entry in opt["state"].items():
+        tensors = entry.values() if isinstance(entry, dict) else [None]
+        if not all(torch.is_tensor(t) and (not t.is_floating_point() or torch.isfinite(t).all()) for t in tensors):
+            return f"optimizer state {i} holds a value that is not a finite tensor"
+    return None
+
+
+def find_checkpoint(run: Path, accum: int | None = None) -> tuple[Path, dict]:
+    """The newest checkpoint that reads back whole (read_checkpoint: `accum` is the run's --accum), and its state.
+    Skipped ones are named in a warning, and so is a `latest` that names a missing or broken one; none intact is a
+    CheckpointError naming what was tried."""
     root = run / "checkpoints"
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     tried = []
     for ck in sorted(root.glob("step-*"), reverse=True):
         try:
-            state, _ = read_checkpoint(ck)
-        except Exception as e:  # torch.load, safetensors and json raise many kinds: any failure means "not intact"
-            tried.append(f"{ck} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            state, _ = read_checkpoint(ck, accum)
+        except (ValueError, OSError) as e:
+            tried.append(str(e))
             continue
         if tried or (latest and latest != ck.name):
             skipped = "; ".join(tried) or "none"

@@ -1,30 +1,57 @@
-"""The settings against the model and this machine, checked before any weight is loaded: seconds, where loading the
-weights takes minutes. settings.py checks each setting alone; train.check_inputs reads the model directory
-(model.check_model_dir: config.json, tokenizer.json, the safetensors headers) and the data (tasks.py), then calls
-check_against_model:
+"""Every file a run reads, and the settings against the model and this machine, checked before any weight is loaded
+and before anything is written: seconds, where loading the weights takes minutes. settings.py checks each setting
+alone; check_inputs reads each file a run will read, whole, then calls check_against_model:
 
-    an --adapter     loaded onto a weightless (meta) copy of the model: layers, projections, shapes   check_adapter
-    --lora-fraction  adapts at least one of the model's layers                                       check_against_model
-    lengths          the longest prompt plus the new tokens within config.json's                      position_problem
-                     max_position_embeddings
-    the KV cache     its rows × (prompt + new tokens) within the device's whole memory                memory_problem
+    the model directory  config.json (each value's type), tokenizer.json,                    check_inputs (model.py)
+                         generation_config.json, the safetensors headers (names and shapes
+                         against the config; each file whole)
+    the data             every SVAMP record and GSM8K line: fields, types, finite numbers,      check_inputs (tasks.py)
+                         an answer the reward reads, at most tasks.MAX_TEXT_CHARS of text;
+                         the file UTF-8
+    an --adapter         adapter_config.json's fields; the safetensors header (names, shapes,   check_adapter (lora.py)
+                         dtypes), then the tensors (finite), against a weightless (meta) copy
+                         of the model
+    --lora-fraction      adapts at least one of the model's layers                              check_against_model
+    lengths              the longest prompt plus the new tokens within config.json's            position_problem
+                         max_position_embeddings
+    the KV cache         its rows × (prompt + new tokens) within the device's whole memory      memory_problem
+    a resumed run        config.json (every setting, its type and its rule), resumes.jsonl      read_run_settings
+                         the newest intact checkpoint (state.pt, adapter), the logs up to it    check_resume
 
-A refused setting is one line, `error: --flag VALUE: why; allowed: ...`, and exit status 2; an adapter that does not
-fit is named with the mismatch (exit status 1).
+A bad flag or a bad file handed in is one line, `error: --flag VALUE: why; allowed: ...` or `error: FILE: what is
+wrong` (the record or line named), and exit status 2; a failure at run time (a full disk, a non-finite loss, memory
+the device refuses, a model that can be neither found nor downloaded) exits with status 1.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+import checkpoints
 import distributed
 import lora
 import model as M
-from settings import Settings, usage_error
-from tasks import Task
+from settings import Settings, usage_error, validate
+from tasks import Task, make_task
+
+
+def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = None) -> Task:
+    """The model directory (config, tokenizer, generation config, weight headers), the data (every record), an
+    --adapter (every file), and the settings against the model and this machine, all read before any weight is
+    loaded. Returns the task, its data read."""
+    try:
+        model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
+        model_cfg, tok = M.check_model_dir(model_dir)
+        task = make_task(cfg.task, tok, cfg.data, cfg.reward)
+    except (FileNotFoundError, ValueError) as e:  # tasks.DataError is a ValueError
+        usage_error(str(e))
+    check_against_model(cfg, model_cfg, tok, task, model_dir, training, adapter)
+    return task
 
 
 def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: M.Tokenizer, task: Task,
@@ -47,14 +74,16 @@ def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: M.Tokenize
 
 
 def check_adapter(adapter: str, model_cfg: M.Qwen2Config, model_dir: Path) -> None:
-    """The adapter fits this model (its layers, projections, ranks and tensor shapes): loaded, as --eval-only will
-    load it, onto a copy of the model on the meta device, which holds no weights."""
+    """The adapter's files are whole and fit this model (its layers, projections, ranks and tensor shapes): loaded, as
+    --eval-only will load it, onto a copy of the model on the meta device, which holds no weights."""
     with torch.device("meta"):
         net = M.Qwen2ForCausalLM(model_cfg)
     try:
         lora.load_adapter(net, adapter)
-    except ValueError as e:
-        raise ValueError(f"--adapter {adapter} cannot be applied to the model {model_dir}: {e}") from None
+    except lora.AdapterMismatch as e:
+        usage_error(f"--adapter {adapter} cannot be applied to the model {model_dir}: {e}")
+    except (FileNotFoundError, ValueError) as e:
+        usage_error(f"--adapter {adapter}: {e}")
 
 
 class CacheUse(NamedTuple):
@@ -74,12 +103,34 @@ def cache_uses(cfg: Settings, task: Task, tok: M.Tokenizer, training: bool, exac
     tested = task.test_set()[: cfg.eval_limit]
     eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
     eval_new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    rows = cfg.eval_batch or (CPU_EVAL_BATCH if torch.device(cfg.device).type == "cpu" else 1)  # CUDA: sized to fit
     uses = [CacheUse("test", longest_prompt(task, tok, tested, exact), eval_flag, eval_new_tokens, "--eval-batch",
-                     cfg.eval_batch, min(cfg.eval_batch, -(-len(tested) // n)))]
+                     rows, min(rows, -(-len(tested) // n)))]
     if training:
         uses.insert(0, CacheUse("training", longest_prompt(task, tok, task.train_set(), exact), "--max-new-tokens",
                                 cfg.max_new_tokens, "-G", cfg.group_size, -(-cfg.group_size // n)))
     return uses
+
+
+CPU_EVAL_BATCH = 32  # --eval-batch's default on the CPU
+
+
+def eval_batch(cfg: Settings, model_cfg: M.Qwen2Config, prompt_len: int, examples: int) -> int:
+    """Prompts per greedy batch: --eval-batch if given; on the CPU 32; on CUDA as many as half the device's free
+    memory holds, at most `examples`. A row holds its KV cache (cache_bytes: the prompt, once more for the prefill,
+    and the new tokens), its logits with their two working copies (fp32), and its prompt's activations in one
+    layer of the prefill."""
+    if cfg.eval_batch:
+        return cfg.eval_batch
+    if torch.device(cfg.device).type != "cuda":
+        return CPU_EVAL_BATCH
+    dtype = M.DTYPES[cfg.dtype]
+    new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    per_row = (M.cache_bytes(model_cfg, 1, 2 * prompt_len + new_tokens + M.SLOT_BLOCK, dtype)
+               + 3 * model_cfg.vocab_size * 4
+               + prompt_len * (3 * model_cfg.intermediate_size + 4 * model_cfg.hidden_size) * dtype.itemsize)
+    free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+    return max(1, min(examples, free // 2 // per_row))
 
 
 def longest_prompt(task: Task, tok: M.Tokenizer, examples: list, exact: bool = True) -> int:
@@ -128,3 +179,62 @@ def device_memory(device: str) -> tuple[int, str]:
         index = d.index if d.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
         return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM (--device cpu)"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A resumed run's files
+
+# Settings a run records that tokrl added after its first release: a run recorded before one existed ran as the
+# default says (replay_pool: it replayed from its own group). Every other setting must be in the run's config.json.
+ADDED_LATER = {"revision", "reward", "eval_max_new_tokens", "tspmo_objective", "lora_targets", "replay_pool",
+               "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta"}
+
+
+def read_run_settings(run: Path) -> Settings:
+    """A run's settings: its config.json, every setting of its type and within its rule (settings.validate, naming
+    the file), with the --steps of its latest resume (resumes.jsonl)."""
+    path = run / "config.json"
+    if not path.is_file():
+        usage_error(f"{run} is not a tokrl run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5,000-digit integer
+        usage_error(f"{path}: cannot read the run's settings ({(str(e).splitlines() or [''])[0]})")
+    fields = set(Settings.__dataclass_fields__)
+    unknown = set(saved) - fields if isinstance(saved, dict) else None
+    missing = fields - ADDED_LATER - set(saved) if isinstance(saved, dict) else None
+    if unknown is None or unknown or missing:
+        why = ("not a JSON object" if unknown is None else f"unknown settings {sorted(unknown)}" if unknown else
+               f"settings missing: {sorted(missing)}")
+        usage_error(f"{path}: not the settings of a run of this tokrl ({why})")
+    cfg = Settings(**{"replay_pool": "group", **saved})
+    validate(cfg, training=False, source=path)
+    try:
+        resumes = checkpoints.read_jsonl(run / "resumes.jsonl")
+    except ValueError as e:
+        usage_error(str(e))
+    if resumes:
+        steps = resumes[-1].get("steps")
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps < 2**62):
+            usage_error(f"{run / 'resumes.jsonl'}: its last line's steps is {steps!r:.60}; allowed: an integer >= 1")
+        cfg = dataclasses.replace(cfg, steps=steps)
+    return cfg
+
+
+def check_resume(run: Path, cfg: Settings) -> tuple[Path, dict]:
+    """The newest intact checkpoint of a resumed run, and the logs up to it, read once the run is held (no writer can
+    be pruning it) and before anything there is written."""
+    try:
+        ck, state = checkpoints.find_checkpoint(run, cfg.accum)
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            checkpoints.read_jsonl(run / log, state["step"], warn=False)
+    except (checkpoints.CheckpointError, ValueError) as e:
+        usage_error(str(e))
+    if cfg.steps < state["step"]:
+        usage_error(f"--steps {cfg.steps}: {run} is already at step {state['step']} ({ck.name}); allowed: "
+                    f"--steps >= {state['step']}")
+    saved, here = len(state.get("rng_ranks", [None])), distributed.env_world_size()
+    if saved != here:  # its N sampling streams cannot continue as another number
+        usage_error(f"--resume {run}: {ck / 'state.pt'} was written by {saved} process(es) and this run has {here}: "
+                    f"resume with the same number (torchrun --nproc-per-node {saved}, or plain python for 1)")
+    return ck, state

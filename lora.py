@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import model as M
 
 TARGETS = ("q_proj", "v_proj")  # the paper adapts the query and value projections
 
@@ -267,61 +270,150 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
+class AdapterMismatch(ValueError):
+    """An adapter whose files are whole but do not fit this model (its layers, projections or tensor shapes)."""
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+# adapter_config.json's fields that loading reads: each value allowed, and what is allowed in words
+_FIELD_RULES = {
+    "r": (_integer, "an integer >= 1"),
+    "lora_alpha": (lambda v: v is None or _positive(v), "a finite number > 0"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "target_modules": (lambda v: isinstance(v, str) and v or isinstance(v, list) and v and
+                       all(isinstance(t, str) for t in v), "a non-empty list of module names"),
+    "layers_to_transform": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) or
+                            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+                            "a layer index or a list of them"),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict) and all(_integer(r) for r in v.values()),
+                     "an object of integers >= 1"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict) and all(_positive(a) for a in v.values()),
+                      "an object of finite numbers > 0"),
+}
+
+
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json: a JSON object whose fields loading reads have the types PEFT writes (r is required), and
+    no PEFT setting tokrl does not implement (check_peft_config). Errors name the file and the field."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5,000-digit integer
+        raise ValueError(f"{path}: not valid JSON ({(str(e).splitlines() or [''])[0]})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    check_peft_config(cfg, path)
+    for field, (ok, allowed) in _FIELD_RULES.items():
+        if field == "r" and field not in cfg or field == "target_modules" and not cfg.get(field):
+            raise ValueError(f"{path}: {field} is missing; allowed: {allowed}")
+        if field in cfg and not ok(cfg[field]):
+            raise ValueError(f"{path}: {field} is {reprlib.repr(cfg[field])}; allowed: {allowed}")
+    return cfg
+
+
+def _adapter_plan(model: nn.Module, cfg: dict, cfg_path: Path) -> dict[str, tuple[int, float]]:
+    """The LoRA modules adapter_config.json asks for: module name -> (r, the α that LoRALinear's α/r needs)."""
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    L = len(model.model.layers)
+    layers = cfg.get("layers_to_transform")
+    layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+    if any(not 0 <= i < L for i in layers):
+        raise AdapterMismatch(f"{cfg_path}: layers_to_transform {reprlib.repr(layers)} names layers this model does "
+                              f"not have (it has {L}: 0..{L - 1}); the adapter was trained for another model")
+    plan = {}
+    for i in layers:
+        attn = model.model.layers[i].self_attn
+        for name in targets:
+            if not isinstance(getattr(attn, name, None), nn.Linear):
+                raise AdapterMismatch(f"{cfg_path}: target module {name!r} is not an attention projection of Qwen2")
+            full = f"model.layers.{i}.self_attn.{name}"
+            try:
+                r = _pattern_value(cfg.get("rank_pattern") or {}, full, cfg["r"])
+                alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha") or r))
+            except re.error as e:
+                raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern holds a bad regular expression "
+                                 f"({e})") from None
+            plan[full] = (r, alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha)  # rsLoRA: α/√r = (α·√r)/r
+    return plan
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
                  generator: torch.Generator | None = None) -> list[int]:
     """Apply LoRA as described by a PEFT adapter_config.json, then load its weights (strictly). Returns the layers.
 
     Honoured: r, lora_alpha, use_rslora, target_modules (names), layers_to_transform, rank_pattern, alpha_pattern.
-    Every other field that changes the computation is refused with its name (check_peft_config)."""
-    cfg_path, _ = _adapter_files(Path(adapter_dir))
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
-    check_peft_config(cfg, cfg_path)
-    targets = cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    L = len(model.model.layers)
-    layers = cfg.get("layers_to_transform")
-    layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-    if any(not isinstance(i, int) or not 0 <= i < L for i in layers):
-        raise ValueError(f"{cfg_path}: layers_to_transform {layers} names layers this model does not have (it has "
-                         f"{L}: 0..{L - 1}); the adapter was trained for another model")
+    Every other field that changes the computation is refused with its name (check_peft_config). Every file is
+    checked before the model changes: the config's fields, the tensors' names, shapes, dtypes and finite values."""
+    cfg_path, w_path = _adapter_files(Path(adapter_dir))
+    plan = _adapter_plan(model, read_adapter_config(cfg_path), cfg_path)
+    tensors = read_adapter_tensors(w_path)
+    expected = {}
+    for name, (r, _) in plan.items():
+        base = model.get_submodule(name)
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, base.in_features)
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (base.out_features, r)
+    _check_tensors(tensors, expected, w_path, f"r in {cfg_path} and the model's layer sizes")
     model.requires_grad_(False)
-    for i in layers:
-        attn = model.model.layers[i].self_attn
-        for name in targets:
-            if not isinstance(getattr(attn, name, None), nn.Linear):
-                raise ValueError(f"{cfg_path}: target module {name!r} is not an attention projection of Qwen2")
-            full = f"model.layers.{i}.self_attn.{name}"
-            try:
-                r = int(_pattern_value(cfg.get("rank_pattern") or {}, full, cfg["r"]))
-                alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha", r)))
-            except re.error as e:
-                raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern holds a bad regular expression ({e})") from None
-            if cfg.get("use_rslora"):
-                alpha = alpha * math.sqrt(r)  # rsLoRA scales by α/√r = (α·√r)/r: store α·√r for our α/r
-            setattr(attn, name, LoRALinear(getattr(attn, name), r, alpha, generator))
-    load_adapter_weights(model, adapter_dir)
-    return layers
+    for name, (r, alpha) in plan.items():
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, LoRALinear(model.get_submodule(name), r, alpha, generator))
+    _copy_adapter(model, tensors)
+    return sorted({int(name.split(".")[2]) for name in plan})
+
+
+ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the floating-point dtypes
+
+
+def read_adapter_tensors(w_path: Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors' tensors: the header first (names, dtypes and shapes, no tensor read), then the
+    tensors, which must be finite. Errors name the file and the tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for name, (dtype, _) in M.safetensors_header(w_path).items():  # the reader the model's own files go through
+        if dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"{w_path}: {name} holds {dtype} numbers; allowed: floating point "
+                             f"({', '.join(ADAPTER_DTYPES)})")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{w_path}: cannot read the tensors ({(str(e).splitlines() or [''])[0]})") from None
+    for name, t in sorted(tensors.items()):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{w_path}: {name} holds non-finite values (NaN or inf)")
+    return tensors
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], w_path: Path, source: str) -> None:
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterMismatch(f"{w_path}: adapter tensors do not match the model's adapters: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise AdapterMismatch(f"{w_path}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)} "
+                                  f"({source})")
+
+
+def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, m in lora_modules(model):
+            for ab in ("lora_A", "lora_B"):
+                getattr(m, ab).copy_(tensors[f"{PEFT_PREFIX}{n}.{ab}.weight"])
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     """Copy a PEFT adapter's A and B into the model's existing adapters; every tensor must match by name and shape."""
-    from safetensors.torch import load_file
-
     _, w_path = _adapter_files(Path(adapter_dir))
-    state = load_file(str(w_path))
-    want = {f"{PEFT_PREFIX}{n}.{ab}.weight": (m, ab) for n, m in lora_modules(model) for ab in ("lora_A", "lora_B")}
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"{w_path}: adapter tensors do not match the model's adapters: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for key, (m, ab) in want.items():
-            p = getattr(m, ab)
-            if tuple(state[key].shape) != tuple(p.shape):
-                raise ValueError(f"{w_path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
-            p.copy_(state[key])
+    tensors = read_adapter_tensors(w_path)
+    expected = {f"{PEFT_PREFIX}{n}.{ab}.weight": tuple(getattr(m, ab).shape)
+                for n, m in lora_modules(model) for ab in ("lora_A", "lora_B")}
+    _check_tensors(tensors, expected, w_path, "the model's adapters")
+    _copy_adapter(model, tensors)

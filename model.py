@@ -10,10 +10,16 @@ Sections: config · decoder · loading · model location · tokenizer · samplin
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
+import math
 import os
 import re
+import reprlib
+import sys
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +88,9 @@ class Qwen2Config:
                 raise ValueError(f"{source}: required key {key!r} is missing")
         if "eos_token_id" not in d:
             kw["eos_token_id"] = None
+        for key, value in kw.items():
+            if value is not None and (why := _config_value_problem(key, value)) is not None:
+                raise ValueError(f"{source}: {key} is {reprlib.repr(value)}; {why}")
         cfg = cls(**kw)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ValueError(f"{source}: num_attention_heads ({cfg.num_attention_heads}) is not a multiple of "
@@ -105,6 +114,26 @@ class Qwen2Config:
         d["eos_token_id"] = list(self.eos_ids) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
                 "use_sliding_window": False, **{k: v for k, v in d.items() if v is not None}}
+
+
+MAX_SIZE = 2**31  # a config's sizes and token ids are below this (PyTorch's shapes and the tokenizers' u32 ids)
+
+
+def _config_value_problem(key: str, value) -> str | None:
+    """What is wrong with one value of config.json (None: nothing): sizes are integers >= 1, token ids integers >= 0,
+    RoPE's theta and the norm's epsilon finite numbers > 0, tie_word_embeddings true or false."""
+    def integer(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and least <= v < MAX_SIZE
+
+    if key in ("rope_theta", "rms_norm_eps"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        return None if ok else "expected a finite number > 0"
+    if key == "tie_word_embeddings":
+        return None if isinstance(value, bool) else "expected true or false"
+    if key in ("bos_token_id", "eos_token_id"):
+        ids = value if isinstance(value, tuple) else (value,)
+        return None if all(integer(i, 0) for i in ids) else "expected a token id (an integer >= 0) or a list of them"
+    return None if integer(value, 1) else "expected an integer >= 1 and below 2^31"
 
 
 # Named presets so tests and benchmarks can build real shapes offline.
@@ -214,6 +243,50 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
 
 
+# The attention kernel of a fixed-shape decode step on CUDA (fp32, grouped queries, a boolean mask over the slots):
+# "efficient" (PyTorch's memory-efficient kernel, math where it refuses the inputs) or "math". Not yet measured: no
+# GPU was lent to this work. `python tests/benchmark.py --device cuda` times both and prints the faster; efficient is
+# the prior (one fused kernel, no (B, K, H/K, S) score tensor written and read back).
+DECODE_ATTENTION = "efficient"
+
+
+class StaticCache:
+    """Keys and values of one fixed shape for a whole decode, (B, K, S, D) in every layer, allocated and zeroed once.
+
+    `valid` (B, S) marks the slots that hold a real token (False for left padding and for the slots not yet
+    written); `slot` (a one-element tensor, so that a CUDA graph replays the step at each new slot) is where the
+    next token of every row goes. Rows that have finished keep decoding into their own slots, unread: on a GPU,
+    compute on a few idle rows costs less than copying the cache to drop them."""
+
+    def __init__(self, cfg: Qwen2Config, rows: int, slots: int, device, dtype):
+        shape = (rows, cfg.num_key_value_heads, slots, cfg.head_size)
+        try:
+            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+            self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=device)
+        except RuntimeError as e:  # as KVCache.allocate
+            raise CacheTooLarge(rows, slots, cache_bytes(cfg, rows, slots, dtype), device, e) from None
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.rows, self.slots, self.device = rows, slots, torch.device(device)
+
+    def load_prefix(self, prefill: KVCache) -> None:
+        """The prompt's keys and values from an eager prefill: one row (copied to every row) or one per row."""
+        P = prefill.length
+        for dst, src in zip(self.k + self.v, prefill.k + prefill.v):
+            dst[:, :, :P].copy_(src[:, :, :P])  # a one-row prefill broadcasts to every row
+        self.valid.zero_()
+        self.valid[:, :P].copy_(prefill.valid[:, :P])
+
+    def attention_kernel(self):
+        """On CUDA, the decode's attention kernel (DECODE_ATTENTION); elsewhere PyTorch's own choice."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        if DECODE_ATTENTION == "efficient":  # memory-efficient attention where it takes these inputs, else math
+            return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        return sdpa_kernel([SDPBackend.MATH])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -223,7 +296,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | StaticCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -231,13 +304,35 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training / scoring: one unpadded sequence per row, plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(cache, StaticCache):  # a fixed-shape decode step: one token per row
+            y = self.attend_static(q, k, v, cache, layer)
         else:
             start = cache.length
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, K, S, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask(cache, start, T), enable_gqa=True)
+            if T == 1:  # a decode step: its query sees every real cached key, itself included
+                y = self.grouped(q, k, v, cache.valid[:, None, None, :start + 1] if cache.padded else None)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask(cache, start, T), enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def grouped(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """One query per row, q (B, H, 1, D), against keys and values (B, K, S, D): the H/K query heads that share a
+        key/value head are passed as that head's H/K query rows, (B, K, H/K, D), so no key or value is copied
+        (enable_gqa would repeat each to H/K heads, every layer, every step). Head h reads key/value head h // (H/K),
+        as enable_gqa's repeat_interleave pairs them. mask: (B, 1, 1, S) or None."""
+        B, g = q.shape[0], self.n_head // self.n_kv
+        y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, g, self.head_dim), k, v, attn_mask=mask)
+        return y.reshape(B, self.n_head, 1, self.head_dim)
+
+    def attend_static(self, q, k, v, cache: StaticCache, layer: int) -> torch.Tensor:
+        """q (B, H, 1, D) against every slot of the fixed-shape cache, after writing k, v (B, K, 1, D) at its slot;
+        the slots not yet written, and left padding, are masked."""
+        cache.k[layer].index_copy_(2, cache.slot, k)
+        cache.v[layer].index_copy_(2, cache.slot, v)
+        with cache.attention_kernel():
+            return self.grouped(q, cache.k[layer], cache.v[layer], cache.valid[:, None, None, :])
 
 
 def cache_mask(cache: KVCache, start: int, T: int) -> torch.Tensor | None:
@@ -320,6 +415,13 @@ class Qwen2ForCausalLM(nn.Module):
         if cache is not None:
             cache.length += T
         return self.model.norm(h)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """One token per row, tokens (B,) at positions (B,), into `cache` at its slot -> logits (B, V). Every shape
+        is fixed and no value leaves the device, so a CUDA graph can capture it once and replay it every step."""
+        cache.valid.index_fill_(1, cache.slot, True)
+        h = self.run_layers(self.model.embed_tokens(tokens[:, None]), positions[:, None], cache=cache)  # (B, 1, C)
+        return self.lm_head(self.model.norm(h[:, 0]))
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full (B, T, V) logits: for tests and small inputs only."""
@@ -431,13 +533,14 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 def check_model_dir(model_dir: str | os.PathLike) -> tuple[Qwen2Config, Tokenizer]:
     """What `load_model` would refuse, found in seconds: config.json, the tokenizer against the config's vocabulary,
-    and the safetensors headers (names, shapes, and files long enough for the data they announce), no weights read."""
+    generation_config.json, and the safetensors headers (names, shapes, and files whose offsets cover them exactly),
+    no weights read."""
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read config.json ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, an integer of 5,000 digits
+        raise ValueError(f"{path}: cannot read config.json ({_first_line(e)})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: config.json holds a JSON {type(d).__name__}, expected an object of settings")
     cfg = Qwen2Config.from_dict(d, source=str(path))
@@ -446,26 +549,49 @@ def check_model_dir(model_dir: str | os.PathLike) -> tuple[Qwen2Config, Tokenize
     if n_ids > cfg.vocab_size:
         raise ValueError(f"{model_dir / 'tokenizer.json'}: the tokenizer has {n_ids} ids, more than the model's "
                          f"vocab_size {cfg.vocab_size} in config.json (tokenizer and model do not belong together)")
+    eos_ids(model_dir, cfg, tok)  # generation_config.json
     shapes = {}
     for f in weight_files(model_dir):
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            try:
-                header = json.loads(fh.read(n)) if 0 < n < 100 * 2**20 else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                header = None
-        if not isinstance(header, dict):
-            raise ValueError(f"{f}: not a safetensors file (unreadable header); it may be truncated or corrupt")
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = 8 + n + max([v["data_offsets"][1] for v in tensors.values()] + [0])
-        if f.stat().st_size < end:
-            raise ValueError(f"{f}: {f.stat().st_size} bytes, but its header announces {end}: the file is truncated "
-                             "(an interrupted download or copy)")
-        shapes.update({k: torch.empty(v["shape"], device="meta") for k, v in tensors.items()})
+        shapes.update({k: torch.empty(shape, device="meta") for k, (_, shape) in safetensors_header(f).items()})
+    layers = {m.group(1) for k in shapes if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if len(layers) != cfg.num_hidden_layers:  # before the model is built: config.json may claim a billion layers
+        raise ValueError(f"{path}: num_hidden_layers is {cfg.num_hidden_layers}, but the weights in {model_dir} hold "
+                         f"{len(layers)} layers (config and weights do not belong together)")
     with torch.device("meta"):
         check_state_dict(Qwen2ForCausalLM(cfg), shapes, model_dir)
     return cfg, tok
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
+
+
+def safetensors_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A safetensors file's tensors, name -> (dtype, shape), from its header alone (no tensor is read), checked by the
+    safetensors library itself (the header parses, its offsets cover the file exactly). Errors name the file; a file
+    shorter than its header announces is named as truncated."""
+    from safetensors import SafetensorError, safe_open
+
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(fh.read(n)) if 0 < n <= MAX_HEADER_BYTES else None
+        except (ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{f}: not a safetensors file (unreadable header); it may be truncated or corrupt")
+    try:
+        end = 8 + n + max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] + [0])
+    except (TypeError, KeyError, IndexError):
+        end = 0  # a malformed entry: the library names it below
+    if f.stat().st_size < end:
+        raise ValueError(f"{f}: {f.stat().st_size} bytes, but its header announces {end}: the file is truncated "
+                         "(an interrupted download or copy)")
+    try:
+        with safe_open(str(f), "pt") as st:
+            return {k: (st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape())) for k in st.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{f}: not a safetensors file ({_first_line(e)}); it may be truncated or corrupt") from None
 
 
 def save_model(model: Qwen2ForCausalLM, model_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -504,7 +630,7 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
     repo id: found in the Hugging Face cache (with the network off too), else downloaded into it.
     `revision`: a branch, tag or commit hash (None: the repo's main branch)."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if is_dir(name_or_path):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return path
@@ -530,6 +656,14 @@ def resolve_model_dir(name_or_path: str, *, revision: str | None = None) -> Path
         why = f"{snap} is incomplete: {'; '.join(missing)}"
     raise ModelNotFoundError(f"{name_or_path} (revision {revision or 'main'}): {why}. "
                              f"{_by_hand(name_or_path, revision, constants.ENDPOINT, constants.HF_HUB_CACHE)}")
+
+
+def is_dir(name: str) -> bool:
+    """`name` is an existing directory (False, not an OSError, for a name too long to be a path)."""
+    try:
+        return Path(name).expanduser().is_dir()
+    except OSError:
+        return False
 
 
 def is_repo_id(name: str) -> bool:
@@ -610,10 +744,14 @@ def eos_ids(model_dir: str | os.PathLike | None, cfg: Qwen2Config, tokenizer: To
     gen = Path(model_dir) / "generation_config.json" if model_dir is not None else None
     if gen is not None and gen.is_file():
         try:
-            e = json.loads(gen.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{gen}: not valid JSON ({err})") from None
-        ids.update([e] if isinstance(e, int) else e or [])
+            d = json.loads(gen.read_text())
+        except (OSError, ValueError, RecursionError) as err:
+            raise ValueError(f"{gen}: not valid JSON ({_first_line(err)})") from None
+        e = d.get("eos_token_id") if isinstance(d, dict) else None
+        e = [e] if isinstance(e, int) else e or []
+        if not isinstance(d, dict) or not isinstance(e, list) or _config_value_problem("eos_token_id", tuple(e)):
+            raise ValueError(f"{gen}: expected a JSON object whose eos_token_id is a token id or a list of them")
+        ids.update(e)
     for tok in (ENDOFTEXT, IM_END):
         if tokenizer is not None and (i := tokenizer.token_id(tok)) is not None:
             ids.add(i)
@@ -652,68 +790,242 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 12
 
 
 StopFn = Callable[[list[int]], bool]
+DECODES = ("eager", "static", "graph")  # how sample() and greedy() run their decode steps (`decode`)
+PRECISIONS = ("fp32", "tf32", "bf16")  # sample()'s matrix products (`precision`)
+SLOT_BLOCK = 16  # a fixed-shape cache's slots are rounded up to a multiple: prompts of other lengths reuse its graph
 
 
-def _decode(model: Qwen2ForCausalLM, cache: KVCache, logits: torch.Tensor, pad: torch.Tensor, max_new_tokens: int,
-            temperature: float, top_p: float, generator, eos: Sequence[int], stop: StopFn | None,
-            suppress: Sequence[int]) -> list[list[int]]:
-    """Decode rows of `cache` from their last logits (B, V) until each stops; finished rows are dropped."""
+def default_decode(device) -> str:
+    """CUDA: the fixed-shape step, replayed as a CUDA graph. The CPU: the eager step, which drops finished rows
+    from its cache (on a CPU every row costs compute, and there are no kernel launches to save)."""
+    return "graph" if torch.device(device).type == "cuda" else "eager"
+
+
+def _decode(steps, logits: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, generator,
+            eos: Sequence[int], stop: StopFn | None, suppress: Sequence[int]) -> list[list[int]]:
+    """Decode from the rows' last logits (B, V) until each row stops. `steps(tok, keep)` feeds the live rows' new
+    tokens (n,) to the model and returns the next logits of the rows it keeps (indices into the live rows)."""
     out: list[list[int]] = [[] for _ in range(logits.shape[0])]
-    rows = list(range(logits.shape[0]))  # original row of each live cache row
+    live = list(range(logits.shape[0]))  # original row of each live row
     eos = set(eos)
     for step in range(max_new_tokens):
         if suppress:
             logits[:, list(suppress)] = float("-inf")
-        tok = next_token(logits, temperature, top_p, generator)  # (B,)
+        tok = next_token(logits, temperature, top_p, generator)  # (n,): one draw per live row, from `generator`
         keep = []
-        for r, t in enumerate(tok.tolist()):
-            out[rows[r]].append(t)
-            if t not in eos and not (stop and stop(out[rows[r]])):
-                keep.append(r)
+        for i, t in enumerate(tok.tolist()):
+            out[live[i]].append(t)
+            if t not in eos and not (stop and stop(out[live[i]])):
+                keep.append(i)
         if not keep or step == max_new_tokens - 1:
             break
-        if len(keep) < len(rows):  # drop finished rows from the cache: they stop costing compute
-            idx = torch.tensor(keep, device=tok.device)
-            cache.keep_rows(idx)
-            tok, pad, rows = tok[idx], pad[idx], [rows[r] for r in keep]
-        positions = (cache.length - pad)[:, None]  # (B, 1): a left-padded row starts at position 0 after its pad
-        logits = model.lm_head(model(tok[:, None], cache, positions)[:, -1])  # (B, V)
+        logits = steps(tok, keep)
+        live = [live[i] for i in keep]
     return out
+
+
+class EagerSteps:
+    """Decode steps on a KVCache of the live rows only: finished rows are dropped from the cache (a copy of it)."""
+
+    def __init__(self, model: Qwen2ForCausalLM, cache: KVCache, pad: torch.Tensor):
+        self.model, self.cache, self.pad = model, cache, pad
+
+    def __call__(self, tok: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        if len(keep) < tok.shape[0]:  # drop finished rows from the cache: they stop costing compute
+            idx = torch.tensor(keep, device=tok.device)
+            self.cache.keep_rows(idx)
+            tok, self.pad = tok[idx], self.pad[idx]
+        positions = (self.cache.length - self.pad)[:, None]  # (B, 1): a left-padded row starts at 0 after its pad
+        return self.model.lm_head(self.model(tok[:, None], self.cache, positions)[:, -1])  # (B, V)
+
+
+class FixedSteps:
+    """Decode steps of fixed shape: every row stays in the Decoder's batch; the live rows' logits are read out."""
+
+    def __init__(self, model: Qwen2ForCausalLM, decoder: Decoder, prefill: KVCache, pad: torch.Tensor):
+        self.model, self.decoder, self.pad = model, decoder, pad
+        decoder.cache.load_prefix(prefill)
+        self.slot = prefill.length  # the slot of the next token, the same in every row
+        self.live = torch.arange(decoder.cache.rows, device=pad.device)
+
+    def __call__(self, tok: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        if len(keep) < tok.shape[0]:
+            idx = torch.tensor(keep, device=tok.device)
+            tok, self.live = tok[idx], self.live[idx]
+        d = self.decoder
+        d.tokens.index_copy_(0, self.live, tok)  # a finished row keeps feeding its last token, unread
+        d.positions.copy_(self.slot - self.pad)  # a left-padded row's positions start at 0 after its pad
+        d.cache.slot.fill_(self.slot)
+        self.slot += 1
+        logits = d.run(self.model)  # (B, V), every row
+        return logits if self.live.shape[0] == d.cache.rows else logits.index_select(0, self.live)
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool):
+    """CUDA matrix products in fp32 (the paper's, and the default whatever the process set) or TF32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+class Decoder:
+    """A model's decode step over one StaticCache of rows × slots, with fixed input buffers (tokens, positions, the
+    cache's slot). graph=False runs the step as it is; graph=True captures it once as a CUDA graph and replays it:
+    one launch for the ~1,300 small kernels of a Qwen2-1.5B step, which launched one by one cost more than the
+    GPU's work at 8 to 50 rows. The graph reads the model's weights where they lie, so an adapter trained in place
+    (the optimizer's step) is seen at the next replay."""
+
+    captures = 0  # CUDA graphs captured in this process (a test counts them)
+    refused = 0  # captures that failed (each decodes without a graph)
+
+    def __init__(self, model: Qwen2ForCausalLM, rows: int, slots: int, graph: bool, tf32: bool):
+        p = next(model.parameters())
+        self.cache = StaticCache(model.config, rows, slots, p.device, p.dtype)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=p.device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=p.device)
+        self.tf32, self.graph, self.logits = tf32, None, None
+        if graph:
+            try:
+                self.capture(model)
+            except RuntimeError as e:  # a driver or build that refuses the capture: decode without the graph, slower
+                self.graph = None
+                if not Decoder.refused:
+                    print(f"warning: the decode step could not be captured as a CUDA graph ({_first_line(e)[:200]}); "
+                          "decoding without it, slower", file=sys.stderr)
+                Decoder.refused += 1
+
+    def capture(self, model: Qwen2ForCausalLM) -> None:
+        """Two warm-up steps, then the capture, on one side stream: cuBLAS's handle and workspace, kept per stream,
+        exist before the capture starts (made during it, they would be an illegal allocation)."""
+        with torch.cuda.device(self.cache.device), matmul_precision(self.tf32):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model.decode_step(self.tokens, self.positions, self.cache)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side):
+                self.logits = model.decode_step(self.tokens, self.positions, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+        self.cache.valid.zero_()  # the warm-up steps wrote slot 0; load_prefix overwrites it
+        Decoder.captures += 1
+
+    def run(self, model: Qwen2ForCausalLM) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        with matmul_precision(self.tf32):
+            return model.decode_step(self.tokens, self.positions, self.cache)
+
+
+def structure(model: nn.Module) -> tuple:
+    """Where every parameter lies, and every module's switches (LoRA's enabled, merged): what a captured graph and a
+    bf16 copy depend on. Parameters updated in place keep it; replaced or re-wrapped ones change it."""
+    params = tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in model.parameters())
+    return params + tuple((getattr(m, "enabled", None), getattr(m, "merged", None)) for m in model.modules())
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure, {shape: Decoder})
+_BF16: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure, its bf16 copy)
+
+
+def decoder(model: Qwen2ForCausalLM, rows: int, length: int, graph: bool, tf32: bool = False) -> Decoder:
+    """The model's Decoder for rows × length (slots rounded up to SLOT_BLOCK), made on first use and kept with the
+    model, so that a shape is captured once per run, not once per call; made again after the model changes."""
+    sig = structure(model)
+    kept = _DECODERS.get(model)
+    if kept is None or kept[0] != sig:
+        kept = _DECODERS[model] = (sig, {})
+    key = (rows, -(-length // SLOT_BLOCK) * SLOT_BLOCK, graph, tf32)
+    if key not in kept[1]:
+        kept[1][key] = Decoder(model, *key)
+    return kept[1][key]
+
+
+def release_decoders(model: Qwen2ForCausalLM) -> None:
+    """Free the model's fixed-shape caches and graphs (the evaluation's large batch holds gigabytes)."""
+    _DECODERS.pop(model, None)
+    if model in _BF16:
+        _DECODERS.pop(_BF16[model][1], None)
+
+
+def bf16_copy(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
+    """The model for sampling in bf16: a bf16 copy of every frozen weight, and the very tensors of the trained ones
+    (the LoRA adapter, fp32, applied as in training), so each update is sampled from at once. Made once per model."""
+    sig = structure(model)
+    kept = _BF16.get(model)
+    if kept is None or kept[0] != sig:
+        memo = {id(p): p if p.requires_grad else nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                for p in model.parameters()}
+        kept = _BF16[model] = (sig, copy.deepcopy(model, memo))
+    return kept[1]
+
+
+def _prepare(model: Qwen2ForCausalLM, decode: str | None, precision: str = "fp32"):
+    """The network that samples (the model, or its bf16 copy) and the decode to use."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+    decode = decode or default_decode(next(model.parameters()).device)
+    if decode not in DECODES:
+        raise ValueError(f"decode {decode!r}: allowed {', '.join(DECODES)}")
+    return (bf16_copy(model) if precision == "bf16" else model), decode
 
 
 @torch.no_grad()
 def sample(model: Qwen2ForCausalLM, prompt: Sequence[int], num_samples: int, max_new_tokens: int, *,
            temperature: float, generator: torch.Generator | None, top_p: float = 1.0, eos: Sequence[int] = (),
-           stop: StopFn | None = None, suppress: Sequence[int] = ()) -> list[list[int]]:
+           stop: StopFn | None = None, suppress: Sequence[int] = (), decode: str | None = None,
+           precision: str = "fp32") -> list[list[int]]:
     """G = num_samples completions of one prompt: the prompt is prefilled once and its cache copied to G rows.
 
     Each row stops at an EOS token (kept in its completion), when `stop(tokens)` is true, or at max_new_tokens.
-    Returns the G completions as token lists (generated tokens only)."""
+    Returns the G completions as token lists (generated tokens only). `decode`: eager, static (fixed shape) or
+    graph (fixed shape, a CUDA graph); None: default_decode. The draws come from `generator` in the same order
+    whatever the decode. `precision`: fp32 (the paper's), tf32 (CUDA matrix products in TF32) or bf16 (a bf16 copy
+    of the frozen weights): the samples are then slightly off the fp32 policy (docs/performance.md measures it)."""
     if not prompt:
         raise ValueError("sample: the prompt is empty")
-    p = next(model.parameters())
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, p.device, p.dtype)
-    h = model(torch.tensor([list(prompt)], device=p.device), cache)[:, -1]  # (1, C)
-    logits = model.lm_head(h).expand(num_samples, -1).clone()  # (G, V): G independent draws from one distribution
-    cache.expand_rows(num_samples)
-    pad = torch.zeros(num_samples, dtype=torch.long, device=p.device)
-    return _decode(model, cache, logits, pad, max_new_tokens, temperature, top_p, generator, eos, stop, suppress)
+    net, decode = _prepare(model, decode, precision)
+    p = next(net.parameters())
+    length = len(prompt) + max_new_tokens
+    with matmul_precision(precision == "tf32"):
+        cache = KVCache(net.config, 1, length if decode == "eager" else len(prompt), p.device, p.dtype)
+        h = net(torch.tensor([list(prompt)], device=p.device), cache)[:, -1]  # (1, C)
+        logits = net.lm_head(h).expand(num_samples, -1).clone()  # (G, V): G independent draws from one distribution
+        pad = torch.zeros(num_samples, dtype=torch.long, device=p.device)
+        if decode == "eager":
+            cache.expand_rows(num_samples)
+            steps = EagerSteps(net, cache, pad)
+        else:
+            fixed = decoder(net, num_samples, length, decode == "graph", precision == "tf32")
+            steps = FixedSteps(net, fixed, cache, pad)
+        return _decode(steps, logits, max_new_tokens, temperature, top_p, generator, eos, stop, suppress)
 
 
 @torch.no_grad()
 def greedy(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-           eos: Sequence[int] = (), stop: StopFn | None = None) -> list[list[int]]:
-    """Greedy completions of B different prompts in one batch (left-padded; padding is masked out)."""
-    p = next(model.parameters())
+           eos: Sequence[int] = (), stop: StopFn | None = None, decode: str | None = None) -> list[list[int]]:
+    """Greedy completions of B different prompts in one batch (left-padded; padding is masked out), in fp32."""
+    net, decode = _prepare(model, decode)
+    p = next(net.parameters())
     B, T = len(prompts), max(len(x) for x in prompts)
     pad = torch.tensor([T - len(x) for x in prompts], device=p.device)  # (B,)
     ids = torch.tensor([[0] * (T - len(x)) + list(x) for x in prompts], device=p.device)  # (B, T)
-    cache = KVCache(model.config, B, T + max_new_tokens, p.device, p.dtype)
-    cache.valid[:, :T] = torch.arange(T, device=p.device)[None] >= pad[:, None]
-    cache.padded = bool(pad.any())
-    positions = (torch.arange(T, device=p.device)[None] - pad[:, None]).clamp(min=0)  # (B, T)
-    logits = model.lm_head(model(ids, cache, positions)[:, -1])  # (B, V)
-    return _decode(model, cache, logits, pad, max_new_tokens, 0.0, 1.0, None, eos, stop, ())
+    with matmul_precision(False):
+        cache = KVCache(net.config, B, T + max_new_tokens if decode == "eager" else T, p.device, p.dtype)
+        cache.valid[:, :T] = torch.arange(T, device=p.device)[None] >= pad[:, None]
+        cache.padded = bool(pad.any())
+        positions = (torch.arange(T, device=p.device)[None] - pad[:, None]).clamp(min=0)  # (B, T)
+        logits = net.lm_head(net(ids, cache, positions)[:, -1])  # (B, V)
+        if decode == "eager":
+            steps = EagerSteps(net, cache, pad)
+        else:
+            steps = FixedSteps(net, decoder(net, B, T + max_new_tokens, decode == "graph"), cache, pad)
+        return _decode(steps, logits, max_new_tokens, 0.0, 1.0, None, eos, stop, ())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import torch
@@ -44,6 +46,7 @@ class Settings:
     temperature: float = 0.3
     top_p: float = 1.0  # the paper names no top-p: plain temperature sampling
     max_new_tokens: int = 300
+    sample_precision: str = "fp32"  # sampling's matrix products: fp32 (the paper's) | tf32 | bf16 (a bf16 copy of the base)
     eval_max_new_tokens: int | None = None  # greedy evaluation's limit (None: max_new_tokens)
     beta: float = 0.01  # KL weight of GRPO / S-GRPO (E3, E5)
     # [decided] (SPEC.md, E10) λ read as AdamW's weight decay (reading (b)): no λ term in the loss by default, the
@@ -67,9 +70,10 @@ class Settings:
     # evaluation and bookkeeping (ours)
     eval_every: int = 50
     eval_limit: int | None = None  # evaluate on the first N test examples (None: all)
-    eval_batch: int = 32
+    eval_batch: int | None = None  # prompts per greedy batch (None: CUDA what the device's memory holds; CPU 32)
     save_every: int = 10
     threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
+    backward_batch: int = 1  # completions per forward/backward (1: the paper's per-completion backward, Alg2)
     # PPO with a critic (K1–K4) and DPO (D1), SPEC-baselines.md; PPO's KL weight w2 is `beta`
     critic: str = "shared"  # [decided] (SPEC-baselines.md) the value head shares the policy's base and LoRA
     gamma: float = baselines.GAMMA
@@ -141,7 +145,16 @@ RULES: list[tuple[str, Callable[[Any, Settings], bool], str]] = [
                                                             "the paper's) or group (this prompt's G only)"),
     ("eval_every", lambda v, s: v >= 0, "allowed: an integer >= 0 (0: at the start and the end only)"),
     ("eval_limit", lambda v, s: v is None or v >= 0, "allowed: an integer >= 0 (default: the whole test set)"),
-    ("eval_batch", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 32)"),
+    ("eval_batch", lambda v, s: v is None or v >= 1, "allowed: an integer >= 1 (default: on CUDA what the device's "
+                                                    "memory holds, on the CPU 32)"),
+    ("backward_batch", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 1: one completion per backward)"),
+    ("backward_batch", lambda v, s: v == 1 or s.algo != "tspmo", "T-SPMO runs one forward per trie prefix; allowed: "
+                                                                 "--backward-batch 1 with --algo tspmo"),
+    ("sample_precision", lambda v, s: v in ("fp32", "tf32", "bf16"), "allowed: fp32 (the paper's), tf32 (CUDA matrix "
+                                                                    "products in TF32) or bf16 (a bf16 copy of the "
+                                                                    "frozen weights for sampling)"),
+    ("sample_precision", lambda v, s: v != "tf32" or torch.device(s.device).type == "cuda",
+     "TF32 is a CUDA matrix-product mode; allowed on the CPU: fp32 or bf16"),
     ("save_every", lambda v, s: v >= 1, "allowed: an integer >= 1 (default 10)"),
     ("seed", lambda v, s: 0 <= v < 2**62, "allowed: an integer in [0, 2^62)"),
     ("data", lambda v, s: v is None or s.task != "mult", "the mult task generates its problems and reads no data; "
@@ -196,12 +209,41 @@ def flag(name: str) -> str:
 
 
 def usage_error(message: str) -> NoReturn:
+    """A bad flag or a bad file handed in: one line, exit status 2 (argparse's convention)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def validate(cfg: Settings, training: bool = True) -> None:
-    """Every rule of RULES, before anything is loaded or written; then the warnings (training only)."""
+def refuse_setting(name: str, value, why: str, source: Path | None = None) -> NoReturn:
+    usage_error(f"{source}: {name} is {reprlib.repr(value)}; {why}" if source else f"{flag(name)} {value}: {why}")
+
+
+def type_problem(name: str, value) -> str | None:
+    """A setting's value against its field's type (None: it fits). The command line always gives the type; a
+    resumed run's config.json may hold anything: integers must be below 2^62, strings at most MAX_STR characters."""
+    base, _, optional = Settings.__dataclass_fields__[name].type.partition(" | ")
+    if value is None and optional:
+        return None
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**62:
+        return None
+    if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    if base == "str" and isinstance(value, str) and len(value) <= MAX_STR:
+        return None
+    return "allowed: " + {"int": "an integer below 2^62", "float": "a number",
+                          "str": f"a string of at most {MAX_STR:,} characters"}[base] + (" or null" if optional else "")
+
+
+MAX_STR = 4096  # the longest path Linux opens (PATH_MAX), and so the longest string setting
+
+
+def validate(cfg: Settings, training: bool = True, source: Path | None = None) -> None:
+    """Every setting's type and every rule of RULES, before anything is loaded or written; then the warnings
+    (training only). `source`: the file the settings come from (a resumed run's config.json), which a refusal
+    names instead of the flag."""
+    for name in Settings.__dataclass_fields__:
+        if (why := type_problem(name, getattr(cfg, name))) is not None:
+            refuse_setting(name, getattr(cfg, name), why, source)
     for name, ok, why in RULES:
         value = getattr(cfg, name)
         try:
@@ -209,7 +251,7 @@ def validate(cfg: Settings, training: bool = True) -> None:
         except TypeError:  # e.g. a string where a number belongs (a hand-edited config.json)
             good = False
         if not good:
-            usage_error(f"{flag(name)} {value}: {why or device_problem(value)}")
+            refuse_setting(name, value, why or device_problem(value), source)
     for name, bad, why in WARNINGS:
         if training and bad(getattr(cfg, name), cfg):
             print(f"warning: {flag(name)} {getattr(cfg, name)}: {why}", file=sys.stderr)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import re
+import reprlib
 from pathlib import Path
 
 import model as M
@@ -122,6 +124,22 @@ def _line_stop(tok: M.Tokenizer, begun: re.Pattern, prefix=()):
 
 
 DATA_DIR = Path(__file__).resolve().parent / "data"  # data shipped with the project
+MAX_TEXT_CHARS = 100_000  # the most text one record may hold (GSM8K's longest question and answer: 1,689)
+
+
+def read_text(file: Path) -> str:
+    """A data file's text, which must be UTF-8 (a byte-order mark is allowed); the first byte that is not is named
+    with its line and column."""
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise DataError(f"{file}: cannot read it ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"{file}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); save "
+                        "the file as UTF-8") from None
 
 
 class Svamp(Task):
@@ -155,18 +173,30 @@ class Svamp(Task):
 
     @staticmethod
     def read(file: Path) -> list[dict]:
+        text = read_text(file)
         try:
-            records = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            records = json.loads(text)
+        except (ValueError, RecursionError) as e:  # bad JSON, or an integer of 5,000 digits
             raise DataError(f"{file}: cannot read SVAMP JSON ({e})") from None
         if not isinstance(records, list) or not records:
             raise DataError(f"{file}: expected a non-empty JSON list of SVAMP records")
         for i, r in enumerate(records):
-            ok = isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("Body", "Question"))
-            if not ok or not isinstance(r.get("Answer"), (int, float)) or isinstance(r.get("Answer"), bool):
-                rid = r.get("ID", "no ID") if isinstance(r, dict) else type(r).__name__
-                raise DataError(f"{file}: record {i} ({rid}) needs string Body and Question and a numeric Answer")
+            if (problem := Svamp.record_problem(r)) is not None:
+                rid = str(r.get("ID", "no ID"))[:40] if isinstance(r, dict) else type(r).__name__
+                raise DataError(f"{file}: record {i} ({rid}): {problem}")
         return records
+
+    @staticmethod
+    def record_problem(r) -> str | None:
+        """What is wrong with one SVAMP record (None: nothing), down to an Answer the reward can read."""
+        if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("Body", "Question")) and
+                isinstance(r.get("Answer"), (int, float)) and not isinstance(r.get("Answer"), bool)):
+            return "needs string Body and Question and a numeric Answer"
+        if not math.isfinite(r["Answer"]):
+            return f"Answer {r['Answer']} is not a finite number"
+        if (n := len(r["Body"]) + len(r["Question"])) > MAX_TEXT_CHARS:
+            return f"Body and Question hold {n:,} characters; allowed: at most {MAX_TEXT_CHARS:,}"
+        return None
 
     def train_set(self):
         return self.train
@@ -209,20 +239,34 @@ class Gsm8k(Task):
         if not file.is_file():
             raise DataError(f"{file}: GSM8K file not found (a directory with train.jsonl and test.jsonl)")
         out = []
-        for i, line in enumerate(file.read_text().splitlines()):
+        for i, line in enumerate(read_text(file).splitlines()):
             if not line.strip():
                 continue
             try:
                 r = json.loads(line)
-                answer = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
-                out.append({"question": r["question"], "answer": answer})
-                assert "####" in r["answer"] and answer and isinstance(r["question"], str)
-            except (json.JSONDecodeError, KeyError, IndexError, AttributeError, TypeError, AssertionError):
-                raise DataError(f"{file}: line {i + 1} is not a GSM8K record "
-                                '({"question": ..., "answer": "... #### N"})') from None
+            except (ValueError, RecursionError):  # bad JSON, or an integer of 5,000 digits
+                r = None
+            if (problem := Gsm8k.record_problem(r)) is not None:
+                raise DataError(f"{file}: line {i + 1} {problem}")
+            out.append({"question": r["question"], "answer": r["answer"].rsplit("####", 1)[1].strip().replace(",", "")})
         if not out:
             raise DataError(f"{file}: no records")
         return out
+
+    @staticmethod
+    def record_problem(r) -> str | None:
+        """What is wrong with one GSM8K line, parsed (None: nothing), down to an answer the SymPy reward can read."""
+        if not (isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str) and
+                r["answer"].rsplit("####", 1)[-1].strip() and "####" in r["answer"]):
+            return 'is not a GSM8K record ({"question": ..., "answer": "... #### N"})'
+        if (n := len(r["question"]) + len(r["answer"])) > MAX_TEXT_CHARS:
+            return f"holds {n:,} characters of question and answer; allowed: at most {MAX_TEXT_CHARS:,}"
+        answer = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        try:
+            sympy_reward("", answer)  # [S1] reads the ground truth first
+        except ValueError:
+            return f"has the answer {reprlib.repr(answer)} after '####', which the SymPy reward cannot read as a number"
+        return None
 
     train_set, train_stream = Svamp.train_set, Svamp.train_stream
 

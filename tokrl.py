@@ -96,20 +96,23 @@ def loss_mask(prompt_len: int, lengths: Sequence[int], total_len: int) -> torch.
 # Forward passes for the loss: frozen bottom without autograd, adapted top with it
 
 
-def _bottom(model: Qwen2ForCausalLM, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embedding and the layers below the first LoRA layer, without autograd: (1, T, C) hidden and (1, T) positions."""
-    dev = model.lm_head.weight.device
-    x = torch.tensor([ids], device=dev)  # (1, T)
-    pos = torch.arange(len(ids), device=dev)[None]  # (1, T)
+def _bottom(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedding and the layers below the first LoRA layer, without autograd, for sequences right-padded to the
+    longest: (B, T, C) hidden and (B, T) positions. Right padding needs no mask: attention is causal, so no real
+    token sees the padding after it."""
+    dev, T = model.lm_head.weight.device, max(map(len, seqs))
+    x = torch.tensor([list(s) + [0] * (T - len(s)) for s in seqs], device=dev)  # (B, T)
+    pos = torch.arange(T, device=dev).expand(len(seqs), T)  # (B, T)
     with torch.no_grad():
         h = model.run_layers(model.model.embed_tokens(x), pos, 0, lora.first_lora_layer(model))
     return h, pos
 
 
 def _top(model: Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The layers from the first LoRA layer up and the final norm; hidden states (N, C) at `rows` only."""
+    """The layers from the first LoRA layer up and the final norm; hidden states (N, C) at `rows` only: flat
+    indices b·T + t into the (B, T) batch (for one sequence, its positions)."""
     h = model.run_layers(h, pos, lora.first_lora_layer(model))
-    return model.model.norm(h[0, rows])  # RMSNorm is per position: normalise only the rows we read
+    return model.model.norm(h.flatten(0, 1)[rows])  # RMSNorm is per position: normalise only the rows we read
 
 
 def policy_and_ref_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: torch.Tensor, with_ref: bool):
@@ -121,15 +124,32 @@ def policy_and_ref_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: 
 def policy_states_and_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: torch.Tensor, with_ref: bool):
     """As `policy_and_ref_logprobs`, also returning the final-normed hidden states (N, C) that predict ids[p]:
     the states s_t a value head reads (baselines.py, K1), from the same forward."""
-    h, pos = _bottom(model, ids)
-    targets = torch.tensor(ids, device=h.device)[positions]
-    states = _top(model, h, pos, positions - 1)  # (N, C): the state at p−1 predicts token p
+    states, logp, ref = batch_states_and_logprobs(model, [ids], [positions], with_ref)
+    return states[0], logp[0], ref[0]
+
+
+def batch_states_and_logprobs(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[int]],
+                              positions: Sequence[torch.Tensor], with_ref: bool):
+    """`policy_states_and_logprobs` for several sequences in one forward of their right-padded batch: per sequence
+    its states (N_i, C), log π_θ (N_i,) and log π_ref (N_i,) or None, at its own positions."""
+    h, pos = _bottom(model, seqs)
+    T = h.shape[1]
+    rows = torch.cat([b * T + p for b, p in enumerate(positions)])  # flat (b, p) of every scored token
+    targets = torch.cat([torch.tensor(list(s), device=h.device)[p] for s, p in zip(seqs, positions)])
+    states = _top(model, h, pos, rows - 1)  # (N, C): the state at p−1 predicts token p
     logp = logprobs_at(model, states, targets)
     ref = None
     if with_ref:
         with torch.no_grad(), lora.adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
-            ref = logprobs_at(model, _top(model, h, pos, positions - 1), targets)
-    return states, logp, ref
+            ref = logprobs_at(model, _top(model, h, pos, rows - 1), targets)
+    sizes = [len(p) for p in positions]
+    split = lambda t: list(t.split(sizes)) if t is not None else [None] * len(sizes)  # noqa: E731
+    return split(states), split(logp), split(ref)
+
+
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    """`items` in consecutive runs of `size` (the last shorter): the completions of one batched forward/backward."""
+    return [list(items[k: k + size]) for k in range(0, len(items), size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,12 +193,15 @@ def grpo_token_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, adv:
 
 def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
                   rewards: Sequence[float], *, beta: float, selection: Sequence[Sequence[int]] | None = None,
-                  scale: float = 1.0, share: Callable[[list[int]], list[int]] | None = None) -> StepStats:
+                  scale: float = 1.0, share: Callable[[list[int]], list[int]] | None = None,
+                  backward_batch: int = 1) -> StepStats:
     """Alg2: per-completion forward (policy and reference) and backward of −J/G; gradients accumulate in .grad.
 
     selection=None is GRPO (E3: every token of y_i). With S-GRPO's T_i from `select_tokens`, it is E5: the mean runs
     over T_i only, and only those positions reach the LM head. `scale` divides the loss further (accumulating over
-    several prompts for the effective-batch ablation). `share`: this process's completions (module docstring)."""
+    several prompts for the effective-batch ablation). `share`: this process's completions (module docstring).
+    `backward_batch` > 1 (ours): that many completions in one forward and backward, the same gradient (up to float
+    rounding) for that many sequences' activations at once."""
     G, P = len(completions), len(prompt)
     adv = group_advantages(rewards)  # over the whole group, also when this process backpropagates a share
     st = StepStats(tokens_generated=sum(map(len, completions)), zero_variance=bool((adv == 0).all()))
@@ -186,21 +209,22 @@ def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: S
     chosen = [list(range(len(y))) if selection is None else list(selection[i])  # GRPO: all t; S-GRPO: T_i
               for i, y in enumerate(completions)]
     mine = range(G) if share is None else share([max(T_i, default=-1) + 1 for T_i in chosen])
-    for i in mine:
-        y, T_i = completions[i], chosen[i]
-        if not T_i:
-            continue  # an empty completion (or selection) has no token to score
-        ids = list(prompt) + list(y[: max(T_i) + 1])  # causal: tokens after the last scored one change nothing
-        positions = torch.tensor([P + t for t in T_i], device=model.lm_head.weight.device)
-        logp, ref = policy_and_ref_logprobs(model, ids, positions, with_ref=beta != 0)
-        J_i = grpo_token_objective(logp, ref, float(adv[i]), beta).mean()  # [E3] (1/|y_i|)·Σ_t, [E5] (1/|T_i|)·Σ_{t∈T_i}
-        loss = -J_i / G * scale  # [Alg2] loss divided by G, then backward per completion
+    dev = model.lm_head.weight.device
+    for part in chunks([i for i in mine if chosen[i]], backward_batch):  # an empty T_i has no token to score
+        # causal: the tokens after the last scored one change nothing, so each sequence ends there
+        seqs = [list(prompt) + list(completions[i][: max(chosen[i]) + 1]) for i in part]
+        positions = [torch.tensor([P + t for t in chosen[i]], device=dev) for i in part]
+        _, logps, refs = batch_states_and_logprobs(model, seqs, positions, with_ref=beta != 0)
+        loss = 0.0
+        for i, logp, ref in zip(part, logps, refs):
+            J_i = grpo_token_objective(logp, ref, float(adv[i]), beta).mean()  # [E3] (1/|y_i|)·Σ_t, [E5] (1/|T_i|)·Σ_{t∈T_i}
+            loss = loss - J_i / G * scale  # [Alg2] loss divided by G, then backward per completion
+            st.tokens_in_loss += len(chosen[i])
+            if ref is not None:
+                kl_sum += float(kl_estimator(logp.detach(), ref).sum())
         loss.backward()
         st.loss += float(loss.detach())
-        st.tokens_in_loss += len(T_i)
         st.forwards += 1
-        if ref is not None:
-            kl_sum += float(kl_estimator(logp.detach(), ref).sum())
     st.kl = kl_sum / max(st.tokens_in_loss, 1)
     return st
 
@@ -260,7 +284,7 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
         width = max(map(len, tg.tokens))
         tokens = torch.tensor([t + [0] * (width - len(t)) for t in tg.tokens], device=dev)  # (N, M), padded
         adv = torch.tensor([a + [0.0] * (width - len(a)) for a in tg.advantages], device=dev)  # padding has A = 0
-        h, pos = _bottom(model, ids)
+        h, pos = _bottom(model, [ids])
         logp = logprobs_at(model, _top(model, h, pos, rows), tokens)  # (N, M) log π_θ(v|p)
         pi = logp.exp() if objective == "pi" else logp  # (N, M) π_θ(v|p), the paper's; "logpi": our ablation
         J_part = (pi * adv).sum() / U  # [E10] π_θ(v|p)·A(v|p) — π, not log π, as the paper writes it

@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -51,7 +52,7 @@ from replay import ReplayPool
 from distributed import World, combine_stats, own_rng, rng_for_checkpoint
 from checkpoints import (WriteError, append_jsonl, find_checkpoint, read_jsonl, save_checkpoint, write_atomic,
                          write_jsonl)
-from checks import check_against_model
+from checks import check_inputs, check_resume, eval_batch, read_run_settings
 from plot import svg_plot
 from settings import GROUP, LORA_TARGETS, TASK_DEFAULTS, Settings, flag, paper_defaults, usage_error, validate
 from tasks import DataError, Task, TrainStream, make_task
@@ -71,19 +72,21 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
     mine = [data[i] for i in world.share(len(data))]
     new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     t0, correct, examples, details = time.time(), 0.0, [], {}
+    encoded = [tok.encode(task.prompt(ex)) for ex in mine]
+    rows = eval_batch(cfg, net.config, max(map(len, encoded), default=1), len(mine))
     # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
     # logs and CI output stay one line per event
     with tqdm(total=len(mine), desc=f"eval {task.name}", unit="problem", disable=None if world.main else True,
               leave=False) as bar:
-        for i in range(0, len(mine), cfg.eval_batch):
+        for i in range(0, len(mine), rows):
             if stop is not None and stop.requested and world.size == 1:  # N processes: between steps only
                 raise EvalStopped
-            batch = mine[i: i + cfg.eval_batch]
-            prompts = [tok.encode(task.prompt(ex)) for ex in batch]
+            batch, prompts = mine[i: i + rows], encoded[i: i + rows]
             try:
                 outs = M.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
             except M.CacheTooLarge as e:
-                e.flags = f"--eval-batch {cfg.eval_batch}, --eval-max-new-tokens {new_tokens}"
+                e.flags = f"--eval-batch {cfg.eval_batch or f'{rows} (its default here)'}, " \
+                          f"--eval-max-new-tokens {new_tokens}"
                 raise
             for ex, out in zip(batch, outs):
                 text = tok.decode(out)
@@ -96,6 +99,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                                      "reward": r})
             bar.update(len(batch))
             bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
+    M.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
     correct, examples = world.sum([correct])[0], world.gather(examples)[:3]  # one process: unchanged
     totals: dict[str, float] = {}
     for part in world.gather([details]):  # N processes: a rank with no problem has no keys
@@ -151,7 +155,7 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
         return combine_stats(world, st, algo)
     if algo == "dpo":
         st = baselines.dpo_backward(net, prompt, completions, rewards, beta=cfg.dpo_beta, scale=scale,  # [D1]
-                                    share=share)
+                                    share=share, backward_batch=cfg.backward_batch)
         return combine_stats(world, st, algo)
     if algo == "tspmo":
         st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam if world.main else 0.0,  # [E10]
@@ -163,7 +167,7 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
         selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"])  # [Alg1]
                      for y in completions]
     st = tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale,
-                             share=share)
+                             share=share, backward_batch=cfg.backward_batch)
     return combine_stats(world, st, algo)
 
 
@@ -183,7 +187,8 @@ def ppo_update(net, critic: baselines.Critic, opt, prompt, completions, rewards,
             opt.step()
             opt.zero_grad(set_to_none=True)
         passes.append(baselines.ppo_backward(net, critic, batch, clip_eps=cfg.clip_eps, w1=cfg.w1, w2=cfg.beta,
-                                             w3=cfg.w3, share=world.assign if world.size > 1 else None))  # [K3] [K4]
+                                             w3=cfg.w3, share=world.assign if world.size > 1 else None,
+                                             backward_batch=cfg.backward_batch))  # [K3] [K4]
         check_finite(net, passes[-1], critic.parameters(), world)
     st, n = passes[-1], len(passes)
     st.loss, st.kl = sum(p.loss for p in passes) / n, sum(p.kl for p in passes) / n
@@ -248,7 +253,7 @@ class Trainer:
         try:
             outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
                             temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
-                            stop=self.task.stop(prefix)) if n else []
+                            stop=self.task.stop(prefix), precision=cfg.sample_precision) if n else []
         except M.CacheTooLarge as e:
             e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
             raise
@@ -540,20 +545,6 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The inputs, checked before any weight is loaded (the settings alone: settings.py; against the model: checks.py)
-
-
-def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = None) -> Task:
-    """The model directory (config, tokenizer, weight headers), the data, an --adapter, and the settings against the
-    model and this machine, all read before any weight is loaded. Returns the task, its data read."""
-    model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
-    model_cfg, tok = M.check_model_dir(model_dir)
-    task = make_task(cfg.task, tok, cfg.data, cfg.reward)
-    check_against_model(cfg, model_cfg, tok, task, model_dir, training, adapter)
-    return task
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -611,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="sampling temperature, >= 0 (0.3)")
     g.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1.0: off; the paper names none)")
     g.add_argument("--max-new-tokens", type=int, help="completion length limit, >= 1 (300)")
+    g.add_argument("--sample-precision", choices=["fp32", "tf32", "bf16"],
+                   help="sampling's matrix products: fp32 (default, the paper's), tf32 (CUDA's TF32 products) or bf16 "
+                        "(a bf16 copy of the frozen base weights, the fp32 adapter applied as in training): faster "
+                        "on a GPU, the samples slightly off the fp32 policy (docs/performance.md measures how far)")
+    g.add_argument("--backward-batch", type=int,
+                   help="completions per forward/backward, >= 1 (1: the paper's per-completion backward and its "
+                        "memory); GRPO, S-GRPO, PPO, DPO")
     g.add_argument("--eval-max-new-tokens", type=int,
                    help="greedy evaluation's length limit, >= 1 (default: --max-new-tokens)")
     g.add_argument("--beta", type=float, help="KL weight, GRPO/S-GRPO, >= 0 (0.01)")
@@ -641,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=int, help="steps between test evaluations, >= 0 (50; 0: start and end only)")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples, >= 0 (default all)")
-    g.add_argument("--eval-batch", type=int, help="prompts per greedy batch, >= 1 (32)")
+    g.add_argument("--eval-batch", type=int, help="prompts per greedy batch, >= 1 (default: on CUDA as many as "
+                                                  "half the device's free memory holds; on the CPU 32)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints, >= 1 (10)")
     g.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's, one per core)")
     g = p.add_argument_group("PPO with a critic (K1-K4) and DPO (D1); PPO's KL weight w2 is --beta")
@@ -673,30 +672,11 @@ def resolve(args: argparse.Namespace, base: Settings | None = None) -> Settings:
     return Settings(**{**paper_defaults(algo, task), "algo": algo, "task": task, **given})
 
 
-def recorded_settings(run: Path) -> Settings:
-    """A run's settings: its config.json, with the --steps of its latest resume (resumes.jsonl)."""
-    path = run / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {run} is not a tokrl run directory (no config.json)")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path}: cannot read the run's settings ({e})") from None
-    unknown = set(saved) - set(Settings.__dataclass_fields__) if isinstance(saved, dict) else None
-    if unknown is None or unknown:
-        raise SystemExit(f"error: {path}: not the settings of a run of this tokrl "
-                         f"({'unknown settings ' + str(sorted(unknown)) if unknown else 'not a JSON object'})")
-    resumes = read_jsonl(run / "resumes.jsonl")
-    # a run recorded before --replay-pool existed replayed from its current group: it continues as it started
-    saved = {"replay_pool": "group", **saved}
-    return Settings(**{**saved, **({"steps": resumes[-1]["steps"]} if resumes else {})})
-
-
 def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
     """A resume's settings, checked before anything is loaded: the recorded ones (a typed flag that differs from
     them is refused, except --steps)."""
     run = Path(args.resume)
-    recorded = recorded_settings(run)
+    recorded = read_run_settings(run)
     if args.eval_only or args.adapter:
         usage_error(f"{'--eval-only' if args.eval_only else '--adapter'}: not with --resume; evaluate a run's "
                     f"adapter with --eval-only --adapter {run / 'adapter'}")
@@ -706,23 +686,11 @@ def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
                         f"({run / 'config.json'}); a resumed run keeps its settings, only --steps may change")
     cfg = dataclasses.replace(recorded, steps=args.steps or recorded.steps)
     validate(cfg, training=False)
-    if not Path(cfg.model).expanduser().is_dir() and not M.is_repo_id(cfg.model):
-        raise SystemExit(f"error: {run} was recorded with --model {cfg.model} ({run / 'config.json'}), which is not a "
-                         "directory here (a run from another machine, or started from another directory?); a resumed "
-                         f"run keeps its settings: put the same model at {cfg.model}, or a symbolic link to it")
+    if not M.is_dir(cfg.model) and not M.is_repo_id(cfg.model):
+        usage_error(f"{run} was recorded with --model {cfg.model} ({run / 'config.json'}), which is not a directory "
+                    "here (a run from another machine, or started from another directory?); a resumed run keeps its "
+                    f"settings: put the same model at {cfg.model}, or a symbolic link to it")
     return cfg, run
-
-
-def resume_checkpoint(run: Path, cfg: Settings) -> tuple[Path, dict]:
-    """The newest intact checkpoint of a resumed run, read once the run is held (no writer can be pruning it)."""
-    try:
-        ck, state = find_checkpoint(run)
-    except checkpoints.CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    if cfg.steps < state["step"]:
-        usage_error(f"--steps {cfg.steps}: {run} is already at step {state['step']} ({ck.name}); allowed: "
-                    f"--steps >= {state['step']}")
-    return ck, state
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -777,6 +745,12 @@ def checked_settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
         return resume_settings(args)
     cfg = resolve(args)
     validate(cfg, training=not args.eval_only)
+    if cfg.out and Path(cfg.out).is_symlink() and not Path(cfg.out).exists():
+        usage_error(f"--out {cfg.out}: a symbolic link to {os.readlink(cfg.out)}, which does not exist; allowed: a "
+                    "new or empty directory, or a link to one")
+    if args.eval_only and cfg.eval_limit == 0:
+        usage_error("--eval-limit 0: --eval-only measures an accuracy, and 0 examples have none; allowed: "
+                    "--eval-limit >= 1 with --eval-only")
     if args.adapter and not args.eval_only:
         usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
     if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):
@@ -793,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         task = check_inputs(cfg, not args.eval_only, args.adapter)  # seconds; loading the weights takes minutes
         if run is not None or cfg.out:  # before anything in the directory is written (or pruned)
             held = hold(run or Path(cfg.out), "--resume" if args.resume else "--out")
-        ck = resume_checkpoint(run, cfg) if args.resume else None
+        ck = check_resume(run, cfg) if args.resume else None
         if run is not None and ck is None:
             refuse_a_run_there(run)
         world = distributed.from_env(cfg.device)  # under torchrun: this process's place among N; else World()

@@ -2,15 +2,23 @@
 
     python tests/benchmark.py                 # CPU: all three sections (about 15 min on 2 cores, 18 GiB of RAM)
     python tests/benchmark.py --no-full       # CPU: sections 1-2 only, on qwen2-tiny-realvocab (about 6 min)
-    python tests/benchmark.py --device cuda   # GPU: sections 1-2 on both presets, section 3 with real sampling
+    python tests/benchmark.py --device cuda   # GPU: sections 0, 1, 3, 4 and 5 at the full shape (about 5 min)
     python tests/benchmark.py --quick         # short sequences, no section 3: checks that the script runs
 
+0. (CUDA) One decode step (forward + LM head + draw) at 8 and 50 rows over a 400-slot cache: the eager step (the
+   CPU's path) against the fixed-shape step replayed as a CUDA graph, in fp32 with each attention kernel, and with
+   the opt-in lower precisions; the kernels of a step; how far lower-precision samples are from the fp32 policy.
 1. Sampling: new tokens per second, G = 8 and G = 50 completions of one prompt, N new tokens (EOS suppressed in
    both), tokrl `model.sample` against `generate(num_return_sequences=G, do_sample=True)`.
-2. One training step per algorithm (paper's multiplication settings) on fixed completions: seconds and peak memory,
-   tokrl against transformers + PEFT computing the same loss the obvious way (full forward, full log_softmax).
+2. (CPU) One training step per algorithm (paper's multiplication settings) on fixed completions: seconds and peak
+   memory, tokrl against transformers + PEFT computing the same loss the obvious way (full forward, full
+   log_softmax).
 3. Full Qwen2-1.5B shape, fp32: peak memory and time of a whole step of GRPO (G=8), S-GRPO (G=8), T-SPMO (G=50,
-   one replay) on 300-token completions, and the projected time of a full paper run.
+   one replay) on 300-token completions; on CUDA also against transformers + PEFT (time, memory, gradient), and
+   GRPO's step at --backward-batch 1, 2, 4, 8.
+4. (CUDA) Greedy evaluation: problems per second at the default --eval-batch against 32 rows of eager decode.
+5. (CUDA) The projected paper run of each row of Tables I and II, evaluations included, with the defaults and with
+   --sample-precision bf16.
 Sections 2 and 3 also time the baselines the paper argues against (baselines.py, tokrl only: transformers has no
 such trainer to compare with): PPO with a shared or a separate critic (μ = 4 passes) and DPO, on GRPO's completions,
 against tokrl's GRPO. `--kinds ppo,pposep,dpo` (say) runs only those rows of sections 2 and 3.
@@ -143,9 +151,9 @@ def sampling(tk, hf, dev, N: int) -> None:
     prompt = torch.randint(0, EOS[0], (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ids = torch.tensor([prompt], device=dev)
 
-    def ours(G, n):
+    def ours(G, n, decode=None):
         out = M.sample(tk, prompt, G, n, temperature=TEMPERATURE, top_p=1.0, eos=EOS, suppress=EOS,
-                       generator=torch.Generator(dev).manual_seed(2))
+                       generator=torch.Generator(dev).manual_seed(2), decode=decode)
         assert all(len(y) == n for y in out)
 
     def theirs(G, n):  # min_new_tokens = N: transformers' own way of suppressing EOS until N tokens
@@ -168,8 +176,13 @@ def sampling(tk, hf, dev, N: int) -> None:
     rows = []
     for G in (G_GRPO, G_TSPMO):
         a, b = tok_per_s(ours, G), tok_per_s(theirs, G)
-        rows.append([f"G = {G}", f"{a:.0f}", f"{b:.0f}", f"{a / b:.2f}"])
-    table(["completions", "tokrl tok/s", "transformers tok/s", "speed ratio"], rows)
+        row = [f"G = {G}", f"{a:.0f}", f"{b:.0f}", f"{a / b:.2f}"]
+        if dev.type == "cuda":  # the eager decode, the CPU's path and the GPU's before the fixed-shape graph
+            e = tok_per_s(lambda G, n: ours(G, n, decode="eager"), G)
+            row += [f"{e:.0f}", f"{e / b:.2f}"]
+        rows.append(row)
+    eager = ["tokrl eager tok/s", "eager ÷ transformers"] if dev.type == "cuda" else []
+    table(["completions", "tokrl tok/s", "transformers tok/s", "speed ratio", *eager], rows)
 
 
 def table(head: list[str], rows: list[list[str]]) -> None:
@@ -177,6 +190,185 @@ def table(head: list[str], rows: list[list[str]]) -> None:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print(flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Section 0 (CUDA): the decode step
+
+
+DECODE_VARIANTS = [  # (name, sample()'s keywords, model.DECODE_ATTENTION, cuBLAS library)
+    ("eager (the CPU's path; the GPU's before the graph)", {"decode": "eager"}, None, None),
+    ("graph, fp32, math attention", {}, "math", None),
+    ("graph, fp32, memory-efficient attention", {}, "efficient", None),
+    ("graph, fp32, memory-efficient attention, cuBLASLt", {}, "efficient", "cublaslt"),
+    ("graph, TF32 products (--sample-precision tf32)", {"precision": "tf32"}, None, None),
+    ("graph, bf16 weights (--sample-precision bf16)", {"precision": "bf16"}, None, None),
+]
+
+
+def decode_step_ms(tk, dev, rows: int, prompt_len: int = 280, slots: int = 400, **kw) -> float:
+    """Milliseconds of one decode step (forward + LM head + draw) at `rows` over a cache of `slots`: two sample()
+    calls of k1 and k2 steps on one cache shape (a stop rule ends them), the difference over k2 − k1 steps (no
+    prefill in it), after a warm-up. The eager step attends to the tokens so far (here positions 300 to 400)."""
+    prompt = rand_tokens(prompt_len, torch.Generator().manual_seed(12))
+    k1, k2 = 20, slots - prompt_len
+
+    def run(k: int) -> float:
+        t0 = sync(dev)
+        M.sample(tk, prompt, rows, slots - prompt_len, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
+                 generator=torch.Generator(dev).manual_seed(2), stop=lambda y: len(y) >= k, **kw)
+        return sync(dev) - t0
+    run(k1)  # warm-up: the graph's capture, cuBLAS's choices
+    return (run(k2) - run(k1)) / (k2 - k1) * 1000
+
+
+def decode_section(tk, dev) -> str:
+    """Section 0: the decode step's table; returns the DECODE_ATTENTION the table finds faster in fp32."""
+    print("## 0. One decode step (forward + LM head + draw), ms, over a 400-slot cache, after a warm-up\n")
+    weights = sum(p.numel() * p.element_size() for p in tk.parameters())
+    print(f"Reading the weights once ({weights / 1e9:.2f} GB fp32) takes {weights / copy_bandwidth(dev) * 1000:.2f} "
+          "ms at this GPU's measured copy bandwidth: the floor of a step at these row counts.\n")
+    rows, fp32 = [], {}
+    for name, kw, attention, blas in DECODE_VARIANTS:
+        before = (M.DECODE_ATTENTION, torch.backends.cuda.preferred_blas_library())
+        M.DECODE_ATTENTION = attention or before[0]
+        if blas:
+            torch.backends.cuda.preferred_blas_library(blas)
+        M.release_decoders(tk)  # captured again under these choices
+        try:
+            ms = [decode_step_ms(tk, dev, r, **kw) for r in (G_GRPO, G_TSPMO)]
+            if attention and not blas:
+                fp32[attention] = ms[1]
+        except RuntimeError as e:  # a kernel that refuses these inputs is a result too
+            ms = None
+            print(f"{name}: failed: {str(e).splitlines()[0][:200]}")
+        finally:
+            M.DECODE_ATTENTION = before[0]
+            torch.backends.cuda.preferred_blas_library(before[1])
+            M.release_decoders(tk)
+        rows.append([name, *(f"{x:.2f}" for x in ms)] if ms else [name, "-", "-"])
+    table(["decode", f"{G_GRPO} rows, ms", f"{G_TSPMO} rows, ms"], rows)
+    for part in (profile, mismatch):
+        try:
+            part(tk, dev)
+        except Exception as e:  # a profiler that cannot read this machine must not hide the rest
+            print(f"{part.__name__}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n")
+    return min(fp32, key=fp32.get) if fp32 else M.DECODE_ATTENTION
+
+
+def copy_bandwidth(dev) -> float:
+    """Bytes per second of a large device-to-device copy (read + written), the GPU's usable memory bandwidth."""
+    x = torch.empty(2**28, device=dev)  # 1 GiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t0 = sync(dev)
+    for _ in range(10):
+        y.copy_(x)
+    return 10 * 2 * x.numel() * 4 / (sync(dev) - t0)
+
+
+def profile(tk, dev) -> None:
+    """The kernels of the eager step and of the graph's replay at 50 rows (torch.profiler, 8 steps each)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    prompt = rand_tokens(200, torch.Generator().manual_seed(12))
+    for decode in ("eager", "graph"):
+        M.sample(tk, prompt, G_TSPMO, 16, temperature=TEMPERATURE, eos=EOS, suppress=EOS, decode=decode,
+                 generator=torch.Generator(dev).manual_seed(2))  # warm-up and capture
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            M.sample(tk, prompt, G_TSPMO, 9, temperature=TEMPERATURE, eos=EOS, suppress=EOS, decode=decode,
+                     generator=torch.Generator(dev).manual_seed(2))
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count]
+        launches = sum(e.count for e in events)
+        busy = sum(e.device_time_total for e in events) / 1000
+        print(f"{decode}, {G_TSPMO} rows, prefill + 8 steps: {launches} kernels, GPU busy {busy:.1f} ms; the top 6:\n")
+        table(["kernel", "calls", "GPU ms"], [[e.key[:90], str(e.count), f"{e.device_time_total / 1000:.2f}"]
+                                           for e in sorted(events, key=lambda e: -e.device_time_total)[:6]])
+    M.release_decoders(tk)
+
+
+@torch.no_grad()
+def mismatch(tk, dev) -> None:
+    """How far the opt-in precisions' samples are from the fp32 policy: log π of each sampled token under the
+    sampler's precision against fp32's (the same forward, T = 1: the log-probs a ratio π_θ/π_θold would read)."""
+    prompt = rand_tokens(40, torch.Generator().manual_seed(13))
+    rows = []
+    for precision in ("tf32", "bf16"):
+        ys = M.sample(tk, prompt, 16, 64, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
+                      generator=torch.Generator(dev).manual_seed(3))
+        diffs = []
+        for y in ys:
+            pos = torch.arange(len(prompt), len(prompt) + len(y), device=dev)
+            fp32 = tokrl.policy_and_ref_logprobs(tk, prompt + y, pos, with_ref=False)[0]
+            with M.matmul_precision(precision == "tf32"):
+                net = M.bf16_copy(tk) if precision == "bf16" else tk
+                low = tokrl.policy_and_ref_logprobs(net, prompt + y, pos, with_ref=False)[0]
+            diffs.append((low.float() - fp32).abs())
+        d = torch.cat(diffs)
+        rows.append([precision, f"{float(d.mean()):.2e}", f"{float(d.max()):.2e}",
+                     f"{float((d > 0.01).float().mean()) * 100:.1f}"])
+    print("Sampled tokens' log π under the sampling precision against fp32 (16 × 64 tokens; random weights give "
+          "near-uniform distributions, so a trained model's gaps may differ):\n")
+    table(["precision", "mean |Δ log π|", "max |Δ log π|", "% tokens with |Δ| > 0.01"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections 4 and 5 (CUDA): evaluation, and the projected paper runs
+
+TABLES = [("II", "mult", 3000, {"grpo": 450, "sgrpo": 450, "tspmo": 350}),
+          ("I", "svamp", 300, {"grpo": 325, "sgrpo": 325, "tspmo": 400})]  # the paper's steps, test-set sizes
+EVAL_EVERY = 50
+
+
+def evaluations(steps: int) -> int:
+    """Evaluations in a run: at step 0, every EVAL_EVERY steps, and at the end (train.py's rule)."""
+    return 1 + steps // EVAL_EVERY + (1 if steps % EVAL_EVERY else 0)
+
+
+@torch.no_grad()
+def evaluation_section(tk, dev) -> float:
+    """Section 4: greedy evaluation, 300 new tokens (random weights: no EOS, every row runs to the end), 60-token
+    prompts; returns seconds per problem at the default --eval-batch."""
+    import checks
+    from settings import Settings
+    rows = checks.eval_batch(Settings(device=str(dev)), tk.config, 60, 3000)
+    n = min(rows, 512)
+    g = torch.Generator().manual_seed(14)
+    prompts = [rand_tokens(60, g) for _ in range(n)]
+
+    def per_problem(batch: list, decode=None) -> float:
+        M.greedy(tk, batch[:2], 4, decode=decode)  # warm-up
+        t0 = sync(dev)
+        M.greedy(tk, batch, 300, decode=decode)
+        return (sync(dev) - t0) / len(batch)
+    eager = per_problem(prompts[:32], "eager")
+    graph = per_problem(prompts)
+    M.release_decoders(tk)
+    print(f"## 4. Greedy evaluation, 60-token prompts, 300 new tokens each\n\nThe default --eval-batch here is {rows} "
+          f"rows (half the free memory: checks.eval_batch); measured on {n} problems in one batch.\n")
+    table(["evaluation", "s per problem", "3,000 problems (mult), s", "300 (SVAMP), s"],
+          [["--eval-batch 32, eager decode (before)", f"{eager:.4f}", f"{3000 * eager:.0f}", f"{300 * eager:.0f}"],
+           [f"--eval-batch {rows} (default), {M.default_decode(dev)} decode", f"{graph:.4f}", f"{3000 * graph:.0f}", f"{300 * graph:.0f}"]])
+    return graph
+
+
+def projection_section(steps: dict, eval_s: float) -> None:
+    """Section 5: steps × a whole step's seconds (section 3) + evaluations × the test set × seconds per problem."""
+    print("## 5. Projected paper runs on this GPU, evaluations included (every 50 steps, at the start and the end)\n")
+    print("Step seconds from section 3 (the multiplication settings; SVAMP's rows use them too: its LoRA, 1/3 of the "
+          "layers at rank 16, backpropagates through 9 layers where mult's 1/4 does 7, so its steps cost somewhat "
+          "more); opt-in: the same steps with sampling in bf16 (--sample-precision bf16).\n")
+    rows = []
+    for tab, task, n_test, runs in TABLES:
+        for kind, n_steps in runs.items():
+            if kind not in steps:
+                continue
+            s, s_opt = steps[kind]
+            ev = evaluations(n_steps) * n_test * eval_s
+            rows.append([f"Table {tab}, {task}", NAMES[kind], str(n_steps), f"{s:.1f}", f"{ev / 60:.1f}",
+                         f"{(n_steps * s + ev) / 60:.0f}", f"{(n_steps * s_opt + ev) / 60:.0f}"])
+    table(["table", "algorithm", "steps", "s/step", "evaluations, min", "run, min", "run with bf16 sampling, min"],
+          rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,14 +428,14 @@ def trie_info(w: dict) -> str:
 # The two implementations of a training step
 
 
-def sample_group(model, prompt, G: int, L: int, n: int, dev) -> tuple[float, float]:
+def sample_group(model, prompt, G: int, L: int, n: int, dev, precision: str = "fp32") -> tuple[float, float]:
     """Sample G completions of L tokens (EOS suppressed); returns (seconds measured, seconds for L tokens).
 
     n < L (CPU, section 3): sample 1 and n tokens and extrapolate the per-token cost to L, and fill a KV cache of the
     full length first, so that the step's memory includes what full-length sampling would hold."""
     def run(k: int) -> float:
         t0 = sync(dev)
-        M.sample(model, prompt, G, k, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
+        M.sample(model, prompt, G, k, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
                  generator=torch.Generator(dev).manual_seed(5))
         return sync(dev) - t0
     if n >= L:
@@ -257,15 +449,16 @@ def sample_group(model, prompt, G: int, L: int, n: int, dev) -> tuple[float, flo
     return t1 + tn, t1 + (tn - t1) * (L - 1) / (n - 1)
 
 
-def ours_backward(model, kind, prompt, ys, rs, sel, critic=None, opt=None):
+def ours_backward(model, kind, prompt, ys, rs, sel, critic=None, opt=None, backward_batch=1):
     if kind == "tspmo":
         tokrl.tspmo_backward(model, prompt, ys, rs, lam=LAM)
     elif kind in ("ppo", "pposep"):  # what train.py runs: the no-grad pass, then μ passes (μ − 1 optimizer steps here)
-        train.ppo_update(model, critic, opt, prompt, ys, rs, PPO)
+        train.ppo_update(model, critic, opt, prompt, ys, rs, dataclasses.replace(PPO, backward_batch=backward_batch))
     elif kind == "dpo":
-        baselines.dpo_backward(model, prompt, ys, rs)
+        baselines.dpo_backward(model, prompt, ys, rs, backward_batch=backward_batch)
     else:
-        tokrl.grpo_backward(model, prompt, ys, rs, beta=BETA, selection=sel if kind == "sgrpo" else None)
+        tokrl.grpo_backward(model, prompt, ys, rs, beta=BETA, selection=sel if kind == "sgrpo" else None,
+                            backward_batch=backward_batch)
 
 
 def padded(prompt, ys, dev):
@@ -308,7 +501,8 @@ def hf_backward(pm, kind, prompt, ys, rs, sel, rows: int = G_GRPO):
 
 
 def one(args) -> None:
-    """--one BACKEND-KIND: load, add LoRA, warm up, then measure one optimizer step (and sampling, if asked)."""
+    """--one BACKEND-KIND: load, add LoRA, warm up, then measure one optimizer step (and sampling, if asked; with
+    --batches N,M,..., one step at each --backward-batch, its own peak; with --opt-in, the sampling again in bf16)."""
     backend, kind = args.one.split("-")
     dev, work = torch.device(args.device), Path(args.work)
     if dev.type == "cpu":
@@ -325,7 +519,7 @@ def one(args) -> None:
         if kind in ("ppo", "pposep"):  # separate: a second copy of the base weights, resident before the step
             critic = baselines.Critic(model, "separate" if kind == "pposep" else "shared")
         params = lora.lora_parameters(model) + (critic.parameters() if critic else [])
-        backward = lambda *a: ours_backward(model, kind, *a, critic=critic, opt=opt)  # noqa: E731
+        backward = lambda *a, n=1: ours_backward(model, kind, *a, critic=critic, opt=opt, backward_batch=n)  # noqa: E731
     else:
         import peft
         from safetensors.torch import load_file
@@ -337,7 +531,7 @@ def one(args) -> None:
         res = peft.set_peft_model_state_dict(pm, load_file(str(work / "adapter" / "adapter_model.safetensors")))
         assert not res.unexpected_keys, res.unexpected_keys
         params = [p for p in pm.parameters() if p.requires_grad]
-        backward = lambda *a: hf_backward(pm, kind, *a)  # noqa: E731
+        backward = lambda *a, n=1: hf_backward(pm, kind, *a)  # noqa: E731
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
     groups = [[w["prompt"], *w["grpo"]]] if kind != "tspmo" else [[w["prompt"], *w["tspmo"], None],
                                                                     [*w["replay"], None]]
@@ -360,13 +554,26 @@ def one(args) -> None:
         t_train.append(sync(dev) - t0)
     peak = memory_peak(dev)
     torch.save(grads, work / f"grad-{args.one}.pt")
-    print("RESULT", json.dumps({"train": sum(t_train), "sample": [sum(x) for x in zip(*t_sample)] or [0, 0],
-                                "peak": peak, "inc": peak - base}))
+    result = {"train": sum(t_train), "sample": [sum(x) for x in zip(*t_sample)] or [0, 0], "peak": peak,
+              "inc": peak - base}
+    for n in map(int, filter(None, args.batches.split(","))):  # --backward-batch n: the training part alone
+        base, t0 = memory_reset(dev), sync(dev)
+        for prompt, ys, rs, sel in groups:
+            backward(prompt, ys, rs, sel, n=n)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        result[f"batch{n}"] = {"train": sync(dev) - t0, "peak": memory_peak(dev), "inc": memory_peak(dev) - base}
+    if args.opt_in:  # the same groups sampled in bf16 (a bf16 copy of the base beside the fp32 weights)
+        base = memory_reset(dev)
+        s = [sample_group(model, prompt, len(ys), len(ys[0]), args.sample, dev, "bf16") for prompt, ys, _, _ in groups]
+        result["opt_in"] = {"sample": [sum(x) for x in zip(*s)], "peak": memory_peak(dev)}
+    print("RESULT", json.dumps(result))
 
 
-def measure(name: str, ckpt: Path, work: Path, dev: torch.device, sample: int = 0) -> dict:
+def measure(name: str, ckpt: Path, work: Path, dev: torch.device, sample: int = 0, batches: str = "",
+            opt_in: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--ckpt", str(ckpt), "--work", str(work), "--device", str(dev),
-           "--sample", str(sample)]
+           "--sample", str(sample), "--batches", batches] + (["--opt-in"] if opt_in else [])
     p = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if p.returncode or line is None:
@@ -401,16 +608,23 @@ def training(preset: str, ckpt: Path, work: Path, dev, prompt, ys8, T, kinds) ->
           f"lr {LR:g}, wd {WD:g}, β = λ = {BETA:g}, S-GRPO (α, k, P) = ({ALPHA}, {K}, {P_SELECT}). Reference: "
           "transformers + PEFT, full forward + full log_softmax + reference forward, tokrl.grpo_loss_batched "
           "(T-SPMO: E10 as per-token weights, 8 rows at a time), same LoRA init. Each cell is a fresh process.\n")
-    rows, ours = [], {}
+    rows, ours, batch_rows = [], {}, []
     for kind in [k for k in PAPER if k in kinds]:
-        a, b = (measure(f"{x}-{kind}", ckpt, work, dev) for x in ("tokrl", "hf"))
+        a = measure(f"tokrl-{kind}", ckpt, work, dev, batches="1,2,4,8" if kind == "grpo" else "")
+        b = measure(f"hf-{kind}", ckpt, work, dev)
         ours[kind] = a
+        batch_rows += [[f"GRPO (G=8), --backward-batch {k[5:]}", f"{v['train']:.2f}", gib(v["peak"]), gib(v["inc"])]
+                       for k, v in a.items() if k.startswith("batch")]
         rows.append([NAMES[kind], f"{a['train']:.2f}", f"{b['train']:.2f}", f"{a['train'] / b['train']:.2f}",
                      f"{gib(a['peak'])} (Δ {gib(a['inc'])})", f"{gib(b['peak'])} (Δ {gib(b['inc'])})",
                      f"{a['peak'] / b['peak']:.2f} (Δ {a['inc'] / b['inc']:.2f})", f"{grad_err(work, kind):.1e}"])
     if rows:
         table(["algorithm", "tokrl s", "reference s", "time ratio", "tokrl peak", "reference peak", "memory ratio",
                "grad rel. err"], rows)
+    if batch_rows:
+        print("GRPO's training step with N completions per forward and backward (--backward-batch N; 1: the paper's "
+              "per-completion backward), in one process, each its own peak:\n")
+        table(["training", "s", "peak", "Δ"], batch_rows)
     if any(k in kinds for k in BASELINES):
         baseline_rows(ckpt, work, dev, kinds, ours.get("grpo") or measure("tokrl-grpo", ckpt, work, dev))
 
@@ -431,7 +645,7 @@ def baseline_rows(ckpt: Path, work: Path, dev, kinds, grpo: dict) -> None:
     table(["algorithm", "s", "time ÷ GRPO", "peak (Δ)", "peak ÷ GRPO", "Δ ÷ GRPO"], rows)
 
 
-def full_size(ckpt: Path, work: Path, dev, n_sample: int, kinds) -> None:
+def full_size(ckpt: Path, work: Path, dev, n_sample: int, kinds) -> dict:
     T, on_gpu = 300, dev.type == "cuda"
     g = torch.Generator().manual_seed(7)
     prompt = rand_tokens(50, g)
@@ -452,21 +666,34 @@ def full_size(ckpt: Path, work: Path, dev, n_sample: int, kinds) -> None:
                 gib(r["peak"]), gib(r["inc"]), "yes" if r["peak"] < 40 * GiB else "NO",
                 "yes" if r["peak"] < 12 * GiB else "no"]
 
-    rows, proj = [], []
+    rows, proj, steps, batch_rows = [], [], {}, []
     for kind in [k for k in PAPER + BASELINES if k in kinds]:  # PPO, DPO: GRPO's completions and rewards
-        r = measure(f"tokrl-{kind}", ckpt, work, dev, sample=n_sample)
+        r = measure(f"tokrl-{kind}", ckpt, work, dev, sample=n_sample, opt_in=on_gpu and kind in PAPER,
+                    batches="1,2,4,8" if on_gpu and kind == "grpo" else "")
         s_meas, s_full = r["sample"]  # equal when nothing was shortened
         rows.append(row(NAMES[kind], r, s_meas))
         proj.append([NAMES[kind], str(STEPS[kind]), f"{s_full + r['train']:.0f}",
                      f"{STEPS[kind] * (s_full + r['train']) / 3600:.1f}"])
+        if "opt_in" in r:
+            o = r["opt_in"]
+            steps[kind] = (s_full + r["train"], o["sample"][1] + r["train"])
+            rows.append(row(f"{NAMES[kind]}, bf16 sampling", {**r, "peak": max(r["peak"], o["peak"])}, o["sample"][0]))
+        batch_rows += [[f"GRPO (G=8), --backward-batch {k[5:]}", f"{b['train']:.2f}", gib(b["peak"]), gib(b["inc"])]
+                       for k, b in r.items() if k.startswith("batch")]
     for kind in [k for k in (PAPER if on_gpu else ("grpo",)) if k in kinds]:  # on the CPU the reference: GRPO only
-        rows.append(row(f"reference {NAMES[kind]}: transformers + PEFT, no sampling", measure(f"hf-{kind}", ckpt,
-                                                                                            work, dev), 0.0))
+        ref = row(f"reference {NAMES[kind]}: transformers + PEFT, no sampling", measure(f"hf-{kind}", ckpt, work, dev),
+                  0.0)
+        rows.append(ref + ([f"{grad_err(work, kind):.1e}"] if on_gpu else []))
     table(["step", "sampling s" + ("" if on_gpu else f" (1 + {n_sample} tok)"), "training s", "step s", "peak", "Δ",
-           "< 40 GiB", "< 12 GiB"], rows)
+           "< 40 GiB", "< 12 GiB"] + (["grad rel. err"] if on_gpu else []), rows)
+    if batch_rows:
+        print("The training part of GRPO's step (8 completions of 300 tokens) with N completions per forward and "
+              "backward (--backward-batch N; 1: the paper's per-completion backward):\n")
+        table(["training", "s", "peak", "Δ"], batch_rows)
     where = "GPU" if on_gpu else f"THIS CPU ({os.cpu_count()} cores, NOT a GPU; sampling extrapolated)"
     print(f"Projected full paper run (mult step counts, SPEC.md) on {where}; evaluation not included:\n")
     table(["algorithm", "steps", "s/step (sampling + training)", "hours"], proj)
+    return steps
 
 
 def main() -> None:
@@ -481,6 +708,9 @@ def main() -> None:
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--sample", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--batches", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--opt-in", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt-dir", help="(CUDA) a Qwen2-1.5B-shaped model directory to use instead of building one")
     args = ap.parse_args()
     if args.one:
         return one(args)
@@ -490,10 +720,11 @@ def main() -> None:
     if bad := set(kinds) - set(PAPER + BASELINES):
         ap.error(f"--kinds: unknown {', '.join(sorted(bad))}")
     header(dev)
+    if dev.type == "cuda":
+        return gpu_main(dev, args.ckpt_dir, full, kinds)
     N, T = (16, 48) if args.quick else (64, 200)
-    presets = ["qwen2-tiny-realvocab"] + (["qwen2-1.5b"] if dev.type == "cuda" else [])
     with tempfile.TemporaryDirectory(prefix="tokrl-bench-") as tmp:
-        for preset in presets:
+        for preset in ["qwen2-tiny-realvocab"]:
             ckpt, work = Path(tmp) / preset, Path(tmp) / f"work-{preset}"
             work.mkdir()
             build_checkpoint(preset, ckpt)
@@ -505,15 +736,35 @@ def main() -> None:
             ys8 = M.sample(tk, prompt, G_GRPO, T, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
                            generator=torch.Generator(dev).manual_seed(10))
             del tk, hf  # the measurements run in subprocesses: free this memory for them
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
             training(preset, ckpt, work, dev, prompt, ys8, T, kinds)
         if full:
             ckpt, work = Path(tmp) / "qwen2-1.5b", Path(tmp) / "work-full"
             work.mkdir()
-            if not ckpt.is_dir():
-                build_checkpoint("qwen2-1.5b", ckpt)
-            full_size(ckpt, work, dev, n_sample=300 if dev.type == "cuda" else 16, kinds=kinds)
+            build_checkpoint("qwen2-1.5b", ckpt)
+            full_size(ckpt, work, dev, n_sample=16, kinds=kinds)
+
+
+def gpu_main(dev: torch.device, ckpt_dir: str | None, full: bool, kinds: list[str]) -> None:
+    """CUDA: everything at the full Qwen2-1.5B shape, the quick sections first (section 2's small-model comparison
+    is the CPU's: section 3 compares with transformers + PEFT here, gradients included)."""
+    with tempfile.TemporaryDirectory(prefix="tokrl-bench-") as tmp:
+        ckpt, work = Path(ckpt_dir or Path(tmp) / "qwen2-1.5b"), Path(tmp) / "work-full"
+        work.mkdir()
+        if not ckpt_dir:
+            build_checkpoint("qwen2-1.5b", ckpt)
+        tk, hf = M.load_model(ckpt, device=dev), load_hf(ckpt, dev)
+        tk.requires_grad_(False)  # frozen, as under LoRA: the bf16 copy casts every weight
+        print(f"qwen2-1.5b: {M.num_parameters(tk) / 1e6:.0f} M parameters; parity with transformers: max abs logit "
+              f"error {parity(tk, hf, dev):.1e}\n", flush=True)
+        faster = decode_section(tk, dev)
+        print(f"In fp32 at {G_TSPMO} rows the faster attention kernel here is {faster!r}; model.DECODE_ATTENTION is "
+              f"{M.DECODE_ATTENTION!r}.\n", flush=True)
+        sampling(tk, hf, dev, 64)
+        eval_s = evaluation_section(tk, dev)
+        del tk, hf  # the measurements run in subprocesses: free this memory for them
+        torch.cuda.empty_cache()
+        if full:
+            projection_section(full_size(ckpt, work, dev, n_sample=300, kinds=kinds), eval_s)
 
 
 if __name__ == "__main__":

@@ -76,12 +76,43 @@ def tiny(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def adapter_of_tiny(tiny, tmp_path_factory) -> Path:
+    """A PEFT adapter for `tiny`: rank 8 on q_proj and v_proj of all 4 layers (hidden 64)."""
+    import lora
+    net = M.load_model(tiny)
+    lora.apply_lora(net, 8, 1.0, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    lora.save_adapter(net, out)
+    return out
+
+
 @pytest.fixture
 def no_fsync(monkeypatch):
     """checkpoints.py flushes each file to disk before its rename (a power loss); the tests that write hundreds of
     checkpoints kill processes instead, which the page cache survives, so they turn it off (~7 ms a file here)."""
     import checkpoints
     monkeypatch.setattr(checkpoints, "DURABLE", False)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading weights is an error here: every check must come before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the weights were loaded before the input was checked")
+    monkeypatch.setattr(M, "load_model", refuse)
+
+
+def refused(args: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of train.main(args), which must stop with SystemExit."""
+    import train
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    code, err = e.value.code, capsys.readouterr().err
+    if isinstance(code, str):  # SystemExit("error: ...") prints its message and exits with status 1
+        code, err = 1, err + code + "\n"
+    return code, err
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import torch
 from conftest import make_checkpoint
 import baselines as B
 import checkpoints
+import checks
 import lora
 import tokrl
 import train
@@ -157,7 +158,8 @@ def test_ppo_per_completion_gradient_equals_batched_after_the_policy_moved(tmp_p
         rel = (fast - slow).norm() / slow.norm()
         print(f"\nPPO ({mode}) pass {k + 1}: clip fraction {st.extra['clip_fraction']:.2f}, "
               f"per-completion vs batched gradient relative error {rel:.2e}")
-        assert st.loss == pytest.approx(float(loss_slow.detach()), abs=1e-5) and rel < 1e-5
+        # relative: the loss reaches 17.7 at pass 2, where fp32 sums in another order differ by ~1e-5
+        assert st.loss == pytest.approx(float(loss_slow.detach()), rel=1e-6, abs=1e-5) and rel < 1e-5
         if k == 0:
             assert st.extra["clip_fraction"] == 0 and st.extra["approx_kl"] == 0  # c ≡ 1 at the first pass
         else:
@@ -224,6 +226,37 @@ def test_dpo_per_completion_gradient_equals_batched_gradient(tmp_path):
         print(f"\nDPO {rewards}: {st.extra['pairs']} pairs, per-completion vs batched relative error {rel:.2e}")
         assert st.loss == pytest.approx(float(loss_slow.detach()), abs=1e-6) and rel < 1e-5
         assert st.extra["pairs"] == len(B.dpo_pairs(rewards)) and 0 <= st.extra["preference_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("algo", ["ppo-shared", "ppo-separate", "dpo"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_batched_backward_gives_the_per_completion_gradient(tmp_path, algo, n):
+    """--backward-batch N for PPO (policy LoRA, value head, the separate critic's LoRA) and DPO: the gradient and
+    loss of the per-completion backward, within fp32 rounding, in ceil(G/N) passes."""
+    m = adapted_model(tmp_path)
+    if algo == "dpo":
+        critic, params = None, lora.lora_parameters(m)
+
+        def backward(k):
+            return B.dpo_backward(m, PROMPT, COMPLETIONS, [0.0, 0.5, 1.0, 0.5], beta=0.1, backward_batch=k)
+    else:
+        critic = B.Critic(m, algo.split("-")[1])
+        params = [*lora.lora_parameters(m), *critic.parameters()]
+        with torch.no_grad():
+            critic.head.proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        batch = B.ppo_prepare(m, critic, PROMPT, COMPLETIONS, REWARDS, gamma=1.0, gae_lambda=0.95)
+
+        def backward(k):
+            return B.ppo_backward(m, critic, batch, clip_eps=0.2, w1=0.05, w2=0.1, w3=0.5, backward_batch=k)
+    one = backward(1)
+    per_completion = torch.cat([p.grad.flatten() for p in params])
+    for p in params:
+        p.grad = None
+    st = backward(n)
+    rel = (torch.cat([p.grad.flatten() for p in params]) - per_completion).norm() / per_completion.norm()
+    assert per_completion.norm() > 0 and rel < 1e-5
+    assert st.loss == pytest.approx(one.loss, rel=1e-6, abs=1e-6) and st.kl == pytest.approx(one.kl, abs=1e-6)
+    assert st.forwards == -(-one.forwards // n)
 
 
 def test_dpo_with_no_pair_takes_no_update(tmp_path):
@@ -298,7 +331,8 @@ def test_ppo_and_dpo_resume_bit_exact(tmp_path, algo, critic, monkeypatch):
     """4 steps straight, or 2, stop, resume for 2 more: the same policy adapter, the same value head and critic
     LoRA, the same metrics. (PPO's π_θold lives within a step: at a step boundary it is the current policy.)"""
     d = digit_model(tmp_path / "digits")
-    monkeypatch.setattr(train, "make_task", lambda name, tok, *a: SevenTask(tok))
+    for where in (train, checks):  # checks.check_inputs reads the task main trains on
+        monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", algo, "--critic", critic, "--model", str(d), "--device", "cpu", "-G", "6",
               "--max-new-tokens", "1", "--temperature", "1.0", "--lr", "3e-2", "--lora-fraction", "1",
               "--eval-every", "0", "--save-every", "2"]
@@ -322,7 +356,8 @@ def test_ppo_and_dpo_resume_bit_exact(tmp_path, algo, critic, monkeypatch):
 
 def test_resume_with_a_different_critic_is_named(tmp_path, monkeypatch, capsys):
     d = digit_model(tmp_path / "digits")
-    monkeypatch.setattr(train, "make_task", lambda name, tok, *a: SevenTask(tok))
+    for where in (train, checks):  # checks.check_inputs reads the task main trains on
+        monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", "ppo", "--model", str(d), "--device", "cpu", "-G", "4", "--max-new-tokens", "1",
               "--lora-fraction", "1", "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path / "r")]
     train.main([*common, "--steps", "1"])

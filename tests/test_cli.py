@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_checkpoint, tiny_config, write_byte_tokenizer
+from conftest import ROOT, make_checkpoint, refused, tiny_config, write_byte_tokenizer
 import checkpoints
 import checks
 import model as M
@@ -21,21 +21,6 @@ from test_train import SMALL, write_svamp
 
 
 pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest.py: fsync off, the faults here are kills
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Loading weights is an error here: every check must come before it."""
-    def refuse(*a, **k):
-        raise AssertionError("the weights were loaded before the input was checked")
-    monkeypatch.setattr(M, "load_model", refuse)
-
-
-def refused(args: list[str], capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main(args)
-    return e.value.code, capsys.readouterr().err
 
 
 # (flags, the exact error line). The values below are every one a user tried that reached a traceback, a crash after
@@ -49,7 +34,14 @@ BAD_SETTINGS = [
     (["--lora-rank", "0"], "--lora-rank 0: allowed: an integer >= 1 (the paper: 8 or 16)"),
     (["--lora-rank", "-8"], "--lora-rank -8: allowed: an integer >= 1 (the paper: 8 or 16)"),
     (["--save-every", "0"], "--save-every 0: allowed: an integer >= 1 (default 10)"),
-    (["--eval-batch", "0"], "--eval-batch 0: allowed: an integer >= 1 (default 32)"),
+    (["--eval-batch", "0"], "--eval-batch 0: allowed: an integer >= 1 (default: on CUDA what the device's memory "
+                            "holds, on the CPU 32)"),
+    (["--backward-batch", "0"], "--backward-batch 0: allowed: an integer >= 1 (default 1: one completion per "
+                                "backward)"),
+    (["--algo", "tspmo", "--backward-batch", "4"], "--backward-batch 4: T-SPMO runs one forward per trie prefix; "
+                                                   "allowed: --backward-batch 1 with --algo tspmo"),
+    (["--sample-precision", "tf32", "--device", "cpu"], "--sample-precision tf32: TF32 is a CUDA matrix-product "
+                                                        "mode; allowed on the CPU: fp32 or bf16"),
     (["--replay-success", "-1"], "--replay-success -1: a count of replays; allowed: an integer >= 0"),
     (["--replay-failure", "-1"], "--replay-failure -1: a count of replays; allowed: an integer >= 0"),
     (["--temperature", "-1"], "--temperature -1.0: allowed: a finite number >= 0 (0: greedy; the paper: 0.3)"),
@@ -208,32 +200,23 @@ def test_a_lora_fraction_that_adapts_no_layer_is_refused_before_loading(tmp_path
     assert not run.exists()
 
 
-@pytest.fixture(scope="module")
-def adapter_of_tiny(tiny, tmp_path_factory) -> Path:
-    """A PEFT adapter for the tiny model: rank 8 on q_proj and v_proj of all 4 layers (hidden 64)."""
-    import lora
-    net = M.load_model(tiny)
-    lora.apply_lora(net, 8, 1.0, generator=torch.Generator().manual_seed(0))
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    lora.save_adapter(net, out)
-    return out
-
-
 @pytest.mark.parametrize("other,why", [
     (dict(num_hidden_layers=2), "adapter_config.json: layers_to_transform [0, 1, 2, 3] names layers this model does "
                                 "not have (it has 2: 0..1); the adapter was trained for another model"),
     (dict(hidden_size=32, intermediate_size=64), "adapter_model.safetensors: base_model.model.model.layers.0.self_attn."
-                                                 "q_proj.lora_A.weight has shape (8, 64), expected (8, 32)")],
+                                                 "q_proj.lora_A.weight has shape (8, 64), expected (8, 32) (r in "
+                                                 "{adapter}/adapter_config.json and the model's layer sizes)")],
     ids=["fewer layers", "another hidden size"])
-def test_an_adapter_of_another_model_is_refused_before_the_weights_load(tmp_path, adapter_of_tiny, no_loading, other,
-                                                                        why):
+def test_an_adapter_of_another_model_is_refused_before_the_weights_load(tmp_path, adapter_of_tiny, capsys, no_loading,
+                                                                        other, why):
     """`--eval-only --adapter` with an adapter trained on another model: before, a stack trace (IndexError) or an
-    error after the base's weights had loaded. Now it is loaded onto a weightless (meta) copy of the model first."""
+    error after the base's weights had loaded. Now it is loaded onto a weightless (meta) copy of the model first, and
+    refused as a bad file handed in: exit status 2."""
     model = make_checkpoint(tmp_path / "other", tiny_config(**other))
-    with pytest.raises(SystemExit) as e:
-        train.main(["--model", str(model), "--eval-only", "--adapter", str(adapter_of_tiny), "--device", "cpu"])
-    assert str(e.value) == (f"error: --adapter {adapter_of_tiny} cannot be applied to the model {model}: "
-                            f"{adapter_of_tiny}/{why}")
+    code, err = refused(["--model", str(model), "--eval-only", "--adapter", str(adapter_of_tiny), "--device", "cpu"],
+                        capsys)
+    assert code == 2 and err == (f"error: --adapter {adapter_of_tiny} cannot be applied to the model {model}: "
+                                 f"{adapter_of_tiny}/{why.format(adapter=adapter_of_tiny)}\n")
 
 
 def test_the_adapter_check_accepts_its_own_model(tiny, adapter_of_tiny, tmp_path):
@@ -289,23 +272,22 @@ MODEL_FAULTS = [
 
 
 @pytest.mark.parametrize("how,message", MODEL_FAULTS, ids=[h for h, _ in MODEL_FAULTS])
-def test_bad_model_directory_is_named_before_loading(tmp_path, tiny, no_loading, how, message):
+def test_bad_model_directory_is_named_before_loading(tmp_path, tiny, capsys, no_loading, how, message):
     d = broken_model(tmp_path, tiny, how)
     if how == "weights-truncated":
         n = (tiny / "model.safetensors").stat().st_size
         message = f"model.safetensors: {n - 1000} bytes, but its header announces {n}: the file is truncated"
-    with pytest.raises(SystemExit) as e:
-        train.main(["--model", str(d), "--out", str(tmp_path / "r"), *SMALL, "--steps", "1"])
-    assert str(e.value).startswith(f"error: {d}") and message in str(e.value)
+    code, err = refused(["--model", str(d), "--out", str(tmp_path / "r"), *SMALL, "--steps", "1"], capsys)
+    assert code == 2 and err.startswith(f"error: {d}") and message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
 
 
-def test_bad_data_is_named_before_loading(tmp_path, tiny, no_loading):
+def test_bad_data_is_named_before_loading(tmp_path, tiny, capsys, no_loading):
     d = write_svamp(tmp_path / "s")
     (d / "test.json").write_text("[]")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--task", "svamp", "--model", str(tiny), "--data", str(d), "--out", str(tmp_path / "r"), *SMALL])
-    assert str(e.value) == f"error: {d / 'test.json'}: expected a non-empty JSON list of SVAMP records"
+    code, err = refused(["--task", "svamp", "--model", str(tiny), "--data", str(d), "--out", str(tmp_path / "r"),
+                         *SMALL], capsys)
+    assert code == 2 and err == f"error: {d / 'test.json'}: expected a non-empty JSON list of SVAMP records\n"
     assert not (tmp_path / "r").exists()
 
 
@@ -366,18 +348,17 @@ def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, no_loading
     assert files(two_steps) == before
 
 
-def test_resume_of_a_run_whose_model_is_not_here_says_where_to_put_it(two_steps, no_loading):
+def test_resume_of_a_run_whose_model_is_not_here_says_where_to_put_it(two_steps, capsys, no_loading):
     """A run directory copied from another machine records a --model path that does not exist here (and a resume may
-    not change it): one line naming the path and what to do, nothing written."""
+    not change it): one line naming the path and what to do, exit status 2 (a file handed in), nothing written."""
     config = json.loads((two_steps / "config.json").read_text())
     (two_steps / "config.json").write_text(json.dumps({**config, "model": "/elsewhere/models/tiny"}))
     before = files(two_steps)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(two_steps)])
-    assert str(e.value) == (f"error: {two_steps} was recorded with --model /elsewhere/models/tiny "
-                            f"({two_steps / 'config.json'}), which is not a directory here (a run from another "
-                            "machine, or started from another directory?); a resumed run keeps its settings: put the "
-                            "same model at /elsewhere/models/tiny, or a symbolic link to it")
+    code, err = refused(["--resume", str(two_steps)], capsys)
+    assert code == 2 and err == (f"error: {two_steps} was recorded with --model /elsewhere/models/tiny "
+                                 f"({two_steps / 'config.json'}), which is not a directory here (a run from another "
+                                 "machine, or started from another directory?); a resumed run keeps its settings: put "
+                                 "the same model at /elsewhere/models/tiny, or a symbolic link to it\n")
     assert files(two_steps) == before
 
 
@@ -389,8 +370,7 @@ def test_resume_refuses_eval_only(two_steps, capsys, no_loading):
 @pytest.mark.parametrize("content,why", [("[1]", "not a JSON object"), ('{"algo": "tspmo", "colour": "red"}',
                                                                         "unknown settings ['colour']"),
                                          ("{", "cannot read the run's settings")])
-def test_resume_of_a_broken_config(two_steps, no_loading, content, why):
+def test_resume_of_a_broken_config(two_steps, capsys, no_loading, content, why):
     (two_steps / "config.json").write_text(content)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(two_steps)])
-    assert str(e.value).startswith(f"error: {two_steps / 'config.json'}") and why in str(e.value)
+    code, err = refused(["--resume", str(two_steps)], capsys)
+    assert code == 2 and err.startswith(f"error: {two_steps / 'config.json'}") and why in err

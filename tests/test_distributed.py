@@ -425,13 +425,19 @@ def test_resume_of_a_two_process_run_is_bit_exact(cli_runs):
     assert a2.keys() == ar.keys() and all(torch.equal(a2[k], ar[k]) for k in a2)
 
 
-def test_resume_with_another_number_of_processes_is_refused(cli_runs, tmp_path):
+def test_resume_with_another_number_of_processes_is_refused(cli_runs, tmp_path, capsys, monkeypatch):
+    """Before the weights load and before anything is written: exit status 2, the run directory byte-identical."""
     import shutil
+    import model as M
     import train
-    shutil.copytree(cli_runs["two"], tmp_path / "two")
+    run = Path(shutil.copytree(cli_runs["two"], tmp_path / "two"))
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the check"))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(tmp_path / "two"), "--steps", "5"])
-    assert "written by 2 process(es) and this run has 1" in str(e.value)
+        train.main(["--resume", str(run), "--steps", "5"])
+    assert e.value.code == 2 and "written by 2 process(es) and this run has 1" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
 def test_an_abort_in_the_interpreter_teardown_cannot_fail_a_finished_torchrun_run(cli_runs, tmp_path):

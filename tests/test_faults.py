@@ -29,7 +29,7 @@ import checkpoints
 import model as M
 import tasks
 import train
-from conftest import ROOT, hold_in_another_process
+from conftest import ROOT, hold_in_another_process, refused
 from test_train import write_gsm8k
 
 TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
@@ -175,11 +175,9 @@ def test_killed_before_the_first_checkpoint_the_same_command_starts_again(tmp_pa
     run = tmp_path / "run"
     args = argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2")
     assert killed(point, 1, args) == -signal.SIGKILL
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(run)])
-    assert "holds no checkpoint (the run stopped before its first one: start it again with the same command)" \
-        in str(e.value)
-    capsys.readouterr()
+    code, err = refused(["--resume", str(run)], capsys)
+    assert code == 2 and "holds no checkpoint (the run stopped before its first one: start it again with the same " \
+        "command)" in err
     train.main(args)
     assert f"warning: {run} holds a run that stopped before its first checkpoint" in capsys.readouterr().err
     assert_same_run(reference["svamp", "tspmo"], run)
@@ -289,15 +287,16 @@ def test_latest_naming_a_missing_checkpoint(done, tmp_path, capsys):
     assert_same_run(done, run)
 
 
-def test_no_intact_checkpoint_is_an_error_naming_the_files(done, tmp_path):
+def test_no_intact_checkpoint_is_an_error_naming_the_files(done, tmp_path, capsys):
     run = redo_from(done, tmp_path, STEPS)
     for p in (run / "checkpoints").glob("step-*"):
         (p / "state.pt").write_bytes(b"")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(run)])
-    msg = str(e.value)
-    assert msg.startswith(f"error: {run} has no intact checkpoint to resume from: ")
-    assert all(f"{p} (" in msg for p in (run / "checkpoints").glob("step-*"))
+    before = snapshot(run)
+    code, msg = refused(["--resume", str(run)], capsys)
+    assert code == 2 and msg.startswith(f"error: {run} has no intact checkpoint to resume from: ")
+    for p in (run / "checkpoints").glob("step-*"):
+        assert f"{p / 'state.pt'}: not a checkpoint torch can read" in msg
+    assert snapshot(run) == before  # refused before anything was written
 
 
 @pytest.mark.parametrize("log", ["metrics.jsonl", "eval.jsonl"])
@@ -311,13 +310,15 @@ def test_a_torn_last_log_line_is_dropped_with_a_warning(done, tmp_path, capsys, 
     assert_same_run(done, run)
 
 
-def test_a_bad_line_inside_a_log_is_named(done, tmp_path):
+def test_a_bad_line_inside_a_log_is_named_before_anything_is_written(done, tmp_path, capsys, monkeypatch):
     run = redo_from(done, tmp_path, STEPS - 1)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(run)])
-    assert str(e.value).startswith(f"error: {run / 'metrics.jsonl'}: line 2 is not a JSON object")
+    before = snapshot(run)
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the logs were read"))
+    code, err = refused(["--resume", str(run)], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith(f"error: {run / 'metrics.jsonl'}: line 2 is not a JSON object")
+    assert snapshot(run) == before
 
 
 def test_stale_temporary_files_are_removed_at_the_next_start(done, tmp_path, capsys):

@@ -109,3 +109,47 @@ def test_bf16_base_on_cuda_keeps_fp32_adapters(tiny):
     net.logits(torch.tensor([[1, 2, 3]], device=CUDA)).float().pow(2).mean().backward()
     assert torch.cuda.max_memory_allocated(CUDA) > 0
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.lora_parameters(net))
+
+
+# --- the fixed-shape decode as a CUDA graph -----------------------------------------------------------------------
+
+def test_graphed_decode_equals_the_eager_decode_token_for_token_and_draw_for_draw(tiny):
+    """Greedy: the same tokens. Sampled: the same generator state gives the same draws (EOS ends rows at different
+    steps, so finished rows decode on inside the graph, unread). And the graph is captured once per shape, not once
+    per step or per call."""
+    gpu = adapted_pair(tiny)[1]
+    prompts = [[1, 2, 3, 4], [9, 8, 7], [5] * 9]
+    eos = list(range(0, 272, 5))
+    assert M.greedy(gpu, prompts, 24, decode="graph") == M.greedy(gpu, prompts, 24, decode="eager")
+    assert M.greedy(gpu, prompts, 24, eos=eos, decode="graph") == M.greedy(gpu, prompts, 24, eos=eos, decode="eager")
+    before = M.Decoder.captures
+    runs = [M.sample(gpu, [3, 1, 4, 1, 5], 8, 30, temperature=t, eos=eos, decode=d,
+                     generator=torch.Generator(CUDA).manual_seed(9)) for t in (0.7, 2.0) for d in ("graph", "eager")]
+    assert runs[0] == runs[1] and runs[2] == runs[3]
+    assert len({len(y) for y in runs[2]}) > 1  # rows finished at different steps
+    assert M.Decoder.captures == before + 1  # one shape: captured once for 2 calls of up to 29 steps each
+
+
+def test_lower_precision_sampling_runs_and_stays_close(tiny):
+    """tf32 and bf16 sampling give completions of valid tokens; bf16's logits stay within bf16 rounding of fp32's."""
+    gpu = adapted_pair(tiny)[1]
+    for precision in ("tf32", "bf16"):
+        ys = M.sample(gpu, [1, 2, 3], 6, 16, temperature=0.7, precision=precision,
+                      generator=torch.Generator(CUDA).manual_seed(3))
+        assert all(1 <= len(y) <= 16 and all(0 <= t < 272 for t in y) for y in ys)
+    x = torch.tensor([[1, 2, 3, 4]], device=CUDA)
+    with torch.no_grad():
+        assert (M.bf16_copy(gpu).logits(x).float() - gpu.logits(x)).abs().max() < 0.05
+
+
+def test_eval_batch_on_cuda_is_what_half_the_free_memory_holds(tiny):
+    import checks
+    from settings import Settings
+    cfg = M.Qwen2Config.from_json(tiny / "config.json")
+    s = Settings(device="cuda", max_new_tokens=300)
+    assert checks.eval_batch(s, cfg, 60, 3000) == 3000  # a tiny model's rows are kilobytes: the whole test set
+    big = M.PRESETS["qwen2-1.5b"]
+    rows = checks.eval_batch(s, big, 60, 10**6)
+    free = torch.cuda.mem_get_info()[0]
+    assert 1 <= rows and rows * M.cache_bytes(big, 1, 60 + 300, torch.float32) < free / 2
+    assert checks.eval_batch(Settings(device="cpu"), big, 60, 3000) == 32

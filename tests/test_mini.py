@@ -24,7 +24,7 @@ import mini_report
 import model as M
 import tokrl
 import train
-from conftest import ROOT
+from conftest import ROOT, refused
 from mini_base import MiniMult
 
 
@@ -157,10 +157,18 @@ def test_choose_takes_the_best_validation_accuracy_and_the_smaller_rate_on_a_tie
     assert mini.choose({3e-3: 0.5, 1e-3: 0.5, 3e-4: 0.5}) == 3e-4
 
 
+# The validation accuracy each tuning run reports, by (algo, lr): GRPO is best at the middle rate and T-SPMO at the
+# largest, so that a tune that took the smallest (or any fixed) rate would choose wrongly for one of them.
+TUNED_ACCURACY = {("grpo", 3e-4): 0.25, ("grpo", 1e-3): 0.75, ("grpo", 3e-3): 0.5,
+                  ("tspmo", 3e-4): 0.0, ("tspmo", 1e-3): 0.25, ("tspmo", 3e-3): 0.5}
+
+
 def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypatch, capsys):
     """--tune in this process with a few steps: every run is evaluated on the validation split (a test-split
-    evaluation fails the test), and the chosen rate is the one with the best validation accuracy, as recorded."""
-    real = MiniMult.test_set
+    evaluation fails the test), and the chosen rate is the one with the best validation accuracy, as recorded. The
+    tiny runs all score 0: each evaluation's accuracy is replaced by TUNED_ACCURACY's for its run, after the real
+    evaluation of the validation split."""
+    real, real_evaluate = MiniMult.test_set, train.evaluate
     scored = []
 
     def no_test(self):
@@ -169,7 +177,11 @@ def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypat
         scored.append(self.split_name)
         return real(self)
 
+    def evaluate(net, tok, task, cfg, *a, **k):
+        return {**real_evaluate(net, tok, task, cfg, *a, **k), "accuracy": TUNED_ACCURACY[cfg.algo, cfg.lr]}
+
     monkeypatch.setattr(MiniMult, "test_set", no_test)
+    monkeypatch.setattr(train, "evaluate", evaluate)
     out = tmp_path / "m"
     assert mini.main(["--tune", "--out", str(out), "--steps", "2", "--methods", "grpo,tspmo-literal", "--eval-limit",
                       "4", "--parallel", "1"]) == 0
@@ -179,7 +191,8 @@ def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypat
         for method in ("grpo", "tspmo-literal"):
             e = table[setting][method]
             accs = {float(k): v for k, v in e["validation"].items()}
-            assert len(accs) == 3 and e["lr"] == mini.choose(accs)
+            assert accs == {lr: TUNED_ACCURACY[method[:5], lr] for lr in mini.LRS}
+            assert e["lr"] == {"grpo": 1e-3, "tspmo-literal": 3e-3}[method]  # the best validation accuracy
             run = out / "tune" / "runs" / f"{setting}-{method}-lr{e['lr']:g}"
             assert json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["accuracy"] == accs[e["lr"]]
     assert "| chosen |" in capsys.readouterr().out
@@ -395,11 +408,13 @@ def test_quick_runs_both_settings_through_train_train_and_writes_the_report(tmp_
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     last = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert {"right_a*ones", "right_a*tens", "right_sum", "lora_A_mean_abs", "lora_BA_norm"} <= set(last)
-    # the base directories are normal model directories that train.py --model accepts (they load; the paper's ChatML
-    # multiplication prompts, 207 of its tokens, do not fit their 128 positions: --eval-limit 0 evaluates none)
-    assert train.main(["--model", str(out / "base-steps"), "--eval-only", "--eval-limit", "0", "--max-new-tokens",
-                       "4", "--device", "cpu"]) == 0
-    capsys.readouterr()
+    # the base directories are normal model directories: train.py --model reads them whole and refuses only the
+    # paper's ChatML multiplication prompts (207 of its tokens) as longer than their 128 positions; they load
+    code, err = refused(["--model", str(out / "base-steps"), "--eval-only", "--max-new-tokens", "4", "--device",
+                         "cpu"], capsys)
+    assert code == 2 and err.startswith("error: --max-new-tokens 4: the longest test prompt (207 tokens, mult) plus "
+                                        "4 is 211, beyond the model's max_position_embeddings 128")
+    assert M.load_model(out / "base-steps").config.max_position_embeddings == 128
     mini.main([*args, "--methods", "grpo", "--settings", "steps"])  # a rerun reuses the cached base
     assert "base (steps): reusing" in capsys.readouterr().out
 

@@ -167,6 +167,122 @@ def test_dropping_finished_rows_keeps_the_others_exact(tmp_path):
         assert t == s[:cut]
 
 
+# --- fixed-shape decode (the CUDA path's, run here without a graph) ---------------------------------------------
+
+@pytest.mark.parametrize("G", [1, 8])
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.7, 1.0), (5.0, 1.0), (1.0, 0.9)])
+def test_fixed_shape_decode_samples_what_the_eager_decode_samples(tiny_dir, G, temperature, top_p):
+    """The same seed, token for token: EOS (a quarter of the vocabulary, so rows finish at different steps), a stop
+    rule, suppressed tokens. The fixed-shape decode keeps finished rows in its batch and draws only for the live
+    ones, so the generator is read exactly as the eager decode reads it."""
+    m = M.load_model(tiny_dir)
+    eos, suppress = list(range(0, 272, 4)), [5, 9, 13]
+    stop = lambda toks: len(toks) >= 3 and toks[-1] == toks[-3]  # noqa: E731
+    runs = {}
+    for decode in ("eager", "static"):
+        runs[decode] = M.sample(m, [10, 20, 30, 40], G, 24, temperature=temperature, top_p=top_p, eos=eos,
+                                stop=stop, suppress=suppress, decode=decode,
+                                generator=torch.Generator().manual_seed(11))
+    assert runs["static"] == runs["eager"]
+    assert not any(t in suppress for y in runs["eager"] for t in y)
+    if G > 1 and temperature > 0:
+        assert len({len(y) for y in runs["eager"]}) > 1  # rows finished at different steps
+
+
+def test_fixed_shape_greedy_equals_eager_greedy_with_padding_and_early_ends(tiny_dir):
+    m = M.load_model(tiny_dir)
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4, 3], [1], [200, 100, 50, 25]]
+    solo = M.greedy(m, prompts, 20, decode="eager")
+    eos = [solo[0][3], solo[2][6]]  # rows 0 and 2 (at least) end early
+    for e in ([], eos):
+        assert M.greedy(m, prompts, 20, eos=e, decode="static") == M.greedy(m, prompts, 20, eos=e, decode="eager")
+    assert len({len(y) for y in M.greedy(m, prompts, 20, eos=eos, decode="static")}) > 1
+
+
+def test_fixed_shape_logits_equal_a_full_forward_at_every_step(tiny_dir, monkeypatch):
+    """Every live row's logits at every fixed-shape step equal a full forward over its prompt and its own tokens:
+    finished rows decoding on beside them, unread, change nothing."""
+    m = M.load_model(tiny_dir)
+    seen, real = [], M.next_token
+
+    def spy(logits, *args):
+        seen.append(logits.clone())
+        return real(logits, *args)
+
+    monkeypatch.setattr(M, "next_token", spy)
+    prompt, eos = [10, 20, 30, 40], list(range(0, 272, 4))
+    rows = M.sample(m, prompt, 8, 8, temperature=5.0, generator=torch.Generator().manual_seed(3), eos=eos,
+                    decode="static")
+    assert len({len(r) for r in rows}) > 2
+    for step, logits in enumerate(seen):
+        live = [r for r in rows if len(r) > step]
+        assert logits.shape[0] == len(live)
+        for got, r in zip(logits, live):
+            assert (got - m.logits(torch.tensor([prompt + r[:step]]))[0, -1]).abs().max() < 1e-4
+
+
+def test_a_decoder_is_made_once_per_shape_and_again_when_the_model_changes(tiny_dir):
+    """Calls of one shape (prompts of different lengths within one SLOT_BLOCK) reuse the model's Decoder, as a CUDA
+    run reuses its captured graph; LoRA put on the model, or switched off, makes a new one."""
+    import lora
+    m = M.load_model(tiny_dir)
+    made = []
+    real_init = M.Decoder.__init__
+
+    def counting(self, *a, **kw):
+        made.append(a[1:3])
+        real_init(self, *a, **kw)
+
+    M.Decoder.__init__ = counting
+    try:
+        for prompt in ([1, 2, 3], [1, 2, 3, 4, 5, 6]):
+            M.sample(m, prompt, 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
+        assert made == [(4, M.SLOT_BLOCK)]  # 4 rows; 3 + 10 and 6 + 10 positions both round up to one block
+        M.sample(m, [1, 2, 3], 5, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
+        assert len(made) == 2  # another row count, another shape
+        lora.apply_lora(m, r=2, fraction=0.5, generator=torch.Generator().manual_seed(0))
+        M.sample(m, [1, 2, 3], 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
+        assert len(made) == 3
+        with lora.adapters_off(m):
+            M.sample(m, [1, 2, 3], 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                     decode="static")
+        assert len(made) == 4
+    finally:
+        M.Decoder.__init__ = real_init
+
+
+def test_bf16_sampling_uses_a_bf16_base_and_the_very_adapter_tensors(tiny_dir):
+    """precision="bf16" samples from a copy whose frozen weights are bf16 and whose LoRA tensors are the model's
+    own: an update of the adapter in place (AdamW's) is sampled from at once, with no copy made again."""
+    import lora
+    m = M.load_model(tiny_dir)
+    lora.apply_lora(m, r=2, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    copy16 = M.bf16_copy(m)
+    adapter = {id(p) for p in lora.lora_parameters(m)}
+    for name, p in copy16.named_parameters():
+        assert (id(p) in adapter) == ("lora_" in name)
+        assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), name
+    assert copy16.lm_head.weight is copy16.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        for p in lora.lora_parameters(m):
+            p.add_(0.5)
+    assert M.bf16_copy(m) is copy16
+    x = torch.tensor([[1, 2, 3, 4]])
+    diff = (copy16.logits(x).float() - m.logits(x)).abs().max()
+    assert 0 < diff < 0.05  # bf16's rounding, with the moved adapter in both
+    ys = M.sample(m, [1, 2, 3], 4, 12, temperature=0.7, generator=torch.Generator().manual_seed(1),
+                  precision="bf16", decode="static")
+    assert all(1 <= len(y) <= 12 and all(0 <= t < m.config.vocab_size for t in y) for y in ys)
+
+
+def test_unknown_decode_or_precision_is_named(tiny_dir):
+    m = M.load_model(tiny_dir)
+    with pytest.raises(ValueError, match="decode 'fast'"):
+        M.sample(m, [1], 2, 2, temperature=1.0, generator=None, decode="fast")
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        M.sample(m, [1], 2, 2, temperature=1.0, generator=None, precision="fp8")
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)

@@ -64,13 +64,24 @@ def test_svamp_eval_only_scores_the_paper_s_300_problems_for_every_seed(tmp_path
     assert "on 300 svamp test examples" in capsys.readouterr().out
 
 
-def test_a_lone_svamp_json_is_split_the_same_way_for_every_run(tmp_path):
+# The split of the first 20 shipped training records by the documented rule, written out so that the expectation
+# comes from the rule and not from the code under test: random.Random(0).shuffle of the indices 0..19 gives
+# [10, 18, 16, 14, 0, 17, 11, 2, 3, 9, 5, 7, 4, 19, 6, 15, 8, 1, 13, 12]; the first round(0.7 × 20) = 14 train, in
+# that order, and the last 6 are the test set.
+LONE_TEST_IDS = ["chal-86", "chal-502", "chal-355", "chal-508", "chal-616", "chal-419"]
+
+
+def test_a_lone_svamp_json_is_split_the_same_way_for_every_run(tmp_path, tiny):
     records = json.loads((tasks.Svamp.SHIPPED / "train.json").read_text())[:20]
     (tmp_path / "SVAMP.json").write_text(json.dumps(records))
-    a = tasks.Svamp.load(str(tmp_path / "SVAMP.json"))
-    b = tasks.make_task("svamp", None, str(tmp_path / "SVAMP.json"))
-    assert [r["ID"] for r in a[1]] == [r["ID"] for r in b.test] and len(a[1]) == 6
-    assert "not the paper's split" in a[2]
+    train_set, test_set, note = tasks.Svamp.load(str(tmp_path / "SVAMP.json"))
+    assert [r["ID"] for r in test_set] == LONE_TEST_IDS and "not the paper's split" in note
+    assert sorted(r["ID"] for r in train_set + test_set) == sorted(r["ID"] for r in records)  # a partition
+    for seed in ("0", "1"):  # what a run evaluates, whatever its --seed
+        train.main(["--task", "svamp", "--model", str(tiny), "--data", str(tmp_path / "SVAMP.json"), "--eval-only",
+                    "--seed", seed, "--device", "cpu", "--max-new-tokens", "1", "--out", str(tmp_path / seed)])
+        examples = json.loads((tmp_path / seed / "eval.json").read_text())["examples"]
+        assert [e["example"]["ID"] for e in examples] == LONE_TEST_IDS[:3]
 
 
 # --- issue 19: GSM8K ships the same way, and no task touches the network ------------------------------------------

@@ -113,6 +113,31 @@ def test_failures_are_drawn_from_earlier_problems_with_their_own_rewards(tiny, t
     assert [len(m["replays"]) for m in ms] == [1, 0]
 
 
+class EndOfRange(random.Random):
+    """The replay generator, with every cut drawn at one end of the range the trainer asks randint for."""
+
+    def __init__(self, end: str):
+        super().__init__(0)
+        self.end = end
+
+    def randint(self, a: int, b: int) -> int:
+        return a if self.end == "low" else b
+
+
+@pytest.mark.parametrize("end,cut", [("low", 0), ("high", 2)])
+def test_a_replay_cut_is_a_strict_prefix_of_its_source_completion(tiny, tmp_path, monkeypatch, end, cut):
+    """The cut j is uniform in [0, |y| − 1], and the replay restarts from prompt + y_1 … y_j: at its highest the prefix
+    leaves y's last token (EOS, when y has one) to be generated again, never the whole completion. "121" is three
+    byte tokens: j is 0 at the bottom of the range and 2 at its top (a cut of 3 would replay all of "121")."""
+    tr = trainer(tiny, tmp_path, monkeypatch)
+    tr.gens["replay"] = EndOfRange(end)
+    script = Script(tr.tok, [STEP1, ("replay", "121")])
+    [m] = run_steps(tr, script, monkeypatch, 1)
+    [r] = m["replays"]
+    prefix = script.calls[1][1]  # the replay's prompt after the prefilled opener: the cut's tokens
+    assert r["replay_cut"] == cut and prefix == "121"[:cut] and len(prefix) < len("121")
+
+
 # --- the pool itself -----------------------------------------------------------------------------------------------
 
 def filled(threshold=1.0) -> ReplayPool:

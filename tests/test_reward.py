@@ -120,6 +120,10 @@ def test_sympy_reward_matches(text, answer):
     ("no answer here", "18"),
     ("The answer is x + 1", "18"),          # no expression after the marker: falls through to the last number, 1
     ("\\boxed{1/0}", "18"),                 # division by zero refused
+    ("The answer is 0.3333333", "1/3"),     # near misses: an exact answer, never one within a tolerance
+    ("The answer is 0.7500001", 0.75),
+    ("\\boxed{0.3333333}", "\\frac{1}{3}"),
+    ("#### 18.000001", "18"),
 ])
 def test_sympy_reward_mismatches(text, answer):
     assert sympy_reward(text, answer) == 0.0

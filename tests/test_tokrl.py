@@ -149,6 +149,25 @@ def test_per_completion_gradient_equals_batched_gradient(tmp_path, algo):
     assert slow.norm() > 0 and rel < 1e-5
 
 
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_batched_backward_gives_the_per_completion_gradient(tmp_path, algo, n):
+    """--backward-batch N: N completions (of different lengths, right-padded) in one forward and backward give the
+    per-completion gradient and loss within fp32 rounding, in ceil(G/N) passes."""
+    m = adapted_model(tmp_path)
+    selection = None
+    if algo == "sgrpo":
+        selection = [tokrl.select_tokens(len(y), 2, 3, 0.5, torch.Generator().manual_seed(3)) for y in COMPLETIONS]
+    one = tokrl.grpo_backward(m, PROMPT, COMPLETIONS, REWARDS, beta=0.5, selection=selection)
+    per_completion = grads(m)
+    zero(m)
+    st = tokrl.grpo_backward(m, PROMPT, COMPLETIONS, REWARDS, beta=0.5, selection=selection, backward_batch=n)
+    rel = (grads(m) - per_completion).norm() / per_completion.norm()
+    assert per_completion.norm() > 0 and rel < 1e-5
+    assert st.loss == pytest.approx(one.loss, abs=1e-6) and st.kl == pytest.approx(one.kl, abs=1e-6)
+    assert st.forwards == -(-4 // n) and st.tokens_in_loss == one.tokens_in_loss
+
+
 def test_padding_is_outside_the_loss_even_when_pad_is_eos(tmp_path):
     """Pad with EOS or with another id: the batched loss (and so its gradient) must not change, and it must
     equal the per-completion loss, where no padding exists at all."""

@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_config
 import model as M
 import checkpoints
+import checks
 import tasks
 import train
 
@@ -76,7 +77,8 @@ def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
     """4 steps straight, or 2 steps, stop, resume for 2 more: the same adapter weights and the same metrics.
     On the toy task (rewards vary, so the weights move and every step's samples differ), through the real CLI."""
     d = digit_model(tmp_path / "digits")
-    monkeypatch.setattr(train, "make_task", lambda name, tok, *a: SevenTask(tok))
+    for where in (train, checks):  # checks.check_inputs reads the task main trains on
+        monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", algo, "--model", str(d), "--device", "cpu", "-G", "6", "--max-new-tokens", "1",
               "--temperature", "1.0", "--lr", "3e-2", "--lora-fraction", "1", "--eval-every", "0", "--save-every", "2",
               "--alpha", "0", "--k", "1"]
@@ -219,6 +221,13 @@ def run_main(args, capsys=None):
     return str(e.value)
 
 
+def refused(args, capsys) -> str:
+    """stderr of train.main(args), which must refuse them with exit status 2 (a bad flag or a bad file handed in)."""
+    capsys.readouterr()
+    assert run_main(args) == "2"
+    return capsys.readouterr().err
+
+
 def test_unknown_task_or_algo(capsys):
     for args, word in ((["--task", "chess"], "chess"), (["--algo", "a2c"], "a2c")):
         with pytest.raises(SystemExit) as e:
@@ -227,31 +236,31 @@ def test_unknown_task_or_algo(capsys):
         assert e.value.code == 2 and "invalid choice" in err and f"'{word}'" in err
 
 
-def test_missing_model_and_data(tmp_path, tiny):
-    msg = run_main(["--model", str(tmp_path / "nope" / "x"), "--out", str(tmp_path / "r1"), "--device", "cpu"])
+def test_missing_model_and_data(tmp_path, tiny, capsys):
+    msg = refused(["--model", str(tmp_path / "nope" / "x"), "--out", str(tmp_path / "r1"), "--device", "cpu"], capsys)
     assert "error:" in msg and "nope" in msg
-    msg = run_main(["--task", "svamp", "--model", str(tiny), "--data", str(tmp_path / "none.json"),
-                    "--out", str(tmp_path / "r2"), "--device", "cpu"])
+    msg = refused(["--task", "svamp", "--model", str(tiny), "--data", str(tmp_path / "none.json"),
+                   "--out", str(tmp_path / "r2"), "--device", "cpu"], capsys)
     assert "none.json" in msg and "no SVAMP data" in msg
 
 
-def test_malformed_records_are_named(tmp_path, tiny):
+def test_malformed_records_are_named(tmp_path, tiny, capsys):
     d = write_svamp(tmp_path / "s")
     recs = json.loads((d / "train.json").read_text())
     del recs[4]["Answer"]
     (d / "train.json").write_text(json.dumps(recs))
-    msg = run_main(["--task", "svamp", "--model", str(tiny), "--data", str(d), "--out", str(tmp_path / "r"),
-                    "--device", "cpu"])
+    msg = refused(["--task", "svamp", "--model", str(tiny), "--data", str(d), "--out", str(tmp_path / "r"),
+                   "--device", "cpu"], capsys)
     assert "train.json: record 4 (chal-5)" in msg
     g = write_gsm8k(tmp_path / "g")
     (g / "test.jsonl").write_text('{"question": "q", "answer": "no marker"}\n')
-    msg = run_main(["--task", "gsm8k", "--model", str(tiny), "--data", str(g), "--out", str(tmp_path / "r3"),
-                    "--device", "cpu"])
+    msg = refused(["--task", "gsm8k", "--model", str(tiny), "--data", str(g), "--out", str(tmp_path / "r3"),
+                   "--device", "cpu"], capsys)
     assert "test.jsonl: line 1 is not a GSM8K record" in msg
 
 
 def test_resume_of_a_non_run_and_existing_run_kept(tmp_path, tiny, capsys):
-    msg = run_main(["--resume", str(tmp_path)])
+    msg = refused(["--resume", str(tmp_path)], capsys)
     assert "not a tokrl run directory" in msg
     run = tmp_path / "r"
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run)])
@@ -261,7 +270,7 @@ def test_resume_of_a_non_run_and_existing_run_kept(tmp_path, tiny, capsys):
     assert "already holds a run" in capsys.readouterr().err and (run / "metrics.jsonl").read_text() == before
     import shutil
     shutil.rmtree(run / "checkpoints")
-    assert "no intact checkpoint" in run_main(["--resume", str(run)])
+    assert "no intact checkpoint" in refused(["--resume", str(run)], capsys)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny, monkeypatch):
