@@ -1,7 +1,8 @@
 """The paper in miniature: its methods, on two constructed settings, on a laptop CPU; nothing downloaded.
 
-    python mini.py                # both settings, every method at its shipped learning rate, 3 seeds -> runs/mini/
-    python mini.py --quick        # both settings, the paper's methods, one seed, fewer steps -> runs/mini/quick/
+    python mini.py                # both settings, the default methods at their shipped rates, 3 seeds, the paper's
+                                  # step counts -> runs/mini/
+    python mini.py --quick        # both settings, the default methods, one seed, 1/9 of the steps -> runs/mini/quick/
     python mini.py --tune         # the learning-rate search on the validation set -> runs/mini/tune/tuning.json
     python mini.py --rebuild-base # build both SFT bases here from seed 0 instead of copying the shipped ones
 
@@ -9,10 +10,11 @@ What it does (each stage writes into --out, default runs/mini/):
   1. the bases (mini_base.py): a 1 M-parameter Qwen2 and a character tokenizer; per setting an SFT'd base, copied
      from data/ (or built here from its seed);
   2. the runs, each through `training.train` (the code path of `python train.py`): the paper's settings scaled to the
-     miniature (`run_settings`), the learning rate of each (setting, method) the one `--tune` chose on the
-     validation set (data/mini-tuning.json), two runs at a time, one CPU thread each;
+     miniature (`run_settings`) at the paper's step counts, the learning rate of each (setting, method) the one
+     `--tune` chose on the validation set at the same step counts (data/mini-tuning.json), two runs at a time, one
+     CPU thread each;
   3. OUT/results.md: per setting the table beside the paper's Table II, the tuning table, the table of E10's λ
-     readings and the decision the rule of README "The paper in miniature" gives; the figures (mini_report.py).
+     readings and the decision the rule of docs/mini.md gives; the figures (mini_report.py).
 
 The same budget of tries for every method: one seed at each of three learning rates, the best validation accuracy
 kept (ties: the smaller rate); then 3 seeds at that rate on the test set.
@@ -41,31 +43,38 @@ from settings import Settings, paper_defaults
 # ----------------------------------------------------------------------------------------------------------------------
 # The methods and their settings
 
-METHODS = {  # name: (algo, what differs from the algorithm's settings)
+METHODS = {  # name: (algo, what differs from the algorithm's settings); each sets λ itself, whatever the CLI's default
     "grpo": ("grpo", {}),
     "sgrpo": ("sgrpo", {}),
-    # E10's λ, two readings (README "The paper in miniature"): (a) literal, λ·Σ‖W‖² over every LoRA A and B in the
-    # loss, λ = 0.01; (b) λ as AdamW's decoupled weight decay of 0.01: no λ term in the loss. AdamW's weight decay is
-    # 0.01 in both (torch's default, [decided] SPEC.md). Each with E10's π, and with log π (an ablation).
-    "tspmo-literal": ("tspmo", {"lam": 0.01}),
-    "tspmo-literal-logpi": ("tspmo", {"lam": 0.01, "tspmo_objective": "logpi"}),
+    # E10's λ, two readings (docs/mini.md, "E10's λ"): (b) λ as AdamW's decoupled weight decay of 0.01, no λ term in
+    # the loss (the CLI's default, [decided] SPEC.md); (a) literal, λ·Σ‖W‖² over every LoRA A and B in the loss,
+    # λ = 0.01. AdamW's weight decay is 0.01 in both (torch's default, [decided] SPEC.md).
     "tspmo-decay": ("tspmo", {"lam": 0.0}),
-    "tspmo-decay-logpi": ("tspmo", {"lam": 0.0, "tspmo_objective": "logpi"}),
+    "tspmo-literal": ("tspmo", {"lam": 0.01}),
+    # Table V's contrast: T-SPMO (b) without replay, C_success = C_failure = 0 (the paper: 70.0% with success replay,
+    # 19.5% without)
+    "tspmo-decay-noreplay": ("tspmo", {"lam": 0.0, "replay_success": 0, "replay_failure": 0}),
     # the methods the paper argues against (SPEC-baselines.md: G = 8, GRPO's steps; PPO μ = 4, γ = 1, λ_GAE = 0.95,
     # ε = 0.2, w1 = 0, w2 = β, w3 = 0.5; DPO β_D = 0.1), every other setting the CLI's default
     "ppo": ("ppo", {}),
-    "ppo-separate": ("ppo", {"critic": "separate"}),
     "dpo": ("dpo", {}),
-    # an ablation, not run by default (--methods): replay from this prompt's group only, at the rate tuned for the
-    # history pool
-    "tspmo-literal-group": ("tspmo", {"lam": 0.01, "replay_pool": "group"}),
+    # ablations, not run by default (--methods): E10 with log π in place of π; PPO with a separate critic; replay from
+    # this prompt's group only (not the history pool)
+    "tspmo-decay-logpi": ("tspmo", {"lam": 0.0, "tspmo_objective": "logpi"}),
+    "tspmo-literal-logpi": ("tspmo", {"lam": 0.01, "tspmo_objective": "logpi"}),
+    "ppo-separate": ("ppo", {"critic": "separate"}),
     "tspmo-decay-group": ("tspmo", {"lam": 0.0, "replay_pool": "group"}),
+    "tspmo-literal-group": ("tspmo", {"lam": 0.01, "replay_pool": "group"}),
 }
-DEFAULT_METHODS = tuple(m for m in METHODS if not m.endswith("-group"))
-TUNED_AS = {"tspmo-literal-group": "tspmo-literal", "tspmo-decay-group": "tspmo-decay"}  # whose rate they take
-QUICK_METHODS = ("grpo", "sgrpo", "tspmo-literal", "tspmo-decay", "ppo", "dpo")
+DEFAULT_METHODS = ("grpo", "sgrpo", "tspmo-decay", "tspmo-literal", "tspmo-decay-noreplay", "ppo", "dpo")
+# An ablation runs at the rate tuned for the method it varies, so that only the ablated setting differs (as the
+# paper's ablations hold the rest fixed), unless the tuning table holds its own (--tune --methods NAME tunes it)
+TUNED_AS = {"tspmo-decay-noreplay": "tspmo-decay", "tspmo-decay-logpi": "tspmo-decay",
+            "tspmo-literal-logpi": "tspmo-literal", "ppo-separate": "ppo", "tspmo-decay-group": "tspmo-decay",
+            "tspmo-literal-group": "tspmo-literal"}
+TUNED_METHODS = tuple(m for m in DEFAULT_METHODS if m not in TUNED_AS)  # what --tune runs by default
 STEPS = {"grpo": 450, "sgrpo": 450, "tspmo": 350, "ppo": 450, "dpo": 450}  # Table II's; PPO, DPO: GRPO's
-STEP_SCALE = 1 / 3  # ours: a third of Table II's steps (150, 150, 117): python mini.py in under 30 minutes (README)
+STEP_SCALE = 1.0  # the paper's step counts: at a third of them the ranking and E10's λ read otherwise (docs/mini.md)
 QUICK_STEP_SCALE = 1 / 9
 LRS = (3e-4, 1e-3, 3e-3)  # --tune's grid (the paper's 1e-4 moves a 1 M-parameter model's LoRA too little)
 # ours: the miniature has 4 layers, so the paper's last 1/4 would be one layer with q/v only (4,096 LoRA parameters);
@@ -113,13 +122,14 @@ def run_job(job: Job, loaded=None) -> dict:
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(job.cfg), indent=2) + "\n")
     torch.set_num_threads(job.cfg.threads or 1)
     net, tok, eos = loaded or training.load_everything(job.cfg)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     with open(run / "log.txt", "w") as f, contextlib.redirect_stdout(f):
         final = training.train(job.cfg, run, task=MiniMult(tok, job.setting, job.split),
                             loaded=(copy.deepcopy(net), tok, eos))
+    # wall minutes depend on what else the machine runs; this process's CPU minutes (one thread) hardly do
     return {"setting": job.setting, "method": job.method, "seed": job.seed, "split": job.split, "lr": job.cfg.lr,
             "accuracy": final["accuracy"], "steps": job.cfg.steps, "minutes": (time.time() - t0) / 60,
-            "run": str(run)}
+            "cpu_minutes": (time.process_time() - cpu0) / 60, "run": str(run)}
 
 
 def run_all(jobs: list[Job], parallel: int, log=say) -> list[dict]:
@@ -128,8 +138,9 @@ def run_all(jobs: list[Job], parallel: int, log=say) -> list[dict]:
 
     def report(r):
         done.append(r)
-        log(f"  {r['setting']:<11} {r['method']:<19} lr {r['lr']:g} seed {r['seed']} | {r['split']} accuracy "
-            f"{r['accuracy']:.3f} | {r['steps']} steps | {r['minutes']:.1f} min  [{len(done)}/{len(jobs)}]")
+        log(f"  {r['setting']:<11} {r['method']:<20} lr {r['lr']:g} seed {r['seed']} | {r['split']} accuracy "
+            f"{r['accuracy']:.3f} | {r['steps']} steps | {r['minutes']:.1f} min (CPU {r['cpu_minutes']:.1f})  "
+            f"[{len(done)}/{len(jobs)}]")
 
     if parallel <= 1:
         bases: dict[str, tuple] = {}
@@ -141,6 +152,11 @@ def run_all(jobs: list[Job], parallel: int, log=say) -> list[dict]:
         with multiprocessing.get_context("spawn").Pool(parallel) as pool:
             for r in pool.imap_unordered(run_job, jobs):
                 report(r)
+            # Each worker exits on its own, running its exit handlers: tqdm makes a multiprocessing lock in it, a
+            # named semaphore under spawn, that only those handlers unlink. The `with` alone would terminate() the
+            # workers (SIGTERM), and the resource tracker would report the semaphores as leaked after the results.
+            pool.close()
+            pool.join()
     order = {(j.setting, j.method, j.seed, j.cfg.lr): i for i, j in enumerate(jobs)}
     return sorted(done, key=lambda r: order[r["setting"], r["method"], r["seed"], r["lr"]])
 
@@ -161,9 +177,9 @@ def choose(validation: dict[float, float]) -> float:
 
 
 def tune(out: Path, bases: dict[str, Path], methods: list[str], parallel: int, step_scale: float,
-         eval_limit: int | None, steps: int | None = None) -> dict:
+         eval_limit: int | None, steps: int | None = None) -> tuple[dict, list[dict]]:
     """Every (setting, method, rate) with seed 0, scored on the validation set only (the test set is never
-    evaluated here); returns {setting: {method: {"validation": {rate: accuracy}, "lr": chosen}}}."""
+    evaluated here); returns {setting: {method: {"validation": {rate: accuracy}, "lr": chosen}}} and the runs."""
     jobs = []
     for setting in bases:
         for method in methods:
@@ -181,7 +197,13 @@ def tune(out: Path, bases: dict[str, Path], methods: list[str], parallel: int, s
     for per_method in table.values():
         for entry in per_method.values():
             entry["lr"] = choose(entry["validation"])
-    return table
+    return table, results
+
+
+def with_borrowed(rates: dict) -> dict:
+    """Each ablation without a tuned rate of its own gets its method's (TUNED_AS), marked {"as": that method}."""
+    return {s: {**{m: {**per[t], "as": t} for m, t in TUNED_AS.items() if t in per and m not in per}, **per}
+            for s, per in rates.items()}
 
 
 def read_tuning(path: Path) -> dict:
@@ -209,18 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/mini", help="output folder (default runs/mini; the bases are cached in "
                                                       "OUT/base and OUT/base-steps)")
-    p.add_argument("--quick", action="store_true", help=f"one seed, {', '.join(QUICK_METHODS)}, 1/9 of the paper's "
-                                                        f"steps, into OUT/quick/")
+    p.add_argument("--quick", action="store_true", help="one seed, the default methods, 1/9 of the paper's steps, "
+                                                        "into OUT/quick/")
     p.add_argument("--tune", action="store_true", help="the learning-rate search (one seed at each of "
                                                        f"{', '.join(f'{lr:g}' for lr in LRS)}, scored on the "
-                                                       "validation set) into OUT/tune/tuning.json")
+                                                       f"validation set; default methods {','.join(TUNED_METHODS)}) "
+                                                       "into OUT/tune/tuning.json")
     p.add_argument("--tuning", default=str(TUNING), help="the rates to use (default: the shipped choice, "
                                                          "data/mini-tuning.json; or OUT/tune/tuning.json)")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {','.join(SETTINGS)}")
     p.add_argument("--seeds", type=positive_int, help="seeds per method (default 3; --quick 1)")
-    p.add_argument("--methods", help=f"comma-separated, of {','.join(METHODS)} (default all but the -group "
-                                     f"ablations; --quick: {','.join(QUICK_METHODS)})")
-    p.add_argument("--steps", type=positive_int, help="RL steps for every method (default: scaled paper's)")
+    p.add_argument("--methods", help=f"comma-separated, of {','.join(METHODS)} (default "
+                                     f"{','.join(DEFAULT_METHODS)}; an ablation without a tuned rate of its own "
+                                     "takes the rate of the method it varies)")
+    p.add_argument("--steps", type=positive_int, help="RL steps for every method (default: the paper's; --quick "
+                                                      "1/9 of them)")
     p.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N problems (default all 300)")
     p.add_argument("--rebuild-base", action="store_true", help="run the SFTs here rather than copy the shipped "
                                                                "bases (data/mini-base*/, built the same way)")
@@ -240,13 +265,10 @@ def check_names(flag: str, given: str, allowed) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = check_names("--settings", args.settings, SETTINGS)
-    methods = check_names("--methods", args.methods or ",".join(QUICK_METHODS if args.quick else DEFAULT_METHODS),
-                          METHODS)
-    rates = None if args.tune else read_tuning(Path(args.tuning))  # before any work: a bad table stops here
-    if args.tune and (ablations := [m for m in methods if m in TUNED_AS]):
-        raise SystemExit(f"error: --methods: {ablations[0]} takes {TUNED_AS[ablations[0]]}'s rate; it is not tuned")
+    default = TUNED_METHODS if args.tune else DEFAULT_METHODS
+    methods = check_names("--methods", args.methods or ",".join(default), METHODS)
+    rates = None if args.tune else with_borrowed(read_tuning(Path(args.tuning)))  # a bad table stops here
     if rates is not None:
-        rates = {s: {**per, **{m: per[t] for m, t in TUNED_AS.items() if t in per}} for s, per in rates.items()}
         if missing := [f"{s}/{m}" for s in settings for m in methods if m not in rates.get(s, {})]:
             raise SystemExit(f"error: --tuning {args.tuning}: no learning rate for {missing[0]}; run python mini.py "
                              "--tune")
@@ -265,13 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     command = "python mini.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     if args.tune:
         dest = out / "tune"
-        table = tune(dest, bases, methods, args.parallel, step_scale, args.eval_limit, args.steps)
-        minutes = (time.time() - t0) / 60
+        table, results = tune(dest, bases, methods, args.parallel, step_scale, args.eval_limit, args.steps)
+        minutes, cpu = (time.time() - t0) / 60, sum(r["cpu_minutes"] for r in results)
         (dest / "tuning.json").write_text(json.dumps({"command": command, "minutes": round(minutes, 1),
+                                                      "cpu_minutes": round(cpu, 1),
                                                       "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                                                       "machine": mini_report.machine(), "table": table}, indent=2))
         print(mini_report.tuning_table(table))
-        print(f"wrote {dest / 'tuning.json'} in {minutes:.1f} min; use it with --tuning {dest / 'tuning.json'}")
+        print(f"wrote {dest / 'tuning.json'} in {minutes:.1f} min (the runs' CPU time {cpu:.1f} min); use it with "
+              f"--tuning {dest / 'tuning.json'}")
         return 0
     dest = out / "quick" if args.quick else out  # --quick keeps its own runs and files beside the full table's
     dest.mkdir(parents=True, exist_ok=True)
@@ -289,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = mini_report.write_results(dest, bases, results, rates, (time.time() - t0) / 60, command)
     print(text)
-    print(f"wrote {dest / 'results.md'} and its figures in {(time.time() - t0) / 60:.1f} min")
+    print(f"wrote {dest / 'results.md'} and its figures in {(time.time() - t0) / 60:.1f} min (the runs' CPU time "
+          f"{sum(r['cpu_minutes'] for r in results):.1f} min)")
     return 0
 
 

@@ -22,18 +22,22 @@ import checkpoints
 import mini_base
 from plot import svg_panels
 
-PAPER_TABLE_II = {"base": 3.9, "grpo": 4.4, "sgrpo": 22.9, "tspmo": 70.0}  # Qwen2-1.5B, 3x3 digits, n = 3000
-LABELS = {"base": "base (SFT)", "grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo-literal": "T-SPMO, λ literal (a)",
-          "tspmo-literal-logpi": "T-SPMO, λ literal (a), log π", "tspmo-decay": "T-SPMO, λ as weight decay (b)",
-          "tspmo-decay-logpi": "T-SPMO, λ as weight decay (b), log π", "ppo": "PPO (shared critic)",
-          "ppo-separate": "PPO (separate critic)", "dpo": "DPO (online)",
-          "tspmo-literal-group": "T-SPMO, λ literal (a), group pool", "tspmo-decay-group":
-              "T-SPMO, λ as weight decay (b), group pool"}
-COLORS = {"grpo": "#1f77b4", "sgrpo": "#ff7f0e", "tspmo-literal": "#2ca02c", "tspmo-decay": "#2ca02c",
-          "tspmo-literal-logpi": "#8c8c00", "tspmo-decay-logpi": "#8c8c00", "ppo": "#d62728",
+# Qwen2-1.5B, 3x3 digits, n = 3000: Table II; T-SPMO without replay, (G, C_success, C_failure) = (50, 0, 0): Table V
+PAPER = {"base": "3.9", "grpo": "4.4", "sgrpo": "22.9", "tspmo-decay": "70.0", "tspmo-literal": "70.0",
+         "tspmo-decay-noreplay": "19.5 (Table V)"}
+LABELS = {"base": "base (SFT)", "grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo-decay": "T-SPMO, λ as weight decay (b)",
+          "tspmo-literal": "T-SPMO, λ literal (a)", "tspmo-decay-noreplay": "T-SPMO (b), no replay",
+          "tspmo-decay-logpi": "T-SPMO, λ as weight decay (b), log π",
+          "tspmo-literal-logpi": "T-SPMO, λ literal (a), log π", "tspmo-decay-group": "T-SPMO (b), group pool",
+          "tspmo-literal-group": "T-SPMO (a), group pool", "ppo": "PPO (shared critic)",
+          "ppo-separate": "PPO (separate critic)", "dpo": "DPO (online)"}
+SHORT = {"tspmo-decay": "T-SPMO (b)", "tspmo-literal": "T-SPMO (a)", "ppo": "PPO"}
+COLORS = {"grpo": "#1f77b4", "sgrpo": "#ff7f0e", "tspmo-decay": "#2ca02c", "tspmo-literal": "#2ca02c",
+          "tspmo-decay-noreplay": "#17becf", "tspmo-decay-logpi": "#8c8c00", "tspmo-literal-logpi": "#8c8c00",
+          "tspmo-decay-group": "#7f7f7f", "tspmo-literal-group": "#7f7f7f", "ppo": "#d62728",
           "ppo-separate": "#8c564b", "dpo": "#9467bd"}
-DASHED = {"tspmo-decay", "tspmo-decay-logpi"}  # the λ readings: (a) solid, (b) dashed
-INERT_A, KEPT_A, SAME_ACCURACY = 0.10, 0.50, 0.02  # the rule's thresholds (README "The paper in miniature")
+DASHED = {"tspmo-literal", "tspmo-literal-logpi", "tspmo-literal-group"}  # the λ readings: (b) solid, (a) dashed
+INERT_A, KEPT_A, SAME_ACCURACY = 0.10, 0.50, 0.02  # the rule's thresholds (docs/mini.md, "E10's λ")
 
 
 def machine() -> str:
@@ -64,21 +68,28 @@ def evals(r: dict) -> list[dict]:
 # Tables
 
 
+def rate(entry: dict) -> str:
+    """The learning rate, and whose tuned rate it is when the method borrows it (mini.TUNED_AS)."""
+    return f"{entry['lr']:g}" + (f" (tuned for {SHORT.get(entry['as'], LABELS[entry['as']])})" if "as" in entry
+                                 else "")
+
+
 def results_table(setting: str, base_info: dict, results: list[dict], rates: dict) -> str:
-    """Accuracy (%) on the test set, mean ± std over seeds and each seed, at the rate --tune chose."""
-    rows = ["| method | learning rate | test accuracy (%), mean ± std | per seed | steps | minutes per run | "
-            "paper, Table II (%) |", "|---|---|---|---|---|---|---|",
-            f"| {LABELS['base']} | | {pct(base_info['accuracy'])} | (greedy: one value) | 0 | | "
-            f"{PAPER_TABLE_II['base']} |"]
+    """Accuracy (%) on the test set, mean ± std over seeds and each seed, at the rate --tune chose; the minutes of
+    a run, wall clock (which depends on what else the machine runs) and CPU (its own process, one thread)."""
+    rows = ["| method | learning rate | test accuracy (%), mean ± std | per seed | steps | minutes per run, wall "
+            "(CPU) | paper (%), Table II |", "|---|---|---|---|---|---|---|",
+            f"| {LABELS['base']} | | {pct(base_info['accuracy'])} | (greedy: one value) | 0 | | {PAPER['base']} |"]
     for method in LABELS:
         rs = [r for r in results if r["setting"] == setting and r["method"] == method]
         if not rs:
             continue
         m, s = mean_std([100 * r["accuracy"] for r in rs])
-        paper = PAPER_TABLE_II.get("tspmo" if method in ("tspmo-literal", "tspmo-decay") else method, "—")
-        rows.append(f"| {LABELS[method]} | {rates[setting][method]['lr']:g} | {m:.1f} ± {s:.1f} | "
+        rows.append(f"| {LABELS[method]} | {rate(rates[setting][method])} | {m:.1f} ± {s:.1f} | "
                     f"{', '.join(pct(r['accuracy']) for r in rs)} | {rs[0]['steps']} | "
-                    f"{statistics.fmean(r['minutes'] for r in rs):.1f} | {paper} |")
+                    f"{statistics.fmean(r['minutes'] for r in rs):.1f} "
+                    f"({statistics.fmean(r.get('cpu_minutes', float('nan')) for r in rs):.1f}) | "
+                    f"{PAPER.get(method, '—')} |")
     return "\n".join(rows)
 
 
@@ -88,7 +99,7 @@ def tuning_table(table: dict) -> str:
     rows = ["| setting | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
             "|---|---|" + "---|" * (len(lrs) + 1)]
     for setting, per in table.items():
-        for method in (m for m in LABELS if m in per and not m.endswith("-group")):  # ablations take a tuned rate
+        for method in (m for m in LABELS if m in per and "as" not in per[m]):  # not the borrowed rates
             e = per[method]
             cells = [(f"**{pct(e['validation'][lr])}**" if lr == e["lr"] else pct(e["validation"][lr]))
                      if lr in e["validation"] else "" for lr in lrs]
@@ -124,22 +135,20 @@ def reading_row(seed: int, first: dict, last: dict) -> dict:
 
 
 def readings_table(setting: str, rows: dict[str, list[dict]]) -> str:
-    out = ["| reading | objective | seed | mean \\|A\\| start → end (end/start) | mean \\|B\\| end | ‖BA‖ end | "
-           "test accuracy (%) | inert |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| T-SPMO | seed | mean \\|A\\| start → end (end/start) | mean \\|B\\| end | ‖BA‖ end | "
+           "test accuracy (%) | inert |", "|---|---|---|---|---|---|---|"]
     for method, per_seed in rows.items():
-        reading = "(a) literal λ·Σ‖W‖²" if "literal" in method else "(b) AdamW weight decay"
-        objective = "log π" if method.endswith("logpi") else "π (E10)"
         for x in per_seed:
-            out.append(f"| {reading} | {objective} | {x['seed']} | {x['A0']:.4f} → {x['A']:.4f} "
-                       f"({x['A'] / x['A0']:.2f}) | {x['B']:.4f} | {x['BA']:.3f} | {pct(x['accuracy'])} | "
+            out.append(f"| {LABELS[method]} | {x['seed']} | {x['A0']:#.3g} → {x['A']:#.3g} "
+                       f"({x['A'] / x['A0']:#.3g}) | {x['B']:#.3g} | {x['BA']:#.3g} | {pct(x['accuracy'])} | "
                        f"{'yes' if x['inert'] else 'no'} |")
     return "\n".join(out)
 
 
 def lam_rule(by_setting: dict[str, dict[str, list[dict]]], settings) -> tuple[str, list[str]]:
-    """The rule, as written (README): reading (b) becomes T-SPMO's default only if, in every setting, reading (a)
-    (E10's π) leaves the adapter inert on at least 2 of 3 seeds while (b) keeps mean |A| above half its start on
-    every seed. Returns ("decay" or "literal" or "undecided", the reasons, one per setting)."""
+    """The rule, as written before the runs (docs/mini.md): reading (b) is T-SPMO's default only if, in every
+    setting, reading (a) (E10's π) leaves the adapter inert on at least 2 of 3 seeds while (b) keeps mean |A| above
+    half its start on every seed. Returns ("decay" or "literal" or "undecided", the reasons, one per setting)."""
     reasons, verdicts = [], []
     for setting in settings:
         a, b = by_setting.get(setting, {}).get("tspmo-literal", []), by_setting.get(setting, {}).get("tspmo-decay", [])
@@ -149,7 +158,7 @@ def lam_rule(by_setting: dict[str, dict[str, list[dict]]], settings) -> tuple[st
             continue
         inert, kept = sum(x["inert"] for x in a), sum(x["kept"] for x in b)
         verdicts.append(inert >= 2 and kept == len(b))
-        ratio = lambda xs: ", ".join(f"{x['A'] / x['A0']:.2f}" for x in xs)  # noqa: E731
+        ratio = lambda xs: ", ".join(f"{x['A'] / x['A0']:#.3g}" for x in xs)  # noqa: E731
         moved = ", ".join(f"{100 * (x['accuracy'] - x['base']):+.1f}" for x in a)
         reasons.append(f"{setting}: (a) inert on {inert} of {len(a)} seeds (mean |A| end/start {ratio(a)}; accuracy "
                        f"− base {moved} points); (b) keeps mean |A| above half its start on {kept} of {len(b)} "
@@ -221,7 +230,8 @@ def write_results(dest: Path, bases: dict[str, Path], results: list[dict], rates
     decision, reasons = lam_rule(readings, settings)
     seeds = sorted({r["seed"] for r in results})
     parts = [f"# tokrl: the paper in miniature", "",
-             f"`{command}`: {time.strftime('%Y-%m-%d %H:%M %Z')}, {machine()}; {minutes:.1f} minutes in all.", "",
+             f"`{command}`: {time.strftime('%Y-%m-%d %H:%M %Z')}, {machine()}; {minutes:.1f} minutes in all, wall "
+             f"clock (the runs' own CPU time: {sum(r.get('cpu_minutes', 0.0) for r in results):.1f} minutes).", "",
              f"Test accuracy: greedy decoding on the fixed {mini_base.SPLIT_SIZE}-problem test set, seeds {seeds}; "
              "the paper's column is Qwen2-1.5B on 3-digit × 3-digit multiplication (n = 3000)."]
     for setting in settings:
@@ -237,7 +247,8 @@ def write_results(dest: Path, bases: dict[str, Path], results: list[dict], rates
     parts += ["", "## Learning rates (python mini.py --tune: seed 0, validation accuracy %)", "", tuning_table(used),
               "", "## E10's λ: the rule", "",
               {"decay": "Reading (b), λ as AdamW's weight decay, meets the rule in every setting: T-SPMO's default.",
-               "literal": "The rule is not met: the literal reading (a) stays T-SPMO's default.",
+               "literal": "The rule is not met here: it would keep the literal reading (a); train.py's default is "
+                          "(b) (SPEC.md, E10).",
                "undecided": "Not decided here (the rule needs 3 seeds of each reading in every setting)."}[decision],
               "", *[f"- {x}" for x in reasons], ""]
     text = "\n".join(parts)

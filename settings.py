@@ -139,10 +139,14 @@ class Settings:
     beta: float = setting(0.01, "KL weight, GRPO/S-GRPO, >= 0 (0.01)",  # E3, E5; PPO's w2
                           (lambda v, s: _num(v) and v >= 0, "a KL weight; allowed: a finite number >= 0 (the paper: "
                                                             "0.01)"), paper=ALL)
-    lam: float = setting(  # λ of T-SPMO's L2 term (E10), read literally (README "E10's λ"); 0: AdamW's decay only
-        0.01, "T-SPMO's λ·Σ‖W‖² on LoRA in the loss, >= 0 (0.01: E10 read literally, the default; 0: λ read as "
-        "AdamW's weight decay 0.01 alone)",
-        (lambda v, s: _num(v) and v >= 0, "an L2 weight; allowed: a finite number >= 0 (the paper: 0.01)"), paper=ALL)
+    # [decided] (SPEC.md, E10) λ read as AdamW's weight decay (reading (b)): no λ term in the loss by default, the
+    # weight decay above does the regularising; 0.01: λ·Σ‖W‖² in the loss, E10 read literally (reading (a))
+    lam: float = setting(
+        0.0, "T-SPMO's λ·Σ‖W‖² on LoRA in the loss, >= 0. Default 0: the paper's λ read as AdamW's weight decay 0.01, "
+        "no term in the loss (SPEC.md E10: the literal term leaves the adapter inert in the miniature, docs/mini.md); "
+        "0.01: E10's λ·Σ‖W‖² read literally",
+        (lambda v, s: _num(v) and v >= 0, "an L2 weight in the loss; allowed: a finite number >= 0 (default 0: the "
+                                          "paper's λ as weight decay; 0.01: its λ read literally)"), paper=ALL)
     tspmo_objective: str = setting(  # E10's π_θ(v|p), the paper's; logpi: log π_θ(v|p), an ablation (ours)
         "pi", "T-SPMO's per-edge term: pi = π·A, E10 as the paper writes it (default); logpi = log π·A",
         choices=("pi", "logpi"), why="allowed: pi (E10, the paper's) or logpi (an ablation)", paper=ALL)

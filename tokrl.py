@@ -276,7 +276,9 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
             st.loss, st.forwards = st.loss + float(loss.detach()), st.forwards + 1
         st.policy_loss = st.loss
         st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, summed_grads)
-    if lam:  # λ read literally (README "E10's λ"); lam = 0: λ is AdamW's weight decay alone
+    # λ read literally (reading (a), --lam 0.01). By default ([decided] SPEC.md E10) lam = 0: λ is AdamW's weight
+    # decay, nothing is added here (the literal term leaves the miniature's adapter inert: docs/mini.md, "E10's λ")
+    if lam:
         reg = lam * lora.l2_penalty(model) * scale  # E10's λ·Σ_W ‖W‖²: − in J, so + in the loss
         reg.backward()
         st.l2_loss, (st.l2_grad_norm, st.l2_grad_norm_A) = float(reg.detach()), _l2_grad_norms(mods, lam * scale)

@@ -67,7 +67,8 @@ BAD_SETTINGS = [
                     "(the paper: 1e-4)"),
     (["--weight-decay", "-0.1"], "--weight-decay -0.1: allowed: 0 <= weight decay <= 1 (default 0.01)"),
     (["--beta", "-1"], "--beta -1.0: a KL weight; allowed: a finite number >= 0 (the paper: 0.01)"),
-    (["--lam", "inf"], "--lam inf: an L2 weight; allowed: a finite number >= 0 (the paper: 0.01)"),
+    (["--lam", "inf"], "--lam inf: an L2 weight in the loss; allowed: a finite number >= 0 (default 0: the paper's λ "
+                       "as weight decay; 0.01: its λ read literally)"),
     (["--replay-threshold", "nan"], "--replay-threshold nan: allowed: a finite reward (default 1.0)"),
     (["--seed", "-1"], "--seed -1: allowed: an integer in [0, 2^62)"),
     (["--device", "banana"], "--device banana: not a device; allowed: cpu, cuda, cuda:N"),

@@ -157,7 +157,8 @@ def worker(model_dir: str, out: str) -> None:
     world = distributed.from_env("cpu")
     cfg = dataclasses.replace(settings.Settings(), model=model_dir, device="cpu", group_size=6, max_new_tokens=8,
                               alpha=2, k=4, lora_rank=4, lora_fraction=0.5, temperature=1.0, eval_batch=2,
-                              eval_limit=None, replay_success=1, replay_failure=1, replay_threshold=0.5, seed=11)
+                              eval_limit=None, replay_success=1, replay_failure=1, replay_threshold=0.5, seed=11,
+                              lam=0.01)  # E10's literal λ term: rank 0 alone backpropagates it
     net, tok, eos = training.load_everything(cfg)
     lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # B ≠ 0: A gets a policy gradient too, and π_θ ≠ π_ref (a KL gradient)
@@ -364,7 +365,7 @@ def test_evaluation_counts_agree_with_one_process(pair):
 
 CLI = ["--task", "mult", "--algo", "tspmo", "--device", "cpu", "-G", "4", "--max-new-tokens", "8", "--steps", "4",
        "--eval-limit", "3", "--eval-every", "2", "--save-every", "2", "--lora-fraction", "0.5", "--replay-success",
-       "1", "--replay-failure", "1", "--replay-threshold", "0.5", "--reward", "partial"]
+       "1", "--replay-failure", "1", "--replay-threshold", "0.5", "--reward", "partial", "--lam", "0.01"]
 TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
 
 

@@ -9,6 +9,9 @@ import dataclasses
 import json
 import os
 import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ import tokrl
 import settings
 import train
 import training
-from conftest import refused
+from conftest import ROOT, refused
 from mini_base import MiniMult
 
 
@@ -129,11 +132,15 @@ def test_run_settings_differ_only_where_the_paper_varies_them(tmp_path):
     assert differ(cfgs["grpo"], cfgs["tspmo-literal"]) >= {"algo", "group_size", "steps"}
     assert differ(cfgs["tspmo-literal"], cfgs["tspmo-decay"]) == {"lam"}
     assert (cfgs["tspmo-literal"].lam, cfgs["tspmo-decay"].lam) == (0.01, 0.0)  # whatever the CLI's default is
+    assert cfgs["tspmo-decay"].lam == settings.Settings().lam == settings.paper_defaults("tspmo", "mult")["lam"]  # (b)
+    assert differ(cfgs["tspmo-decay"], cfgs["tspmo-decay-noreplay"]) == {"replay_success"}  # C_failure is 0 in both
+    assert (cfgs["tspmo-decay-noreplay"].replay_success, cfgs["tspmo-decay-noreplay"].replay_failure) == (0, 0)
     assert cfgs["tspmo-literal"].weight_decay == cfgs["tspmo-decay"].weight_decay == 0.01  # AdamW's, in both
     assert differ(cfgs["tspmo-literal"], cfgs["tspmo-literal-logpi"]) == {"tspmo_objective"}
     assert differ(cfgs["tspmo-decay"], cfgs["tspmo-decay-logpi"]) == {"tspmo_objective"}
     # PPO and DPO: GRPO's G, steps, lr and LoRA; everything else the CLI's defaults (SPEC-baselines.md)
     assert differ(cfgs["grpo"], cfgs["ppo"]) == differ(cfgs["grpo"], cfgs["dpo"]) == {"algo"}
+    assert (cfgs["grpo"].steps, cfgs["tspmo-decay"].steps, cfgs["dpo"].steps) == (450, 350, 450)  # the paper's
     assert differ(cfgs["ppo"], cfgs["ppo-separate"]) == {"critic"}
     assert (cfgs["ppo"].critic, cfgs["ppo"].ppo_passes, cfgs["dpo"].dpo_beta) == ("shared", 4, 0.1)
     assert (cfgs["grpo"].group_size, cfgs["tspmo-literal"].group_size, cfgs["tspmo-literal"].replay_success) == \
@@ -196,11 +203,31 @@ def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypat
 
 
 def test_the_shipped_tuning_table_covers_every_method_of_both_settings():
-    rates = mini.read_tuning(mini.TUNING)
+    """Every tuned method has its three rates and the choice the rule makes; every other method (the ablations)
+    borrows the rate of the method it varies, and says so."""
+    raw = mini.read_tuning(mini.TUNING)
+    rates = mini.with_borrowed(raw)
     for setting in mini_base.SETTINGS:
-        for method in mini.DEFAULT_METHODS:  # the -group ablations take their history-pool method's rate
+        assert set(raw[setting]) == set(mini.TUNED_METHODS)
+        for method in mini.METHODS:
             e = rates[setting][method]
-            assert set(e["validation"]) == set(mini.LRS) and e["lr"] == mini.choose(e["validation"])
+            if method in mini.TUNED_METHODS:
+                assert set(e["validation"]) == set(mini.LRS) and e["lr"] == mini.choose(e["validation"])
+                assert "as" not in e
+            else:
+                assert e["as"] == mini.TUNED_AS[method] and e["lr"] == raw[setting][e["as"]]["lr"]
+
+
+def test_the_documented_tuning_table_is_the_shipped_one():
+    """docs/mini.md's tuning table is what mini_report prints from data/mini-tuning.json (what --tune wrote), row for
+    row; the shipped file records the command that wrote it."""
+    shipped = json.loads(mini.TUNING.read_text())
+    assert shipped["command"] == "python mini.py --tune"
+    printed = mini_report.tuning_table(mini.read_tuning(mini.TUNING)).splitlines()
+    assert len(printed) == 2 + len(mini_base.SETTINGS) * len(mini.TUNED_METHODS)
+    doc = (ROOT / "docs" / "mini.md").read_text().splitlines()
+    start = doc.index(printed[0])
+    assert doc[start: start + len(printed)] == printed
 
 
 # --- the λ rule ------------------------------------------------------------------------------------------------------
@@ -369,7 +396,7 @@ def test_quick_runs_both_settings_through_train_train_and_writes_the_report(tmp_
     out = tmp_path / "mini"
     args = ["--quick", "--out", str(out), "--steps", "2", "--eval-limit", "4", "--parallel", "1"]
     assert mini.main(args) == 0
-    n = 2 * len(mini.QUICK_METHODS)
+    n = 2 * len(mini.DEFAULT_METHODS)
     assert calls == {"train": n, "step": 2 * n}
     results = (out / "quick" / "results.md").read_text()
     assert "## The first-token setting" in results and "## The steps setting" in results and "| GRPO |" in results
@@ -392,6 +419,32 @@ def test_quick_runs_both_settings_through_train_train_and_writes_the_report(tmp_
     assert M.load_model(out / "base-steps").config.max_position_embeddings == 128
     mini.main([*args, "--methods", "grpo", "--settings", "steps"])  # a rerun reuses the cached base
     assert "base (steps): reusing" in capsys.readouterr().out
+
+
+def test_a_parallel_run_lets_its_workers_exit_and_ends_with_its_results(tmp_path):
+    """python mini.py with two worker processes: when the pool is torn down every worker has already exited on its
+    own (exit code 0, not None: still running), and nothing follows the run's last line. A worker terminated instead
+    (SIGTERM) skips its exit handlers, so the named semaphore tqdm's lock makes in it (spawn) stays registered, and
+    multiprocessing's resource tracker prints "leaked semaphore" warnings after the results (whether a worker is
+    still running at terminate() is certain; whether its semaphore is then reported depends on timing)."""
+    script = textwrap.dedent(f"""
+        import multiprocessing.pool, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import mini
+        real = multiprocessing.pool.Pool.terminate
+        def terminate(self):
+            print("workers at teardown:", [p.exitcode for p in self._pool], file=sys.stderr, flush=True)
+            real(self)
+        multiprocessing.pool.Pool.terminate = terminate
+        sys.exit(mini.main(sys.argv[1:]))
+        """)
+    args = ["--out", str(tmp_path / "m"), "--steps", "1", "--eval-limit", "2", "--settings", "steps", "--methods",
+            "grpo", "--seeds", "2", "--parallel", "2"]
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "workers at teardown: [0, 0]\n"  # no warning, no worker left to terminate
+    assert proc.stdout.splitlines()[-1].startswith(f"wrote {tmp_path / 'm' / 'results.md'} and its figures in")
 
 
 def test_bad_mini_arguments_are_named_before_any_work(tmp_path, capsys):

@@ -219,7 +219,7 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
         return FRESH if len(calls) == 1 else REPLAY  # the fresh group, then the replay's continuations
 
     monkeypatch.setattr(training.Trainer, "sample_group", fake)
-    tr = trainer(tiny, tmp_path, replay_success=1)
+    tr = trainer(tiny, tmp_path, replay_success=1, lam=0.01)  # E10's λ·Σ‖W‖² in the loss: logged per group
     m = tr.train_step(tasks.TrainStream(tr.task, 2))
     fresh, replay = m["groups"]
     assert (fresh["kind"], replay["kind"]) == ("fresh", "replay") and len(m["replays"]) == len(calls) - 1 == 1
@@ -235,6 +235,38 @@ def test_tspmo_step_logs_replay_groups_and_both_loss_terms(tiny, tmp_path, monke
     assert (m["lora_A_mean_abs"], m["lora_B_mean_abs"]) == (mean_A, mean_B) and mean_B > 0
     line = runlog.progress_line(m, 10, 0.0, 0)
     assert "policy" in line and "λ" in line and "A≠0 92.3%" in line
+
+
+@pytest.mark.parametrize("lam", [None, 0.01])
+def test_tspmo_default_has_no_lambda_term_and_lam_adds_the_literal_one(tiny, tmp_path, monkeypatch, lam):
+    """E10's λ, as SPEC.md decides: `train.py --algo tspmo` records lam 0 and logs an l2_loss of 0 (λ is AdamW's weight
+    decay 0.01); `--lam 0.01` logs λ·Σ‖W‖² of the adapter at the step. The adapter is made known: every A entry 0.5,
+    every B entry 0.25; LoRA rank 8 on q_proj (64 → 64) and v_proj (64 → 32, 2 KV heads of 16) of the last 2 of 4
+    layers: per layer ‖A_q‖² + ‖A_v‖² = 2·(8·64)·0.25 = 256, ‖B_q‖² + ‖B_v‖² = (64·8 + 32·8)·0.0625 = 48, so
+    Σ‖W‖² = 2·304 = 608 and λ·Σ‖W‖² = 6.08."""
+    real_apply = lora.apply_lora
+
+    def known_adapter(net, *a, **k):
+        layers = real_apply(net, *a, **k)
+        with torch.no_grad():
+            for _, mod in lora.lora_modules(net):
+                mod.lora_A.fill_(0.5), mod.lora_B.fill_(0.25)
+        return layers
+
+    monkeypatch.setattr(lora, "apply_lora", known_adapter)
+    monkeypatch.setattr(training.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): FRESH)  # rewards vary
+    run = tmp_path / "r"
+    extra = [] if lam is None else ["--lam", str(lam)]
+    assert train.main(["--task", "mult", "--algo", "tspmo", "--model", str(tiny), *SMALL, "--steps", "1",
+                       "--replay-success", "0", "--out", str(run), *extra]) == 0  # one group: one λ term
+    cfg = json.loads((run / "config.json").read_text())
+    (m,) = checkpoints.read_jsonl(run / "metrics.jsonl")
+    assert cfg["weight_decay"] == 0.01 and m["policy_loss"] != 0
+    if lam is None:
+        assert cfg["lam"] == 0 and m["l2_loss"] == 0 and m["loss"] == m["policy_loss"]
+    else:
+        assert cfg["lam"] == 0.01 and m["l2_loss"] == pytest.approx(0.01 * 608, rel=1e-6)
+        assert m["loss"] == pytest.approx(m["policy_loss"] + m["l2_loss"], rel=1e-12)
 
 
 # --- --accum with T-SPMO: one round of replays per prompt of the step -------------------------------------------------
