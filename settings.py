@@ -307,7 +307,9 @@ def paper_table() -> str:
             if len(line) + len(item) > 116:
                 rows, line = rows + [line], "   "
             line += item
-    return "\n".join(rows + [line.rstrip(",")])
+    note = ["  lam 0.0: the paper's λ = 0.01 read as AdamW's weight decay (SPEC.md E10, reading (b));",
+            "    --lam 0.01 puts λ·Σ‖W‖² in the loss (E10 read literally)"]
+    return "\n".join(rows + [line.rstrip(",")] + note)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
