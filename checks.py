@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +39,8 @@ import lora
 import model as M
 from settings import Settings, usage_error, validate
 from tasks import Task, make_task
+
+CPU_WARN_PARAMETERS = 200_000_000  # training a larger model on the CPU starts with a warning: hours a step
 
 
 def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = None) -> Task:
@@ -60,6 +63,14 @@ def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: M.Tokenize
     memory). `model_cfg` and `tok` come from model.check_model_dir: nothing here reads a weight."""
     if adapter:
         check_adapter(adapter, model_cfg, model_dir)
+    if training and torch.device(cfg.device).type == "cpu":
+        with torch.device("meta"):  # the shape alone: no memory, no weight read
+            n = M.num_parameters(M.Qwen2ForCausalLM(model_cfg))
+        if n > CPU_WARN_PARAMETERS:
+            print(f"warning: --device {cfg.device}: training a {n / 1e9:.2f} B-parameter model on the CPU "
+                  f"({'no CUDA device here' if not torch.cuda.is_available() else 'CUDA is available: --device cuda'});"
+                  f" the paper's T-SPMO run takes about 960 s a step on a 2-core CPU (docs/performance.md); "
+                  f"python mini.py is the paper in miniature, sized for a CPU", file=sys.stderr)
     if training and lora.num_lora_layers(model_cfg.num_hidden_layers, cfg.lora_fraction) < 1:
         L = model_cfg.num_hidden_layers
         usage_error(f"--lora-fraction {cfg.lora_fraction}: adapts round({cfg.lora_fraction} × {L}) = 0 of the "

@@ -4,6 +4,7 @@ before any weight is read; a resume keeps the settings it recorded."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -375,3 +376,22 @@ def test_resume_of_a_broken_config(two_steps, capsys, no_loading, content, why):
     (two_steps / "config.json").write_text(content)
     code, err = refused(["--resume", str(two_steps)], capsys)
     assert code == 2 and err.startswith(f"error: {two_steps / 'config.json'}") and why in err
+
+
+@pytest.mark.parametrize("above", [True, False])
+def test_a_large_model_on_the_cpu_starts_with_a_warning(tmp_path, tiny, capsys, no_loading, monkeypatch, above):
+    """Training a model of more than checks.CPU_WARN_PARAMETERS parameters on the CPU (the main command on a machine
+    without CUDA, whose --device defaults to cpu) warns, with the model's size, before the weights load; the tiny
+    model stands in for the large one by lowering the limit to one below its parameter count (counted here from the
+    tensors its safetensors file holds), and at exactly its count there is no warning."""
+    import checks
+    from safetensors import safe_open
+    with safe_open(str(tiny / "model.safetensors"), "pt") as f:
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    monkeypatch.setattr(checks, "CPU_WARN_PARAMETERS", n - 1 if above else n)
+    code, err = refused(["--model", str(tiny), "--out", str(tmp_path / "r"), "--device", "cpu",
+                         "--max-new-tokens", "100000"], capsys)  # refused after the check: nothing loads or runs
+    assert code == 2 and ("warning: --device cpu: training a " in err) == above
+    if above:
+        assert err.startswith(f"warning: --device cpu: training a {n / 1e9:.2f} B-parameter model on the CPU")
+        assert "python mini.py" in err and "\nerror: --max-new-tokens 100000: " in err

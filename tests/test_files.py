@@ -1,6 +1,6 @@
 """The files a user hands in, checked before any weight loads and before anything is written (checks.py): a damaged
 adapter, a data record the reward cannot read, a data file that is not UTF-8, an evaluation of nothing, an --out
-that leads nowhere. Each is one `error:` line naming the file (and the record), exit status 2; the README's "When
+that leads nowhere. Each is one `error:` line naming the file (and the record), exit status 2; docs/running.md's "When
 things go wrong" table gives every fault its exit status, and `test_every_row_of_the_table_has_its_exit_status`
 holds the code to it."""
 from __future__ import annotations
@@ -112,11 +112,11 @@ def test_an_out_that_is_a_dangling_symbolic_link_is_named(tmp_path, tiny, capsys
     assert link.is_symlink() and not (tmp_path / "gone").exists()
 
 
-# --- the README's table: every row's exit status, produced ------------------------------------------------------------
+# --- docs/running.md's table: every row's exit status, produced -------------------------------------------------------
 
 def table_rows() -> dict[str, list[int]]:
-    """README "What survives what": each fault with the exit statuses its last cell names, in order."""
-    text = (ROOT / "README.md").read_text().split("**What survives what.**", 1)[1]
+    """docs/running.md's "What survives what": each fault with the exit statuses its last cell names, in order."""
+    text = (ROOT / "docs" / "running.md").read_text().split("**What survives what.**", 1)[1]
     table = [line for line in text.split("\n\n", 2)[1].splitlines() if line.startswith("| ")][1:]
     rows = {}
     for line in table:

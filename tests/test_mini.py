@@ -91,7 +91,7 @@ def test_validation_test_and_training_problems_are_disjoint(tok):
     steps_sft = {p for p, _ in zip(mini_base.sft_pairs("steps", 0), range(100_000))}
     assert len(steps_sft) == 8100 - 600 and not steps_sft & (test | validation)
     first_sft = {p for p, _ in zip(mini_base.sft_pairs("first-token", 0), range(100_000))}
-    assert len(first_sft) == 8100 - 300 and not first_sft & test  # it drew the validation pairs too (README)
+    assert len(first_sft) == 8100 - 300 and not first_sft & test  # it drew the validation pairs too (docs/mini.md)
 
 
 def test_sft_batch_masks_the_prompt_and_padding(tok):
@@ -359,7 +359,7 @@ def test_the_shipped_bases_land_in_their_stated_bands_and_are_what_a_fresh_clone
 @pytest.mark.parametrize("setting", mini_base.SETTINGS)
 def test_the_full_base_lands_in_the_stated_band(tmp_path, setting):
     """The SFT'd base from seed 0, the default settings and one thread lands in its band (as above). Opt-in: too
-    slow for the suite (see the README's "The paper in miniature")."""
+    slow for the suite (see docs/mini.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -190,3 +190,53 @@ def test_the_shipped_specifications_are_the_shared_ones():
     """docs/ ships the specification so that the README stands alone; it must not drift from the project's own."""
     for name in ("SPEC.md", "SPEC-baselines.md"):
         assert (ROOT / "docs" / name).read_text() == (assets() / name).read_text(), f"docs/{name} differs"
+
+
+# --- the README and docs/: a first read, and links that lead somewhere ------------------------------------------------
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path) -> set[str]:
+    text, fence, found = path.read_text(), False, set()
+    for line in text.splitlines():
+        fence ^= line.startswith("```")
+        if not fence and (m := re.match(r"#{1,6} (.+)", line)):
+            found.add(slug(m.group(1)))
+    return found
+
+
+def test_slug_is_github_s_on_the_headings_we_link():
+    assert slug("E10's λ: two readings, and the default of the paper's command") == \
+        "e10s-λ-two-readings-and-the-default-of-the-papers-command"
+    assert slug("Design notes and the smaller choices") == "design-notes-and-the-smaller-choices"
+    assert slug("T-SPMO: what moves the adapter") == "t-spmo-what-moves-the-adapter"
+
+
+def test_every_relative_link_of_the_readme_and_docs_leads_to_a_file_and_heading():
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_is_a_first_read():
+    """At most 300 lines: what tokrl is, the set-up, the main command and its cost, the miniature, the tests, the
+    paper's commands, the index, the choices and the links; what is measured or long lives in docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, len(lines)
+    first = "\n".join(lines[:60])
+    assert "pip install" in first and "python train.py --algo tspmo --task mult" in first
