@@ -230,6 +230,29 @@ def test_the_documented_tuning_table_is_the_shipped_one():
     assert doc[start: start + len(printed)] == printed
 
 
+
+RESULTS = mini_base.DATA / "mini-results.json"  # runs/mini/results.json of the `python mini.py` docs/mini.md reports
+
+
+def test_docs_and_readme_results_are_what_the_shipped_results_give():
+    """docs/mini.md's two results tables are what mini_report prints from data/mini-results.json (the runs' records
+    that `python mini.py` wrote), the shipped bases and the shipped tuning, row for row; the README's headline table
+    has the same mean ± std per method and setting, and the same base accuracies."""
+    results = json.loads(RESULTS.read_text())
+    rates = mini.with_borrowed(mini.read_tuning(mini.TUNING))
+    doc = (ROOT / "docs" / "mini.md").read_text().splitlines()
+    readme = [line.split("|")[1:-1] for line in (ROOT / "README.md").read_text().split(
+        "## The paper in miniature", 1)[1].split("\n## ", 1)[0].splitlines() if line.startswith("| ")][1:]
+    column = {"steps": 1, "first-token": 2}
+    for setting, base in mini_base.SHIPPED.items():
+        info = json.loads((base / "base.json").read_text())
+        printed = mini_report.results_table(setting, info, results, rates).splitlines()
+        start = doc.index(printed[2]) - 2  # the base row differs between the settings; the header does not
+        assert doc[start: start + len(printed)] == printed, setting
+        means = [row.split("|")[3].strip() for row in printed[2:]]  # base, then each method run, in LABELS' order
+        assert [r[column[setting]].strip() for r in readme] == means, setting
+        assert len({r["seed"] for r in results if r["setting"] == setting}) == 3
+
 # --- the λ rule ------------------------------------------------------------------------------------------------------
 
 def seeds(A_end: list[float], acc: list[float], A0=0.04, base=0.05) -> list[dict]:
