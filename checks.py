@@ -41,6 +41,7 @@ from settings import Settings, usage_error, validate
 from tasks import Task, make_task
 
 CPU_WARN_PARAMETERS = 200_000_000  # training a larger model on the CPU starts with a warning: hours a step
+CPU_EVAL_BATCH = 32  # --eval-batch's default on the CPU
 
 
 def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = None) -> Task:
@@ -121,9 +122,6 @@ def cache_uses(cfg: Settings, task: Task, tok: M.Tokenizer, training: bool, exac
         uses.insert(0, CacheUse("training", longest_prompt(task, tok, task.train_set(), exact), "--max-new-tokens",
                                 cfg.max_new_tokens, "-G", cfg.group_size, -(-cfg.group_size // n)))
     return uses
-
-
-CPU_EVAL_BATCH = 32  # --eval-batch's default on the CPU
 
 
 def eval_batch(cfg: Settings, model_cfg: M.Qwen2Config, prompt_len: int, examples: int) -> int:

@@ -307,10 +307,12 @@ def _this_group_gradient(params: list[torch.Tensor]) -> Iterator[None]:
     held = [p.grad for p in params]
     for p in params:
         p.grad = None
-    yield
-    for p, g in zip(params, held):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad.add_(g)
+    try:
+        yield
+    finally:  # also when a backward fails: the other prompts' gradient is never lost
+        for p, g in zip(params, held):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
 
 
 def _policy_grad_norms(mods: list, summed_grads=None) -> tuple[float, float]:

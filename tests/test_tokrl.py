@@ -295,3 +295,21 @@ def test_tspmo_logs_policy_and_l2_terms_and_their_gradient_norms(tmp_path):
     assert want_policy[0] > 0 and want_l2[0] > 0 and want_policy[1] > 0
     for p, g in zip(params, total):  # .grad holds the earlier 0.7 plus both terms of this group
         assert (p.grad - 0.7 - (0 if g is None else g)).abs().max() < 1e-6
+
+
+def test_tspmo_keeps_the_accumulated_gradient_when_a_forward_fails(tmp_path, monkeypatch):
+    """tspmo_backward sets another prompt's accumulated .grad aside while it reads this group's norms; a failure in
+    this group's forward (a device out of memory, injected) hands the accumulated gradient back as it was: every
+    entry exactly 0.7, none lost (None)."""
+    m = adapted_model(tmp_path)
+    params = lora.lora_parameters(m)
+    for p in params:
+        p.grad = torch.full_like(p, 0.7)
+
+    def fails(*a):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(tokrl, "_prefix_logprobs", fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, REWARDS, lam=0.0)
+    assert all(p.grad is not None and bool((p.grad == 0.7).all()) for p in params)
