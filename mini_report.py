@@ -20,7 +20,7 @@ from pathlib import Path
 
 import checkpoints
 import mini_base
-from plot import svg_panels
+from plot import moving_mean, svg_panels
 
 # Qwen2-1.5B, 3x3 digits, n = 3000: Table II; T-SPMO without replay, (G, C_success, C_failure) = (50, 0, 0): Table V
 PAPER = {"base": "3.9", "grpo": "4.4", "sgrpo": "22.9", "tspmo-decay": "70.0", "tspmo-literal": "70.0",
@@ -183,7 +183,7 @@ def mean_curve(per_seed: list[dict[int, float]]) -> list[tuple[int, float]]:
 def reward_curve(r: dict) -> dict[int, float]:
     """Training reward, moving mean of 10 steps."""
     rw = [m["reward_mean"] for m in checkpoints.read_jsonl(Path(r["run"]) / "metrics.jsonl")]
-    return {i + 1: statistics.fmean(rw[max(0, i - 9): i + 1]) for i in range(len(rw))}
+    return {i + 1: v for i, v in enumerate(moving_mean(rw))}
 
 
 def figures(dest: Path, setting: str, results: list[dict]) -> list[str]:

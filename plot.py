@@ -46,11 +46,14 @@ def svg_panels(panels: list[tuple[str, list[Line]]], legend: list[tuple[str, str
             + "".join(body) + "</svg>\n")
 
 
+def moving_mean(values: list[float], n: int = 10) -> list[float]:
+    """Each value's mean with the n − 1 before it (fewer at the start): the training reward's curve."""
+    return [sum(values[max(0, i - n + 1): i + 1]) / len(values[max(0, i - n + 1): i + 1]) for i in range(len(values))]
+
+
 def svg_plot(metrics: list[dict], evals: list[dict], title: str) -> str:
     """curves.svg: the training reward (moving mean over the last 10 steps) and the test accuracy against step."""
-    rewards = [m["reward_mean"] for m in metrics]
-    smooth = [(m["step"], sum(rewards[max(0, i - 9): i + 1]) / len(rewards[max(0, i - 9): i + 1]))
-              for i, m in enumerate(metrics)]
+    smooth = list(zip([m["step"] for m in metrics], moving_mean([m["reward_mean"] for m in metrics])))
     accuracy = [(e["step"], e["accuracy"]) for e in evals]
     return svg_panels([("train reward (mean of 10 steps)", [("#1f77b4", False, smooth)]),
                        ("test accuracy", [("#d62728", False, accuracy)])], [], title, dots=True)

@@ -345,3 +345,12 @@ def test_svamp_stop_rule_reads_the_replay_prefix(tmp_path):
     assert not task.stop()(enc(" 14"))  # no newline yet
     assert task.stop()(enc(" 145\n"))  # answer, then newline: stop
     assert task.stop(prefix=enc(" 14"))(enc("\n"))  # the answer began in the replayed prefix
+
+
+def test_the_reward_curve_is_a_moving_mean_of_ten_steps():
+    """curves.svg's and the miniature's training-reward curve (plot.moving_mean), by hand: the mean of each step's
+    reward with the 9 before it, fewer at the start."""
+    from plot import moving_mean
+    assert moving_mean([1.0, 2.0, 3.0, 4.0], n=2) == [1.0, 1.5, 2.5, 3.5]
+    rewards = [0.0] * 3 + [1.0] * 10  # 13 steps: step 10 averages 3 zeros and 7 ones, step 13 ten ones
+    assert moving_mean(rewards)[9] == 0.7 and moving_mean(rewards)[12] == 1.0 and moving_mean(rewards)[0] == 0.0
