@@ -150,6 +150,12 @@ class Settings:
     tspmo_objective: str = setting(  # E10's π_θ(v|p), the paper's; logpi: log π_θ(v|p), an ablation (ours)
         "pi", "T-SPMO's per-edge term: pi = π·A, E10 as the paper writes it (default); logpi = log π·A",
         choices=("pi", "logpi"), why="allowed: pi (E10, the paper's) or logpi (an ablation)", paper=ALL)
+    # [decided] (SPEC.md, B2) treerl: TreeRL's process reward on the token trie, beyond the paper; local is E7
+    edge_advantage: str = setting(
+        "local", "T-SPMO's A(v|p): local = E[R|p∘v] − E[R|p], E7, the paper's (default); treerl = TreeRL's "
+        "[(E[R|p∘v] − E[R|root]) + (E[R|p∘v] − E[R|p])]/√n(p∘v), n(p∘v) the completions through p∘v (B2, beyond the "
+        "paper: non-zero on almost every edge, so almost every completion takes a forward)",
+        choices=("local", "treerl"), why="allowed: local (E7, the paper's) or treerl (B2, TreeRL's)", paper=ALL)
 
     reward: str | None = setting(  # P1 exact match; S2 partial credit; S1 the SymPy oracle
         None, "training reward: mult exact (default, the paper's) or partial (S2, partial credit); svamp exact; gsm8k "

@@ -5,7 +5,7 @@
     E3   GRPO objective / Alg2       grpo_backward (every token)      ·  grpo_loss_batched (slow path)
     E5   S-GRPO objective            grpo_backward (selected tokens)  ·  grpo_loss_batched with a selection
     E6   token selection / Alg1      select_tokens
-    E10  T-SPMO objective            tspmo_backward (trie.py computes E7–E9)
+    E10  T-SPMO objective            tspmo_backward (trie.py computes E7–E9, and B2 beyond the paper)
 
 Conventions: a completion y is the generated tokens only (EOS included when it was generated); the prompt x is never
 in a loss. Every `*_backward` runs forward and backward one completion at a time (Alg2), so at most one sequence's
@@ -250,11 +250,13 @@ def grpo_loss_batched(logits: torch.Tensor, ref_logits: torch.Tensor | None, ids
 
 def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
                    rewards: Sequence[float], *, lam: float, scale: float = 1.0, objective: str = "pi",
-                   share: Callable[[list[int]], list[int]] | None = None,
+                   estimator: str = "local", share: Callable[[list[int]], list[int]] | None = None,
                    summed_grads: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> StepStats:
     """−J_TSPMO = −(1/|U|)·Σ_{(p,v)∈U} π_θ(v|p)·A(v|p) + λ·Σ_W ‖W‖², backpropagated per forward pass.
 
     objective="logpi" puts log π_θ(v|p) in place of π_θ(v|p): an ablation, ours ("pi": E10 as the paper writes it).
+    estimator: A(v|p), "local" (E7, the paper's) or "treerl" (B2, TreeRL's: non-zero on almost every edge, so almost
+    every completion takes a forward); E10's form is the same for both.
 
     |U| counts every edge of the trie, A = 0 ones too; those add nothing to the gradient, so the model runs only on
     the prefixes that have an edge with A ≠ 0, each once, on one completion that contains it (trie.targets).
@@ -262,7 +264,7 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     summed over the processes, so that the logged gradient norms are the whole group's."""
     if objective not in ("pi", "logpi"):
         raise ValueError(f"tspmo_backward: objective is {objective!r}; choose 'pi' (E10) or 'logpi'")
-    trie = PrefixTrie(completions, rewards)  # A(v|p) of every edge (E7–E9)
+    trie = PrefixTrie(completions, rewards, estimator=estimator)  # A(v|p) of every edge (E7–E9, or B2)
     U, targets, mods = len(trie.edges), trie.targets(), [m for _, m in lora.lora_modules(model)]
     st = StepStats(edges=U, tokens_generated=sum(map(len, completions)), zero_variance=len(set(rewards)) == 1)
     st.nonzero_adv_tokens = round(trie.nonzero_token_fraction() * st.tokens_generated)
@@ -337,14 +339,24 @@ def _l2_grad_norms(mods: list, weight: float) -> tuple[float, float]:
 
 
 def tspmo_objective_bruteforce(pi: dict[tuple[tuple[int, ...], int], torch.Tensor],
-                               completions: Sequence[Sequence[int]], rewards: Sequence[float]) -> torch.Tensor:
+                               completions: Sequence[Sequence[int]], rewards: Sequence[float],
+                               estimator: str = "local") -> torch.Tensor:
     """The slow, obvious E10 policy term from raw token lists (no trie): U = every distinct (prefix, token) pair,
-    E[R|p] and E[R|p∘v] as plain means over the completions that start with p and p∘v; π from `pi[(p, v)]`."""
+    E[R|p] and E[R|p∘v] as plain means over the completions that start with p and p∘v; π from `pi[(p, v)]`.
+    estimator "treerl": A(v|p) = [(E[R|p∘v] − E[R|root]) + (E[R|p∘v] − E[R|p])]/√n(p∘v) (B2) in place of E7."""
     U = {(tuple(y[:t]), y[t]) for y in completions for t in range(len(y))}
 
-    def mean_reward(prefix: tuple[int, ...]) -> float:
-        rs = [r for y, r in zip(completions, rewards) if tuple(y[: len(prefix)]) == prefix]
-        return sum(rs) / len(rs)
+    def through(prefix: tuple[int, ...]) -> list[float]:
+        return [r for y, r in zip(completions, rewards) if tuple(y[: len(prefix)]) == prefix]
 
-    total = sum(pi[(p, v)] * (mean_reward(p + (v,)) - mean_reward(p)) for p, v in U)  # E9 − E8 = E7
+    def mean_reward(prefix: tuple[int, ...]) -> float:
+        return sum(through(prefix)) / len(through(prefix))
+
+    def advantage(p: tuple[int, ...], v: int) -> float:
+        local = mean_reward(p + (v,)) - mean_reward(p)  # E9 − E8 = E7
+        if estimator == "local":
+            return local
+        return (mean_reward(p + (v,)) - mean_reward(()) + local) / len(through(p + (v,))) ** 0.5  # B2
+
+    total = sum(pi[(p, v)] * advantage(p, v) for p, v in U)
     return total / len(U)

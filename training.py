@@ -129,8 +129,8 @@ def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, sc
         return combine_stats(world, st, algo)
     if algo == "tspmo":
         st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam if world.main else 0.0,  # T-SPMO's J
-                                  scale=scale, objective=cfg.tspmo_objective, share=share,
-                                  summed_grads=world.summed_grads if share else None)
+                                  scale=scale, objective=cfg.tspmo_objective, estimator=cfg.edge_advantage,
+                                  share=share, summed_grads=world.summed_grads if share else None)
         return combine_stats(world, st, algo)  # λ·Σ‖W‖² once, on rank 0: its gradient is summed with the others'
     selection = None
     if algo == "sgrpo":  # every process draws every T_i, in order: the "select" stream stays the same everywhere

@@ -1,4 +1,5 @@
-"""Prefix trie over a group of completions: the token-level advantages of T-SPMO (paper III-C, tags E7-E9).
+"""Prefix trie over a group of completions: the token-level advantages of T-SPMO (paper III-C, tags E7-E9), and
+TreeRL's on the same trie (tag B2, beyond the paper).
 
 One prompt, G completions y_0 … y_{G-1} (generated token ids only, EOS included when it was generated) with
 rewards R_0 … R_{G-1}. The root of the trie is the prompt, i.e. the empty completion prefix; a node is a
@@ -6,13 +7,25 @@ prefix p of at least one completion, and an edge (p, v) is a transition "prefix 
 
     E8  E[R|p]   = mean of R_i over the completions i with y_i[:|p|] == p        (reward_sum / count of p)
     E9  E[R|p∘v] = mean of R_i over the completions i with y_i[:|p|+1] == p∘v    (reward_sum / count of p∘v)
-    E7  A(v|p)   = E[R|p∘v] − E[R|p]
+    E7  A(v|p)   = E[R|p∘v] − E[R|p]                                            estimator "local" (the paper's)
+    B2  A(v|p)   = [(E[R|p∘v] − E[R|root]) + (E[R|p∘v] − E[R|p])] / √n(p∘v)     estimator "treerl" (TreeRL's)
+
+B2 adds a global term to E7's local one and divides by √n(p∘v), n(p∘v) = count of p∘v, the completions through
+it; E[R|root] is the group's mean reward. Along a chain of single-child nodes the mean does not change, so E7 is 0
+there and B2 is the chain's global term over √n, the same on every edge of the chain.
 
 U, the set of unique (p, v) pairs of E10, is exactly the set of edges of the trie (`PrefixTrie.edges`).
 
     completions [1,2,3], [1,2,4], [1,5]          root ─1─> [1] ─2─> [1,2] ─3─> [1,2,3]
-                                                             │            └─4─> [1,2,4]
+    rewards      1        0        1                         │            └─4─> [1,2,4]
                                                              └─5─> [1,5]
+    E[R|root] = 2/3
+    edge (p, v)   n(p∘v)  E[R|p]  E[R|p∘v]   E7     B2
+    (root, 1)       3      2/3      2/3       0     (0 + 0)/√3          =  0
+    ([1], 2)        2      2/3      1/2     −1/6    (−1/6 − 1/6)/√2     = −√2/6 ≈ −0.236
+    ([1,2], 3)      1      1/2      1       +1/2    (+1/3 + 1/2)/√1     = +5/6
+    ([1,2], 4)      1      1/2      0       −1/2    (−2/3 − 1/2)/√1     = −7/6
+    ([1], 5)        1      2/3      1       +1/3    (+1/3 + 1/3)/√1     = +2/3
 
 A completion may end in the middle of another one (a strict prefix) or repeat another one: it simply adds its
 count and reward to every node on its path, and EOS is an ordinary token.
@@ -28,16 +41,17 @@ from fractions import Fraction
 from typing import Sequence
 
 ROOT = 0
+ESTIMATORS = ("local", "treerl")  # A(v|p): E7, the paper's; B2, TreeRL's
 
 
 @dataclass(frozen=True)
 class Edge:
-    """One unique transition (p, v) of U, with its advantage A(v|p) (E7)."""
+    """One unique transition (p, v) of U, with its advantage A(v|p) (E7, or B2 with the estimator "treerl")."""
     parent: int       # node id of prefix p
     child: int        # node id of p∘v
     token: int        # v
     depth: int        # |p| = number of completion tokens before v (0-based index of v in any completion through it)
-    advantage: float  # A(v|p), E7
+    advantage: float  # A(v|p), E7 or B2
 
 
 @dataclass(frozen=True)
@@ -67,9 +81,15 @@ class PrefixTrie:
         paths[i]      node ids along completion i: paths[i][t] is the node of y_i[:t], t = 0 … len(y_i)
     Node ids are given in the order the prefixes first appear when reading completions 0, 1, … left to right,
     so every child has a larger id than its parent.
+
+    estimator: how an edge's A(v|p) is computed from the means, "local" (E7, `edge_advantages`, the default) or
+    "treerl" (B2, `treerl_advantages`); every method below (U's advantages, the non-zero edges, the forward plan, the
+    token fraction) reads the chosen one.
     """
 
-    def __init__(self, completions: Sequence[Sequence[int]], rewards: Sequence[float]):
+    def __init__(self, completions: Sequence[Sequence[int]], rewards: Sequence[float], estimator: str = "local"):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"PrefixTrie: estimator is {estimator!r}; choose 'local' (E7) or 'treerl' (B2)")
         if len(completions) == 0:
             raise ValueError("PrefixTrie needs at least one completion, got an empty group")
         if len(completions) != len(rewards):
@@ -80,8 +100,9 @@ class PrefixTrie:
                 raise ValueError(f"reward {i} is {r}; rewards must be finite")
         self.completions: list[list[int]] = [[int(v) for v in y] for y in completions]
         self.rewards: list[float] = [float(r) for r in rewards]
+        self.estimator = estimator
         self._build()
-        self._advantage = self.edge_advantages()
+        self._advantage = self.edge_advantages() if estimator == "local" else self.treerl_advantages()
 
     # ---- construction -------------------------------------------------------------------------------------
     def _new_node(self, parent: int, token: int, depth: int, first: int) -> int:
@@ -133,7 +154,20 @@ class PrefixTrie:
             adv[c] = float(mean_pv - mean_p)              # [E7] A(v|p); exactly 0.0 iff the means are equal
         return adv
 
-    # ---- E7, E8, E9 -----------------------------------------------------------------------------------------
+    def treerl_advantages(self) -> list[float]:
+        """TreeRL's A(v|p) of the edge entering each node (B2): E7's local term plus the global term
+        E[R|p∘v] − E[R|root], over √n(p∘v), n(p∘v) = count of p∘v; index = child node id (root: 0.0, no edge)."""
+        adv = [0.0] * self.num_nodes
+        mean_root = self.reward_sum[ROOT] / self.count[ROOT]  # E[R|root], the group's mean reward, exact
+        for c in range(1, self.num_nodes):
+            p = self.parent[c]
+            mean_p, mean_pv = self.reward_sum[p] / self.count[p], self.reward_sum[c] / self.count[c]  # exact
+            global_term, local_term = mean_pv - mean_root, mean_pv - mean_p  # exact Fractions, as in E7
+            # [decided] (SPEC.md) B2 after TreeRL's process reward: (global + local term) / √(completions through p∘v)
+            adv[c] = float(global_term + local_term) / math.sqrt(self.count[c])  # [B2] exactly 0.0 iff the sum is 0
+        return adv
+
+    # ---- E7 (or B2), E8, E9 ---------------------------------------------------------------------------------
     @property
     def num_nodes(self) -> int:
         return len(self.count)
@@ -143,7 +177,7 @@ class PrefixTrie:
         return float(self.reward_sum[node] / self.count[node])
 
     def advantage(self, child: int) -> float:
-        """A(v|p) (E7) of the edge (p, v) that enters node `child` (p∘v)."""
+        """A(v|p) (E7, or B2 with the estimator "treerl") of the edge (p, v) that enters node `child` (p∘v)."""
         if child == ROOT:
             raise ValueError("the root has no incoming edge, so no advantage")
         return self._advantage[child]

@@ -316,7 +316,8 @@ def two_steps(two_steps_once, tmp_path) -> Path:
 @pytest.mark.parametrize("flags,name,recorded", [
     (["--algo", "grpo"], "algo", "'sgrpo'"), (["--task", "svamp"], "task", "'mult'"),
     (["--model", "/elsewhere"], "model", None), (["--lora-rank", "16"], "lora_rank", "8"),
-    (["--lr", "0.001"], "lr", "0.0001"), (["-G", "8"], "group_size", "4"), (["--seed", "1"], "seed", "0")])
+    (["--lr", "0.001"], "lr", "0.0001"), (["-G", "8"], "group_size", "4"), (["--seed", "1"], "seed", "0"),
+    (["--edge-advantage", "treerl"], "edge_advantage", "'local'")])
 def test_resume_refuses_a_conflicting_flag_and_writes_nothing(two_steps, capsys, no_loading, flags, name, recorded):
     before = files(two_steps)
     code, err = refused(["--resume", str(two_steps), *flags], capsys)
@@ -376,6 +377,20 @@ def test_resume_of_a_broken_config(two_steps, capsys, no_loading, content, why):
     (two_steps / "config.json").write_text(content)
     code, err = refused(["--resume", str(two_steps)], capsys)
     assert code == 2 and err.startswith(f"error: {two_steps / 'config.json'}") and why in err
+
+
+def test_a_run_recorded_without_edge_advantage_resumes_with_E7_and_a_bad_one_is_named(two_steps, capsys,
+                                                                                       no_loading):
+    """A config.json written before --edge-advantage existed holds no edge_advantage: that run computed E7, and a
+    resume reads it as local. A hand-edited value that is no estimator is one line naming the file, exit status 2."""
+    config = json.loads((two_steps / "config.json").read_text())
+    assert config["edge_advantage"] == "local"  # recorded by every new run
+    (two_steps / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "edge_advantage"}))
+    assert checks.read_run_settings(two_steps).edge_advantage == "local"
+    (two_steps / "config.json").write_text(json.dumps({**config, "edge_advantage": "global"}))
+    code, err = refused(["--resume", str(two_steps)], capsys)
+    assert code == 2 and err == (f"error: {two_steps / 'config.json'}: edge_advantage is 'global'; allowed: local "
+                                 "(E7, the paper's) or treerl (B2, TreeRL's)\n")
 
 
 @pytest.mark.parametrize("above", [True, False])

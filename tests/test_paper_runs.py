@@ -269,6 +269,46 @@ def test_tspmo_default_has_no_lambda_term_and_lam_adds_the_literal_one(tiny, tmp
         assert m["loss"] == pytest.approx(m["policy_loss"] + m["l2_loss"], rel=1e-12)
 
 
+# --- B2, --edge-advantage treerl: what its update costs, fresh and replay groups alike --------------------------------
+
+# i  completion  R      root (3, mean 1/3): E7 is non-zero only at the root's two edges; every deeper edge continues a
+# 0  [1, 2, 3]   1      single path, so its mean is its parent's (A = 0). B2 adds E[R|p∘v] − 1/3, non-zero on all six
+# 1  [4, 5]      0      (tests/test_trie.py's CHAIN, with B2's values by hand)
+# 2  [4, 6]      0
+CHAIN = ([[1, 2, 3], [4, 5], [4, 6]], [1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("estimator", ["local", "treerl"])
+def test_edge_advantage_treerl_logs_its_forwards_edges_and_nonzero_tokens_B2(tmp_path, tiny, monkeypatch, estimator):
+    """One step through the CLI: the fresh group is CHAIN, the replay's continuations are FRESH (counted by hand).
+
+        group           edges   local (E7): forwards, tokens A ≠ 0     treerl (B2): forwards, tokens A ≠ 0
+        fresh  CHAIN      6       1 (the root), 3 of 7                   2 ([1,2] on 0, [4] on 1), 7 of 7
+        replay FRESH      5       1 ([5] on 0), 7 of 8                   1 ([5,6] on 0), 8 of 8: ([5,6], 7) is
+                                                                         (1 − 1/2) + (1 − 1) ≠ 0
+        step             11       2, 10 of 15                            3, 15 of 15
+
+    The replay's group takes the run's estimator too; config.json records it."""
+    calls = []
+
+    def fake(self, prompt, ex, prefix=()):
+        calls.append(prefix)
+        return CHAIN if len(calls) == 1 else FRESH  # the fresh group; then the replay of [1, 2, 3], the one success
+
+    monkeypatch.setattr(training.Trainer, "sample_group", fake)
+    run = tmp_path / "r"
+    assert train.main(["--task", "mult", "--algo", "tspmo", "--model", str(tiny), *SMALL, "--steps", "1",
+                       "--replay-success", "1", "--edge-advantage", estimator, "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["edge_advantage"] == estimator
+    (m,) = checkpoints.read_jsonl(run / "metrics.jsonl")
+    fresh, replay = m["groups"]
+    assert len(calls) == 2 and (fresh["kind"], replay["kind"]) == ("fresh", "replay")
+    assert (fresh["edges"], replay["edges"], m["edges"]) == (6, 5, 11)
+    want = {"local": ((1, 3), (1, 7), 2, 10 / 15), "treerl": ((2, 7), (1, 8), 3, 1.0)}[estimator]
+    assert ((fresh["forwards"], fresh["nonzero_adv_tokens"]), (replay["forwards"], replay["nonzero_adv_tokens"]),
+            m["forwards"], m["nonzero_adv_token_fraction"]) == want
+
+
 # --- --accum with T-SPMO: one round of replays per prompt of the step -------------------------------------------------
 
 @pytest.mark.parametrize("pool", ["history", "group"])

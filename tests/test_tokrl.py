@@ -219,7 +219,7 @@ def test_frozen_bottom_and_adapters_off_give_the_full_model_logprobs(tmp_path):
     assert (lp - ref).abs().max() > 1e-3  # the adapter matters
 
 
-def tspmo_slow(m, lam, use_log=False):
+def tspmo_slow(m, lam, use_log=False, estimator="local"):
     """E10 the obvious way: every completion's full forward and log_softmax, U and A from the raw lists."""
     pi = {}
     for y in COMPLETIONS:
@@ -227,7 +227,7 @@ def tspmo_slow(m, lam, use_log=False):
         for t in range(len(y)):
             v = lp[len(PROMPT) + t - 1, y[t]]
             pi[(tuple(y[:t]), y[t])] = v if use_log else v.exp()
-    return -tokrl.tspmo_objective_bruteforce(pi, COMPLETIONS, REWARDS) + lam * lora.l2_penalty(m)
+    return -tokrl.tspmo_objective_bruteforce(pi, COMPLETIONS, REWARDS, estimator) + lam * lora.l2_penalty(m)
 
 
 def test_tspmo_gradient_equals_bruteforce_and_uses_pi_not_log_pi(tmp_path):
@@ -260,6 +260,25 @@ def test_tspmo_evaluates_each_needed_prefix_once(tmp_path):
     zero(m)
     st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, [0.3] * 4, lam=0.0)
     assert st.forwards == 0 and st.zero_variance
+
+
+def test_tspmo_with_treerl_advantages_equals_bruteforce_B2(tmp_path):
+    """estimator="treerl": E10's form with B2's A(v|p) in place of E7's. Its gradient equals the brute-force sum's
+    (A from the raw lists) and differs from E7's. Rewards [1,0,0,1], root mean 1/2: B2 is 0 only where E[R|p∘v] is
+    the mean of E[R|root] and E[R|p], and no edge here is, so every prefix with a child is needed; the deepest ones,
+    [5,6,7,8] (completion 0: it covers [5,6], [5] and the root), [5,7,7,7,7,7] (completion 2) and [6] (completion
+    3), take three forwards (E7: one), and all 17 generated tokens have A ≠ 0 (E7: 9)."""
+    m = adapted_model(tmp_path)
+    tspmo_slow(m, lam=0.0, estimator="treerl").backward()
+    slow = grads(m)
+    zero(m)
+    st = tokrl.tspmo_backward(m, PROMPT, COMPLETIONS, REWARDS, lam=0.0, estimator="treerl")
+    fast = grads(m)
+    assert (st.forwards, st.edges, st.nonzero_adv_tokens, st.tokens_generated) == (3, 14, 17, 17)
+    assert float((fast - slow).norm() / slow.norm()) < 1e-5
+    zero(m)
+    tspmo_slow(m, lam=0.0).backward()  # E7's
+    assert float((grads(m) - fast).norm() / fast.norm()) > 0.05
 
 
 

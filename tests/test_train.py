@@ -74,16 +74,20 @@ def adapter_tensors(run: Path) -> dict:
 TIMING = ("seconds", "tokens_per_s", "peak_mem_gb")
 
 
-@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
-def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
+@pytest.mark.parametrize("algo,extra", [("grpo", []), ("sgrpo", []), ("tspmo", []),
+                                        ("tspmo", ["--lr", "3e-3", "--edge-advantage", "treerl"])],
+                         ids=["grpo", "sgrpo", "tspmo", "tspmo-treerl"])
+def test_resume_gives_the_same_run(tmp_path, algo, extra, monkeypatch):
     """4 steps straight, or 2 steps, stop, resume for 2 more: the same adapter weights and the same metrics.
-    On the toy task (rewards vary, so the weights move and every step's samples differ), through the real CLI."""
+    On the toy task (rewards vary, so the weights move and every step's samples differ), through the real CLI.
+    T-SPMO with B2 (--edge-advantage treerl) resumes with B2, and its run is not E7's; at a tenth of the rate, so that
+    its groups still vary after the resume (at 3e-2 the policy says 7 from step 2 on, and no later group updates)."""
     d = digit_model(tmp_path / "digits")
     for where in (training, checks):  # checks.check_inputs reads the task main trains on
         monkeypatch.setattr(where, "make_task", lambda name, tok, *a: SevenTask(tok))
     common = ["--algo", algo, "--model", str(d), "--device", "cpu", "-G", "6", "--max-new-tokens", "1",
               "--temperature", "1.0", "--lr", "3e-2", "--lora-fraction", "1", "--eval-every", "0", "--save-every", "2",
-              "--alpha", "0", "--k", "1"]
+              "--alpha", "0", "--k", "1", *extra]
     train.main([*common, "--steps", "4", "--out", str(tmp_path / "a")])
     train.main([*common, "--steps", "2", "--out", str(tmp_path / "b")])
     train.main(["--resume", str(tmp_path / "b"), "--steps", "4"])
@@ -94,6 +98,11 @@ def test_resume_gives_the_same_run(tmp_path, algo, monkeypatch):
     ma, mb = checkpoints.read_jsonl(tmp_path / "a" / "metrics.jsonl"), checkpoints.read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert strip(ma) == strip(mb) and len(ma) == 4
     assert len({m["reward_mean"] for m in ma}) > 1 or len({m["loss"] for m in ma}) > 1
+    if extra:  # the option reached the update, before and after the resume
+        assert json.loads((tmp_path / "b" / "config.json").read_text())["edge_advantage"] == "treerl"
+        train.main([*common[:-2], "--steps", "4", "--out", str(tmp_path / "local")])
+        local = adapter_tensors(tmp_path / "local")
+        assert any(not torch.equal(a[k], local[k]) for k in a)
 
 
 def test_resume_continues_the_mult_data_stream(tmp_path, tiny, monkeypatch):

@@ -1,4 +1,5 @@
-"""Tests of trie.py: token-level advantages of T-SPMO [E7] [E8] [E9], U, the forward-pass plan, the token fraction.
+"""Tests of trie.py: token-level advantages of T-SPMO [E7] [E8] [E9], U, the forward-pass plan, the token fraction;
+TreeRL's advantage on the same trie [B2] (the estimator "treerl").
 
 Hand-drawn example used below (rewards in brackets):
 
@@ -9,6 +10,7 @@ Hand-drawn example used below (rewards in brackets):
                                         │       └─4─> [1,2,4] (1, 0)   A(4|1,2) = 0 − 1/2 = −1/2
                                         └─5─> [1,5] (1, 1)    A(5|1)    = 1 − 2/3   = +1/3
 """
+import math
 import random
 from fractions import Fraction
 
@@ -137,8 +139,12 @@ def test_edges_match_brute_force(seed):
 def test_targets_match_brute_force(seed):
     rng = random.Random(1000 + seed)
     comps, rewards = random_group(rng, G=rng.randint(1, 12))
-    trie = PrefixTrie(comps, rewards)
-    brute = brute_advantages(comps, rewards)
+    assert_targets_match(PrefixTrie(comps, rewards), comps, brute_advantages(comps, rewards))
+
+
+def assert_targets_match(trie: PrefixTrie, comps, brute: dict) -> None:
+    """The trie's forward plan against the brute-force advantages: every prefix with an edge A ≠ 0 evaluated exactly
+    once, on a completion that contains it, with its non-zero edges and their A; one forward per needed leaf."""
     nonzero_out: dict[tuple[int, ...], dict[int, Fraction]] = {}
     for (p, v), a in brute.items():
         if a != 0:
@@ -172,6 +178,103 @@ def test_nonzero_token_fraction_matches_brute_force(seed):
     total = sum(len(y) for y in comps)
     nonzero = sum(brute[(tuple(y[:t]), y[t])] != 0 for y in comps for t in range(len(y)))
     assert PrefixTrie(comps, rewards).nonzero_token_fraction() == (nonzero / total if total else 0.0)
+
+
+# ---- B2: TreeRL's estimator on the same trie ------------------------------------------------------------------
+def brute_treerl_advantages(comps, rewards) -> dict[tuple[tuple[int, ...], int], tuple[Fraction, int]]:
+    """B2's parts for every (i, t) from the raw token lists: the exact numerator (E[R|p∘v] − E[R|root]) +
+    (E[R|p∘v] − E[R|p]) and n(p∘v), the number of completions j with y_j[:t+1] == p∘v."""
+    def through(prefix):
+        return [Fraction(r) for y, r in zip(comps, rewards) if tuple(y[: len(prefix)]) == prefix]
+    mean = lambda prefix: sum(through(prefix)) / len(through(prefix))  # noqa: E731
+    out = {}
+    for y in comps:
+        for t in range(len(y)):
+            p, pv = tuple(y[:t]), tuple(y[: t + 1])
+            out[(p, y[t])] = ((mean(pv) - mean(())) + (mean(pv) - mean(p)), len(through(pv)))
+    return out
+
+
+def test_hand_example_treerl_advantages_B2():
+    """B2 on the hand-drawn trie (module docstring): E[R|root] = 2/3, and n(p∘v) the completions through p∘v.
+
+        edge (p, v)   n(p∘v)  E[R|p]  E[R|p∘v]  global E[R|p∘v] − 2/3   local (E7)   B2 = (global + local)/√n
+        (root, 1)       3      2/3      2/3          0                   0           0
+        ([1], 2)        2      2/3      1/2        −1/6                −1/6         −1/3 / √2 = −√2/6
+        ([1,2], 3)      1      1/2      1          +1/3                +1/2         +5/6
+        ([1,2], 4)      1      1/2      0          −2/3                −1/2         −7/6
+        ([1], 5)        1      2/3      1          +1/3                +1/3         +2/3
+
+    The non-zero edges are E7's here, so the forward plan is too (one forward on completion 0, positions 1 and 2),
+    and so is the token fraction (5 of 8); only the values differ."""
+    trie = PrefixTrie(COMPLETIONS, REWARDS, estimator="treerl")
+    edges = edge_map(trie)
+    expected = {((), 1): 0.0, ((1,), 2): -math.sqrt(2) / 6, ((1, 2), 3): 5 / 6, ((1, 2), 4): -7 / 6,
+                ((1,), 5): 2 / 3}
+    assert set(edges) == set(expected) and len(trie.edges) == 5  # U is the same trie's
+    for key, a in expected.items():
+        assert edges[key].advantage == pytest.approx(a, abs=1e-15), key
+    assert edges[((), 1)].advantage == 0.0  # exactly: 0 + 0 over √3
+    assert [trie.advantage(e.child) for e in trie.edges] == trie.treerl_advantages()[1:]
+    assert trie.treerl_advantages() != trie.edge_advantages()  # the local estimator's, from the same counts
+    targets = trie.targets()
+    assert [(t.completion, t.positions, t.tokens) for t in targets] == [(0, [1, 2], [[2, 5], [3, 4]])]
+    assert targets[0].advantages == [pytest.approx([-math.sqrt(2) / 6, 2 / 3], abs=1e-15),
+                                     pytest.approx([5 / 6, -7 / 6], abs=1e-15)]
+    assert trie.nonzero_token_fraction() == 5 / 8
+
+
+# i  completion  R      root (3, mean 1/3)
+# 0  [1, 2, 3]   1        ├─1─> [1] (1, 1) ─2─> [1,2] (1, 1) ─3─> [1,2,3] (1, 1)
+# 1  [4, 5]      0        └─4─> [4] (2, 0) ─┬─5─> [4,5] (1, 0)
+# 2  [4, 6]      0                          └─6─> [4,6] (1, 0)
+CHAIN = ([[1, 2, 3], [4, 5], [4, 6]], [1.0, 0.0, 0.0])
+
+
+def test_treerl_gives_chains_their_global_term_and_costs_a_second_forward_B2():
+    """On CHAIN (above) E7 is non-zero only where the root branches: A(1|root) = 1 − 1/3 = +2/3, A(4|root) = 0 − 1/3
+    = −1/3; every deeper edge keeps its parent's mean (A = 0). One needed prefix, the root: one forward, 3 of 7 tokens.
+
+    B2 adds the global term E[R|p∘v] − 1/3 and divides by √n(p∘v):
+        (root, 1)  (2/3 + 2/3)/√1 = +4/3        ([1], 2)  (2/3 + 0)/√1 = +2/3       ([1,2], 3)  +2/3
+        (root, 4)  (−1/3 − 1/3)/√2 = −√2/3      ([4], 5)  (−1/3 + 0)/√1 = −1/3      ([4], 6)    −1/3
+    Every edge is non-zero: the chain [1] → [1,2] → [1,2,3] repeats its global term, as a TreeRL segment's tokens
+    share one value. Needed: root, [1], [1,2], [4]; leaves [1,2] (completion 0, which covers the root and [1]) and
+    [4] (completion 1): two forwards, 7 of 7 tokens."""
+    local, treerl = PrefixTrie(*CHAIN), PrefixTrie(*CHAIN, estimator="treerl")
+    assert [(t.completion, t.positions, t.tokens, t.advantages) for t in local.targets()] == [
+        (0, [0], [[1, 4]], [[pytest.approx(2 / 3, abs=1e-15), pytest.approx(-1 / 3, abs=1e-15)]])]
+    assert local.nonzero_token_fraction() == 3 / 7 and len(local.needed_nodes()) == 1
+    r2 = math.sqrt(2)
+    assert {k: e.advantage for k, e in edge_map(treerl).items()} == pytest.approx(
+        {((), 1): 4 / 3, ((1,), 2): 2 / 3, ((1, 2), 3): 2 / 3, ((), 4): -r2 / 3, ((4,), 5): -1 / 3, ((4,), 6): -1 / 3},
+        abs=1e-15)
+    targets = treerl.targets()
+    assert [(t.completion, t.positions, t.tokens) for t in targets] == [(0, [0, 1, 2], [[1, 4], [2], [3]]),
+                                                                        (1, [1], [[5, 6]])]
+    assert targets[0].advantages == [pytest.approx([4 / 3, -r2 / 3], abs=1e-15), pytest.approx([2 / 3], abs=1e-15),
+                                     pytest.approx([2 / 3], abs=1e-15)]
+    assert treerl.nonzero_token_fraction() == 1.0 and len(treerl.edges) == len(local.edges) == 6
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_treerl_edges_and_targets_match_brute_force_B2(seed):
+    """B2 from the raw token lists on random groups (duplicates, strict prefixes, empty completions): each edge's
+    value, exactly 0.0 where the exact numerator is 0, and the forward plan on B2's non-zero edges."""
+    rng = random.Random(3000 + seed)
+    comps, rewards = random_group(rng, G=rng.randint(1, 12))
+    trie = PrefixTrie(comps, rewards, estimator="treerl")
+    brute = brute_treerl_advantages(comps, rewards)
+    edges = edge_map(trie)
+    assert set(edges) == set(brute) and len(trie.edges) == trie.num_nodes - 1
+    for key, (num, n) in brute.items():
+        assert abs(edges[key].advantage - float(num) / math.sqrt(n)) <= 1e-12, key
+        assert (edges[key].advantage == 0.0) == (num == 0), key
+    b2 = {key: float(num) / math.sqrt(n) if num else 0.0 for key, (num, n) in brute.items()}  # 0 where num is
+    assert_targets_match(trie, comps, b2)
+    total = sum(len(y) for y in comps)
+    nonzero = sum(b2[(tuple(y[:t]), y[t])] != 0 for y in comps for t in range(len(y)))
+    assert trie.nonzero_token_fraction() == (nonzero / total if total else 0.0)
 
 
 # ---- corner cases ------------------------------------------------------------------------------------------
@@ -226,3 +329,5 @@ def test_errors():
         PrefixTrie([[1], [2]], [0.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="finite"):
         PrefixTrie([[1], [2]], [0.0, float("nan")])
+    with pytest.raises(ValueError, match="estimator is 'global'; choose 'local' \\(E7\\) or 'treerl' \\(B2\\)"):
+        PrefixTrie([[1], [2]], [0.0, 1.0], estimator="global")
