@@ -245,7 +245,7 @@ class KVCache:
 
 # The attention kernel of a fixed-shape decode step on CUDA (fp32, grouped queries, a boolean mask over the slots):
 # "efficient" (PyTorch's memory-efficient kernel, math where it refuses the inputs) or "math". Not yet measured: no
-# GPU was lent to this work. `python tests/benchmark.py --device cuda` times both and prints the faster; efficient is
+# GPU was lent to this work. `python bench/benchmark.py --device cuda` times both and prints the faster; efficient is
 # the prior (one fused kernel, no (B, K, H/K, S) score tensor written and read back).
 DECODE_ATTENTION = "efficient"
 

@@ -1,13 +1,13 @@
 """Measure a GPU in under 8 minutes, for whoever is lent one. Run by hand; pytest does not collect it.
 
-    python tests/gpu_check.py OUT_DIR [--tokenizer PATH]      # PATH: Qwen2's tokenizer.json (default: the one in
+    python bench/gpu_check.py OUT_DIR [--tokenizer PATH]      # PATH: Qwen2's tokenizer.json (default: the one in
                                                               # $TOKRL_ASSETS/qwen2/, which CI's machines have)
 
 Builds a random-weight model of Qwen2-1.5B's shape (fp32, on the GPU, with the real tokenizer) once, then runs
 three parts, each in its own process under its own time cap, so that a slow or failing part cannot hide the others:
 
     tests   the CUDA tests (tests/test_gpu.py)                                                       90 s
-    bench   tests/benchmark.py --device cuda: the decode step, sampling against transformers,      280 s
+    bench   bench/benchmark.py --device cuda: the decode step, sampling against transformers,      280 s
             greedy evaluation, a whole step of every algorithm, the projected paper runs
     main    python train.py --algo tspmo --task mult, 2 steps, --eval-limit 256                     90 s
 
@@ -34,7 +34,7 @@ import model as M  # noqa: E402
 
 PARTS = {  # name: (seconds allowed, command; {model}: the built model directory, {run}: the main command's run)
     "tests": (90, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]),
-    "bench": (280, [sys.executable, "tests/benchmark.py", "--device", "cuda", "--ckpt-dir", "{model}"]),
+    "bench": (280, [sys.executable, "bench/benchmark.py", "--device", "cuda", "--ckpt-dir", "{model}"]),
     "main": (90, [sys.executable, "train.py", "--algo", "tspmo", "--task", "mult", "--model", "{model}", "--steps",
                   "2", "--eval-limit", "256", "--device", "cuda", "--out", "{run}"]),
 }
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated among {','.join(PARTS)}")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("error: no CUDA device here: tests/gpu_check.py measures a GPU")
+        raise SystemExit("error: no CUDA device here: bench/gpu_check.py measures a GPU")
     if not args.tokenizer.is_file():
         raise SystemExit(f"error: --tokenizer {args.tokenizer}: no such file (Qwen2's tokenizer.json)")
     parts = args.parts.split(",")

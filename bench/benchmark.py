@@ -1,9 +1,9 @@
 """tokrl against transformers (+ PEFT) on random-weight Qwen2 models. Run by hand; pytest does not collect it.
 
-    python tests/benchmark.py                 # CPU: all three sections (about 15 min on 2 cores, 18 GiB of RAM)
-    python tests/benchmark.py --no-full       # CPU: sections 1-2 only, on qwen2-tiny-realvocab (about 6 min)
-    python tests/benchmark.py --device cuda   # GPU: sections 0, 1, 3, 4 and 5 at the full shape (about 5 min)
-    python tests/benchmark.py --quick         # short sequences, no section 3: checks that the script runs
+    python bench/benchmark.py                 # CPU: all three sections (about 15 min on 2 cores, 18 GiB of RAM)
+    python bench/benchmark.py --no-full       # CPU: sections 1-2 only, on qwen2-tiny-realvocab (about 6 min)
+    python bench/benchmark.py --device cuda   # GPU: sections 0, 1, 3, 4 and 5 at the full shape (about 5 min)
+    python bench/benchmark.py --quick         # short sequences, no section 3: checks that the script runs
 
 0. (CUDA) One decode step (forward + LM head + draw) at 8 and 50 rows over a 400-slot cache: the eager step (the
    CPU's path) against the fixed-shape step replayed as a CUDA graph, in fp32 with each attention kernel, and with
