@@ -1,4 +1,5 @@
-"""tokrl against transformers (+ PEFT) on random-weight Qwen2 models. Run by hand; pytest does not collect it.
+"""tokrl against transformers (+ PEFT) on random-weight Qwen2 models. Run by hand (bench/gpu_check.py reuses its
+pieces on a GPU).
 
     python bench/benchmark.py                 # CPU: all three sections (about 15 min on 2 cores, 18 GiB of RAM)
     python bench/benchmark.py --no-full       # CPU: sections 1-2 only, on qwen2-tiny-realvocab (about 6 min)
@@ -7,7 +8,8 @@
 
 0. (CUDA) One decode step (forward + LM head + draw) at 8 and 50 rows over a 400-slot cache: the eager step (the
    CPU's path) against the fixed-shape step replayed as a CUDA graph, in fp32 with each attention kernel, and with
-   the opt-in lower precisions; the kernels of a step; how far lower-precision samples are from the fp32 policy.
+   the opt-in lower precisions; the step through torch.profiler (kernels, launches, host syncs and the lines that
+   cause them, host-device copies, GPU busy fraction); how far lower-precision samples are from the fp32 policy.
 1. Sampling: new tokens per second, G = 8 and G = 50 completions of one prompt, N new tokens (EOS suppressed in
    both), tokrl `model.sample` against `generate(num_return_sequences=G, do_sample=True)`.
 2. (CPU) One training step per algorithm (paper's multiplication settings) on fixed completions: seconds and peak

@@ -11,22 +11,22 @@ Seven parts, each a process of its own in its own process group, under its own t
     model     60  a random-weight model of Qwen2-1.5B's shape (fp32, normal std 0.02) built on the GPU and written,
                   with a tokenizer, to the work folder, where the other parts load it (their caps include the load)
     tests     60  the CUDA tests, tests/test_gpu.py
-    decode    75  one decode step at 8 and 50 rows over a 400-slot cache: eager, graphed (fp32, each attention kernel,
+    decode    70  one decode step at 8 and 50 rows over a 400-slot cache: eager, graphed (fp32, each attention kernel,
                   cuBLASLt) and the lower precisions; the step through torch.profiler (kernels, launches, host
                   syncs and the lines that cause them, host-device copies, GPU busy fraction); bf16's log-prob gaps
     sampling  45  model.sample against transformers' generate, G = 8 and 50, 64 tokens
-    eval      55  greedy evaluation throughput at batches of 32 (eager), 64, 256, 1024 and the default --eval-batch,
-                  and a batch whose rows end at different steps, fixed-shape against eager
+    eval      70  greedy evaluation throughput at the default --eval-batch, then at 32 rows (eager), 64, 256 and
+                  1024, and a batch whose rows end at different steps, fixed-shape against eager
     memory    90  a whole step (sampling 300 tokens + the update) of every algorithm under LoRA at the paper's mult
                   settings: seconds and peak memory (torch.cuda.max_memory_allocated); T-SPMO also with bf16 sampling
     main      55  python train.py --algo tspmo --task mult, 2 steps, --eval-limit 128
 
-The caps add up to 440 s, and the whole check stops at --budget (470 s) after its start whatever the parts do: a
+The caps add up to 450 s, and the whole check stops at --budget (470 s) after its start whatever the parts do: a
 part that would start with less than its cap gets what is left, and none starts with under 15 s. Everything lands in
 OUT: each part's log (PART.log, its command first) and summary.md, rewritten when a part starts and when it ends, so a
 run cut short still reports what it measured (the parts print each measurement as it is made). With the model
-part's device and the repository's commit, summary.md gives every table, the projected paper runs (Table II, mult)
-and the issue's targets beside the figures.
+part's device and the repository's commit, summary.md gives every table, the projected paper run (Table II's T-SPMO
+on mult) and the targets beside the figures.
 
 Every process the check starts ends with it: a part is killed with its whole process group at its cap; on SIGTERM,
 SIGINT or SIGHUP the check kills the running part's group, writes summary.md (the part "stopped by SIGTERM") and
@@ -37,7 +37,10 @@ temporary folder), removed at the end; --work DIR keeps it there for the next ru
 Tokenizer. Only the main part reads text (the others feed random token ids). [decided] Without --tokenizer the check
 builds a byte-level tokenizer with Qwen2's special tokens at Qwen2's ids rather than stopping: the main command's
 mult prompt is then 156 tokens instead of the 49 Qwen2's tokenizer gives, so its prefill and cache are longer (the
-completions, random ids, decode to little text either way); every other figure is the same. Exit status: 0 when every part exited 0, 1 when one failed or was cut off, 2 on bad input.
+completions, random ids, decode to little text either way); every other figure is the same.
+
+Exit status: 0 when every part exited 0, 1 when one failed or was cut off, 2 on bad input (one line, before anything
+is written), 128 + the signal when one stopped the check.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ BUDGET_S = 470  # the whole check, from its start to summary.md's last write
 RESERVE_S = 10  # kept back from the budget to end a part, write summary.md and remove the model
 MIN_CAP_S = 15  # a part that would get less is not started
 DRY_CAP_S, DRY_BUDGET_S = 120, 900  # the dry run on a CPU, whose figures mean nothing: only that every part runs
-PARTS = {"model": 60, "tests": 60, "decode": 75, "sampling": 45, "eval": 55, "memory": 90, "main": 55}  # caps, s
+PARTS = {"model": 60, "tests": 60, "decode": 70, "sampling": 45, "eval": 70, "memory": 90, "main": 55}  # caps, s
 NEEDS_MODEL = ("decode", "sampling", "eval", "memory", "main")
 MODEL_BYTES = 7 * 2**30  # room for the model folder: Qwen2-1.5B's 6.2 GB of fp32 weights, the tokenizer, the run
 QWEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
@@ -80,8 +83,9 @@ class Sizes:
     decode_k1: int = 20
     profile_prompt: int = 200
     profile_steps: tuple = (8, 24)
-    profile: tuple = ((8, "fixed", 0), (50, "fixed", 0), (50, "fixed", 50), (50, "eager", 0), (8, "eager", 0))  # rows,
-    # decode ("fixed": the graph on CUDA, the fixed-shape step without it on the CPU), a row ends at 1 in N tokens
+    # (rows, decode, a row ends at 1 token in N or never: 0); "fixed": the graph on CUDA, the fixed-shape step without
+    # it on the CPU
+    profile: tuple = ((8, "fixed", 0), (50, "fixed", 0), (50, "fixed", 50), (50, "eager", 0), (8, "eager", 0))
     sample_groups: tuple = (8, 50)
     sample_tokens: int = 64
     eval_prompt: int = 60
@@ -121,8 +125,8 @@ def gib(x: float) -> float:
 
 
 def part_model(a, sz: Sizes, dev) -> None:
-    """The model folder, built in model.partial and renamed when complete (a folder named model is whole); one that
-    a previous run left with the same config.json is reused."""
+    """The model folder, built in model.partial and renamed when its weights are complete (a folder named model
+    holds whole weights); one that a previous run left with the same config.json is reused."""
     import torch
 
     import model as M
@@ -140,13 +144,13 @@ def part_model(a, sz: Sizes, dev) -> None:
         m.init_weights(torch.Generator(dev).manual_seed(0), std=0.02)
         M.save_model(m, partial)
         del m
-        if a.tokenizer:
-            shutil.copy(a.tokenizer, partial / "tokenizer.json")
-        else:
-            write_tokenizer(partial / "tokenizer.json")
         (partial / "generation_config.json").write_text(json.dumps({"eos_token_id": [151643, 151645]}))
-        M.check_model_dir(partial)  # what train.py checks before it loads
         partial.rename(final)
+    if a.tokenizer:  # this run's tokenizer, also in a reused folder
+        shutil.copy(a.tokenizer, final / "tokenizer.json")
+    else:
+        write_tokenizer(final / "tokenizer.json")
+    M.check_model_dir(final)  # what train.py checks before it loads
     tok = M.Tokenizer(final / "tokenizer.json")
     mult = tasks.make_task("mult", tok)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
@@ -261,8 +265,7 @@ def part_eval(a, sz: Sizes, dev) -> None:
         M.greedy(tk, prompts[:batch], sz.eval_tokens, stop=stop, decode=decode)
         return B.sync(dev) - t0
 
-    batches = [(sz.eval_eager_batch, "eager")] + [(b, fixed) for b in sz.eval_batches if b < default] + \
-        [(default, fixed)]
+    batches = [(default, fixed), (sz.eval_eager_batch, "eager")] + [(b, fixed) for b in sz.eval_batches if b < default]
     for batch, decode in batches:
         k1, k2 = sz.eval_steps
         run(batch, decode, lambda y: len(y) >= k1)  # warm-up: the capture, cuBLAS's choices
@@ -387,10 +390,12 @@ def kill_group(pgid: int) -> None:
         pass
 
 
-def exited(pid: int) -> bool:
-    """Whether the child has exited, leaving it unreaped: its pid, and so its process group's id, stays reserved
-    until kill_group has ended whatever else is in the group."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+def exited(p: subprocess.Popen) -> bool:
+    """Whether the child has exited, leaving it unreaped where the system allows (Linux): its pid, and so its process
+    group's id, stays reserved until kill_group has ended whatever else is in the group."""
+    if hasattr(os, "waitid"):
+        return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    return p.poll() is not None
 
 
 class Check:
@@ -445,7 +450,7 @@ class Check:
             st.update(status=f"running (cap {cap:.0f} s)", pgid=p.pid)
             try:
                 self.write_summary()
-                while not exited(p.pid):
+                while not exited(p):
                     if time.monotonic() - t0 > cap:
                         st["status"] = f"cut off at its cap of {cap:.0f} s"
                         break

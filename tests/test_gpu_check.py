@@ -84,6 +84,7 @@ def test_the_dry_run_runs_every_part_and_summary_md_has_each_part_s_row_and_tabl
         for h in headings:
             assert h in summary, h
     assert "| CPU (dry run) |" in summary and "## Projected: Table II's T-SPMO run" in summary
+    assert "| error |" not in summary and "| failed |" not in summary  # no measurement refused or failed
     assert re.search(r"^\d+ skipped in ", (out / "tests.log").read_text(), re.M)  # the CUDA tests, on the CPU
     assert (out / "main-run" / "metrics.jsonl").is_file()
 
@@ -98,20 +99,25 @@ if sys.argv[0].endswith("gpu_check.py") and sys.argv[1:3] == ["--part", "model"]
 """
 
 
-def hanging(tmp_path: Path) -> tuple[dict, Path]:
+@pytest.fixture
+def hanging(tmp_path: Path):
     """An environment in which the check's model part hangs at its start, having started a grandchild (a
-    sitecustomize module that every Python process reads: a fault injected without a hook in the check)."""
+    sitecustomize module that every Python process reads: a fault injected without a hook in the check); and
+    the file the part writes their pids to. Whatever the check leaves alive is killed after the test."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(HANG)
     pids = tmp_path / "pids"
-    return env(PYTHONPATH=str(site), HANG_PIDS=str(pids)), pids
+    yield env(PYTHONPATH=str(site), HANG_PIDS=str(pids)), pids
+    for pid in map(int, pids.read_text().split() if pids.is_file() else []):
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
-def test_a_part_past_its_cap_is_killed_with_its_process_group_and_reported_cut_off(tmp_path):
+def test_a_part_past_its_cap_is_killed_with_its_process_group_and_reported_cut_off(tmp_path, hanging):
     """The model part hangs with a grandchild: at its 3 s cap both are killed (the group, not only the leader),
     summary.md says it was cut off, the parts that need the model say so and do not start, exit status 1."""
-    e, pids = hanging(tmp_path)
+    e, pids = hanging
     out = tmp_path / "out"
     t0 = time.monotonic()
     r = subprocess.run([*CHECK, str(out), "--dry-run", "--parts", "model,decode", "--cap", "model=3"], cwd=ROOT,
@@ -126,10 +132,10 @@ def test_a_part_past_its_cap_is_killed_with_its_process_group_and_reported_cut_o
     assert parts["decode"][0] == "not run: no model (the model part did not build one)"
 
 
-def test_sigterm_to_the_check_kills_the_running_part_s_group_and_writes_the_summary(tmp_path):
+def test_sigterm_to_the_check_kills_the_running_part_s_group_and_writes_the_summary(tmp_path, hanging):
     """An outer timeout's SIGTERM to the check while a part runs: the part and its grandchild die, summary.md says
     the part was stopped, the work folder is removed, and the check exits with 128 + 15."""
-    e, pids = hanging(tmp_path)
+    e, pids = hanging
     out = tmp_path / "out"
     p = subprocess.Popen([*CHECK, str(out), "--dry-run", "--parts", "model,tests"], cwd=ROOT, env=e,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -169,7 +175,8 @@ def test_summary_keeps_what_a_cut_off_part_measured_and_projects_the_run_by_hand
     (tmp_path / "eval.log").write_text(row("evaluation", batch=1500, default="yes", _s_per_problem=0.02) + "\n")
     state = {n: {"status": "not started", "seconds": None, "pgid": None} for n in ("decode", "eval", "memory")}
     state["decode"] = {"status": "cut off at its cap of 75 s", "seconds": 75.2, "pgid": 4321}
-    c = SimpleNamespace(out=tmp_path, parts=list(state), state=state, caps=gpu_check.PARTS, commit="abc1234",
+    c = SimpleNamespace(out=tmp_path, parts=list(state), state=state, caps={"decode": 75, "eval": 70, "memory": 90},
+                        commit="abc1234",
                         args=SimpleNamespace(dry_run=False, tokenizer=None), start=time.monotonic(),
                         started="now", budget=gpu_check.BUDGET_S)
     text = gpu_check.summary(c)
