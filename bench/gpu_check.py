@@ -399,10 +399,10 @@ def exited(p: subprocess.Popen) -> bool:
 
 
 class Check:
-    def __init__(self, args, out: Path, work: Path, temporary: bool, parts: list[str], caps: dict):
+    def __init__(self, args, out: Path, work: Path, temporary: bool, parts: list[str], caps: dict, start: float):
         self.args, self.out, self.work, self.temporary, self.parts, self.caps = args, out, work, temporary, parts, caps
         self.sizes = DRY if args.dry_run else GPU
-        self.start, self.started = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S")
+        self.start, self.started = start, time.strftime("%Y-%m-%d %H:%M:%S")  # the budget runs from the start
         self.budget = args.budget or (DRY_BUDGET_S if args.dry_run else BUDGET_S)
         self.state = {name: {"status": "not started", "seconds": None, "pgid": None} for name in parts}
         self.commit = commit()
@@ -658,6 +658,7 @@ def work_folder(args) -> tuple[Path, bool]:
 
 
 def main(argv: list[str]) -> int:
+    start = time.monotonic()
     if argv[:1] == ["--part"]:
         part_main(argv)
         return 0
@@ -697,7 +698,7 @@ def main(argv: list[str]) -> int:
     work, temporary = work_folder(args)
     for sig in SIGNALS:
         signal.signal(sig, on_signal)
-    check = Check(args, out, work, temporary, parts, caps)
+    check = Check(args, out, work, temporary, parts, caps, start)
     try:
         status = check.run()
     except Stopped as e:  # the running part's group is killed (run_part)
