@@ -245,7 +245,7 @@ class KVCache:
 
 # The attention kernel of a fixed-shape decode step on CUDA (fp32, grouped queries, a boolean mask over the slots):
 # "efficient" (PyTorch's memory-efficient kernel, math where it refuses the inputs) or "math". Not yet measured: no
-# GPU was lent to this work. `python tests/benchmark.py --device cuda` times both and prints the faster; efficient is
+# GPU was lent to this work. `python bench/benchmark.py --device cuda` times both and prints the faster; efficient is
 # the prior (one fused kernel, no (B, K, H/K, S) score tensor written and read back).
 DECODE_ATTENTION = "efficient"
 
@@ -872,6 +872,32 @@ def matmul_precision(tf32: bool):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+class CaptureOutOfMemory(CacheTooLarge):
+    """The decode step ran out of device memory while being captured as a CUDA graph: the graph's own memory (the
+    step's activations for every row), beside the fixed-shape cache already allocated, did not fit. Not a refused
+    capture: decoding the same rows without the graph needs that memory too, so the run stops, naming the batch and,
+    through `flags` (filled in by the caller, as for CacheTooLarge), the settings that lower it."""
+
+    def __str__(self) -> str:
+        return (f"the decode step{' for ' + self.flags if self.flags else ''} (rows × slots = {self.rows} × "
+                f"{self.positions}) ran out of memory on {self.device} while captured as a CUDA graph, beside its "
+                f"{self.nbytes / 2**30:.2f} GiB fixed-shape cache ({self.reason}); fewer rows lower it")
+
+
+def out_of_memory(e: BaseException) -> BaseException | None:
+    """The out-of-memory error in e's chain (e, then its cause or context), or None: torch's OutOfMemoryError, or a
+    RuntimeError whose text says so (a driver's "CUDA error: out of memory"). A capture that fails on an allocation
+    often surfaces as the graph's own error ("operation failed due to a previous error during capture"), raised while
+    the capture ends, with the allocator's error as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class Decoder:
     """A model's decode step over one StaticCache of rows × slots, with fixed input buffers (tokens, positions, the
     cache's slot). graph=False runs the step as it is; graph=True captures it once as a CUDA graph and replays it:
@@ -893,6 +919,9 @@ class Decoder:
                 self.capture(model)
             except RuntimeError as e:  # a driver or build that refuses the capture: decode without the graph, slower
                 self.graph = None
+                if oom := out_of_memory(e):  # not a refusal: these rows do not fit, with or without the graph
+                    nbytes = cache_bytes(model.config, rows, slots, p.dtype)
+                    raise CaptureOutOfMemory(rows, slots, nbytes, p.device, oom) from None
                 if not Decoder.refused:
                     print(f"warning: the decode step could not be captured as a CUDA graph ({_first_line(e)[:200]}); "
                           "decoding without it, slower", file=sys.stderr)

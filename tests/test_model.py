@@ -251,6 +251,89 @@ def test_a_decoder_is_made_once_per_shape_and_again_when_the_model_changes(tiny_
         M.Decoder.__init__ = real_init
 
 
+# A capture that fails: refused (the graph cannot be made here) or out of memory (these rows do not fit). The capture
+# itself needs CUDA; here it is replaced by one that raises, the decode around it is the real one.
+REFUSED = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+def failed_capture(error: BaseException):
+    def capture(self, model):
+        raise error
+    return capture
+
+
+def out_of_memory_in_the_capture() -> list[BaseException]:
+    """The shapes an out-of-memory error takes in a capture: torch's own, a driver's RuntimeError, and the graph's
+    error raised while the capture ends, with the allocator's error as its context."""
+    ended = RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    ended.__context__ = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            RuntimeError("CUDA error: out of memory"), ended]
+
+
+def test_a_refused_capture_decodes_without_the_graph_under_its_warning(tiny_dir, monkeypatch, capsys):
+    """A capture the driver refuses: the warning says so, once, and the decode runs without the graph, with the
+    eager decode's tokens."""
+    m = M.load_model(tiny_dir)
+    monkeypatch.setattr(M.Decoder, "capture", failed_capture(REFUSED))
+    monkeypatch.setattr(M.Decoder, "refused", 0)  # the warning is printed at a process's first refusal
+    want = M.greedy(m, [[3, 4, 5], [9, 8]], 12, decode="eager")
+    assert M.greedy(m, [[3, 4, 5], [9, 8]], 12, decode="graph") == want
+    err = capsys.readouterr().err
+    assert err == ("warning: the decode step could not be captured as a CUDA graph (CUDA error: operation not "
+                   "permitted when stream is capturing); decoding without it, slower\n")
+    assert M.decoder(m, 2, 15, graph=True).graph is None and M.Decoder.refused == 1
+
+
+@pytest.mark.parametrize("error", out_of_memory_in_the_capture(), ids=["OutOfMemoryError", "driver", "context"])
+def test_out_of_memory_in_the_capture_is_named_with_its_batch_not_as_a_refused_capture(tiny_dir, monkeypatch,
+                                                                                       capsys, error):
+    """Out of memory while capturing is one CaptureOutOfMemory (a CacheTooLarge: the callers that name the flags
+    behind a batch's size name them here too) with the rows and slots of the batch and the allocator's first line;
+    no refusal is counted or warned about, and nothing decodes."""
+    m = M.load_model(tiny_dir)
+    monkeypatch.setattr(M.Decoder, "capture", failed_capture(error))
+    monkeypatch.setattr(M.Decoder, "refused", 0)
+    with pytest.raises(M.CaptureOutOfMemory) as e:
+        M.sample(m, [1, 2, 3], 6, 20, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="graph")
+    assert isinstance(e.value, M.CacheTooLarge)
+    slots = 2 * M.SLOT_BLOCK  # 3 + 20 positions, rounded up to a block
+    nbytes = 6 * slots * (2 * 4 * 2 * 16 * 4 + 1)  # tiny_config: 4 layers × 2 KV heads × 16 head dims, fp32, + mask
+    assert (e.value.rows, e.value.positions, e.value.nbytes) == (6, slots, nbytes)
+    reason = "OutOfMemoryError: CUDA out of memory. Tried" if "Tried" in str(M.out_of_memory(error)) else \
+        "RuntimeError: CUDA error: out of memory"
+    e.value.flags = "-G 6, --max-new-tokens 20"  # what training.py fills in for a training group
+    assert str(e.value).startswith(f"the decode step for -G 6, --max-new-tokens 20 (rows × slots = 6 × {slots}) "
+                                   f"ran out of memory on cpu while captured as a CUDA graph, beside its "
+                                   f"{nbytes / 2**30:.2f} GiB fixed-shape cache ({reason}")
+    assert str(e.value).endswith("); fewer rows lower it") and "\n" not in str(e.value)
+    assert M.Decoder.refused == 0 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("where", ["evaluation", "training"])
+def test_out_of_memory_in_the_capture_stops_a_run_with_the_flag_that_lowers_it(tiny_dir, tmp_path, monkeypatch,
+                                                                               capsys, where):
+    """Through the CLI, with the graph decode chosen as on CUDA: the evaluation's batch names --eval-batch, a
+    training group names -G; one error line, and no refusal warning."""
+    from conftest import refused
+    monkeypatch.setattr(M, "default_decode", lambda device: "graph")
+    monkeypatch.setattr(M.Decoder, "capture", failed_capture(torch.OutOfMemoryError("CUDA out of memory.")))
+    monkeypatch.setattr(M.Decoder, "refused", 0)
+    common = ["--model", str(tiny_dir), "--task", "mult", "--device", "cpu", "--max-new-tokens", "8",
+              "--lora-fraction", "0.5"]
+    if where == "evaluation":
+        args = [*common, "--eval-only", "--eval-limit", "3", "--eval-batch", "3"]
+        flags = "for --eval-batch 3, --eval-max-new-tokens 8 (rows × slots = 3 × "
+    else:
+        args = [*common, "--out", str(tmp_path / "run"), "-G", "4", "--steps", "1", "--eval-limit", "0",
+                "--eval-every", "0"]
+        flags = "for -G 4, --max-new-tokens 8 (rows × slots = 4 × "
+    code, err = refused(args, capsys)
+    line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
+    assert line.startswith(f"error: the decode step {flags}") and "ran out of memory on cpu" in line
+    assert "warning" not in err and code != 0
+
+
 def test_bf16_sampling_uses_a_bf16_base_and_the_very_adapter_tensors(tiny_dir):
     """precision="bf16" samples from a copy whose frozen weights are bf16 and whose LoRA tensors are the model's
     own: an update of the adapter in place (AdamW's) is sampled from at once, with no copy made again."""

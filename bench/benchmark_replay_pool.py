@@ -1,6 +1,6 @@
 """T-SPMO's replay pool at the paper's scale: its memory, and what it adds to each checkpoint. Run by hand:
 
-    python tests/benchmark_replay_pool.py [--steps 350] [--group 50] [--tokens 300]
+    python bench/benchmark_replay_pool.py [--steps 350] [--group 50] [--tokens 300]
 
 Fills a replay.ReplayPool as a paper run would (one fresh group of G completions a step, every completion at the
 token limit: the worst case), with random Qwen2 token ids and rewards, and prints: the pool's own bytes, the growth

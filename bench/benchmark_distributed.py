@@ -1,7 +1,7 @@
 """Step time of 1 process against N processes (torchrun, gloo, CPU), run by hand: the same CLI run, seconds per step.
 
-    python tests/benchmark_distributed.py                 # CPU: 1 process, then 2 (one thread each), then 1 with 2
-    python tests/benchmark_distributed.py --device cuda --nproc 1 2 4 8   # on a machine with 8 GPUs: NCCL
+    python bench/benchmark_distributed.py                 # CPU: 1 process, then 2 (one thread each), then 1 with 2
+    python bench/benchmark_distributed.py --device cuda --nproc 1 2 4 8   # on a machine with 8 GPUs: NCCL
 
 A random-weight Qwen2 (hidden 256, 6 layers, the byte tokenizer of the tests) is written to a temporary directory;
 each configuration runs `train.py` for --steps steps and reports the mean of metrics.jsonl's `seconds` without the

@@ -1,13 +1,15 @@
-"""tokrl against transformers (+ PEFT) on random-weight Qwen2 models. Run by hand; pytest does not collect it.
+"""tokrl against transformers (+ PEFT) on random-weight Qwen2 models. Run by hand (bench/gpu_check.py reuses its
+pieces on a GPU).
 
-    python tests/benchmark.py                 # CPU: all three sections (about 15 min on 2 cores, 18 GiB of RAM)
-    python tests/benchmark.py --no-full       # CPU: sections 1-2 only, on qwen2-tiny-realvocab (about 6 min)
-    python tests/benchmark.py --device cuda   # GPU: sections 0, 1, 3, 4 and 5 at the full shape (about 5 min)
-    python tests/benchmark.py --quick         # short sequences, no section 3: checks that the script runs
+    python bench/benchmark.py                 # CPU: all three sections (about 15 min on 2 cores, 18 GiB of RAM)
+    python bench/benchmark.py --no-full       # CPU: sections 1-2 only, on qwen2-tiny-realvocab (about 6 min)
+    python bench/benchmark.py --device cuda   # GPU: sections 0, 1, 3, 4 and 5 at the full shape (about 5 min)
+    python bench/benchmark.py --quick         # short sequences, no section 3: checks that the script runs
 
 0. (CUDA) One decode step (forward + LM head + draw) at 8 and 50 rows over a 400-slot cache: the eager step (the
    CPU's path) against the fixed-shape step replayed as a CUDA graph, in fp32 with each attention kernel, and with
-   the opt-in lower precisions; the kernels of a step; how far lower-precision samples are from the fp32 policy.
+   the opt-in lower precisions; the step through torch.profiler (kernels, launches, host syncs and the lines that
+   cause them, host-device copies, GPU busy fraction); how far lower-precision samples are from the fp32 policy.
 1. Sampling: new tokens per second, G = 8 and G = 50 completions of one prompt, N new tokens (EOS suppressed in
    both), tokrl `model.sample` against `generate(num_return_sequences=G, do_sample=True)`.
 2. (CPU) One training step per algorithm (paper's multiplication settings) on fixed completions: seconds and peak
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -149,7 +152,10 @@ def sync(dev: torch.device) -> float:
 # Section 1: sampling
 
 
-def sampling(tk, hf, dev, N: int) -> None:
+def sampling_row(tk, hf, dev, G: int, N: int) -> dict:
+    """New tokens per second of tokrl's `model.sample` and of transformers' `generate`, G completions of N tokens
+    after a 40-token prompt (EOS suppressed in both), best of 2 after a warm-up; on CUDA also tokrl's eager decode
+    (the CPU's path: the reference the graph is timed against)."""
     prompt = torch.randint(0, EOS[0], (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ids = torch.tensor([prompt], device=dev)
 
@@ -173,15 +179,22 @@ def sampling(tk, hf, dev, N: int) -> None:
             best = min(best, sync(dev) - t0)
         return G * N / best
 
+    row = {"tokrl": tok_per_s(ours, G), "transformers": tok_per_s(theirs, G)}
+    if dev.type == "cuda":
+        row["eager"] = tok_per_s(lambda G, n: ours(G, n, decode="eager"), G)
+    return row
+
+
+def sampling(tk, hf, dev, N: int) -> None:
     print(f"## 1. Sampling: {N} new tokens per completion after a 40-token prompt, temperature {TEMPERATURE}, "
           "top_p 1.0, EOS suppressed; best of 2 after a warm-up\n")
     rows = []
     for G in (G_GRPO, G_TSPMO):
-        a, b = tok_per_s(ours, G), tok_per_s(theirs, G)
+        r = sampling_row(tk, hf, dev, G, N)
+        a, b = r["tokrl"], r["transformers"]
         row = [f"G = {G}", f"{a:.0f}", f"{b:.0f}", f"{a / b:.2f}"]
-        if dev.type == "cuda":  # the eager decode (the CPU's path): the reference the graph is timed against
-            e = tok_per_s(lambda G, n: ours(G, n, decode="eager"), G)
-            row += [f"{e:.0f}", f"{e / b:.2f}"]
+        if "eager" in r:
+            row += [f"{r['eager']:.0f}", f"{r['eager'] / b:.2f}"]
         rows.append(row)
     eager = ["tokrl eager tok/s", "eager ÷ transformers"] if dev.type == "cuda" else []
     table(["completions", "tokrl tok/s", "transformers tok/s", "speed ratio", *eager], rows)
@@ -208,12 +221,12 @@ DECODE_VARIANTS = [  # (name, sample()'s keywords, model.DECODE_ATTENTION, cuBLA
 ]
 
 
-def decode_step_ms(tk, dev, rows: int, prompt_len: int = 280, slots: int = 400, **kw) -> float:
+def decode_step_ms(tk, dev, rows: int, prompt_len: int = 280, slots: int = 400, k1: int = 20, **kw) -> float:
     """Milliseconds of one decode step (forward + LM head + draw) at `rows` over a cache of `slots`: two sample()
     calls of k1 and k2 steps on one cache shape (a stop rule ends them), the difference over k2 − k1 steps (no
     prefill in it), after a warm-up. The eager step attends to the tokens so far (here positions 300 to 400)."""
     prompt = rand_tokens(prompt_len, torch.Generator().manual_seed(12))
-    k1, k2 = 20, slots - prompt_len
+    k2 = slots - prompt_len
 
     def run(k: int) -> float:
         t0 = sync(dev)
@@ -224,6 +237,23 @@ def decode_step_ms(tk, dev, rows: int, prompt_len: int = 280, slots: int = 400, 
     return (run(k2) - run(k1)) / (k2 - k1) * 1000
 
 
+def decode_variant_ms(tk, dev, variant: tuple, rows: tuple[int, ...], **shape) -> list[float]:
+    """decode_step_ms at each row count under one of DECODE_VARIANTS (its attention kernel and cuBLAS library set
+    for the call and restored after; the model's decoders captured again under them)."""
+    name, kw, attention, blas = variant
+    before = (M.DECODE_ATTENTION, torch.backends.cuda.preferred_blas_library())
+    M.DECODE_ATTENTION = attention or before[0]
+    if blas:
+        torch.backends.cuda.preferred_blas_library(blas)
+    M.release_decoders(tk)
+    try:
+        return [decode_step_ms(tk, dev, r, **shape, **kw) for r in rows]
+    finally:
+        M.DECODE_ATTENTION = before[0]
+        torch.backends.cuda.preferred_blas_library(before[1])
+        M.release_decoders(tk)
+
+
 def decode_section(tk, dev) -> str:
     """Section 0: the decode step's table; returns the DECODE_ATTENTION the table finds faster in fp32."""
     print("## 0. One decode step (forward + LM head + draw), ms, over a 400-slot cache, after a warm-up\n")
@@ -231,23 +261,15 @@ def decode_section(tk, dev) -> str:
     print(f"Reading the weights once ({weights / 1e9:.2f} GB fp32) takes {weights / copy_bandwidth(dev) * 1000:.2f} "
           "ms at this GPU's measured copy bandwidth: the floor of a step at these row counts.\n")
     rows, fp32 = [], {}
-    for name, kw, attention, blas in DECODE_VARIANTS:
-        before = (M.DECODE_ATTENTION, torch.backends.cuda.preferred_blas_library())
-        M.DECODE_ATTENTION = attention or before[0]
-        if blas:
-            torch.backends.cuda.preferred_blas_library(blas)
-        M.release_decoders(tk)  # captured again under these choices
+    for variant in DECODE_VARIANTS:
+        name, _, attention, blas = variant
         try:
-            ms = [decode_step_ms(tk, dev, r, **kw) for r in (G_GRPO, G_TSPMO)]
+            ms = decode_variant_ms(tk, dev, variant, (G_GRPO, G_TSPMO))
             if attention and not blas:
                 fp32[attention] = ms[1]
         except RuntimeError as e:  # a kernel that refuses these inputs is a result too
             ms = None
             print(f"{name}: failed: {str(e).splitlines()[0][:200]}")
-        finally:
-            M.DECODE_ATTENTION = before[0]
-            torch.backends.cuda.preferred_blas_library(before[1])
-            M.release_decoders(tk)
         rows.append([name, *(f"{x:.2f}" for x in ms)] if ms else [name, "-", "-"])
     table(["decode", f"{G_GRPO} rows, ms", f"{G_TSPMO} rows, ms"], rows)
     for part in (profile, mismatch):
@@ -269,28 +291,92 @@ def copy_bandwidth(dev) -> float:
     return 10 * 2 * x.numel() * 4 / (sync(dev) - t0)
 
 
-def profile(tk, dev) -> None:
-    """The kernels of the eager step and of the graph's replay at 50 rows (torch.profiler, 8 steps each)."""
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # the host waits for the GPU
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def step_profile(tk, dev, rows: int, decode: str, prompt_len: int = 200, steps: tuple[int, int] = (8, 24),
+                 ends: int = 0) -> dict:
+    """One decode step as the device sees it, at `rows` rows after a prompt of `prompt_len` tokens. sample() runs
+    n1 and n2 steps with the same draws (the n2 run extends the n1 run), and every figure is the difference over the
+    n2 − n1 steps, so the prefill and the setup drop out. ends > 0: a row also stops at a token id divisible by
+    `ends` (about one row in `ends` a step), so that a finishing row's host work shows; 0: no row ends early.
+
+    Per step: the wall milliseconds (without the profiler); from torch.profiler the kernels the GPU ran and their busy
+    milliseconds (on the CPU: aten ops and their own CPU time), the launches from the host (a graph's replay is one),
+    the host synchronisations (CUDA runtime calls that wait for the GPU) and the host↔device copies; from CUDA's
+    sync debug mode the lines of Python that synchronise (file:line × times a step)."""
+    import collections
+    import warnings
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-    prompt = rand_tokens(200, torch.Generator().manual_seed(12))
-    for decode in ("eager", "graph"):
-        M.sample(tk, prompt, G_TSPMO, 16, temperature=TEMPERATURE, eos=EOS, suppress=EOS, decode=decode,
-                 generator=torch.Generator(dev).manual_seed(2))  # warm-up and capture
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            M.sample(tk, prompt, G_TSPMO, 9, temperature=TEMPERATURE, eos=EOS, suppress=EOS, decode=decode,
-                     generator=torch.Generator(dev).manual_seed(2))
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count]
-        launches = sum(e.count for e in events)
-        busy = sum(e.device_time_total for e in events) / 1000
-        print(f"{decode}, {G_TSPMO} rows, prefill + 8 steps: {launches} kernels, GPU busy {busy:.1f} ms; the top 6:\n")
-        table(["kernel", "calls", "GPU ms"], [[e.key[:90], str(e.count), f"{e.device_time_total / 1000:.2f}"]
-                                           for e in sorted(events, key=lambda e: -e.device_time_total)[:6]])
+    cuda, (n1, n2) = dev.type == "cuda", steps
+    prompt = rand_tokens(prompt_len, torch.Generator().manual_seed(12))
+
+    def run(n: int) -> float:
+        t0 = sync(dev)
+        M.sample(tk, prompt, rows, n2, temperature=TEMPERATURE, eos=EOS, suppress=EOS, decode=decode,
+                 generator=torch.Generator(dev).manual_seed(2),
+                 stop=lambda y: len(y) >= n or bool(ends and y[-1] % ends == 0))
+        return sync(dev) - t0
+
+    def profiled(n: int) -> dict:
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            run(n)
+        c = collections.Counter()
+        for e in prof.key_averages():
+            if cuda and e.device_type.name == "CUDA":
+                c["copies" if e.key.startswith("Memcpy") else "kernels"] += e.count
+                c["busy_us"] += 0 if e.key.startswith("Mem") else e.device_time_total
+            elif not cuda and e.key.startswith("aten::"):
+                c["kernels"] += e.count
+                c["busy_us"] += e.self_cpu_time_total
+            c["launches"] += e.count if e.key in LAUNCH_CALLS else 0
+            c["syncs"] += e.count if e.key in SYNC_CALLS else 0
+        return c
+
+    def sync_sites(n: int) -> collections.Counter:
+        if not cuda:
+            return collections.Counter()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run(n)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                   if "synchroniz" in str(w.message))
+
+    run(n1)  # warm-up: the graph's capture, cuBLAS's choices
+    n = n2 - n1
+    wall = (min(run(n2) for _ in range(2)) - min(run(n1) for _ in range(2))) / n * 1000
+    a, b = profiled(n1), profiled(n2)
+    per = {k: (b[k] - a[k]) / n for k in ("kernels", "busy_us", "launches", "syncs", "copies")}
+    sa, sb = sync_sites(n1), sync_sites(n2)
+    sites = {k: (sb[k] - sa[k]) / n for k in sb}
     M.release_decoders(tk)
+    return {"wall_ms": wall, "busy_ms": per["busy_us"] / 1000, "kernels": per["kernels"], "launches": per["launches"],
+            "syncs": per["syncs"], "copies": per["copies"],
+            "sites": ", ".join(f"{k} ×{v:.2g}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1]) if v > 0)}
+
+
+def profile(tk, dev) -> None:
+    """A decode step as the GPU sees it (step_profile), eager and graphed, at 8 and 50 rows."""
+    print("One decode step through torch.profiler, per step over 16 steps after a 200-token prompt (no row ends):\n")
+    rows = []
+    for r in (G_GRPO, G_TSPMO):
+        for decode in ("eager", "graph"):
+            p = step_profile(tk, dev, r, decode)
+            rows.append([f"{decode}, {r} rows", f"{p['wall_ms']:.2f}", f"{p['busy_ms']:.2f}",
+                         f"{p['busy_ms'] / p['wall_ms']:.2f}", f"{p['kernels']:.0f}", f"{p['launches']:.1f}",
+                         f"{p['syncs']:.1f}", f"{p['copies']:.1f}", p["sites"] or "-"])
+    table(["decode", "step ms", "GPU busy ms", "busy fraction", "kernels", "launches", "host syncs",
+           "host↔device copies", "syncing lines (a step)"], rows)
 
 
 @torch.no_grad()
-def mismatch(tk, dev) -> None:
+def mismatch_rows(tk, dev) -> list[dict]:
     """How far the opt-in precisions' samples are from the fp32 policy: log π of each sampled token under the
     sampler's precision against fp32's (the same forward, T = 1: the log-probs a ratio π_θ/π_θold would read)."""
     prompt = rand_tokens(40, torch.Generator().manual_seed(13))
@@ -307,11 +393,17 @@ def mismatch(tk, dev) -> None:
                 low = tokrl.policy_and_ref_logprobs(net, prompt + y, pos, with_ref=False)[0]
             diffs.append((low.float() - fp32).abs())
         d = torch.cat(diffs)
-        rows.append([precision, f"{float(d.mean()):.2e}", f"{float(d.max()):.2e}",
-                     f"{float((d > 0.01).float().mean()) * 100:.1f}"])
+        rows.append({"precision": precision, "mean |Δ log π|": f"{float(d.mean()):.2e}",
+                     "max |Δ log π|": f"{float(d.max()):.2e}",
+                     "% tokens with |Δ| > 0.01": f"{float((d > 0.01).float().mean()) * 100:.1f}"})
+    return rows
+
+
+def mismatch(tk, dev) -> None:
+    rows = mismatch_rows(tk, dev)
     print("Sampled tokens' log π under the sampling precision against fp32 (16 × 64 tokens; random weights give "
           "near-uniform distributions, so a trained model's gaps may differ):\n")
-    table(["precision", "mean |Δ log π|", "max |Δ log π|", "% tokens with |Δ| > 0.01"], rows)
+    table(list(rows[0]), [list(r.values()) for r in rows])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -502,6 +594,51 @@ def hf_backward(pm, kind, prompt, ys, rs, sel, rows: int = G_GRPO):
     (LAM * sum(p.pow(2).sum() for p in pm.parameters() if p.requires_grad)).backward()
 
 
+def tokrl_step(model, kind: str) -> tuple[list, torch.optim.Optimizer, Callable]:
+    """tokrl's training step of `kind` on a model with LoRA on: (the trained parameters, AdamW over them,
+    backward(prompt, ys, rs, sel, n=1)). PPO gets its critic (separate: a second copy of the base weights, resident
+    before the step)."""
+    critic = None
+    if kind in ("ppo", "pposep"):
+        critic = baselines.Critic(model, "separate" if kind == "pposep" else "shared")
+    params = lora.lora_parameters(model) + (critic.parameters() if critic else [])
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
+    return params, opt, lambda *a, n=1: ours_backward(model, kind, *a, critic=critic, opt=opt, backward_batch=n)
+
+
+def step_groups(w: dict, kind: str) -> list[list]:
+    """The groups one step of `kind` trains on (prompt, completions, rewards, S-GRPO's selection): GRPO's group, or
+    T-SPMO's fresh group and its replay."""
+    return [[w["prompt"], *w["grpo"]]] if kind != "tspmo" else [[w["prompt"], *w["tspmo"], None],
+                                                                [*w["replay"], None]]
+
+
+def whole_step(model, params, opt, backward, groups, dev, sample: int = 0, precision: str = "fp32") -> dict:
+    """A warm-up, then one optimizer step per group (each group sampled first when `sample` > 0, see sample_group),
+    inside one peak-memory region: the seconds, the peak and its growth, and `grads`, the first update's gradient
+    (to check that both sides compute the same loss)."""
+    # Warm-up, so that first-call costs stay out of the timing and every weight is resident before the memory is
+    # read (safetensors maps the file: a weight is paged in when first touched). The two warm-up completions differ
+    # at their first token, so that T-SPMO too has an edge with A != 0 and runs a forward.
+    backward(groups[0][0], [list(range(1, 9)), list(range(11, 19))], [0.0, 1.0], [[0, 1]] * 2)
+    opt.zero_grad(set_to_none=True)
+    base = memory_reset(dev)
+    t_sample, t_train, grads = [], [], None
+    for prompt, ys, rs, sel in groups:
+        if sample:  # section 3: a whole step samples the group first
+            t_sample.append(sample_group(model, prompt, len(ys), len(ys[0]), sample, dev, precision))
+        t0 = sync(dev)
+        backward(prompt, ys, rs, sel)
+        if grads is None:
+            grads = [p.grad.cpu().clone() for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t_train.append(sync(dev) - t0)
+    peak = memory_peak(dev)
+    return {"train": sum(t_train), "sample": [sum(x) for x in zip(*t_sample)] or [0, 0], "peak": peak,
+            "inc": peak - base, "grads": grads}
+
+
 def one(args) -> None:
     """--one BACKEND-KIND: load, add LoRA, warm up, then measure one optimizer step (and sampling, if asked; with
     --batches N,M,..., one step at each --backward-batch, its own peak; with --opt-in, the sampling again in bf16)."""
@@ -517,15 +654,11 @@ def one(args) -> None:
         model = M.load_model(args.ckpt, device=dev)
         lora.apply_lora(model, r=LORA_R, fraction=LORA_FRACTION, generator=torch.Generator().manual_seed(4))
         checkpoints.write_adapter(model, work / "adapter")  # PEFT starts from these very A and B
-        critic = None
-        if kind in ("ppo", "pposep"):  # separate: a second copy of the base weights, resident before the step
-            critic = baselines.Critic(model, "separate" if kind == "pposep" else "shared")
-        params = lora.lora_parameters(model) + (critic.parameters() if critic else [])
-        backward = lambda *a, n=1: ours_backward(model, kind, *a, critic=critic, opt=opt, backward_batch=n)  # noqa: E731
+        params, opt, backward = tokrl_step(model, kind)
     else:
         import peft
         from safetensors.torch import load_file
-        hf = load_hf(args.ckpt, dev)
+        hf, model = load_hf(args.ckpt, dev), None
         L = hf.config.num_hidden_layers
         cfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_R, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                               layers_to_transform=list(range(L - lora.num_lora_layers(L, LORA_FRACTION), L)))
@@ -533,31 +666,11 @@ def one(args) -> None:
         res = peft.set_peft_model_state_dict(pm, load_file(str(work / "adapter" / "adapter_model.safetensors")))
         assert not res.unexpected_keys, res.unexpected_keys
         params = [p for p in pm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
         backward = lambda *a, n=1: hf_backward(pm, kind, *a)  # noqa: E731
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
-    groups = [[w["prompt"], *w["grpo"]]] if kind != "tspmo" else [[w["prompt"], *w["tspmo"], None],
-                                                                    [*w["replay"], None]]
-    # Warm-up, so that first-call costs stay out of the timing and every weight is resident before the memory is
-    # read (safetensors maps the file: a weight is paged in when first touched). The two warm-up completions differ
-    # at their first token, so that T-SPMO too has an edge with A != 0 and runs a forward.
-    backward(groups[0][0], [list(range(1, 9)), list(range(11, 19))], [0.0, 1.0], [[0, 1]] * 2)
-    opt.zero_grad(set_to_none=True)
-    base = memory_reset(dev)
-    t_sample, t_train, grads = [], [], None
-    for prompt, ys, rs, sel in groups:
-        if args.sample:  # section 3: a whole step samples the group first
-            t_sample.append(sample_group(model, prompt, len(ys), len(ys[0]), args.sample, dev))
-        t0 = sync(dev)
-        backward(prompt, ys, rs, sel)
-        if grads is None:  # the first update's gradient, to check that both sides compute the same loss
-            grads = [p.grad.cpu().clone() for p in params]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t_train.append(sync(dev) - t0)
-    peak = memory_peak(dev)
-    torch.save(grads, work / f"grad-{args.one}.pt")
-    result = {"train": sum(t_train), "sample": [sum(x) for x in zip(*t_sample)] or [0, 0], "peak": peak,
-              "inc": peak - base}
+    groups = step_groups(w, kind)
+    result = whole_step(model, params, opt, backward, groups, dev, args.sample)
+    torch.save(result.pop("grads"), work / f"grad-{args.one}.pt")
     for n in map(int, filter(None, args.batches.split(","))):  # --backward-batch n: the training part alone
         base, t0 = memory_reset(dev), sync(dev)
         for prompt, ys, rs, sel in groups:

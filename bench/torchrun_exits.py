@@ -1,8 +1,8 @@
 """Does a finished `torchrun train.py` run exit 0? Run by hand (a measurement, not a test): consecutive 2-process runs
 of the CLI on a tiny model, each checked for its exit status and its files.
 
-    python tests/torchrun_exits.py                  # 20 runs of T-SPMO with replay, then 20 of S-GRPO (CPU, gloo)
-    python tests/torchrun_exits.py --runs 5 --algos sgrpo
+    python bench/torchrun_exits.py                  # 20 runs of T-SPMO with replay, then 20 of S-GRPO (CPU, gloo)
+    python bench/torchrun_exits.py --runs 5 --algos sgrpo
 
 A run counts as complete when torchrun exits 0 and the run directory holds everything a finished run writes:
 config.json, metrics.jsonl with every step, eval.jsonl with the evaluations due, curves.svg, the last checkpoint

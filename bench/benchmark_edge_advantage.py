@@ -1,7 +1,7 @@
 """What T-SPMO's update costs under each edge advantage: --edge-advantage local (E7, the paper's) against treerl (B2,
 TreeRL's). Run by hand:
 
-    python tests/benchmark_edge_advantage.py [--groups 50] [--steps 50]
+    python bench/benchmark_edge_advantage.py [--groups 50] [--steps 50]
 
 On the miniature's shipped SFT bases (data/: a 1 M-parameter Qwen2 and 2-digit multiplication, both settings) with the
 miniature's T-SPMO settings (mini.run_settings: G = 50, at most 40 new tokens, one success replay, the tuned rate):
