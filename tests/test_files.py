@@ -24,6 +24,7 @@ import lora
 import model as M
 import train
 import training
+from distributed import World
 from test_train import SMALL, write_gsm8k, write_svamp
 
 pytestmark = pytest.mark.usefixtures("no_fsync")
@@ -251,6 +252,37 @@ def test_an_out_that_is_a_dangling_symbolic_link_is_named(tmp_path, tiny, capsys
     assert code == 2 and err == (f"error: --out {link}: a symbolic link to {tmp_path / 'gone' / 'run'}, which does "
                                  "not exist; allowed: a new or empty directory, or a link to one\n")
     assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
+class OtherRankFailed(World):
+    """Rank 0 of two, the other a stand-in: its share of every gather is one NonFiniteLogits, its sums 0."""
+
+    def gather(self, items: list) -> list:
+        return list(items) + [M.NonFiniteLogits(2, 0.3, False, float("nan"))]
+
+    def sum(self, values):
+        return [float(v) for v in values]
+
+
+def test_another_process_s_distribution_that_is_not_finite_stops_this_one_too(tiny):
+    """With N processes each samples (and evaluates) its share; one whose distribution is not finite sends the error
+    in place of its share, so that every process raises it after the same collective instead of waiting on the
+    failed one. Here this process's own logits are finite: it raises the other's error, for sampling and for the
+    evaluation."""
+    import tasks
+    from types import SimpleNamespace
+    net, tok = M.load_model(tiny), M.Tokenizer(tiny / "tokenizer.json")
+    task = tasks.make_task("mult", tok)
+    cfg = train.resolve(train.build_parser().parse_args(["--model", str(tiny), *SMALL]))
+    world = OtherRankFailed(rank=0, size=2)
+    with pytest.raises(M.NonFiniteLogits) as e:
+        training.evaluate(net, tok, task, cfg, (256,), world=world)
+    assert e.value.new_token == 2
+    trainer = SimpleNamespace(cfg=cfg, world=world, net=net, gens={"sample": torch.Generator()}, eos=(256,),
+                              task=task, tok=tok, step=0)
+    with pytest.raises(M.NonFiniteLogits) as e:
+        training.Trainer.sample_group(trainer, tok.encode(task.prompt((123, 456))), (123, 456))
+    assert e.value.new_token == 2
 
 
 # --- docs/running.md's table: every row's exit status, produced -------------------------------------------------------

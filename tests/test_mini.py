@@ -572,9 +572,6 @@ def test_parallel_is_capped_at_the_runs_and_the_cores_with_a_note(tmp_path, caps
     """Before: --parallel 64 for one run started 64 workers (16.8 GB, 40 times slower). The workers are at most the
     runs and the cores; a cap is said in a note on stderr; within both, no note."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert mini.workers(64, 1) == 1 and mini.workers(64, 10) == 4 and mini.workers(3, 10) == 3
-    assert capsys.readouterr().err == ("note: --parallel 64: 1 run(s) on 4 core(s), so 1 at a time\n"
-                                       "note: --parallel 64: 10 run(s) on 4 core(s), so 4 at a time\n")
     seen = []
 
     def run_all(jobs, parallel, log=None):
@@ -587,6 +584,9 @@ def test_parallel_is_capped_at_the_runs_and_the_cores_with_a_note(tmp_path, caps
                    "--parallel", "64"])
     assert seen == [(1, 1)]
     assert "note: --parallel 64: 1 run(s) on 4 core(s), so 1 at a time\n" in capsys.readouterr().err
+    assert mini.workers(64, 1) == 1 and mini.workers(64, 10) == 4 and mini.workers(3, 10) == 3
+    assert capsys.readouterr().err == ("note: --parallel 64: 1 run(s) on 4 core(s), so 1 at a time\n"
+                                       "note: --parallel 64: 10 run(s) on 4 core(s), so 4 at a time\n")
 
 
 # --- the library settings the miniature needed ------------------------------------------------------------------------
