@@ -492,7 +492,15 @@ def set_lr(value):
     return lambda raw: raw["table"]["steps"]["grpo"].update(lr=value)
 
 
-def test_bad_mini_arguments_are_one_line_exit_2_before_any_work(tmp_path, capsys):
+@pytest.fixture
+def no_work(monkeypatch):
+    """Building or copying a base is an error here: every argument must be checked before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the work started before the arguments were checked")
+    monkeypatch.setattr(mini_base, "build_base", refuse)
+
+
+def test_bad_mini_arguments_are_one_line_exit_2_before_any_work(tmp_path, capsys, no_work):
     """Before: an unknown method exited 1; `--methods ""` ran every method and a repeated one counted as more seeds; a
     malformed --tuning table was a traceback (KeyError, TypeError) and a rate of 1e9 was reported as used. Each is now
     one line naming the flag or the file's entry, exit status 2, and --out is not created."""
@@ -542,7 +550,7 @@ def test_bad_mini_arguments_are_one_line_exit_2_before_any_work(tmp_path, capsys
     assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
 
 
-def test_an_out_that_cannot_be_written_is_one_line_exit_2(tmp_path, capsys):
+def test_an_out_that_cannot_be_written_is_one_line_exit_2(tmp_path, capsys, no_work):
     """Before: a traceback (FileExistsError, NotADirectoryError, PermissionError) after the argument checks. Now a
     file, a path through a file, or a directory this user cannot write (read-only by its mode; for root, which
     ignores modes, by the file system's immutable flag) is one line naming --out, exit status 2, before any work."""

@@ -188,6 +188,9 @@ def test_finite_logits_whose_quotient_by_t_overflows_are_flagged():
     logits = torch.linspace(-30, 30, 256)[None]
     assert int(M.next_token(logits, 2e-38, 1.0, torch.Generator().manual_seed(0))) == M.NOT_FINITE
     assert int(M.next_token(logits, 1e-37, 1.0, torch.Generator().manual_seed(0))) == 255  # the largest logit
+    with pytest.raises(M.NonFiniteLogits) as e:  # the decode loop says so, with the largest |logit|: -30's
+        M._decode(None, logits - 5, 4, 2e-38, 1.0, torch.Generator(), (), None, ())
+    assert (e.value.new_token, e.value.logits_finite, e.value.largest) == (1, True, 35.0)
 
 
 @pytest.mark.parametrize("decode", ["eager", "static"])
