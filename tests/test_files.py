@@ -110,6 +110,18 @@ def test_an_evaluation_of_no_example_is_refused(tmp_path, tiny, capsys, no_loadi
     assert not (tmp_path / "r").exists()
 
 
+def test_evaluate_itself_refuses_an_empty_test_set(tiny):
+    """The checks refuse every way the command line has to an evaluation of nothing; training.evaluate, which mini.py
+    and tests call with their own tasks and settings, refuses one too, rather than report an accuracy of 0."""
+    import tasks
+    tok = M.Tokenizer(tiny / "tokenizer.json")
+    task = tasks.make_task("mult", tok)
+    task.test_set = lambda: []
+    cfg = train.resolve(train.build_parser().parse_args(["--model", str(tiny), *SMALL]))
+    with pytest.raises(ValueError, match="^mult: an evaluation of no test example$"):
+        training.evaluate(M.load_model(tiny), tok, task, cfg, (256,))
+
+
 @pytest.mark.parametrize("how", [["--eval-only"], []], ids=["--eval-only", "a new run"])
 def test_a_svamp_file_whose_split_leaves_no_test_example_is_refused(tmp_path, tiny, capsys, no_loading, how):
     """A lone SVAMP.json is split 70/30: one record gives round(0.7) = 1 to train and none to test. Before: "accuracy
