@@ -461,8 +461,8 @@ def stopped(e: Exception, tr: Trainer) -> str:
     """The line a failure at run time ends the run with: what failed, what is safe, what to do next."""
     resume = f"python train.py --resume {tr.run}"
     if isinstance(e, M.NonFiniteLogits):
-        return (f"{e.where}: {e}; {non_finite_cause(e, tr.cfg, updated=bool(tr.opt.state))}. Stopped before it was "
-                f"logged: {tr.safe()}")
+        trained = any(bool(m.lora_B.any()) for _, m in lora.lora_modules(tr.net))  # B = 0 until an update moves it
+        return f"{e.where}: {e}; {non_finite_cause(e, tr.cfg, trained)}. Stopped before it was logged: {tr.safe()}"
     if isinstance(e, NonFiniteLoss):
         return (f"{e} at step {tr.step + 1}; stopped without saving it: {tr.safe()}. A lower --lr or --dtype float32 "
                 "in a new run avoids it")
@@ -474,10 +474,10 @@ def stopped(e: Exception, tr: Trainer) -> str:
     return f"{e}. Stopped: {tr.safe()}; once the disk has room, continue with {resume}"  # a WriteError
 
 
-def non_finite_cause(e: M.NonFiniteLogits, cfg: Settings, updated: bool, adapter: str | None = None) -> str:
+def non_finite_cause(e: M.NonFiniteLogits, cfg: Settings, trained: bool, adapter: str | None = None) -> str:
     """The likely cause of a next-token distribution that is not finite, from what the sampler saw: finite logits
-    that overflow only once divided by T; else logits that are not finite, in float16, after the adapter's updates,
-    from an --adapter, or from the base model alone (whose weights check_inputs found finite)."""
+    that overflow only once divided by T; else logits that are not finite: in float16, after the adapter's updates,
+    or from the weights loaded (the base and an --adapter, which the checks found finite) in --dtype."""
     if e.logits_finite:
         least = e.largest / torch.finfo(torch.float32).max
         return (f"--temperature {cfg.temperature:g} is too small for this model's logits; allowed in a new run: 0 "
@@ -485,11 +485,10 @@ def non_finite_cause(e: M.NonFiniteLogits, cfg: Settings, updated: bool, adapter
     if cfg.dtype == "float16":
         return ("the model's activations overflow float16 (largest 65504); --dtype bfloat16 or float32 in a new run "
                 "holds them")
-    if updated:
+    if trained:
         return "the adapter's training made it so: a lower --lr or --lora-alpha in a new run avoids it"
-    if adapter:
-        return f"before any update, with the adapter {adapter}: its weights are finite (checked), its scale or size not"
-    return (f"before any update: the weights of {cfg.model} are finite (checked before loading), their arithmetic "
+    weights = cfg.model + (f" and of the adapter {adapter}" if adapter else "")
+    return (f"before any update: the weights of {weights} are finite (checked before loading), their arithmetic "
             f"in {cfg.dtype} is not")
 
 

@@ -255,6 +255,52 @@ def test_logits_that_are_not_finite_stop_the_step_0_evaluation_before_it_is_logg
     assert code == 1 and err.splitlines()[-1] == f"error: the evaluation: {why}"
 
 
+def test_an_adapter_whose_scale_overflows_is_refused_before_the_weights_load(tmp_path, tiny, adapter_of_tiny, capsys,
+                                                                             no_loading):
+    """lora_alpha 1e308 in adapter_config.json: α/r = 1.25e307 is inf in the adapter's float32 arithmetic, and its
+    product with B·A·x NaN; refused as --lora-alpha is, naming the file and the first module."""
+    bad = Path(shutil.copytree(adapter_of_tiny, tmp_path / "bad"))
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e308}))
+    code, err = refused(["--model", str(tiny), "--eval-only", "--adapter", str(bad), "--device", "cpu"], capsys)
+    assert code == 2 and err == (f"error: --adapter {bad}: {bad / 'adapter_config.json'}: model.layers.0.self_attn."
+                                 "q_proj: LoRA's scale alpha/r = 1e+308/8 = 1.25e+307 overflows the adapter's float32 "
+                                 "arithmetic (largest 3.403e+38)\n")
+
+
+def test_the_likely_cause_after_updates_and_with_an_adapter(tmp_path, tiny, capsys, monkeypatch):
+    """The cause a not-finite distribution is given depends on what came before it: an adapter that training moved
+    (B ≠ 0; here a resumed checkpoint's, one B entry set to 0.5) names the training; --eval-only with an --adapter
+    names the base's and the adapter's weights together (both checked finite: their arithmetic is not)."""
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "r"
+    train.main(["--model", str(tiny), "--out", str(run), *SMALL, "--steps", "1", "--eval-limit", "1"])
+    weights = run / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors[next(k for k in sorted(tensors) if "lora_B" in k)][0, 0] = 0.5
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+    def refuse(*a, **k):
+        raise M.NonFiniteLogits(3, 0.3, False, float("nan"))
+    monkeypatch.setattr(M, "sample", refuse)
+    code, err = refused(["--resume", str(run), "--steps", "2"], capsys)
+    assert code == 1 and err.splitlines()[-1] == (
+        "error: sampling for step 2: the model's logits are not finite (NaN or inf) at new token 3; the adapter's "
+        "training made it so: a lower --lr or --lora-alpha in a new run avoids it. Stopped before it was logged: the "
+        f"last checkpoint, {run / 'checkpoints' / 'step-000001'}, is whole and untouched")
+    assert [m["step"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")] == [1]
+    model = huge_head(tmp_path, 3e38)
+    net = M.load_model(model)
+    lora.apply_lora(net, 8, 0.5, generator=torch.Generator().manual_seed(0))
+    checkpoints.write_adapter(net, tmp_path / "adapter")
+    code, err = refused(["--model", str(model), "--eval-only", "--adapter", str(tmp_path / "adapter"), *SMALL],
+                        capsys)
+    assert code == 1 and err.splitlines()[-1] == (
+        "error: the evaluation: the model's logits are not finite (NaN or inf) at new token 1; before any update: the "
+        f"weights of {model} and of the adapter {tmp_path / 'adapter'} are finite (checked before loading), their "
+        "arithmetic in float32 is not")
+
+
 @pytest.mark.parametrize("how", [[], ["--eval-only"]], ids=["a new run", "--eval-only"])
 def test_an_out_that_is_a_dangling_symbolic_link_is_named(tmp_path, tiny, capsys, no_loading, how):
     """Before: `cannot write …/.lock: File exists`, which misleads: nothing is there."""
