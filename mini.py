@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -212,7 +213,7 @@ def with_borrowed(rates: dict) -> dict:
 def read_tuning(path: Path) -> dict:
     """{setting: {method: {"validation": {rate: accuracy}, "lr": rate}}}, as written by --tune: its structure, every
     rate by train.py's own rule for --lr (settings.py), every accuracy in [0, 1]; a fault is one line, exit status 2."""
-    def refuse(why: str):
+    def refuse(why: str) -> NoReturn:
         usage_error(f"--tuning {path}: {why}")
 
     try:

@@ -851,7 +851,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 12
     V = 151,936. Two levels draw B·(V/block + block); 151,936 = 1187·128 needs no padding.
 
     A row whose mass is not finite (a NaN or inf in probs) draws from a uniform stand-in, which multinomial accepts
-    (on CUDA it would stop the process), and returns NOT_FINITE; the other rows' draws are unchanged."""
+    (a NaN is an error on the CPU, a device-side assert on CUDA), and returns NOT_FINITE; the other rows' draws are
+    unchanged."""
     B, V = probs.shape
     pad = -V % block
     blocks = (F.pad(probs, (0, pad)) if pad else probs).view(B, -1, block)  # (B, V/block, block); padding: mass 0
