@@ -3,18 +3,21 @@ and before anything is written: seconds, where loading the weights takes minutes
 alone; check_inputs reads each file a run will read, whole, then calls check_against_model:
 
     the model directory  config.json (each value's type), tokenizer.json,                    check_inputs (model.py)
-                         generation_config.json, the safetensors headers (names and shapes
-                         against the config; each file whole)
+                         generation_config.json, the safetensors headers (names, shapes
+                         against the config, floating dtypes; each file whole), then every
+                         weight's values (finite, within --dtype's range)
     the data             every SVAMP record and GSM8K line: fields, types, finite numbers,      check_inputs (tasks.py)
                          an answer the reward reads, at most tasks.MAX_TEXT_CHARS of text;
-                         the file UTF-8
+                         the file UTF-8; a split with a test example
     an --adapter         adapter_config.json's fields; the safetensors header (names, shapes,   check_adapter (lora.py)
                          dtypes), then the tensors (finite), against a weightless (meta) copy
                          of the model
     --lora-fraction      adapts at least one of the model's layers                              check_against_model
+    --lora-rank          at most min(in, out) of every adapted projection                       rank_problem
     lengths              the longest prompt plus the new tokens within config.json's            position_problem
                          max_position_embeddings
-    the KV cache         its rows × (prompt + new tokens) within the device's whole memory      memory_problem
+    memory               the KV cache alone, then the weights + LoRA with AdamW's state + the   memory_problem
+                         largest KV cache, within the device's whole memory
     a resumed run        config.json (every setting, its type and its rule), resumes.jsonl      read_run_settings
                          the newest intact checkpoint (state.pt, adapter), the logs up to it    check_resume
 
@@ -51,6 +54,7 @@ def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = Non
     try:
         model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
         model_cfg, tok = M.check_model_dir(model_dir)
+        M.check_weights(model_dir, M.DTYPES[cfg.dtype])  # every value: about a second a billion, before the load
         task = make_task(cfg.task, tok, cfg.data, cfg.reward)
     except (FileNotFoundError, ValueError) as e:  # tasks.DataError is a ValueError
         usage_error(str(e))
@@ -76,10 +80,12 @@ def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: M.Tokenize
         L = model_cfg.num_hidden_layers
         usage_error(f"--lora-fraction {cfg.lora_fraction}: adapts round({cfg.lora_fraction} × {L}) = 0 of the "
                     f"model's {L} layers ({model_dir / 'config.json'}); allowed: --lora-fraction >= {0.5 / L:.4g}")
+    if training and (problem := rank_problem(cfg, model_cfg, model_dir / "config.json")):
+        usage_error(problem)
     for exact in (False, True):  # an upper bound on the prompts' lengths first: tokenizing them all takes seconds
         uses = cache_uses(cfg, task, tok, training, exact)
         problem = (position_problem(cfg, model_cfg, uses, model_dir / "config.json") or
-                   memory_problem(cfg, model_cfg, uses))
+                   memory_problem(cfg, model_cfg, uses, training))
         if problem is None:
             return
     usage_error(problem)
@@ -165,9 +171,45 @@ def position_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUs
     return None
 
 
-def memory_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse]) -> str | None:
-    """The KV cache alone must fit the device's memory (the weights need more besides: this refuses only the
-    impossible; what is merely too much shows when the cache is allocated, as M.CacheTooLarge)."""
+def projections(model_cfg: M.Qwen2Config, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """Each adapted projection's (in, out) features, read off a weightless (meta) layer of the model."""
+    with torch.device("meta"):
+        attn = M.DecoderLayer(model_cfg).self_attn
+    return {t: (getattr(attn, t).in_features, getattr(attn, t).out_features) for t in targets}
+
+
+def rank_problem(cfg: Settings, model_cfg: M.Qwen2Config, where: Path) -> str | None:
+    """B·A (out × r · r × in) has rank at most min(in, out): a larger r adds parameters, memory and nothing else."""
+    sizes = projections(model_cfg, cfg.lora_targets.split(","))
+    name, (c_in, c_out) = min(sizes.items(), key=lambda kv: min(kv[1]))
+    if cfg.lora_rank <= min(c_in, c_out):
+        return None
+    return (f"--lora-rank {cfg.lora_rank}: above the rank a LoRA update of {name} can have, min(in, out) = "
+            f"min({c_in}, {c_out}) = {min(c_in, c_out)} ({where}); allowed: --lora-rank <= {min(c_in, c_out)}")
+
+
+def run_bytes(cfg: Settings, model_cfg: M.Qwen2Config, training: bool) -> dict[str, int]:
+    """A lower bound on the bytes a run holds on its device, by part: the weights at --dtype (twice with PPO's
+    separate critic; a bf16 copy besides for --sample-precision bf16), and in training the LoRA parameters in fp32
+    with their gradients and AdamW's two moments (4 × 4 bytes each). Activations and the KV cache come on top."""
+    with torch.device("meta"):
+        n = M.num_parameters(M.Qwen2ForCausalLM(model_cfg))
+    copies = 2 if training and cfg.algo == "ppo" and cfg.critic == "separate" else 1
+    parts = {"weights": copies * n * M.DTYPES[cfg.dtype].itemsize}
+    if training and cfg.sample_precision == "bf16" and cfg.dtype != "bfloat16":
+        parts["bf16 copy"] = n * 2
+    if training:
+        per_layer = sum(cfg.lora_rank * (c_in + c_out)
+                        for c_in, c_out in projections(model_cfg, cfg.lora_targets.split(",")).values())
+        layers = lora.num_lora_layers(model_cfg.num_hidden_layers, cfg.lora_fraction)
+        parts["LoRA with AdamW"] = copies * layers * per_layer * 16
+    return parts
+
+
+def memory_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse], training: bool = True) -> str | None:
+    """The KV cache alone must fit the device's memory, then the KV cache with the weights and LoRA's training
+    state (run_bytes): a lower bound on what the run holds, so this refuses only the impossible; what is merely too
+    much shows when the cache is allocated, as M.CacheTooLarge."""
     total, device = device_memory(cfg.device)
     for u in uses:
         need = M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, M.DTYPES[cfg.dtype])
@@ -178,7 +220,18 @@ def memory_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse]
                     f"({need / 2**30:.2f} GiB), more than all {total / 2**30:.2f} GiB of {device}; allowed: "
                     + (f"{u.length_flag} <= {fits} with {u.rows_flag} {u.rows_setting}, or a smaller "
                        f"{u.rows_flag}" if fits >= 1 else f"a smaller {u.rows_flag}"))
-    return None
+    dtype = M.DTYPES[cfg.dtype]
+    u = max(uses, key=lambda u: M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, dtype))
+    parts = {**run_bytes(cfg, model_cfg, training),
+             "KV cache": M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, dtype)}
+    need = sum(parts.values())
+    if need <= total:
+        return None
+    listed = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())
+    return (f"--model {cfg.model} with --dtype {cfg.dtype}: the run needs at least {need:,} bytes ({need / 2**30:.2f} "
+            f"GiB: {listed}; the KV cache is {u.rows_flag} {u.rows_setting}, {u.length_flag} {u.new_tokens}), more "
+            f"than all {total / 2**30:.2f} GiB of {device}; allowed: what fits: a smaller model, --dtype bfloat16, "
+            "a smaller --lora-rank or KV cache")
 
 
 def device_memory(device: str) -> tuple[int, str]:

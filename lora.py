@@ -25,6 +25,16 @@ import torch.nn.functional as F
 import model as M
 
 TARGETS = ("q_proj", "v_proj")  # the paper adapts the query and value projections
+MAX_SCALE = torch.finfo(torch.float32).max  # α/r multiplies the adapter's float32 product: beyond this it is inf
+
+
+def scale_problem(alpha: float, r: int) -> str | None:
+    """Why LoRA's scale α/r cannot be computed with (None: it can). Past float32's largest number the scale is inf in
+    the adapter's arithmetic, and inf·B·A·x is NaN at step 0 already, where B = 0."""
+    if alpha / r <= MAX_SCALE:
+        return None
+    return (f"LoRA's scale alpha/r = {alpha:.4g}/{r} = {alpha / r:.4g} overflows the adapter's float32 arithmetic "
+            f"(largest {MAX_SCALE:.4g})")
 
 
 class LoRALinear(nn.Linear):
@@ -317,6 +327,8 @@ def _adapter_plan(model: nn.Module, cfg: dict, cfg_path: Path) -> dict[str, tupl
                 raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern holds a bad regular expression "
                                  f"({e})") from None
             plan[full] = (r, alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha)  # rsLoRA: α/√r = (α·√r)/r
+            if (why := scale_problem(plan[full][1], r)) is not None:
+                raise ValueError(f"{cfg_path}: {full}: {why}")
     return plan
 
 

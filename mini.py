@@ -27,10 +27,13 @@ import copy
 import dataclasses
 import json
 import multiprocessing
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -38,7 +41,7 @@ import mini_base
 import mini_report
 import training
 from mini_base import MAX_NEW_TOKENS, SETTINGS, MiniMult, say
-from settings import Settings, paper_defaults
+from settings import Settings, paper_defaults, setting_problem, usage_error
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The methods and their settings
@@ -188,6 +191,7 @@ def tune(out: Path, bases: dict[str, Path], methods: list[str], parallel: int, s
                 jobs.append(Job(setting, method, 0, "validation", dataclasses.replace(
                     cfg, steps=steps or cfg.steps, eval_limit=eval_limit,
                     out=str(out / "runs" / f"{setting}-{method}-lr{lr:g}"))))
+    parallel = workers(parallel, len(jobs))
     say(f"tuning: {len(jobs)} runs, {parallel} at a time, one thread each; progress in {out}/runs/*/log.txt")
     results = run_all(slowest_first(jobs), parallel)
     table: dict = {}
@@ -207,13 +211,43 @@ def with_borrowed(rates: dict) -> dict:
 
 
 def read_tuning(path: Path) -> dict:
-    """{setting: {method: {"validation": {rate: accuracy}, "lr": rate}}}, as written by --tune."""
+    """{setting: {method: {"validation": {rate: accuracy}, "lr": rate}}}, as written by --tune: its structure, every
+    rate by train.py's own rule for --lr (settings.py), every accuracy in [0, 1]; a fault is one line, exit status 2."""
+    def refuse(why: str) -> NoReturn:
+        usage_error(f"--tuning {path}: {why}")
+
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --tuning {path}: cannot read the tuning table ({e})") from None
-    return {s: {m: {"lr": e["lr"], "validation": {float(k): v for k, v in e["validation"].items()}}
-                for m, e in per.items()} for s, per in raw["table"].items()}
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or not UTF-8
+        refuse(f"cannot read the tuning table ({(str(e).splitlines() or [''])[0]})")
+    if not (isinstance(raw, dict) and isinstance(raw.get("table"), dict)):
+        refuse('not a tuning table: expected {"table": {setting: {method: {"lr": rate, "validation": {rate: '
+               'accuracy}}}}}, as python mini.py --tune writes it')
+
+    def rate(where: str, value) -> float:
+        if (why := setting_problem("lr", value)) is not None:
+            refuse(f"{where} is {value!r:.40}; {why}")
+        return value
+
+    table: dict = {}
+    for s, per in raw["table"].items():
+        if not isinstance(per, dict):
+            refuse(f"table.{s} is not an object of methods")
+        for m, e in per.items():
+            where = f"table.{s}.{m}"
+            if not (isinstance(e, dict) and "lr" in e and isinstance(e.get("validation"), dict)):
+                refuse(f'{where} is not {{"lr": rate, "validation": {{rate: accuracy}}}}')
+            validation = {}
+            for k, accuracy in e["validation"].items():
+                try:
+                    key = float(k)
+                except ValueError:
+                    refuse(f"{where}.validation holds {k!r:.40}, which is not a learning rate")
+                if not (type(accuracy) in (int, float) and 0 <= accuracy <= 1):
+                    refuse(f"{where}.validation.{k} is {accuracy!r:.40}; allowed: an accuracy in [0, 1]")
+                validation[rate(f"{where}.validation.{k}", key)] = accuracy
+            table.setdefault(s, {})[m] = {"lr": rate(f"{where}.lr", e["lr"]), "validation": validation}
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -256,24 +290,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_names(flag: str, given: str, allowed) -> list[str]:
-    names = given.split(",")
+    """A comma-separated list of distinct names, each of `allowed`; else one line, exit status 2."""
+    names, choose = given.split(","), f"choose from {','.join(allowed)}"
+    if "" in names:
+        usage_error(f"{flag} {given!r}: an empty name; {choose}, separated by commas")
     if bad := [n for n in names if n not in allowed]:
-        raise SystemExit(f"error: {flag}: unknown {flag[2:-1]} {bad[0]!r}; choose from {','.join(allowed)}")
+        usage_error(f"{flag} {given}: unknown {flag[2:-1]} {bad[0]!r}; {choose}")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        usage_error(f"{flag} {given}: {twice[0]!r} named twice (more seeds: --seeds); {choose}, each once")
     return names
+
+
+def check_out(out: Path) -> None:
+    """--out: a directory this process can write (made here if new), before any work."""
+    if out.exists() and not out.is_dir():
+        usage_error(f"--out {out}: is a file; allowed: a directory, new or one this user can write")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        usage_error(f"--out {out}: cannot write there ({e.strerror or e}); allowed: a directory this user can write")
+
+
+def workers(parallel: int, jobs: int) -> int:
+    """--parallel, capped at the jobs and this machine's cores (a worker beyond either only waits, and holds its
+    memory): said in a note."""
+    cores = os.cpu_count() or 1
+    n = min(parallel, jobs, cores)
+    if n < parallel:
+        print(f"note: --parallel {parallel}: {jobs} run(s) on {cores} core(s), so {n} at a time", file=sys.stderr)
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = check_names("--settings", args.settings, SETTINGS)
     default = TUNED_METHODS if args.tune else DEFAULT_METHODS
-    methods = check_names("--methods", args.methods or ",".join(default), METHODS)
+    methods = check_names("--methods", ",".join(default) if args.methods is None else args.methods, METHODS)
     rates = None if args.tune else with_borrowed(read_tuning(Path(args.tuning)))  # a bad table stops here
     if rates is not None:
         if missing := [f"{s}/{m}" for s in settings for m in methods if m not in rates.get(s, {})]:
-            raise SystemExit(f"error: --tuning {args.tuning}: no learning rate for {missing[0]}; run python mini.py "
-                             "--tune")
+            usage_error(f"--tuning {args.tuning}: no learning rate for {missing[0]}; run python mini.py --tune")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
     t0 = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(args.sft_threads)  # the runs below take one thread each
@@ -308,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append(Job(setting, method, seed, "test", dataclasses.replace(
                     cfg, out=str(dest / "runs" / f"{setting}-{method}-seed{seed}"), steps=steps,
                     eval_limit=args.eval_limit, eval_every=max(1, min(25, steps // 6)))))
-    say(f"{len(jobs)} runs, {args.parallel} at a time, one thread each; progress in {dest}/runs/*/log.txt")
-    results = run_all(slowest_first(jobs), args.parallel)
+    parallel = workers(args.parallel, len(jobs))
+    say(f"{len(jobs)} runs, {parallel} at a time, one thread each; progress in {dest}/runs/*/log.txt")
+    results = run_all(slowest_first(jobs), parallel)
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = mini_report.write_results(dest, bases, results, rates, (time.time() - t0) / 60, command)
     print(text)

@@ -447,6 +447,18 @@ def num_parameters(model: nn.Module) -> int:
 # Loading a Hugging Face model directory (config.json + model.safetensors, or shards + model.safetensors.index.json)
 
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")  # some old checkpoints store RoPE buffers; we recompute
+# The dtypes a weight may have on disk: --dtype's three floating types (safetensors' names); an integer, boolean or
+# quantized (F8) tensor is not a weight this decoder computes with, and casting it would load zeros or nonsense
+WEIGHT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SAFETENSORS_NAME = {v: k for k, v in WEIGHT_DTYPES.items()}  # a loaded tensor's dtype by its safetensors name
+
+
+def dtype_problem(name: str, dtype: str) -> str | None:
+    """Why a tensor of this safetensors dtype cannot be a weight (None: it can)."""
+    if dtype in WEIGHT_DTYPES or IGNORED_TENSORS.match(name):
+        return None
+    return (f"tensor {name} is {dtype}; allowed: {', '.join(WEIGHT_DTYPES)} (floating point: an integer, boolean or "
+            "quantized tensor is not a weight this model computes with)")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -483,6 +495,8 @@ def read_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tens
         for name, t in tensors.items():
             if name in state:
                 raise ValueError(f"{f}: tensor {name} also appears in another shard")
+            if (problem := dtype_problem(name, _SAFETENSORS_NAME.get(t.dtype, str(t.dtype)))) is not None:
+                raise ValueError(f"{f}: {problem}")
             state[name] = t.to(dtype)
     return state
 
@@ -550,16 +564,43 @@ def check_model_dir(model_dir: str | os.PathLike) -> tuple[Qwen2Config, Tokenize
         raise ValueError(f"{model_dir / 'tokenizer.json'}: the tokenizer has {n_ids} ids, more than the model's "
                          f"vocab_size {cfg.vocab_size} in config.json (tokenizer and model do not belong together)")
     eos_ids(model_dir, cfg, tok)  # generation_config.json
-    shapes = {}
-    for f in weight_files(model_dir):
-        shapes.update({k: torch.empty(shape, device="meta") for k, (_, shape) in safetensors_header(f).items()})
+    shapes, files = {}, weight_files(model_dir)
+    for f in files:
+        header = safetensors_header(f)
+        if bad := next(filter(None, (dtype_problem(k, dtype) for k, (dtype, _) in header.items())), None):
+            raise ValueError(f"{f}: {bad}")
+        shapes.update({k: torch.empty(shape, device="meta") for k, (_, shape) in header.items()})
     layers = {m.group(1) for k in shapes if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     if len(layers) != cfg.num_hidden_layers:  # before the model is built: config.json may claim a billion layers
         raise ValueError(f"{path}: num_hidden_layers is {cfg.num_hidden_layers}, but the weights in {model_dir} hold "
                          f"{len(layers)} layers (config and weights do not belong together)")
-    with torch.device("meta"):
-        check_state_dict(Qwen2ForCausalLM(cfg), shapes, model_dir)
+    with torch.device("meta"):  # a mismatch names the one file, or the index that lists the shards' tensors
+        check_state_dict(Qwen2ForCausalLM(cfg), shapes,
+                         files[0] if len(files) == 1 else model_dir / "model.safetensors.index.json")
     return cfg, tok
+
+
+def check_weights(model_dir: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Every weight's values, read once through the file's memory map (check_model_dir has checked the headers and the
+    dtypes): finite, and within the range of `dtype`, which the load casts them to. One min-max pass a tensor: about
+    1 s for Qwen2-1.5B's 3.1 GB, a twentieth of its load on the CPU (docs/performance.md)."""
+    from safetensors import safe_open
+
+    for f in weight_files(Path(model_dir)):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                if IGNORED_TENSORS.match(name) or not t.numel():
+                    continue
+                low, high = torch.aminmax(t)  # NaN propagates to both, inf to one
+                if not (torch.isfinite(low) and torch.isfinite(high)):
+                    raise ValueError(f"{f}: tensor {name} holds non-finite values (NaN or inf); the file is damaged, "
+                                     "or was saved from a model that diverged")
+                largest = max(-float(low), float(high))
+                if largest > torch.finfo(dtype).max and not torch.isfinite(t.to(dtype)).all():
+                    raise ValueError(f"{f}: tensor {name} holds values up to {largest:.4g}, beyond the largest "
+                                     f"{str(dtype).removeprefix('torch.')} ({torch.finfo(dtype).max:.4g}) the weights "
+                                     "are loaded in; allowed: a --dtype that holds them (float32 or bfloat16)")
 
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
@@ -762,10 +803,38 @@ def eos_ids(model_dir: str | os.PathLike | None, cfg: Qwen2Config, tokenizer: To
 # Sampling
 
 
+NOT_FINITE = -1  # next_token's "token" for a row whose distribution is not finite
+
+
+class NonFiniteLogits(RuntimeError):
+    """A row's next-token distribution is not finite: NaN or +inf in the model's logits (`logits_finite` False), or
+    only in the logits divided by the temperature (True: l/T overflows float32). `largest`: the largest finite
+    |logit| of the row. `where`: what was sampling (the training loop names it)."""
+
+    where = "sampling"
+
+    def __init__(self, new_token: int, temperature: float, logits_finite: bool, largest: float):
+        super().__init__(new_token, temperature, logits_finite, largest)
+        self.new_token, self.temperature = new_token, temperature
+        self.logits_finite, self.largest = logits_finite, largest
+
+    def __str__(self) -> str:
+        if self.logits_finite:
+            return (f"the logits (largest |logit| {self.largest:.4g}) divided by the temperature {self.temperature:g} "
+                    f"overflow float32 at new token {self.new_token}")
+        return f"the model's logits are not finite (NaN or inf) at new token {self.new_token}"
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """One token per row from logits (B, V): greedy when temperature == 0, else temperature + top-p sampling."""
+    """One token per row from logits (B, V): greedy when temperature == 0, else temperature + top-p sampling.
+
+    A row whose distribution is not finite (NaN or +inf in its logits, or in l/T) gets NOT_FINITE instead of a token,
+    decided on the device: the caller reads the tokens anyway, and that one read per step tells it (no other sync).
+    -inf is a token never drawn (a suppressed one), not a fault."""
     if temperature == 0:
-        return logits.argmax(-1)
+        tok = logits.argmax(-1)  # a row with a NaN: argmax lands on one
+        top = logits.gather(-1, tok[:, None])[:, 0]  # (B,)
+        return tok.masked_fill(~torch.isfinite(top), NOT_FINITE)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:  # nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p
         sorted_p, idx = probs.sort(dim=-1, descending=True)
@@ -779,14 +848,21 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 12
     a block of `block` entries by its total mass, then an entry of that block by its mass: P(b)·P(i|b) = p_i.
 
     torch.multinomial draws one random number per entry, B·V of them: the slowest part of a CPU decode step with
-    V = 151,936. Two levels draw B·(V/block + block); 151,936 = 1187·128 needs no padding."""
+    V = 151,936. Two levels draw B·(V/block + block); 151,936 = 1187·128 needs no padding.
+
+    A row whose mass is not finite (a NaN or inf in probs) draws from a uniform stand-in, which multinomial accepts
+    (a NaN is an error on the CPU, a device-side assert on CUDA), and returns NOT_FINITE; the other rows' draws are
+    unchanged."""
     B, V = probs.shape
     pad = -V % block
     blocks = (F.pad(probs, (0, pad)) if pad else probs).view(B, -1, block)  # (B, V/block, block); padding: mass 0
-    b = torch.multinomial(blocks.sum(-1), 1, generator=generator)  # (B, 1) block index
+    mass = blocks.sum(-1)  # (B, V/block)
+    finite = torch.isfinite(mass).all(-1)  # (B,): read off the block masses, no second pass over B·V
+    b = torch.multinomial(mass.where(finite[:, None], 1.0), 1, generator=generator)  # (B, 1) block index
     rows = torch.arange(B, device=probs.device)
-    inner = torch.multinomial(blocks[rows, b[:, 0]], 1, generator=generator)  # (B, 1) index within the block
-    return (b * block + inner).squeeze(-1)
+    inner = torch.multinomial(blocks[rows, b[:, 0]].where(finite[:, None], 1.0), 1,
+                              generator=generator)  # (B, 1) index within the block
+    return (b * block + inner).squeeze(-1).masked_fill(~finite, NOT_FINITE)
 
 
 StopFn = Callable[[list[int]], bool]
@@ -813,7 +889,12 @@ def _decode(steps, logits: torch.Tensor, max_new_tokens: int, temperature: float
             logits[:, list(suppress)] = float("-inf")
         tok = next_token(logits, temperature, top_p, generator)  # (n,): one draw per live row, from `generator`
         keep = []
-        for i, t in enumerate(tok.tolist()):
+        for i, t in enumerate(tok.tolist()):  # the step's one read of the device
+            if t == NOT_FINITE:  # the rare path: what made it so, read off the row's logits
+                row = logits[i][~torch.isneginf(logits[i])]  # -inf: a token never drawn
+                fin = row[torch.isfinite(row)]
+                raise NonFiniteLogits(step + 1, temperature, temperature > 0 and 0 < fin.numel() == row.numel(),
+                                      float(fin.abs().max()) if fin.numel() else math.nan)
             out[live[i]].append(t)
             if t not in eos and not (stop and stop(out[live[i]])):
                 keep.append(i)

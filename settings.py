@@ -38,8 +38,11 @@ PAPER_STEPS = {("mult", "tspmo"): 350, ("mult", "sgrpo"): 450, ("mult", "grpo"):
                ("gsm8k", "tspmo"): 400, ("gsm8k", "sgrpo"): 325, ("gsm8k", "grpo"): 325}
 PAPER_STEPS.update({(task, algo): PAPER_STEPS[task, "grpo"] for task in TASKS for algo in ("ppo", "dpo")})
 
+# The sampler divides float32 logits by the temperature: at float32's smallest normal number l/T already overflows for
+# every logit beyond 4, and below it T is a subnormal or 0 there (--temperature 1e-300 is 0 in float32)
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 REWARD_RULE = "a training reward this task has; allowed: mult exact or partial (S2), svamp exact, gsm8k sympy (S1)"
-Rule = tuple[Callable[[Any, Any], bool], "str | Callable[[Any], str]"]  # (ok(value, settings), why or why(value))
+Rule = tuple[Callable[[Any, Any], bool], "str | Callable[[Any, Any], str]"]  # (ok(v, s), why or why(v, s))
 
 
 def setting(default, help: str, *rules: Rule, choices: tuple = (), why: str = "", paper: Any = None,
@@ -78,7 +81,7 @@ class Settings:
                                                      "allowed: --data with --task svamp or gsm8k"))
     out: str | None = setting(None, "run directory (default runs/{task}-{algo}-{time}); must not hold a run already")
     device: str = setting(DEVICE, f"cpu, cuda or cuda:N (default {DEVICE})",
-                          (lambda v, s: device_problem(v) is None, lambda v: device_problem(v)))
+                          (lambda v, s: device_problem(v) is None, lambda v, s: device_problem(v)))
     dtype: str = setting("float32", "default float32 (the paper's)", choices=("float32", "bfloat16", "float16"),
                          paper=ALL)
     seed: int = setting(0, "0 <= seed < 2^62 (default 0)", (lambda v, s: 0 <= v < 2**62, "allowed: an integer in "
@@ -109,9 +112,13 @@ class Settings:
                                                               "--accum 1 with --algo ppo or dpo"), paper=ALL)
     temperature: float = setting(
         0.3, "sampling temperature, >= 0 (0.3)",
-        (lambda v, s: _num(v) and v >= 0, "allowed: a finite number >= 0 (0: greedy; the paper: 0.3)"), paper=ALL,
-        warn=(lambda v, s: v == 0, "greedy sampling draws G identical completions: every group has zero variance "
-                                   "(Â = 0), so no update learns from the reward"))
+        (lambda v, s: _num(v) and v >= 0, "allowed: a finite number >= 0 (0: greedy; the paper: 0.3)"),
+        (lambda v, s: v == 0 or v >= MIN_TEMPERATURE,
+         f"the sampler divides float32 logits by it, and below float32's smallest normal number "
+         f"({MIN_TEMPERATURE:.4g}) the quotient overflows; allowed: 0 (greedy) or a temperature >= "
+         f"{MIN_TEMPERATURE:.4g} (the paper: 0.3)"),
+        paper=ALL, warn=(lambda v, s: v == 0, "greedy sampling draws G identical completions: every group has zero "
+                                              "variance (Â = 0), so no update learns from the reward"))
     top_p: float = setting(  # the paper names no top-p: plain temperature sampling
         1.0, "nucleus sampling, in (0, 1] (1.0: off; the paper names none)",
         (lambda v, s: _num(v) and 0 < v <= 1, "nucleus sampling keeps a probability mass in (0, 1]; allowed: 0 < "
@@ -174,7 +181,10 @@ class Settings:
     lora_alpha: float | None = setting(  # [decided] (SPEC.md) α = r
         None, "alpha, > 0 (default r: scale 1)",
         (lambda v, s: v is None or (_num(v) and v > 0), "LoRA's scale is alpha/r; allowed: a finite number > 0 "
-                                                        "(default r)"))
+                                                        "(default r)"),
+        (lambda v, s: v is None or lora.scale_problem(v, s.lora_rank) is None,
+         lambda v, s: f"{lora.scale_problem(v, s.lora_rank)}; allowed: --lora-alpha <= r × {lora.MAX_SCALE:.4g} = "
+                      f"{s.lora_rank * lora.MAX_SCALE:.4g}"))
     lora_targets: str = setting(  # comma-separated projections of each adapted layer (the paper: q, v)
         ",".join(lora.TARGETS), f"comma-separated projections to adapt, of {','.join(LORA_TARGETS)} (default "
         "q_proj,v_proj)",
@@ -218,8 +228,9 @@ class Settings:
                               (lambda v, s: v >= 0, "allowed: an integer >= 0 (0: at the start and the end only)"),
                               section="evaluation and checkpoints")
     eval_limit: int | None = setting(  # None: the whole test set
-        None, "evaluate on the first N test examples, >= 0 (default all)",
-        (lambda v, s: v is None or v >= 0, "allowed: an integer >= 0 (default: the whole test set)"))
+        None, "evaluate on the first N test examples, >= 1 (default all)",
+        (lambda v, s: v is None or v >= 1, "an accuracy needs an example to measure; allowed: an integer >= 1 "
+                                           "(default: the whole test set)"))
     eval_batch: int | None = setting(
         None, "prompts per greedy batch, >= 1 (default: on CUDA as many as half the device's free memory holds; on "
         "the CPU 32)",
@@ -363,6 +374,25 @@ def type_problem(name: str, value) -> str | None:
                           "str": f"a string of at most {MAX_STR:,} characters"}[base] + (" or null" if optional else "")
 
 
+def rules_problem(name: str, value, cfg: Settings) -> str | None:
+    """Why `value` breaks one of setting `name`'s rules, the first in order (None: it keeps them all); `cfg`: the
+    settings the rules read beside it."""
+    for ok, why in Settings.__dataclass_fields__[name].metadata["rules"]:
+        try:
+            good = ok(value, cfg)
+        except TypeError:  # e.g. a string where a number belongs (a hand-edited config.json)
+            good = False
+        if not good:
+            return why(value, cfg) if callable(why) else why
+    return None
+
+
+def setting_problem(name: str, value, cfg: Settings | None = None) -> str | None:
+    """Why `value` cannot be setting `name` (its type, then its rules; None: it can), for a value from elsewhere than
+    the command line (mini.py's tuning table); `cfg`: the other settings (default: Settings())."""
+    return type_problem(name, value) or rules_problem(name, value, cfg or Settings())
+
+
 def validate(cfg: Settings, training: bool = True, source: Path | None = None) -> None:
     """Every setting's type, then every rule of every setting, before anything is loaded or written; then the
     warnings (training only). `source`: the file the settings come from (a resumed run's config.json), which a
@@ -371,14 +401,8 @@ def validate(cfg: Settings, training: bool = True, source: Path | None = None) -
         if (why := type_problem(f.name, getattr(cfg, f.name))) is not None:
             refuse_setting(f.name, getattr(cfg, f.name), why, source)
     for f in fields(Settings):
-        value = getattr(cfg, f.name)
-        for ok, why in f.metadata["rules"]:
-            try:
-                good = ok(value, cfg)
-            except TypeError:  # e.g. a string where a number belongs (a hand-edited config.json)
-                good = False
-            if not good:
-                refuse_setting(f.name, value, why(value) if callable(why) else why, source)
+        if (why := rules_problem(f.name, getattr(cfg, f.name), cfg)) is not None:
+            refuse_setting(f.name, getattr(cfg, f.name), why, source)
     for f in fields(Settings):
         if training and f.metadata["warn"] and f.metadata["warn"][0](getattr(cfg, f.name), cfg):
             print(f"warning: {flag(f.name)} {getattr(cfg, f.name)}: {f.metadata['warn'][1]}", file=sys.stderr)

@@ -164,6 +164,9 @@ class Svamp(Task):
         if not file.is_file():
             raise DataError(f"{path}: no SVAMP data (a directory with train.json and test.json, or SVAMP.json)")
         records = cls.read(file)
+        if len(records) < 2:  # round(0.7 × 1) = 1: one record splits into no test example
+            raise DataError(f"{file}: {len(records)} record, which the 70/30 split leaves with no test example; "
+                            "allowed: at least 2 records (or train.json and test.json in a directory)")
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)  # no split files: a seeded 70/30 split, reported at start
         n_train = round(0.7 * len(records))
@@ -194,6 +197,9 @@ class Svamp(Task):
             return "needs string Body and Question and a numeric Answer"
         if not math.isfinite(r["Answer"]):
             return f"Answer {r['Answer']} is not a finite number"
+        if r["Answer"] != int(r["Answer"]):  # P1 compares it with the completion's last integer
+            return (f"Answer {r['Answer']} is not an integer, and exact match (P1) reads a completion's last integer: "
+                    "no completion can score it")
         if (n := len(r["Body"]) + len(r["Question"])) > MAX_TEXT_CHARS:
             return f"Body and Question hold {n:,} characters; allowed: at most {MAX_TEXT_CHARS:,}"
         return None

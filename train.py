@@ -158,9 +158,6 @@ def checked_settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
     if cfg.out and Path(cfg.out).is_symlink() and not Path(cfg.out).exists():
         usage_error(f"--out {cfg.out}: a symbolic link to {os.readlink(cfg.out)}, which does not exist; allowed: a "
                     "new or empty directory, or a link to one")
-    if args.eval_only and cfg.eval_limit == 0:
-        usage_error("--eval-limit 0: --eval-only measures an accuracy, and 0 examples have none; allowed: "
-                    "--eval-limit >= 1 with --eval-only")
     if args.adapter and not args.eval_only:
         usage_error(f"--adapter {args.adapter}: only with --eval-only (training starts a new adapter)")
     if args.adapter and not all((Path(args.adapter) / f).is_file() for f in ADAPTER_FILES):

@@ -44,8 +44,11 @@ class EvalStopped(Exception):
 
 def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None = None,
              world: World = World()) -> dict:
-    """With N processes each takes a slice of the test set (distributed.py) and the counts are summed."""
+    """With N processes each takes a slice of the test set (distributed.py) and the counts are summed. A greedy
+    distribution that is not finite stops it before anything is counted (M.NonFiniteLogits, on every process)."""
     data = task.test_set()[: cfg.eval_limit]
+    if not data:  # the checks refuse every way to get here (--eval-limit 0, an empty split): an accuracy of nothing
+        raise ValueError(f"{task.name}: an evaluation of no test example")
     mine = [data[i] for i in world.share(len(data))]
     new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     t0, correct, examples, details = time.time(), 0.0, [], {}
@@ -65,6 +68,9 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 e.flags = f"--eval-batch {cfg.eval_batch or f'{rows} (its default here)'}, " \
                           f"--eval-max-new-tokens {new_tokens}"
                 raise
+            except M.NonFiniteLogits as e:  # sent to the other processes in place of this one's examples
+                examples = [e]
+                break
             for ex, out in zip(batch, outs):
                 text = tok.decode(out)
                 r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
@@ -77,13 +83,16 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
             bar.update(len(batch))
             bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
     M.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
-    correct, examples = world.sum([correct])[0], world.gather(examples)[:3]  # one process: unchanged
+    correct, examples = world.sum([correct])[0], world.gather(examples)  # one process: unchanged
+    if failed := [e for e in examples if isinstance(e, M.NonFiniteLogits)]:
+        raise failed[0]
+    examples = examples[:3]
     totals: dict[str, float] = {}
     for part in world.gather([details]):  # N processes: a rank with no problem has no keys
         for k, v in part.items():
             totals[k] = totals.get(k, 0.0) + v
-    return {"accuracy": correct / max(len(data), 1), "n": len(data), "seconds": round(time.time() - t0, 2),
-            **{k: v / max(len(data), 1) for k, v in sorted(totals.items())}, "examples": examples}
+    return {"accuracy": correct / len(data), "n": len(data), "seconds": round(time.time() - t0, 2),
+            **{k: v / len(data) for k, v in sorted(totals.items())}, "examples": examples}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,8 +263,14 @@ class Trainer:
         except M.CacheTooLarge as e:
             e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
             raise
-        scored = [(o, self.task.reward(self.tok.decode(list(prefix) + o), ex)) for o in outs]
+        except M.NonFiniteLogits as e:  # sent to the other processes in place of this one's share: all stop
+            e.where = f"sampling for step {self.step + 1}"
+            outs = [e]
+        scored = [o if isinstance(o, Exception) else (o, self.task.reward(self.tok.decode(list(prefix) + o), ex))
+                  for o in outs]
         group = self.world.gather(scored)
+        if failed := [x for x in group if isinstance(x, M.NonFiniteLogits)]:
+            raise failed[0]
         return [o for o, _ in group], [r for _, r in group]
 
     def check_finite(self, st: tokrl.StepStats) -> None:
@@ -376,7 +391,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     with StopRequest() as stop:
         try:
             run_steps(tr, log, stream, stop)
-        except (NonFiniteLoss, checkpoints.NonFiniteState, M.CacheTooLarge, WriteError) as e:
+        except (NonFiniteLoss, checkpoints.NonFiniteState, M.CacheTooLarge, M.NonFiniteLogits, WriteError) as e:
             raise SystemExit(f"error: {stopped(e, tr)}") from None
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once
             print(f"\nstopped at once: {tr.safe()}; continue with: python train.py --resume {run}", file=sys.stderr)
@@ -431,9 +446,13 @@ def eval_due(cfg: Settings, step: int) -> bool:
 
 
 def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
-    with torch.no_grad():
-        e = {"step": tr.step, **evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
-             **lora.adapter_norms(tr.net)}
+    try:
+        with torch.no_grad():
+            e = {"step": tr.step, **evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
+                 **lora.adapter_norms(tr.net)}
+    except M.NonFiniteLogits as err:
+        err.where = f"the step-{tr.step} evaluation"
+        raise
     log.eval(e)
     tr.say(f"eval  step {tr.step:>4} | accuracy {e['accuracy']:.4f} on {e['n']} | {e['seconds']:.0f} s", flush=True)
 
@@ -441,6 +460,9 @@ def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
 def stopped(e: Exception, tr: Trainer) -> str:
     """The line a failure at run time ends the run with: what failed, what is safe, what to do next."""
     resume = f"python train.py --resume {tr.run}"
+    if isinstance(e, M.NonFiniteLogits):
+        trained = any(bool(m.lora_B.any()) for _, m in lora.lora_modules(tr.net))  # B = 0 until an update moves it
+        return f"{e.where}: {e}; {non_finite_cause(e, tr.cfg, trained)}. Stopped before it was logged: {tr.safe()}"
     if isinstance(e, NonFiniteLoss):
         return (f"{e} at step {tr.step + 1}; stopped without saving it: {tr.safe()}. A lower --lr or --dtype float32 "
                 "in a new run avoids it")
@@ -450,6 +472,24 @@ def stopped(e: Exception, tr: Trainer) -> str:
         return (f"{e}. Stopped: {tr.safe()}; with memory freed on {e.device}, continue with {resume}, or start a new "
                 "run with fewer rows or new tokens")
     return f"{e}. Stopped: {tr.safe()}; once the disk has room, continue with {resume}"  # a WriteError
+
+
+def non_finite_cause(e: M.NonFiniteLogits, cfg: Settings, trained: bool, adapter: str | None = None) -> str:
+    """The likely cause of a next-token distribution that is not finite, from what the sampler saw: finite logits
+    that overflow only once divided by T; else logits that are not finite: in float16, after the adapter's updates,
+    or from the weights loaded (the base and an --adapter, which the checks found finite) in --dtype."""
+    if e.logits_finite:
+        least = e.largest / torch.finfo(torch.float32).max
+        return (f"--temperature {cfg.temperature:g} is too small for this model's logits; allowed in a new run: 0 "
+                f"(greedy) or a temperature above {least:.4g}")
+    if cfg.dtype == "float16":
+        return ("the model's activations overflow float16 (largest 65504); --dtype bfloat16 or float32 in a new run "
+                "holds them")
+    if trained:
+        return "the adapter's training made it so: a lower --lr or --lora-alpha in a new run avoids it"
+    weights = cfg.model + (f" and of the adapter {adapter}" if adapter else "")
+    return (f"before any update: the weights of {weights} are finite (checked before loading), their arithmetic "
+            f"in {cfg.dtype} is not")
 
 
 def finish(tr: Trainer, log: RunLog) -> dict:
@@ -472,8 +512,11 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
     task = make_task(cfg.task, tok, cfg.data, cfg.reward)
     if adapter:
         lora.load_adapter(net, adapter)
-    with torch.no_grad():
-        e = evaluate(net, tok, task, cfg, eos, world=world)
+    try:
+        with torch.no_grad():
+            e = evaluate(net, tok, task, cfg, eos, world=world)
+    except M.NonFiniteLogits as err:
+        raise SystemExit(f"error: the evaluation: {err}; {non_finite_cause(err, cfg, False, adapter)}") from None
     if world.main:
         print(f"accuracy {e['accuracy']:.4f} on {e['n']} {cfg.task} test examples "
               f"({'adapter ' + adapter if adapter else 'base model'})")

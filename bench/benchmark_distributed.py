@@ -33,7 +33,7 @@ def run(model: Path, out: Path, algo: str, nproc: int, threads: int, args) -> di
     group = args.group or {"grpo": 8, "sgrpo": 8, "tspmo": 16}[algo]
     cmd = [*launcher, "train.py", "--model", str(model), "--out", str(out), "--algo", algo, "--task", "mult",
            "--device", args.device, "-G", str(group), "--max-new-tokens", str(args.tokens), "--steps",
-           str(args.steps), "--eval-limit", "0", "--eval-every", "0", "--save-every", "1000", "--seed", "1"]
+           str(args.steps), "--eval-limit", "1", "--eval-every", "0", "--save-every", "1000", "--seed", "1"]
     t0 = time.time()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]

@@ -16,7 +16,9 @@ import torch
 from conftest import ROOT, make_checkpoint, refused, tiny_config, write_byte_tokenizer
 import checkpoints
 import checks
+import lora
 import model as M
+import settings
 import tasks
 import train
 from test_train import SMALL, write_svamp
@@ -52,7 +54,21 @@ BAD_SETTINGS = [
     (["--steps", "0"], "--steps 0: a run needs at least one step; allowed: an integer >= 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: a completion needs a token; allowed: an integer >= 1 "
                                 "(the paper: 300)"),
-    (["--eval-limit", "-1"], "--eval-limit -1: allowed: an integer >= 0 (default: the whole test set)"),
+    (["--eval-limit", "-1"], "--eval-limit -1: an accuracy needs an example to measure; allowed: an integer >= 1 "
+                             "(default: the whole test set)"),
+    (["--eval-limit", "0"], "--eval-limit 0: an accuracy needs an example to measure; allowed: an integer >= 1 "
+                            "(default: the whole test set)"),
+    # l/T in float32: 1e-300 is 0 there, 1e-39 a subnormal (the logits divided by it overflow beyond 0.34)
+    (["--temperature", "1e-300"], "--temperature 1e-300: the sampler divides float32 logits by it, and below "
+                                  "float32's smallest normal number (1.175e-38) the quotient overflows; allowed: 0 "
+                                  "(greedy) or a temperature >= 1.175e-38 (the paper: 0.3)"),
+    (["--temperature", "1e-39"], "--temperature 1e-39: the sampler divides float32 logits by it, and below "
+                                 "float32's smallest normal number (1.175e-38) the quotient overflows; allowed: 0 "
+                                 "(greedy) or a temperature >= 1.175e-38 (the paper: 0.3)"),
+    # α/r = 1e308/8 is inf in the adapter's float32 product, and inf·B·A·x = inf·0 = NaN at step 0
+    (["--lora-alpha", "1e308"], "--lora-alpha 1e+308: LoRA's scale alpha/r = 1e+308/8 = 1.25e+307 overflows the "
+                                "adapter's float32 arithmetic (largest 3.403e+38); allowed: --lora-alpha <= r × "
+                                "3.403e+38 = 2.722e+39"),
     (["--eval-every", "-1"], "--eval-every -1: allowed: an integer >= 0 (0: at the start and the end only)"),
     (["--p", "2"], "--p 2.0: a probability; allowed: 0 <= P <= 1 (default 0.5)"),
     (["--k", "-1"], "--k -1: S-GRPO's cap on tokens in the loss; allowed: an integer >= 1"),
@@ -114,7 +130,7 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path, tiny):
     (["--temperature", "0"], "warning: --temperature 0.0: greedy sampling draws G identical completions: every group "
                              "has zero variance (Â = 0), so no update learns from the reward\n")])
 def test_legal_but_useless_settings_start_with_a_warning(tmp_path, tiny, capsys, flags, warning):
-    train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--eval-limit", "0",
+    train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--eval-limit", "1",
                 "--out", str(tmp_path / "r"), *flags])
     assert capsys.readouterr().err.startswith(warning)
 
@@ -190,7 +206,64 @@ def test_a_kv_cache_beyond_the_device_s_memory_is_refused_before_loading(tmp_pat
     assert not run.exists()
 
 
+@pytest.mark.parametrize("flags", [["--temperature", repr(settings.MIN_TEMPERATURE)],
+                                   ["--lora-alpha", repr(8 * lora.MAX_SCALE)]], ids=["temperature", "lora-alpha"])
+def test_the_bounds_on_the_temperature_and_alpha_are_exact(tmp_path, tiny, capsys, no_loading, flags):
+    """float32's smallest normal number is an allowed temperature, and α = r × float32's largest (r = 8) an allowed
+    α: the checks pass and the run goes on to load the weights (refused here); the next float below (above) is not."""
+    with pytest.raises(AssertionError, match="the weights were loaded"):
+        train.main(["--model", str(tiny), "--out", str(tmp_path / "r"), *flags])
+    beyond = math.nextafter(float(flags[1]), 0 if flags[0] == "--temperature" else math.inf)
+    code, err = refused(["--model", str(tiny), "--out", str(tmp_path / "r"), flags[0], repr(beyond)], capsys)
+    assert code == 2 and err.startswith(f"error: {flags[0]} {beyond}: ")
+
+
 # --- settings and files that fit another model, or another machine ----------------------------------------------------
+
+# The tiny model's projections (hidden 64, 4 query heads and 2 key/value heads of 16): q_proj and o_proj 64 × 64,
+# k_proj and v_proj 64 in, 32 out. A LoRA update B·A of a projection has rank at most min(in, out).
+@pytest.mark.parametrize("targets,name,c_out", [("q_proj,v_proj", "v_proj", 32), ("q_proj,o_proj", "q_proj", 64)])
+def test_a_lora_rank_above_what_the_projections_hold_is_refused_before_loading(tmp_path, tiny, capsys, no_loading,
+                                                                               targets, name, c_out):
+    """The fault: --lora-rank 1000000000 passed the checks, wrote config.json, loaded the weights and died allocating
+    256 GB. The bound is min(in, out) over the adapted projections, read off config.json; it is exact."""
+    run = tmp_path / "run"
+    for rank in (1_000_000_000, c_out + 1):
+        code, err = refused(["--model", str(tiny), "--out", str(run), "--lora-targets", targets, "--lora-rank",
+                             str(rank)], capsys)
+        assert code == 2 and err == (f"error: --lora-rank {rank}: above the rank a LoRA update of {name} can have, "
+                                     f"min(in, out) = min(64, {c_out}) = {c_out} ({tiny / 'config.json'}); allowed: "
+                                     f"--lora-rank <= {c_out}\n")
+        assert not run.exists()  # no config.json, no run directory
+    with pytest.raises(AssertionError, match="the weights were loaded"):
+        train.main(["--model", str(tiny), "--out", str(run), "--lora-targets", targets, "--lora-rank", str(c_out)])
+
+
+def test_a_run_larger_than_the_device_s_memory_is_refused_before_loading(tmp_path, tiny, capsys, no_loading,
+                                                                          monkeypatch):
+    """The weights, LoRA's training state and the largest KV cache against the device's memory, counted by hand for
+    the tiny model and SMALL's settings (-G 4, 12 new tokens, 3 test prompts, half of the 4 layers, r = 8 on q and
+    v). Weights, fp32: the embedding 272 × 64 = 17,408 (tied: the head is the same tensor), per layer q 64·64 + 64,
+    k and v 64·32 + 32 each, o 64·64, the MLP 3 · 64·128, two norms of 64: 37,120, four of them 148,480, the final
+    norm 64: 165,952 parameters, 663,808 bytes. LoRA on 2 layers: q 8 · (64 + 64) + v 8 · (64 + 32) = 1,792 a layer,
+    3,584 parameters, each with its gradient and AdamW's two moments in fp32: 57,344 bytes. The KV cache of sampling
+    (the larger): 4 rows × (156 + 12) positions × 1,025 bytes (test_a_kv_cache_beyond_...) = 688,800. In all
+    1,409,952 bytes: a device one byte smaller refuses the run, one of exactly that size lets it load."""
+    run = tmp_path / "run"
+    args = ["--model", str(tiny), "--out", str(run), *SMALL]
+    monkeypatch.setattr(checks, "device_memory", lambda device: (1_409_951, "a test device"))
+    code, err = refused(args, capsys)
+    assert code == 2 and err == (f"error: --model {tiny} with --dtype float32: the run needs at least 1,409,952 bytes "
+                                 "(0.00 GiB: weights 0.00 GiB, LoRA with AdamW 0.00 GiB, KV cache 0.00 GiB; the KV "
+                                 "cache is -G 4, --max-new-tokens 12), more than all 0.00 GiB of a test device; "
+                                 "allowed: what fits: a smaller model, --dtype bfloat16, a smaller --lora-rank or KV "
+                                 "cache\n")
+    assert not run.exists()
+    assert checks.run_bytes(train.resolve(train.build_parser().parse_args(args)), M.Qwen2Config.from_json(
+        tiny / "config.json"), True) == {"weights": 663_808, "LoRA with AdamW": 57_344}
+    monkeypatch.setattr(checks, "device_memory", lambda device: (1_409_952, "a test device"))
+    with pytest.raises(AssertionError, match="the weights were loaded"):
+        train.main(args)
 
 def test_a_lora_fraction_that_adapts_no_layer_is_refused_before_loading(tmp_path, tiny, capsys, no_loading):
     """Legal for the flag (0 < fraction <= 1), impossible for a 4-layer model: round(0.1 × 4) = 0 layers. Before,

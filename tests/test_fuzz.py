@@ -1,9 +1,9 @@
 """Every kind of file a run reads, damaged in every way a file gets damaged, handed to train.main in this process.
 
 Kinds: a SVAMP json, a GSM8K jsonl, an adapter's safetensors and adapter_config.json, a run's config.json and
-state.pt (for --resume), a model's config.json and tokenizer.json. Damages: truncated at three points, random bytes,
-empty, another encoding, a wrong type or a NaN or inf in a numeric field, a missing field, an extra unknown field, a
-record of astronomic size. The damage is seeded (one random.Random per case, from the case's name).
+state.pt (for --resume), a model's config.json, model.safetensors and tokenizer.json. Damages: truncated at three
+points, random bytes, empty, another encoding, a wrong type or a NaN or inf in a numeric field or tensor, a missing
+field, an extra unknown field, a record of astronomic size. The damage is seeded (one random.Random per case, from the case's name).
 
 Every case must end in one of two ways:
   - the run proceeds (the damage was harmless): exit status 0;
@@ -84,9 +84,10 @@ class Case:
             self.out = Path(shutil.copytree(originals["run"], tmp / "run"))
             self.file = self.out / ("config.json" if kind == "run-config" else "checkpoints/step-000001/state.pt")
             self.argv = ["--resume", str(self.out)]
-        else:  # model-config, tokenizer
+        else:  # model-config, model-weights, tokenizer
             model = Path(shutil.copytree(originals["model"], tmp / "model"))
-            self.file = model / ("config.json" if kind == "model-config" else "tokenizer.json")
+            self.file = model / {"model-config": "config.json", "model-weights": "model.safetensors",
+                                 "tokenizer": "tokenizer.json"}[kind]
             self.argv = ["--model", str(model), "--out", str(self.out), *RUN]
 
 
@@ -291,6 +292,15 @@ DAMAGES = {
         "astronomic layers": config(lambda c: c.update(num_hidden_layers=10**9)),
         "astronomic vocabulary": config(lambda c: c.update(vocab_size=10**12)),
         "astronomic positions": config(lambda c: c.update(max_position_embeddings=10**30)),
+    },
+    "model-weights": {  # every value is read before the load: a NaN is named as the header's faults are
+        "header in utf-16": lambda f, rng: write_header(f, lambda h: json.dumps(h).encode("utf-16")),
+        "an integer tensor": tensors(lambda ts: ts.update({sorted(ts)[0]: first_tensor(ts).to(torch.int8)})),
+        "a NaN": tensors(lambda ts: first_tensor(ts).view(-1)[3].fill_(float("nan"))),
+        "an inf": tensors(lambda ts: ts[sorted(ts)[-1]].view(-1)[-1].fill_(float("inf"))),
+        "a tensor missing": tensors(lambda ts: ts.pop(sorted(ts)[-1])),
+        "an extra tensor": tensors(lambda ts: ts.update({"model.extra.weight": torch.zeros(2)})),
+        "astronomic header length": lambda f, rng: f.write_bytes((2**62).to_bytes(8, "little") + f.read_bytes()[8:]),
     },
     "tokenizer": {
         "utf-16": UTF16,

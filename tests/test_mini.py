@@ -470,19 +470,131 @@ def test_a_parallel_run_lets_its_workers_exit_and_ends_with_its_results(tmp_path
     assert proc.stdout.splitlines()[-1].startswith(f"wrote {tmp_path / 'm' / 'results.md'} and its figures in")
 
 
-def test_bad_mini_arguments_are_named_before_any_work(tmp_path, capsys):
-    for argv, word in ((["--methods", "grpo,reinforce"], "'reinforce'"), (["--settings", "words"], "'words'"),
-                       (["--tuning", str(tmp_path / "none.json")], "none.json")):
-        with pytest.raises(SystemExit) as e:
-            mini.main([*argv, "--out", str(tmp_path / "m")])
-        assert argv[0] in str(e.value) and word in str(e.value) and not (tmp_path / "m").exists()
+def mini_refused(argv: list[str], capsys) -> str:
+    """mini.main(argv)'s one stderr line; it must exit with status 2 (a bad flag or file) before any work."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mini.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, (e.value.code, err)
+    return err.rstrip("\n")
+
+
+def tuning_file(path: Path, change) -> Path:
+    """A copy of the shipped tuning table, changed."""
+    raw = json.loads(mini.TUNING.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def set_lr(value):
+    return lambda raw: raw["table"]["steps"]["grpo"].update(lr=value)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Building or copying a base is an error here: every argument must be checked before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the work started before the arguments were checked")
+    monkeypatch.setattr(mini_base, "build_base", refuse)
+
+
+def test_bad_mini_arguments_are_one_line_exit_2_before_any_work(tmp_path, capsys, no_work):
+    """Before: an unknown method exited 1; `--methods ""` ran every method and a repeated one counted as more seeds; a
+    malformed --tuning table was a traceback (KeyError, TypeError) and a rate of 1e9 was reported as used. Each is now
+    one line naming the flag or the file's entry, exit status 2, and --out is not created."""
+    out = tmp_path / "m"
+    choose = f"choose from {','.join(mini.METHODS)}"
+    cases = [
+        (["--methods", "grpo,reinforce"], f"--methods grpo,reinforce: unknown method 'reinforce'; {choose}"),
+        (["--methods", ""], f"--methods '': an empty name; {choose}, separated by commas"),
+        (["--methods", "grpo,,dpo"], f"--methods 'grpo,,dpo': an empty name; {choose}, separated by commas"),
+        (["--methods", "grpo,dpo,grpo"], f"--methods grpo,dpo,grpo: 'grpo' named twice (more seeds: --seeds); "
+                                         f"{choose}, each once"),
+        (["--settings", "words"], "--settings words: unknown setting 'words'; choose from first-token,steps"),
+        (["--settings", "steps,steps"], "--settings steps,steps: 'steps' named twice (more seeds: --seeds); choose "
+                                        "from first-token,steps, each once"),
+        (["--tuning", str(tmp_path / "none.json")], f"--tuning {tmp_path / 'none.json'}: cannot read the tuning table "
+                                                    f"([Errno 2] No such file or directory: "
+                                                    f"'{tmp_path / 'none.json'}')"),
+    ]
+    for i, (change, why) in enumerate([
+            (lambda raw: raw.pop("table"), 'not a tuning table: expected {"table": {setting: {method: {"lr": rate, '
+                                           '"validation": {rate: accuracy}}}}}, as python mini.py --tune writes it'),
+            (lambda raw: raw["table"].update(steps=[1]), "table.steps is not an object of methods"),
+            (lambda raw: raw["table"]["steps"]["grpo"].pop("lr"),
+             'table.steps.grpo is not {"lr": rate, "validation": {rate: accuracy}}'),
+            (set_lr(1e9), "table.steps.grpo.lr is 1000000000.0; AdamW would not move (<= 0) or diverge at once (> 1); "
+                          "allowed: 0 < lr <= 1 (the paper: 1e-4)"),
+            (set_lr("0.001"), "table.steps.grpo.lr is '0.001'; allowed: a number"),
+            (set_lr(0), "table.steps.grpo.lr is 0; AdamW would not move (<= 0) or diverge at once (> 1); allowed: 0 < "
+                        "lr <= 1 (the paper: 1e-4)"),
+            (lambda raw: raw["table"]["steps"]["grpo"]["validation"].update({"-1": 0.5}),
+             "table.steps.grpo.validation.-1 is -1.0; AdamW would not move (<= 0) or diverge at once (> 1); allowed: "
+             "0 < lr <= 1 (the paper: 1e-4)"),
+            (lambda raw: raw["table"]["steps"]["grpo"]["validation"].update({"fast": 0.5}),
+             "table.steps.grpo.validation holds 'fast', which is not a learning rate"),
+            (lambda raw: raw["table"]["steps"]["grpo"]["validation"].update({"0.001": 7}),
+             "table.steps.grpo.validation.0.001 is 7; allowed: an accuracy in [0, 1]")]):
+        t = tuning_file(tmp_path / f"t{i}.json", change)
+        cases.append((["--tuning", str(t)], f"--tuning {t}: {why}"))
     (tmp_path / "partial.json").write_text(json.dumps({"table": {"steps": {}}}))
-    with pytest.raises(SystemExit) as e:
-        mini.main(["--tuning", str(tmp_path / "partial.json"), "--settings", "steps", "--out", str(tmp_path / "m")])
-    assert "no learning rate for steps/" in str(e.value) and not (tmp_path / "m").exists()
-    with pytest.raises(SystemExit) as e:
+    cases.append((["--tuning", str(tmp_path / "partial.json"), "--settings", "steps"],
+                  f"--tuning {tmp_path / 'partial.json'}: no learning rate for steps/grpo; run python mini.py --tune"))
+    for argv, message in cases:
+        assert mini_refused([*argv, "--out", str(out)], capsys) == f"error: {message}", argv
+        assert not out.exists()
+    with pytest.raises(SystemExit) as e:  # argparse's own
         mini.main(["--seeds", "0"])
     assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_written_is_one_line_exit_2(tmp_path, capsys, no_work):
+    """Before: a traceback (FileExistsError, NotADirectoryError, PermissionError) after the argument checks. Now a
+    file, a path through a file, or a directory this user cannot write (read-only by its mode; for root, which
+    ignores modes, by the file system's immutable flag) is one line naming --out, exit status 2, before any work."""
+    (tmp_path / "file").write_text("x")
+    assert mini_refused(["--out", str(tmp_path / "file")], capsys) == (
+        f"error: --out {tmp_path / 'file'}: is a file; allowed: a directory, new or one this user can write")
+    assert mini_refused(["--out", str(tmp_path / "file" / "sub")], capsys) == (
+        f"error: --out {tmp_path / 'file' / 'sub'}: cannot write there (Not a directory); allowed: a directory this "
+        "user can write")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    immutable = os.access(ro, os.W_OK) and subprocess.run(["chattr", "+i", str(ro)]).returncode == 0
+    try:
+        assert not os.access(ro, os.W_OK), "the test could not make a directory read-only"
+        err = mini_refused(["--out", str(ro)], capsys)
+        assert err in (f"error: --out {ro}: cannot write there ({why}); allowed: a directory this user can write"
+                       for why in ("Permission denied", "Operation not permitted"))
+        assert list(ro.iterdir()) == []
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
+        ro.chmod(0o755)
+
+
+def test_parallel_is_capped_at_the_runs_and_the_cores_with_a_note(tmp_path, capsys, monkeypatch):
+    """Before: --parallel 64 for one run started 64 workers (16.8 GB, 40 times slower). The workers are at most the
+    runs and the cores; a cap is said in a note on stderr; within both, no note."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    seen = []
+
+    def run_all(jobs, parallel, log=None):
+        seen.append((len(jobs), parallel))
+        raise KeyboardInterrupt  # enough: what run_all was asked for
+
+    monkeypatch.setattr(mini, "run_all", run_all)
+    with pytest.raises(KeyboardInterrupt):
+        mini.main(["--out", str(tmp_path / "m"), "--settings", "steps", "--methods", "grpo", "--seeds", "1",
+                   "--parallel", "64"])
+    assert seen == [(1, 1)]
+    assert "note: --parallel 64: 1 run(s) on 4 core(s), so 1 at a time\n" in capsys.readouterr().err
+    assert mini.workers(64, 1) == 1 and mini.workers(64, 10) == 4 and mini.workers(3, 10) == 3
+    assert capsys.readouterr().err == ("note: --parallel 64: 1 run(s) on 4 core(s), so 1 at a time\n"
+                                       "note: --parallel 64: 10 run(s) on 4 core(s), so 4 at a time\n")
 
 
 # --- the library settings the miniature needed ------------------------------------------------------------------------

@@ -167,6 +167,57 @@ def test_dropping_finished_rows_keeps_the_others_exact(tmp_path):
         assert t == s[:cut]
 
 
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.7, 1.0), (0.7, 0.9)])
+def test_a_row_whose_distribution_is_not_finite_is_flagged_and_the_others_draw_as_before(temperature, top_p):
+    """Rows 1 and 2 hold a NaN and a +inf: next_token gives them NOT_FINITE, decided on the device; row 3's -inf
+    entries are tokens never drawn (suppressed), not a fault. Rows 0 and 3 draw exactly what they draw beside two
+    finite rows from the same generator state: the stand-in distribution reads the generator as a real one does."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 300, generator=g) * 3
+    logits[3, ::2] = -float("inf")
+    bad = logits.clone()
+    bad[1, 17], bad[2, 250] = float("nan"), float("inf")
+    got = M.next_token(bad, temperature, top_p, torch.Generator().manual_seed(1))
+    want = M.next_token(logits, temperature, top_p, torch.Generator().manual_seed(1))
+    assert got[1] == got[2] == M.NOT_FINITE and got[[0, 3]].tolist() == want[[0, 3]].tolist()
+    assert int(want[3]) % 2 == 1 and M.NOT_FINITE not in want.tolist()
+
+
+def test_finite_logits_whose_quotient_by_t_overflows_are_flagged():
+    """l/T in float32: logits up to 30 at T = 2e-38 reach 1.5e39, past float32's 3.4e38; at T = 1e-37, 3e38 fits."""
+    logits = torch.linspace(-30, 30, 256)[None]
+    assert int(M.next_token(logits, 2e-38, 1.0, torch.Generator().manual_seed(0))) == M.NOT_FINITE
+    assert int(M.next_token(logits, 1e-37, 1.0, torch.Generator().manual_seed(0))) == 255  # the largest logit
+    with pytest.raises(M.NonFiniteLogits) as e:  # the decode loop says so, with the largest |logit|: -30's
+        M._decode(None, logits - 5, 4, 2e-38, 1.0, torch.Generator(), (), None, ())
+    assert (e.value.new_token, e.value.logits_finite, e.value.largest) == (1, True, 35.0)
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_sampling_and_greedy_refuse_a_distribution_that_is_not_finite(tmp_path, decode):
+    """A NaN in one LM-head row (untied) makes every next-token distribution NaN: sample and greedy raise
+    NonFiniteLogits at the first token, which says the logits themselves are not finite. A model of large logits
+    (weights of std 1) sampled at float32's smallest normal temperature: the logits are finite, their quotient by T
+    is not, and the error carries the largest |logit|, the full forward's."""
+    m = M.load_model(make_checkpoint(tmp_path / "untied", tiny_config(tie_word_embeddings=False)))
+    m.lm_head.weight[7, 3] = float("nan")
+    prompt = [10, 20, 30, 40]
+    for run in (lambda: M.sample(m, prompt, 4, 6, temperature=0.7, generator=torch.Generator(), decode=decode),
+                lambda: M.greedy(m, [prompt, prompt[:2]], 6, decode=decode)):
+        with pytest.raises(M.NonFiniteLogits) as e:
+            run()
+        assert (e.value.new_token, e.value.logits_finite) == (1, False)
+        assert str(e.value) == "the model's logits are not finite (NaN or inf) at new token 1"
+    big = M.load_model(make_checkpoint(tmp_path / "big", std=1.0))
+    with pytest.raises(M.NonFiniteLogits) as e:
+        M.sample(big, prompt, 4, 6, temperature=torch.finfo(torch.float32).tiny, generator=torch.Generator(),
+                 decode=decode)
+    largest = float(big.logits(torch.tensor([prompt]))[0, -1].abs().max())
+    assert (e.value.new_token, e.value.logits_finite) == (1, True)
+    assert e.value.largest == pytest.approx(largest, rel=1e-5) and largest > 4  # |l| > 4: l/T > 3.4e38
+    assert M.greedy(big, [prompt], 6, decode=decode)  # greedy divides by nothing: it runs
+
+
 # --- fixed-shape decode (the CUDA path's, run here without a graph) ---------------------------------------------
 
 @pytest.mark.parametrize("G", [1, 8])

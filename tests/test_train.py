@@ -112,9 +112,9 @@ def test_resume_continues_the_mult_data_stream(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(training.Trainer, "sample_group", lambda self, prompt, ex, *a: seen.append(ex) or
                         real(self, prompt, ex, *a))
     common = ["--algo", "sgrpo", "--task", "mult", "--model", str(tiny), *SMALL, "--eval-every", "0"]
-    train.main([*common, "--steps", "4", "--eval-limit", "0", "--out", str(tmp_path / "a")])
+    train.main([*common, "--steps", "4", "--eval-limit", "1", "--out", str(tmp_path / "a")])
     straight, seen[:] = list(seen), []
-    train.main([*common, "--steps", "2", "--eval-limit", "0", "--out", str(tmp_path / "b")])
+    train.main([*common, "--steps", "2", "--eval-limit", "1", "--out", str(tmp_path / "b")])
     train.main(["--resume", str(tmp_path / "b"), "--steps", "4"])
     assert seen == straight and len(straight) == 4 and len(set(straight)) == 4
     a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
@@ -337,7 +337,7 @@ def test_logged_reward_is_the_E1_estimate(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(training.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): fixed)
     run = tmp_path / "r"
     train.main(["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run),
-                "--eval-limit", "0"])
+                "--eval-limit", "1"])
     m = checkpoints.read_jsonl(run / "metrics.jsonl")[0]
     assert (m["reward_mean"], m["reward_std"], m["zero_variance"]) == (0.5, 0.5, False)
     assert (m["len_mean"], m["len_max"], m["loss_token_fraction"], m["forwards"]) == (2.0, 3, 1.0, 4)
