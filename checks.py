@@ -196,7 +196,8 @@ def device_memory(device: str) -> tuple[int, str]:
 # Settings a run's config.json may lack: a run recorded without one ran as its default says, except replay_pool (a run
 # recorded without it replayed from its own group). Every other setting must be in the run's config.json.
 MAY_BE_ABSENT = {"revision", "reward", "eval_max_new_tokens", "tspmo_objective", "lora_targets", "replay_pool",
-                 "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta"}
+                 "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta",
+                 "replay_cut"}
 
 
 def read_run_settings(run: Path) -> Settings:
