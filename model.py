@@ -780,8 +780,10 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     tok = draw(probs, generator)
     if not entropy:
         return tok
-    q = probs / probs.sum(-1, keepdim=True)  # (B, V): what draw() samples from (it needs no normalised input)
-    return tok, torch.special.entr(q).sum(-1)  # H = −Σ_v q log q, nats; entr(0) = 0 for the tokens cut or suppressed
+    # H = −Σ_v q log q of q = probs / S, S = Σ_v probs (top-p leaves S < 1; draw() needs no normalised input), as
+    # −(1/S) Σ_v probs log probs + log S: no (B, V) copy for q; entr(0) = 0 for the tokens cut or suppressed. Nats.
+    mass = probs.sum(-1)  # (B,)
+    return tok, torch.special.entr(probs).sum(-1) / mass + mass.log()
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 128) -> torch.Tensor:

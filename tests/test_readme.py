@@ -7,9 +7,12 @@ import io
 import re
 import tokenize
 
-from conftest import ROOT, assets
+from dataclasses import fields
 
-TAG_NAMES = r"E\d+|Alg\d|L\d|P\d|S\d|K\d|D\d"
+from conftest import ROOT, assets
+from settings import Settings, flag
+
+TAG_NAMES = r"E\d+|Alg\d|L\d|P\d|S\d|K\d|D\d|B\d"
 TAG = re.compile(rf"\[({TAG_NAMES})\]")
 SOURCES = sorted(p.name for p in ROOT.glob("*.py"))  # every room of the code; tests/ holds the proofs
 
@@ -33,7 +36,7 @@ def test_every_readme_tag_is_in_the_code_and_back():
     index, code = readme_index(), code_tags()
     assert set(index) == set(code), f"README only: {set(index) - set(code)}; code only: {set(code) - set(index)}"
     assert {"E1", "E2", "E3", "E4", "E5", "E6", "E7", "E8", "E9", "E10", "Alg1", "Alg2", "L1", "P1", "S1",
-            "S2", "K1", "K2", "K3", "K4", "D1"} == set(index)
+            "S2", "K1", "K2", "K3", "K4", "D1", "B1"} == set(index)
 
 
 def test_the_index_points_at_functions_that_carry_the_tag():
@@ -156,7 +159,16 @@ def test_every_tag_has_a_test():
     assert not missing, f"no test both names and calls the README index's functions for: {', '.join(missing)}"
 
 
+def beyond_the_paper_options(beyond: str) -> dict[str, tuple[str, int]]:
+    """SPEC.md's "Beyond the paper" bullets: tag -> (the option's flag, the number of [decided] choices it makes)."""
+    bullets = re.findall(r"^- ((\w+),.*?)(?=^- |\Z)", beyond, flags=re.M | re.S)
+    return {tag: (re.search(r"`(--[a-z-]+)", text).group(1), len(re.findall(r"\*\*\[decided", text)))
+            for text, tag in bullets}
+
+
 def test_readme_lists_every_decided_choice_of_the_spec():
+    """The README lists the paper's 14 and the baselines' 6 decided choices, and one entry for each decided choice of
+    an option beyond the paper once that option exists (its flag is a setting), each entry naming the option's flag."""
     spec = (ROOT / "docs" / "SPEC.md").read_text().split("## Notation", 1)[1]  # the intro explains the marker
     # "Beyond the paper" decides the options F1, B1, B2; its own first sentence explains the marker too.
     before, beyond = spec.split("## Beyond the paper", 1)
@@ -165,10 +177,16 @@ def test_readme_lists_every_decided_choice_of_the_spec():
     baselines = (ROOT / "docs" / "SPEC-baselines.md").read_text().split("## PPO with a critic", 1)[1]  # likewise
     n_spec = len(re.findall(r"\*\*\[decided", spec)) + len(re.findall(r"\*\*\[decided", baselines))
     readme = (ROOT / "README.md").read_text().split("## Choices the paper leaves open", 1)[1].split("\n## ")[0]
-    n_readme = len(re.findall(r"^\d+\. \*\*\[decided\]\*\*", readme, flags=re.M))
-    assert n_spec == n_readme == 14 + 6
-    # The options beyond the paper are decided in the spec; the README lists them once the options are built.
-    assert len(re.findall(r"\*\*\[decided", beyond)) == 5
+    entries = re.findall(r"^\d+\. \*\*\[decided\]\*\*.*$", readme, flags=re.M)
+    options = beyond_the_paper_options(beyond)
+    assert sorted(options) == ["B1", "B2", "F1"] and sum(n for _, n in options.values()) == 5
+    flags = {flag(f.name) for f in fields(Settings)}
+    built = {tag: n for tag, (option, n) in options.items() if option in flags}
+    assert "B1" in built
+    assert n_spec == 14 + 6 and len(entries) == n_spec + sum(built.values())
+    for tag, (option, n) in options.items():  # an option's entries name its flag; none before the option exists
+        naming = [e for e in entries if re.search(rf"{re.escape(option)}(?![\w-])", e)]
+        assert len(naming) == built.get(tag, 0), f"{tag} ({option}): {len(naming)} README entries name it"
 
 
 def test_every_decided_choice_is_commented_in_the_code():
@@ -181,7 +199,9 @@ def test_every_decided_choice_is_commented_in_the_code():
                    # SPEC-baselines.md
                    "shares the policy", "last token", "not a reward penalty", "λ_GAE = 0.95",
                    "over all completion tokens", "μ = 4", "w3 = 0.5", "same sampling budget", "β_D = 0.1",
-                   "no pair"]:
+                   "no pair",
+                   # SPEC.md, beyond the paper
+                   "∝ H_j of y[j]"]:
         assert needle in decided, f"no [decided] comment (on its line or the next) says {needle!r}"
 
 

@@ -3,7 +3,13 @@ associated with a scalar reward", against the ablation that replays only the cur
 
 The groups are built by hand: model.sample is replaced by a script that returns, for each fresh prompt, the
 completions the test chose, and for each replay, continuations that complete the replayed completion's own text. The
-reward is the real one (P1 on the multiplication task), so what a replay scores against is what the test checks."""
+reward is the real one (P1 on the multiplication task), so what a replay scores against is what the test checks.
+
+Where a replay branches (--replay-cut): the paper's uniform cut pinned to its draws of the replay generator; B1's
+entropy cut, P(j) ∝ H_j of the redrawn token y[j], checked exactly (its probabilities, and draws on an even grid of
+[0, 1)) and by chi-square, with the all-zero fallback; through the trainer, every cut lands on the one token whose H
+is not 0; the pool's entropies through a checkpoint; through train.main, an entropy-cut run resumes bit-exactly and
+--replay-cut uniform is the run without the flag."""
 from __future__ import annotations
 
 import collections
@@ -191,10 +197,11 @@ def test_the_pool_round_trips_through_a_checkpoint_s_weights_only_load(tmp_path)
 
 # --- where a replay branches: the paper's uniform cut, and B1's entropy cut (--replay-cut) ------------------------------
 
-def test_the_uniform_cut_draws_what_it_always_drew_from_the_replay_generator(tiny, tmp_path, monkeypatch):
-    """--replay-cut uniform (the default) is the paper's cut, drawn as it always was: each step, pool.draw's two
-    rng.sample calls, then rng.randint(0, |y| − 1) for the pick, from the replay generator (seed + 3). Three steps
-    replay step 1's "121" (|y| = 3): the cuts logged are those this recipe draws from random.Random(3 + 3)."""
+def test_the_uniform_cut_is_randint_on_the_replay_generator_after_the_pool_s_picks(tiny, tmp_path, monkeypatch):
+    """--replay-cut uniform (the default) is the paper's cut, pinned to its draws: each step, pool.draw's two
+    rng.sample calls, then rng.randint(0, |y| − 1) for the pick, from the replay generator (seed + 3), and nothing
+    else from it. Three steps replay step 1's "121" (|y| = 3): the cuts logged are those this recipe draws from
+    random.Random(3 + 3), and the pool keeps no entropies."""
     tr = trainer(tiny, tmp_path, monkeypatch)  # seed 3
     assert tr.cfg.replay_cut == "uniform" and not tr.pool.keeps_entropy
     script = Script(tr.tok, [STEP1, ("replay", "121"), NONE2, ("replay", "121"), NONE3, ("replay", "121")])
@@ -292,8 +299,8 @@ def test_an_entropy_cut_redraws_the_token_whose_entropy_it_weighs_B1(tiny, tmp_p
 
 def test_the_pool_keeps_one_entropy_a_token_through_a_weights_only_checkpoint(tmp_path):
     """The entropies in one float32 array beside the token ids (4 bytes a token), through torch.save and
-    torch.load(weights_only=True); a pool saved without them (a run of the paper's cut, or one written before the
-    option, with no entropy arrays in its state) loads as a pool that keeps none."""
+    torch.load(weights_only=True); a pool state without them (no entropy array, no keeps_entropy: a run of the
+    paper's cut recorded without --replay-cut) loads as a pool that keeps none."""
     pool = ReplayPool(1.0, entropy=True)
     pool.add_group((11, 11), [[1, 2, 3], [4]], [1.0, 0.0], step=1, entropies=[[0.5, 0.25, 0.125], [2.0]])
     pool.add_group((12, 12), [[5, 6]], [0.0], step=2, entropies=[[0.0, 1.0 / 3]])
