@@ -198,11 +198,11 @@ class Trainer:
                      "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
                      "replay": random.Random(cfg.seed + 3)}  # the data's RNG: tasks.TrainStream, seed + 2
         self.step = 0
-        self.pool = ReplayPool(cfg.replay_threshold, self.entropy_cut)  # T-SPMO's (--replay-pool history): run state
+        self.pool = ReplayPool(cfg.replay_threshold, self.cuts_by_entropy)  # T-SPMO's (--replay-pool history): run state
         self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
 
     @property
-    def entropy_cut(self) -> bool:
+    def cuts_by_entropy(self) -> bool:
         """T-SPMO replays that branch by entropy (--replay-cut entropy): the fresh groups are sampled with theirs."""
         cfg = self.cfg
         return cfg.algo == "tspmo" and cfg.replay_cut == "entropy" and cfg.replay_success + cfg.replay_failure > 0
@@ -285,11 +285,11 @@ class Trainer:
         for ex, _, completions, rewards, hs in groups:  # ours: with --accum N, N rounds of picks (one per fresh group)
             pool = self.pool
             if cfg.replay_pool == "group":  # the ablation: this prompt's G completions only
-                pool = ReplayPool(cfg.replay_threshold, self.entropy_cut)
+                pool = ReplayPool(cfg.replay_threshold, self.cuts_by_entropy)
                 pool.add_group(ex, completions, rewards, step, hs)
             for i in pool.draw(rng, cfg.replay_success, cfg.replay_failure):  # R_success, R_fail: replay.py
                 y, source = pool.completion(i), pool.example(i)
-                if self.entropy_cut:  # P(j) ∝ H_j, H_j the entropy of y[j]'s distribution (replay.py)
+                if self.cuts_by_entropy:  # P(j) ∝ H_j, H_j the entropy of y[j]'s distribution (replay.py)
                     h = pool.entropies(i)
                     j = entropy_cut(rng, h)
                 else:
@@ -305,7 +305,7 @@ class Trainer:
                 self.optimizer_step()  # deviation 1 (train.py's docstring): each replayed group is its own update
                 st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs),  # the continuations' mean reward
                             "replay_source_step": pool.step[i], "replay_source_reward": pool.reward[i]}
-                if self.entropy_cut:
+                if self.cuts_by_entropy:
                     st.extra["replay_cut_entropy"] = h[j]  # H of the redrawn token y[j]'s distribution, nats
                 stats.append(st)
         return stats
@@ -324,7 +324,7 @@ class Trainer:
         for _ in range(cfg.accum):
             ex = next(stream)
             prompt_ids = self.tok.encode(self.task.prompt(ex))
-            if self.entropy_cut:  # each token's entropy, for the pool
+            if self.cuts_by_entropy:  # each token's entropy, for the pool
                 completions, rewards, hs = self.sample_group(prompt_ids, ex, entropy=True)
             else:
                 (completions, rewards), hs = self.sample_group(prompt_ids, ex), None
