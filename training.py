@@ -198,7 +198,7 @@ class Trainer:
                      "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
                      "replay": random.Random(cfg.seed + 3)}  # the data's RNG: tasks.TrainStream, seed + 2
         self.step = 0
-        self.pool = ReplayPool(cfg.replay_threshold, self.cuts_by_entropy)  # T-SPMO's (--replay-pool history): run state
+        self.pool = ReplayPool(cfg.replay_threshold, self.cuts_by_entropy)  # T-SPMO's replay pool: run state
         self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
 
     @property

@@ -195,7 +195,7 @@ def test_the_pool_round_trips_through_a_checkpoint_s_weights_only_load(tmp_path)
     assert len(empty) == 0 and empty.draw(random.Random(0), 1, 1) == []
 
 
-# --- where a replay branches: the paper's uniform cut, and B1's entropy cut (--replay-cut) ------------------------------
+# --- where a replay branches: the paper's uniform cut, and B1's entropy cut (--replay-cut) -----------------------
 
 def test_the_uniform_cut_is_randint_on_the_replay_generator_after_the_pool_s_picks(tiny, tmp_path, monkeypatch):
     """--replay-cut uniform (the default) is the paper's cut, pinned to its draws: each step, pool.draw's two
@@ -375,7 +375,10 @@ def test_replay_cut_uniform_is_the_run_without_the_flag_and_entropy_is_not(cli_r
         cli_run("entropy", "--replay-cut", "entropy")
     assert json.loads((plain / "config.json").read_text())["replay_cut"] == "uniform"
     faults.assert_same_run(plain, uniform)
-    cuts = lambda run: [r["replay_cut"] for m in checkpoints.read_jsonl(run / "metrics.jsonl") for r in m["replays"]]  # noqa: E731
-    assert cuts(plain) != cuts(entropy)
+    assert replay_cuts(plain) != replay_cuts(entropy)
     a, b = faults.outcome(plain)["adapter"], faults.outcome(entropy)["adapter"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def replay_cuts(run) -> list[int]:
+    return [r["replay_cut"] for m in checkpoints.read_jsonl(run / "metrics.jsonl") for r in m["replays"]]
