@@ -250,7 +250,7 @@ def device_memory(device: str) -> tuple[int, str]:
 # recorded without it replayed from its own group). Every other setting must be in the run's config.json.
 MAY_BE_ABSENT = {"revision", "reward", "eval_max_new_tokens", "tspmo_objective", "lora_targets", "replay_pool",
                  "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta",
-                 "edge_advantage"}
+                 "edge_advantage", "replay_cut"}
 
 
 def read_run_settings(run: Path) -> Settings:

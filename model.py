@@ -825,22 +825,34 @@ class NonFiniteLogits(RuntimeError):
         return f"the model's logits are not finite (NaN or inf) at new token {self.new_token}"
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+               entropy: bool = False):
     """One token per row from logits (B, V): greedy when temperature == 0, else temperature + top-p sampling.
 
     A row whose distribution is not finite (NaN or +inf in its logits, or in l/T) gets NOT_FINITE instead of a token,
     decided on the device: the caller reads the tokens anyway, and that one read per step tells it (no other sync).
-    -inf is a token never drawn (a suppressed one), not a fault."""
+    -inf is a token never drawn (a suppressed one), not a fault.
+
+    entropy=True: (tokens, H), H (B,) the entropy in nats of the distribution each token is drawn from (softmax(l/T),
+    top-p's nucleus renormalised; 0 for greedy), from the very probabilities the draw reads: the draws are unchanged
+    and it adds no read of the device (H stays there until the caller reads it)."""
     if temperature == 0:
         tok = logits.argmax(-1)  # a row with a NaN: argmax lands on one
         top = logits.gather(-1, tok[:, None])[:, 0]  # (B,)
-        return tok.masked_fill(~torch.isfinite(top), NOT_FINITE)
+        tok = tok.masked_fill(~torch.isfinite(top), NOT_FINITE)
+        return (tok, torch.zeros(tok.shape, device=tok.device)) if entropy else tok
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:  # nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass strictly before a token already reaches top_p
         probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-    return draw(probs, generator)
+    tok = draw(probs, generator)
+    if not entropy:
+        return tok
+    # H = −Σ_v q log q of q = probs / S, S = Σ_v probs (top-p leaves S < 1; draw() needs no normalised input), as
+    # −(1/S) Σ_v probs log probs + log S: no (B, V) copy for q; entr(0) = 0 for the tokens cut or suppressed. Nats.
+    mass = probs.sum(-1)  # (B,)
+    return tok, torch.special.entr(probs).sum(-1) / mass + mass.log()
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 128) -> torch.Tensor:
@@ -878,16 +890,23 @@ def default_decode(device) -> str:
 
 
 def _decode(steps, logits: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, generator,
-            eos: Sequence[int], stop: StopFn | None, suppress: Sequence[int]) -> list[list[int]]:
+            eos: Sequence[int], stop: StopFn | None, suppress: Sequence[int], entropy: bool = False):
     """Decode from the rows' last logits (B, V) until each row stops. `steps(tok, keep)` feeds the live rows' new
-    tokens (n,) to the model and returns the next logits of the rows it keeps (indices into the live rows)."""
+    tokens (n,) to the model and returns the next logits of the rows it keeps (indices into the live rows).
+    entropy=True: (tokens, entropies), each token's H (next_token's) beside it, the rows' H read once at the end."""
     out: list[list[int]] = [[] for _ in range(logits.shape[0])]
     live = list(range(logits.shape[0]))  # original row of each live row
     eos = set(eos)
+    hs, owners = [], []  # entropy: each step's H (n,), on the device; the original row of each of their entries
     for step in range(max_new_tokens):
         if suppress:
             logits[:, list(suppress)] = float("-inf")
-        tok = next_token(logits, temperature, top_p, generator)  # (n,): one draw per live row, from `generator`
+        if entropy:  # outside any CUDA graph: from the logits the step returned, as the draw
+            tok, h = next_token(logits, temperature, top_p, generator, True)
+            hs.append(h)
+            owners += live
+        else:
+            tok = next_token(logits, temperature, top_p, generator)  # (n,): one draw per live row, from `generator`
         keep = []
         for i, t in enumerate(tok.tolist()):  # the step's one read of the device
             if t == NOT_FINITE:  # the rare path: what made it so, read off the row's logits
@@ -902,7 +921,12 @@ def _decode(steps, logits: torch.Tensor, max_new_tokens: int, temperature: float
             break
         logits = steps(tok, keep)
         live = [live[i] for i in keep]
-    return out
+    if not entropy:
+        return out
+    entropies: list[list[float]] = [[] for _ in out]
+    for row, h in zip(owners, torch.cat(hs).tolist() if hs else []):  # step by step: each row's H in token order
+        entropies[row].append(h)
+    return out, entropies
 
 
 class EagerSteps:
@@ -1089,14 +1113,16 @@ def _prepare(model: Qwen2ForCausalLM, decode: str | None, precision: str = "fp32
 def sample(model: Qwen2ForCausalLM, prompt: Sequence[int], num_samples: int, max_new_tokens: int, *,
            temperature: float, generator: torch.Generator | None, top_p: float = 1.0, eos: Sequence[int] = (),
            stop: StopFn | None = None, suppress: Sequence[int] = (), decode: str | None = None,
-           precision: str = "fp32") -> list[list[int]]:
+           precision: str = "fp32", entropy: bool = False):
     """G = num_samples completions of one prompt: the prompt is prefilled once and its cache copied to G rows.
 
     Each row stops at an EOS token (kept in its completion), when `stop(tokens)` is true, or at max_new_tokens.
     Returns the G completions as token lists (generated tokens only). `decode`: eager, static (fixed shape) or
     graph (fixed shape, a CUDA graph); None: default_decode. The draws come from `generator` in the same order
     whatever the decode. `precision`: fp32 (the paper's), tf32 (CUDA matrix products in TF32) or bf16 (a bf16 copy
-    of the frozen weights): the samples are then slightly off the fp32 policy (docs/performance.md measures it)."""
+    of the frozen weights): the samples are then slightly off the fp32 policy (docs/performance.md measures it).
+    entropy=True (T-SPMO's --replay-cut entropy): returns (completions, entropies), entropies[i][t] the entropy in
+    nats of the distribution completions[i][t] was drawn from (next_token's), the same draws as without it."""
     if not prompt:
         raise ValueError("sample: the prompt is empty")
     net, decode = _prepare(model, decode, precision)
@@ -1113,7 +1139,7 @@ def sample(model: Qwen2ForCausalLM, prompt: Sequence[int], num_samples: int, max
         else:
             fixed = decoder(net, num_samples, length, decode == "graph", precision == "tf32")
             steps = FixedSteps(net, fixed, cache, pad)
-        return _decode(steps, logits, max_new_tokens, temperature, top_p, generator, eos, stop, suppress)
+        return _decode(steps, logits, max_new_tokens, temperature, top_p, generator, eos, stop, suppress, entropy)
 
 
 @torch.no_grad()

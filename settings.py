@@ -222,6 +222,13 @@ class Settings:
         "completions\"); group = the G just generated for this prompt (ablation)",
         choices=("history", "group"), why="allowed: history (every completion generated so far, the paper's) or "
                                           "group (this prompt's G only)", paper=ALL)
+    # [decided] (SPEC.md, B1) entropy: P(j) ∝ H_j, beyond the paper; uniform is the paper's cut
+    replay_cut: str = setting(
+        "uniform", "where a replay branches, T-SPMO: the replay restarts from prompt + y[:j] and draws y[j] (0-based) "
+        "again; uniform = j uniform in [0, |y| - 1] (default, the paper's); entropy = P(j) ∝ H_j, the entropy of the "
+        "distribution y[j] was drawn from, recorded when y was sampled (B1, beyond the paper: the replay pool keeps "
+        "4 bytes a token more)",
+        choices=("uniform", "entropy"), why="allowed: uniform (the paper's) or entropy (B1, P(j) ∝ H_j)", paper=ALL)
 
     # evaluation and bookkeeping: ours, the paper gives neither
     eval_every: int = setting(50, "steps between test evaluations, >= 0 (50; 0: start and end only)",

@@ -29,7 +29,7 @@ import tokrl
 from checkpoints import WriteError, find_checkpoint, save_checkpoint, write_atomic
 from checks import eval_batch
 from distributed import World, combine_stats, own_rng, rng_for_checkpoint
-from replay import ReplayPool
+from replay import ReplayPool, entropy_cut
 from runlog import RunLog, peak_memory_gb, progress_line, tspmo_metrics
 from settings import Settings
 from tasks import Task, TrainStream, make_task
@@ -207,8 +207,14 @@ class Trainer:
                      "select": torch.Generator().manual_seed(cfg.seed + 1),  # S-GRPO token selection
                      "replay": random.Random(cfg.seed + 3)}  # the data's RNG: tasks.TrainStream, seed + 2
         self.step = 0
-        self.pool = ReplayPool(cfg.replay_threshold)  # T-SPMO's replay pool (--replay-pool history): run state
+        self.pool = ReplayPool(cfg.replay_threshold, self.cuts_by_entropy)  # T-SPMO's replay pool: run state
         self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
+
+    @property
+    def cuts_by_entropy(self) -> bool:
+        """T-SPMO replays that branch by entropy (--replay-cut entropy): the fresh groups are sampled with theirs."""
+        cfg = self.cfg
+        return cfg.algo == "tspmo" and cfg.replay_cut == "entropy" and cfg.replay_success + cfg.replay_failure > 0
 
     def say(self, *args, **kwargs) -> None:
         if self.world.main:  # N processes: rank 0 alone prints
@@ -251,48 +257,58 @@ class Trainer:
         if bad:
             raise NonFiniteLoss(f"{bad} is not finite after the optimizer step")
 
-    def sample_group(self, prompt_ids, ex, prefix=()):
+    def sample_group(self, prompt_ids, ex, prefix=(), entropy: bool = False):
         """G completions of prompt∘prefix with their rewards against the example `ex` (the reward reads prefix +
         completion). With N processes each samples and scores its share, and every process gets the whole group, in
-        rank order."""
+        rank order. entropy=True: also each completion's entropies (model.sample's, one a token), which travel with
+        it: (completions, rewards, entropies)."""
         cfg, n = self.cfg, self.world.counts(self.cfg.group_size)[self.world.rank]
+        outs, hs = [], []
         try:
-            outs = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
-                            temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"], eos=self.eos,
-                            stop=self.task.stop(prefix), precision=cfg.sample_precision) if n else []
+            if n:
+                got = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
+                               temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"],
+                               eos=self.eos, stop=self.task.stop(prefix), precision=cfg.sample_precision,
+                               entropy=entropy)
+                outs, hs = got if entropy else (got, [None] * len(got))
         except M.CacheTooLarge as e:
             e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
             raise
         except M.NonFiniteLogits as e:  # sent to the other processes in place of this one's share: all stop
             e.where = f"sampling for step {self.step + 1}"
-            outs = [e]
-        scored = [o if isinstance(o, Exception) else (o, self.task.reward(self.tok.decode(list(prefix) + o), ex))
-                  for o in outs]
+            outs, hs = [e], [None]
+        scored = [o if isinstance(o, Exception) else (o, self.task.reward(self.tok.decode(list(prefix) + o), ex), h)
+                  for o, h in zip(outs, hs)]
         group = self.world.gather(scored)
         if failed := [x for x in group if isinstance(x, M.NonFiniteLogits)]:
             raise failed[0]
-        return [o for o, _ in group], [r for _, r in group]
+        completions, rewards = [o for o, _, _ in group], [r for _, r, _ in group]
+        return (completions, rewards, [h for _, _, h in group]) if entropy else (completions, rewards)
 
     def check_finite(self, st: tokrl.StepStats) -> None:
         check_finite(self.net, st, self.critic.parameters() if self.critic else (), self.world)
 
     def replay(self, groups: list[tuple]) -> list[tokrl.StepStats]:
-        """T-SPMO replay, after the update on this step's fresh groups (ex, prompt ids, completions, rewards): for each
-        of them, C_success + C_failure completions drawn from the pool, each restarted from a random cut of its own
-        tokens, under its own problem; one update each."""
+        """T-SPMO replay, after the update on this step's fresh groups (ex, prompt ids, completions, rewards, their
+        entropies or None): for each of them, C_success + C_failure completions drawn from the pool, each restarted
+        from a cut of its own tokens (--replay-cut: uniform, or by entropy), under its own problem; one update each."""
         cfg, rng, step = self.cfg, self.gens["replay"], self.step + 1
         if cfg.replay_pool == "history":  # [decided] (SPEC.md) the replay pool: every fresh completion so far
-            for ex, _, completions, rewards in groups:
-                self.pool.add_group(ex, completions, rewards, step)
+            for ex, _, completions, rewards, hs in groups:
+                self.pool.add_group(ex, completions, rewards, step, hs)
         stats = []
-        for ex, _, completions, rewards in groups:  # ours: with --accum N, N rounds of picks (one per fresh group)
+        for ex, _, completions, rewards, hs in groups:  # ours: with --accum N, N rounds of picks (one per fresh group)
             pool = self.pool
             if cfg.replay_pool == "group":  # the ablation: this prompt's G completions only
-                pool = ReplayPool(cfg.replay_threshold)
-                pool.add_group(ex, completions, rewards, step)
+                pool = ReplayPool(cfg.replay_threshold, self.cuts_by_entropy)
+                pool.add_group(ex, completions, rewards, step, hs)
             for i in pool.draw(rng, cfg.replay_success, cfg.replay_failure):  # R_success, R_fail: replay.py
                 y, source = pool.completion(i), pool.example(i)
-                j = rng.randint(0, len(y) - 1)  # cut uniform in [0, |y| − 1]: the prefix is prompt + y_1 … y_j
+                if self.cuts_by_entropy:  # P(j) ∝ H_j, H_j the entropy of y[j]'s distribution (replay.py)
+                    h = pool.entropies(i)
+                    j = entropy_cut(rng, h)
+                else:
+                    j = rng.randint(0, len(y) - 1)  # cut uniform in [0, |y| − 1]: the prefix is prompt + y_1 … y_j
                 if cfg.max_new_tokens - j < 1:
                     continue
                 prompt_ids = self.tok.encode(self.task.prompt(source))  # its own problem's prompt
@@ -304,6 +320,8 @@ class Trainer:
                 self.optimizer_step()  # deviation 1 (train.py's docstring): each replayed group is its own update
                 st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs),  # the continuations' mean reward
                             "replay_source_step": pool.step[i], "replay_source_reward": pool.reward[i]}
+                if self.cuts_by_entropy:
+                    st.extra["replay_cut_entropy"] = h[j]  # H of the redrawn token y[j]'s distribution, nats
                 stats.append(st)
         return stats
 
@@ -321,14 +339,17 @@ class Trainer:
         for _ in range(cfg.accum):
             ex = next(stream)
             prompt_ids = self.tok.encode(self.task.prompt(ex))
-            completions, rewards = self.sample_group(prompt_ids, ex)
+            if self.cuts_by_entropy:  # each token's entropy, for the pool
+                completions, rewards, hs = self.sample_group(prompt_ids, ex, entropy=True)
+            else:
+                (completions, rewards), hs = self.sample_group(prompt_ids, ex), None
             st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum,
                         opt=self.opt, critic=self.critic, world=self.world)
             self.check_finite(st)
             rewards_all += rewards
             lengths += [len(y) for y in completions]
             stats.append(st)
-            groups.append((ex, prompt_ids, completions, rewards))
+            groups.append((ex, prompt_ids, completions, rewards, hs))
         self.optimizer_step()
         replays = self.replay(groups) if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_failure else []
         secs = time.time() - t0

@@ -443,6 +443,28 @@ def test_resume_refuses_eval_only(two_steps, capsys, no_loading):
     assert code == 2 and "--eval-only: not with --resume" in err
 
 
+def test_a_run_recorded_without_replay_cut_resumes_with_the_uniform_cut(two_steps, capsys, no_loading):
+    """A config.json written before --replay-cut existed holds no replay_cut: that run cut uniformly (the paper's),
+    and a resume reads it so. A resume may not switch to --replay-cut entropy (its pool holds no entropies); a
+    hand-edited value that is no cut is one line naming the file, exit status 2, nothing written."""
+    config = json.loads((two_steps / "config.json").read_text())
+    assert config["replay_cut"] == "uniform"  # recorded by every new run
+    (two_steps / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "replay_cut"}))
+    assert checks.read_run_settings(two_steps).replay_cut == "uniform"
+    before = files(two_steps)
+    code, err = refused(["--resume", str(two_steps), "--replay-cut", "entropy"], capsys)
+    assert code == 2 and err == (f"error: --replay-cut entropy: {two_steps} was recorded with replay_cut = 'uniform' "
+                                 f"({two_steps / 'config.json'}); a resumed run keeps its settings, only --steps may "
+                                 "change\n")
+    assert files(two_steps) == before
+    (two_steps / "config.json").write_text(json.dumps({**config, "replay_cut": "middle"}))
+    before = files(two_steps)
+    code, err = refused(["--resume", str(two_steps)], capsys)
+    assert code == 2 and err == (f"error: {two_steps / 'config.json'}: replay_cut is 'middle'; allowed: uniform (the "
+                                 "paper's) or entropy (B1, P(j) ∝ H_j)\n")
+    assert files(two_steps) == before
+
+
 @pytest.mark.parametrize("content,why", [("[1]", "not a JSON object"), ('{"algo": "tspmo", "colour": "red"}',
                                                                         "unknown settings ['colour']"),
                                          ("{", "cannot read the run's settings")])

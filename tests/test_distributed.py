@@ -145,6 +145,8 @@ class SameGroupsForAnyN:
         self.calls += 1
         kw["generator"] = torch.Generator().manual_seed(1000 + self.calls)
         group = self.real(net, prompt, self.G, max_new_tokens, **kw)
+        if kw.get("entropy"):  # (completions, entropies): this rank's share of both
+            return tuple([part[i] for i in self.world.share(self.G)] for part in group)
         return [group[i] for i in self.world.share(self.G)]
 
 
@@ -199,30 +201,34 @@ def worker(model_dir: str, out: str) -> None:
                               "moved": max(float((a - b).abs().max()) for a, b in zip(w1, start))}
     restore(params, start)
 
-    # 2b. T-SPMO's replay pool over 3 steps (history): every rank holds the whole pool, the one-process one
-    c = dataclasses.replace(cfg, algo="tspmo")
-    res["pool"] = {}
-    for name, w in (("one", World()), ("split", world)):
-        restore(params, start)
-        tr = training.Trainer(c, Path(out), net, tok, task, eos, world=w)
-        M.sample = SameGroupsForAnyN(real, c.group_size)
-        M.sample.world = w
-        stream, sources = task.train_stream(random.Random(0)), []
-        try:
-            for _ in range(3):
-                m = tr.train_step(stream)
-                tr.step = m["step"]
-                sources += [(m["step"], r["replay_source_step"], r["replay_source_reward"]) for r in m["replays"]]
-        finally:
-            M.sample = real
-        state = tr.pool.state()
-        res["pool"][name] = {**{k: v.tolist() for k, v in state.items() if torch.is_tensor(v)},
-                             "problems": state["problems"], "sources": sources}
+    # 2b. T-SPMO's replay pool over 3 steps (history): every rank holds the whole pool, the one-process one; with
+    # --replay-cut entropy its entropies too (gathered with the completions), and the cuts drawn from them
+    for key, cut in (("pool", "uniform"), ("pool_entropy", "entropy")):
+        c = dataclasses.replace(cfg, algo="tspmo", replay_cut=cut)
+        res[key] = {}
+        for name, w in (("one", World()), ("split", world)):
+            restore(params, start)
+            tr = training.Trainer(c, Path(out), net, tok, task, eos, world=w)
+            M.sample = SameGroupsForAnyN(real, c.group_size)
+            M.sample.world = w
+            stream, sources = task.train_stream(random.Random(0)), []
+            try:
+                for _ in range(3):
+                    m = tr.train_step(stream)
+                    tr.step = m["step"]
+                    sources += [(m["step"], r["replay_source_step"], r["replay_source_reward"], r["replay_cut"],
+                                 r.get("replay_cut_entropy")) for r in m["replays"]]
+            finally:
+                M.sample = real
+            state = tr.pool.state()
+            res[key][name] = {**{k: v.tolist() for k, v in state.items() if torch.is_tensor(v)},
+                              "problems": state["problems"], "sources": sources}
     restore(params, start)
 
     # 3. real sampling: each rank its share, every rank the whole group
     tr = training.Trainer(cfg, Path(out), net, tok, task, eos, world=world)
     res["group"] = tr.sample_group(tok.encode(task.prompt(3)), 3)
+    res["group_entropy"] = tr.sample_group(tok.encode(task.prompt(3)), 3, entropy=True)
 
     # 4. evaluation: each rank a slice of the test set, the counts summed
     with torch.no_grad():
@@ -344,15 +350,32 @@ def test_every_rank_holds_the_whole_replay_pool_of_one_process(pair):
     id, reward, step and problem) and the replays drawn from it are the one-process run's."""
     one = pair[0]["pool"]["one"]
     assert len(one["ends"]) == 3 * 6 and one["step"] == [1] * 6 + [2] * 6 + [3] * 6 and len(one["problems"]) == 3
-    assert any(step > source for step, source, _ in one["sources"])  # a later step replays an earlier completion
+    assert any(step > source for step, source, *_ in one["sources"])  # a later step replays an earlier completion
     for r in pair:
         assert r["pool"]["split"] == one and r["pool"]["one"] == one
+    assert one["entropy"] == []  # the paper's uniform cut keeps no entropies
+
+
+def test_with_entropy_cuts_every_rank_holds_the_pool_s_entropies_and_cuts_as_one_process_B1(pair):
+    """--replay-cut entropy, the same 3 steps: the entropies travel with the completions (each rank samples its
+    share with theirs and gathers them), so both ranks hold the one-process pool, one H a token, and draw the same
+    cuts by them (Trainer.replay), logging the same replay_cut_entropy."""
+    one = pair[0]["pool_entropy"]["one"]
+    assert len(one["entropy"]) == len(one["tokens"]) > 0 and all(h > 0 for h in one["entropy"])
+    uniform = pair[0]["pool"]["one"]  # step 1's group, before any replay moved the policy: the same draws
+    assert one["tokens"][: one["ends"][5]] == uniform["tokens"][: uniform["ends"][5]]
+    assert one["sources"] and all(h is not None and h > 0 for *_, h in one["sources"])
+    for r in pair:
+        assert r["pool_entropy"]["split"] == one and r["pool_entropy"]["one"] == one
 
 
 def test_every_rank_holds_the_same_whole_group(pair):
     (outs0, rewards0), (outs1, rewards1) = pair[0]["group"], pair[1]["group"]
     assert len(outs0) == 6 and (outs0, rewards0) == (outs1, rewards1)
     assert outs0[:3] != outs0[3:]  # the two shares come from two different generator streams
+    (outs0, rewards0, hs0), (outs1, rewards1, hs1) = pair[0]["group_entropy"], pair[1]["group_entropy"]
+    assert (outs0, rewards0, hs0) == (outs1, rewards1, hs1) and [len(h) for h in hs0] == [len(y) for y in outs0]
+    assert hs0[:3] != hs0[3:]  # each share's entropies came with it
 
 
 def test_evaluation_counts_agree_with_one_process(pair):

@@ -130,6 +130,22 @@ def test_graphed_decode_equals_the_eager_decode_token_for_token_and_draw_for_dra
     assert M.Decoder.captures == before + 1  # one shape: captured once for 2 calls of up to 29 steps each
 
 
+def test_graphed_decode_records_the_eager_decode_s_entropies_B1(tiny):
+    """sample(entropy=True) on the CUDA graph: the entropy is computed outside the graph, from the logits it wrote,
+    so the graphed decode draws what the eager decode draws, with and without recording, and records the same
+    entropies within fp32 rounding of the two decodes' logits."""
+    gpu = adapted_pair(tiny)[1]
+    eos, kw = list(range(0, 272, 5)), dict(temperature=0.7)
+    runs = {d: M.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, decode=d, entropy=True, **kw,
+                        generator=torch.Generator(CUDA).manual_seed(9)) for d in ("graph", "eager")}
+    plain = M.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, decode="graph", **kw,
+                     generator=torch.Generator(CUDA).manual_seed(9))
+    (ys, hs), (ys_eager, hs_eager) = runs["graph"], runs["eager"]
+    assert ys == ys_eager == plain and len({len(y) for y in ys}) > 1
+    assert [len(h) for h in hs] == [len(y) for y in ys]
+    assert max(abs(a - b) for h, g in zip(hs, hs_eager) for a, b in zip(h, g)) < 1e-4
+
+
 def test_lower_precision_sampling_runs_and_stays_close(tiny):
     """tf32 and bf16 sampling give completions of valid tokens; bf16's logits stay within bf16 rounding of fp32's."""
     gpu = adapted_pair(tiny)[1]

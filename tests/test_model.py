@@ -3,6 +3,7 @@ sampling after a shared prefill, scoring at selected positions, and every bad in
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -424,6 +425,65 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are outside the nucleus
     draws = {int(M.next_token(logits, 1.0, 0.85, g)) for _ in range(300)}
     assert draws == {0, 1, 2}
+
+
+# --- the entropy of each draw (B1's H_j, for --replay-cut entropy) --------------------------------------------------
+
+def entropy_by_hand(logits: torch.Tensor, temperature: float, top_p: float, suppress=()) -> float:
+    """−Σ q ln q, q = softmax(l/T) over top-p's nucleus (the most probable tokens, until their mass reaches top_p),
+    renormalised; suppressed tokens out. In float64, one token at a time."""
+    l = [-math.inf if v in suppress else x / temperature for v, x in enumerate(logits.double().tolist())]
+    top = max(l)
+    e = [math.exp(x - top) for x in l]
+    p = sorted((x / sum(e) for x in e), reverse=True)
+    kept, mass = [], 0.0
+    for x in p:
+        if mass >= top_p:  # the mass before this token already reaches top_p: outside the nucleus
+            break
+        kept.append(x)
+        mass += x
+    return -sum(x / mass * math.log(x / mass) for x in kept if x > 0)
+
+
+def test_next_token_s_entropy_by_hand():
+    """p = (0.5, 0.3, 0.15, 0.05): H = −Σ p ln p; top-p 0.7 keeps (0.5, 0.3), renormalised to (5/8, 3/8); T = 0.5
+    squares p before normalising; greedy: 0. The token drawn is the one drawn without the entropy."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
+    H = lambda *p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    sq = [x * x / 0.365 for x in (0.5, 0.3, 0.15, 0.05)]  # 0.25 + 0.09 + 0.0225 + 0.0025 = 0.365
+    for T, top_p, want in [(1.0, 1.0, H(0.5, 0.3, 0.15, 0.05)), (1.0, 0.7, H(5 / 8, 3 / 8)), (0.5, 1.0, H(*sq))]:
+        g, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        tok, h = M.next_token(logits, T, top_p, g, True)
+        assert torch.equal(tok, M.next_token(logits, T, top_p, g2)) and torch.equal(g.get_state(), g2.get_state())
+        assert h.shape == (2,) and torch.allclose(h, torch.tensor([want, want]), atol=1e-6), (T, top_p)
+    tok, h = M.next_token(logits, 0.0, 1.0, None, True)
+    assert tok.tolist() == [0, 0] and h.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.0, 0.9), (0.0, 1.0)])
+def test_sample_records_the_entropy_of_the_distribution_each_token_was_drawn_from(tmp_path, decode, temperature,
+                                                                                  top_p):
+    """sample(entropy=True), B1's H_j: for every row and every token r[t], entropy_by_hand of the logits of a full
+    forward over prompt + r[:t] (the distribution r[t] was drawn from, not the next one), suppressed tokens out; 0
+    for greedy. EOS (an eighth of the vocabulary) ends rows at different steps, so the entropies of rows that are
+    dropped or kept must still land in their own row. Recording draws the same tokens and leaves the generator
+    where it is left without."""
+    m = M.load_model(make_checkpoint(tmp_path / "m", std=0.1))  # peaked enough that neighbouring H differ (~0.05)
+    prompt, eos, suppress = [10, 20, 30, 40], list(range(0, 272, 8)), [5, 9, 13]
+    kw = dict(temperature=temperature, top_p=top_p, eos=eos, suppress=suppress, decode=decode)
+    g, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    plain = M.sample(m, prompt, 6, 10, generator=g, **kw)
+    rows, hs = M.sample(m, prompt, 6, 10, generator=g2, entropy=True, **kw)
+    assert rows == plain and torch.equal(g.get_state(), g2.get_state())
+    assert [len(h) for h in hs] == [len(r) for r in rows]
+    if temperature > 0:
+        assert len({len(r) for r in rows}) > 2  # rows finished at different steps
+    for r, h in zip(rows, hs):
+        for t in range(len(r)):
+            want = entropy_by_hand(m.logits(torch.tensor([prompt + r[:t]]))[0, -1], temperature, top_p, suppress) \
+                if temperature else 0.0
+            assert abs(h[t] - want) < 1e-4, (r, t, h[t], want)
 
 
 # --- scoring ------------------------------------------------------------------------------------------------------

@@ -3,19 +3,32 @@ associated with a scalar reward", against the ablation that replays only the cur
 
 The groups are built by hand: model.sample is replaced by a script that returns, for each fresh prompt, the
 completions the test chose, and for each replay, continuations that complete the replayed completion's own text. The
-reward is the real one (P1 on the multiplication task), so what a replay scores against is what the test checks."""
+reward is the real one (P1 on the multiplication task), so what a replay scores against is what the test checks.
+
+Where a replay branches (--replay-cut): the paper's uniform cut pinned to its draws of the replay generator; B1's
+entropy cut, P(j) ∝ H_j of the redrawn token y[j], checked exactly (its probabilities, and draws on an even grid of
+[0, 1)) and by chi-square, with the all-zero fallback; through the trainer, every cut lands on the one token whose H
+is not 0; the pool's entropies through a checkpoint; through train.main, an entropy-cut run resumes bit-exactly and
+--replay-cut uniform is the run without the flag."""
 from __future__ import annotations
 
+import collections
+import json
 import random
 import re
+import shutil
 
 import pytest
 import torch
 
+import checkpoints
 import lora
 import model as M
+import replay
 import tasks
 import settings
+import test_faults as faults
+import train
 import training
 from replay import ReplayPool
 
@@ -180,3 +193,192 @@ def test_the_pool_round_trips_through_a_checkpoint_s_weights_only_load(tmp_path)
     assert [back.completion(i) for i in range(4)] == [pool.completion(i) for i in range(4)]
     empty = ReplayPool.from_state(ReplayPool(1.0).state())
     assert len(empty) == 0 and empty.draw(random.Random(0), 1, 1) == []
+
+
+# --- where a replay branches: the paper's uniform cut, and B1's entropy cut (--replay-cut) -----------------------
+
+def test_the_uniform_cut_is_randint_on_the_replay_generator_after_the_pool_s_picks(tiny, tmp_path, monkeypatch):
+    """--replay-cut uniform (the default) is the paper's cut, pinned to its draws: each step, pool.draw's two
+    rng.sample calls, then rng.randint(0, |y| − 1) for the pick, from the replay generator (seed + 3), and nothing
+    else from it. Three steps replay step 1's "121" (|y| = 3): the cuts logged are those this recipe draws from
+    random.Random(3 + 3), and the pool keeps no entropies."""
+    tr = trainer(tiny, tmp_path, monkeypatch)  # seed 3
+    assert tr.cfg.replay_cut == "uniform" and not tr.pool.keeps_entropy
+    script = Script(tr.tok, [STEP1, ("replay", "121"), NONE2, ("replay", "121"), NONE3, ("replay", "121")])
+    ms = run_steps(tr, script, monkeypatch, 3)
+    rng, want = random.Random(3 + 3), []
+    for step in (1, 2, 3):
+        failures = [i for i in range(4 * step) if i != 0]  # every completion but step 1's "121" is a failure
+        assert rng.sample([0], 1) + rng.sample(failures, 0) == [0]
+        want.append(rng.randint(0, 2))
+    assert [m["replays"][0]["replay_cut"] for m in ms] == want and len(set(want)) > 1
+    assert all("replay_cut_entropy" not in r for m in ms for r in m["replays"])
+    assert [prefix for _, prefix in (script.calls[i] for i in (1, 3, 5))] == ["121"[:j] for j in want]
+
+
+H = [0.5, 0.0, 1.5, 2.0]  # H_j of y[0..3]; Σ = 4: P(j) = H_j / 4 = 1/8, 0, 3/8, 1/2 (exact in binary)
+
+
+class Grid(random.Random):
+    """random() returns 0, 1/n, 2/n, …: n draws sweep [0, 1) evenly, so the cut counts are n·P(j) exactly."""
+
+    def __init__(self, n: int):
+        super().__init__(0)
+        self.n, self.k = n, 0
+
+    def random(self) -> float:
+        self.k += 1
+        return (self.k - 1) % self.n / self.n
+
+
+def test_the_entropy_cut_is_proportional_to_the_entropy_of_the_redrawn_token_B1():
+    """B1: P(j) ∝ H_j, the cut j in [0, |y| − 1], H_j the entropy of the distribution y[j] was drawn from (the cut
+    restarts from prompt + y[:j] and draws y[j] again). The probabilities by hand, then 800 draws on an even grid of
+    [0, 1): exactly 100, 0, 300, 400; then a seeded generator, 40,000 draws: the counts within chi-square's 0.1%
+    bound (3 degrees of freedom: 16.27), the cut whose H is 0 never drawn, and none outside [0, |y| − 1]."""
+    assert replay.cut_probabilities(H) == [1 / 8, 0.0, 3 / 8, 1 / 2]
+    grid = Grid(800)
+    counts = [0] * 4
+    for _ in range(800):
+        counts[replay.entropy_cut(grid, H)] += 1
+    assert counts == [100, 0, 300, 400]
+    rng, n = random.Random(0), 40_000
+    seen = collections.Counter(replay.entropy_cut(rng, H) for _ in range(n))
+    assert set(seen) == {0, 2, 3}
+    chi2 = sum((seen[j] - n * p) ** 2 / (n * p) for j, p in enumerate(replay.cut_probabilities(H)) if p)
+    assert chi2 < 16.27, (seen, chi2)
+
+
+def test_a_completion_whose_entropies_are_all_0_is_cut_uniformly_B1():
+    """Every H_j = 0 (greedy draws, or a policy sure of every token): nothing to prefer, the cut is uniform."""
+    assert replay.cut_probabilities([0.0, 0.0, 0.0]) == [1 / 3] * 3 and replay.cut_probabilities([0.0]) == [1.0]
+    grid, counts = Grid(300), [0, 0, 0]
+    for _ in range(300):
+        counts[replay.entropy_cut(grid, [0.0, 0.0, 0.0])] += 1
+    assert counts == [100, 100, 100]
+
+
+class EntropyScript(Script):
+    """Script, with entropies: a fresh group sampled with entropy=True gets, for each text, the H_j the test sets
+    (ENTROPIES; 0 for the others). Replays are sampled without (their continuations never join the pool)."""
+
+    def __init__(self, tok, plan, entropies: dict[str, list[float]]):
+        super().__init__(tok, plan)
+        self.entropies, self.asked = entropies, []
+
+    def __call__(self, net, prompt, n, max_new_tokens, entropy=False, **kw):
+        outs = super().__call__(net, prompt, n, max_new_tokens, **kw)
+        self.asked.append(entropy)
+        if not entropy:
+            return outs
+        return outs, [self.entropies.get(self.tok.decode(y), [0.0] * len(y)) for y in outs]
+
+
+@pytest.mark.parametrize("h,cut", [([0.0, 0.0, 0.75], 2), ([0.75, 0.0, 0.0], 0), ([0.0, 0.75, 0.0], 1)])
+def test_an_entropy_cut_redraws_the_token_whose_entropy_it_weighs_B1(tiny, tmp_path, monkeypatch, h, cut):
+    """Through Trainer.replay: "121" sampled with H = h, one H_j > 0: every cut lands at that j, the replay's prefix
+    is "121"[:j] (so the token redrawn is y[j], the one whose H was weighed) and the log has replay_cut j and
+    replay_cut_entropy H_j. Three steps, the pool restored in between from its state (a resume's), so the pool keeps
+    each token's H beside it."""
+    tr = trainer(tiny, tmp_path, monkeypatch, replay_cut="entropy")
+    assert tr.pool.keeps_entropy
+    plan = [STEP1, ("replay", "121"), NONE2, ("replay", "121"), NONE3, ("replay", "121")]
+    script = EntropyScript(tr.tok, plan, {"121": h, "5": [0.25]})
+    monkeypatch.setattr(M, "sample", script)
+    stream, ms = tasks.TrainStream(tr.task, 0), []
+    for _ in range(3):
+        ms.append(tr.train_step(stream))
+        tr.step = ms[-1]["step"]
+        tr.pool = ReplayPool.from_state(tr.pool.state())
+    assert script.asked == [True, False] * 3  # fresh groups with entropies; replays without
+    assert [(r["replay_cut"], r["replay_cut_entropy"]) for m in ms for r in m["replays"]] == [(cut, 0.75)] * 3
+    assert [prefix for _, prefix in (script.calls[i] for i in (1, 3, 5))] == ["121"[:cut]] * 3
+    assert tr.pool.entropies(0) == h and tr.pool.entropies(1) == [0.25]
+    assert len(tr.pool.entropy) == len(tr.pool.tokens) == (3 + 1 + 1 + 1) + 4 + 4
+
+
+def test_the_pool_keeps_one_entropy_a_token_through_a_weights_only_checkpoint(tmp_path):
+    """The entropies in one float32 array beside the token ids (4 bytes a token), through torch.save and
+    torch.load(weights_only=True); a pool state without them (no entropy array, no keeps_entropy: a run of the
+    paper's cut recorded without --replay-cut) loads as a pool that keeps none."""
+    pool = ReplayPool(1.0, entropy=True)
+    pool.add_group((11, 11), [[1, 2, 3], [4]], [1.0, 0.0], step=1, entropies=[[0.5, 0.25, 0.125], [2.0]])
+    pool.add_group((12, 12), [[5, 6]], [0.0], step=2, entropies=[[0.0, 1.0 / 3]])
+    torch.save({"replay_pool": pool.state()}, tmp_path / "state.pt")
+    back = ReplayPool.from_state(torch.load(tmp_path / "state.pt", weights_only=True)["replay_pool"])
+    assert back.keeps_entropy and back.entropy == pool.entropy
+    assert [back.entropies(i) for i in range(3)] == [[0.5, 0.25, 0.125], [2.0], [0.0, torch.tensor(1 / 3).item()]]
+    assert [back.completion(i) for i in range(3)] == [[1, 2, 3], [4], [5, 6]]
+    assert pool.nbytes() == filled_bytes(tokens=6, completions=3, subsets=3) + 4 * 6
+    old = {k: v for k, v in filled().state().items() if k not in ("entropy", "keeps_entropy")}
+    back = ReplayPool.from_state(old)
+    assert not back.keeps_entropy and len(back.entropy) == 0 and back.completion(3) == [151935, 7]
+    with pytest.raises(ValueError, match="one entropy a token"):
+        pool.add_group((13, 13), [[7, 8]], [0.0], step=3, entropies=[[0.5]])  # one H for two tokens
+    with pytest.raises(ValueError, match="one entropy a token"):
+        back.add_group((13, 13), [[7]], [0.0], step=3, entropies=[[0.5]])  # a pool that keeps none
+
+
+def filled_bytes(tokens: int, completions: int, subsets: int) -> int:
+    """A pool's bytes without entropies: 4 a token id, 8 an end offset, 4 + 8 + 4 per completion, 4 in a subset."""
+    return 4 * tokens + 8 * completions + (4 + 8 + 4) * completions + 4 * subsets
+
+
+# --- B1 through train.main: an entropy-cut run resumes bit-exactly; --replay-cut uniform is the run without it ------
+
+@pytest.fixture
+def cli_run(tiny, tmp_path, monkeypatch):
+    """train.main on the tiny model as tests/test_faults.py runs it (T-SPMO with a success replay, 4 steps, a
+    checkpoint each), with its reward that varies (a completion's length parity): returns run(name, *flags)."""
+    for cls in (tasks.Mult, tasks.Svamp, tasks.Gsm8k):
+        monkeypatch.setattr(cls, "reward", lambda self, text, ex: float(len(text) % 2))
+    monkeypatch.setattr(checkpoints, "KEEP", faults.STEPS + 1)
+
+    def run(name: str, *flags: str):
+        out = tmp_path / name
+        assert train.main(faults.argv(tiny, tmp_path, "mult", "tspmo", out, "--eval-every", "0", "--eval-limit", "1",
+                                      *flags)) == 0
+        return out
+    return run
+
+
+def test_an_entropy_cut_run_resumes_bit_exactly_from_every_step_B1(cli_run, tmp_path):
+    """--replay-cut entropy through train.main: recorded in config.json, every replay logs its cut's H (the
+    entropy of the distribution y[j] was drawn from: > 0 at temperature 1), the checkpoints' pools keep one H a
+    token, and later steps replay completions of earlier ones, so a resumed run cuts by entropies restored from the
+    checkpoint. Stopped after any step and resumed, it is the uninterrupted run, bit for bit (Trainer.replay)."""
+    ref = cli_run("ref", "--replay-cut", "entropy")
+    assert json.loads((ref / "config.json").read_text())["replay_cut"] == "entropy"
+    metrics = checkpoints.read_jsonl(ref / "metrics.jsonl")
+    replays = [(m["step"], r) for m in metrics for r in m["replays"]]
+    assert len(replays) >= 2 and all(r["replay_cut_entropy"] > 0 for _, r in replays)
+    assert any(r["replay_source_step"] < step for step, r in replays)
+    pool = torch.load(ref / "checkpoints" / f"step-{faults.STEPS:06d}" / "state.pt", weights_only=True)["replay_pool"]
+    assert pool["keeps_entropy"] and pool["entropy"].dtype == torch.float32
+    assert len(pool["entropy"]) == len(pool["tokens"]) > 0 and (pool["entropy"] > 0).all()
+    for k in range(1, faults.STEPS):
+        run = tmp_path / f"stopped-at-{k}"
+        shutil.copytree(ref, run)
+        shutil.rmtree(run / "adapter")
+        for later in range(k + 1, faults.STEPS + 1):
+            shutil.rmtree(run / "checkpoints" / f"step-{later:06d}")
+        (run / "checkpoints" / "latest").write_text(f"step-{k:06d}\n")
+        assert train.main(["--resume", str(run)]) == 0
+        faults.assert_same_run(ref, run)
+
+
+def test_replay_cut_uniform_is_the_run_without_the_flag_and_entropy_is_not(cli_run):
+    """--replay-cut uniform (recorded as such) gives the run the same command without the flag gives, bit for bit:
+    adapter, optimizer, generators, pool, metrics. --replay-cut entropy cuts elsewhere (it reads the replay
+    generator by random(), not randint), so its replays and its adapter differ."""
+    plain, uniform, entropy = cli_run("plain"), cli_run("uniform", "--replay-cut", "uniform"), \
+        cli_run("entropy", "--replay-cut", "entropy")
+    assert json.loads((plain / "config.json").read_text())["replay_cut"] == "uniform"
+    faults.assert_same_run(plain, uniform)
+    assert replay_cuts(plain) != replay_cuts(entropy)
+    a, b = faults.outcome(plain)["adapter"], faults.outcome(entropy)["adapter"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def replay_cuts(run) -> list[int]:
+    return [r["replay_cut"] for m in checkpoints.read_jsonl(run / "metrics.jsonl") for r in m["replays"]]
