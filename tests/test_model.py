@@ -369,7 +369,12 @@ def test_out_of_memory_in_the_capture_stops_a_run_with_the_flag_that_lowers_it(t
     training group names -G; one error line, and no refusal warning."""
     from conftest import refused
     monkeypatch.setattr(M, "default_decode", lambda device: "graph")
-    monkeypatch.setattr(M.Decoder, "capture", failed_capture(torch.OutOfMemoryError("CUDA out of memory.")))
+    oom = failed_capture(torch.OutOfMemoryError("CUDA out of memory."))
+    # training: the step-0 evaluation's one-row batch decodes without a graph (as a capture that did nothing); the
+    # group of 4 runs out of memory
+    def capture(self, model):
+        return (oom if where == "evaluation" or self.cache.rows == 4 else lambda *_: None)(self, model)
+    monkeypatch.setattr(M.Decoder, "capture", capture)
     monkeypatch.setattr(M.Decoder, "refused", 0)
     common = ["--model", str(tiny_dir), "--task", "mult", "--device", "cpu", "--max-new-tokens", "8",
               "--lora-fraction", "0.5"]
@@ -377,8 +382,8 @@ def test_out_of_memory_in_the_capture_stops_a_run_with_the_flag_that_lowers_it(t
         args = [*common, "--eval-only", "--eval-limit", "3", "--eval-batch", "3"]
         flags = "for --eval-batch 3, --eval-max-new-tokens 8 (rows × slots = 3 × "
     else:
-        args = [*common, "--out", str(tmp_path / "run"), "-G", "4", "--steps", "1", "--eval-limit", "0",
-                "--eval-every", "0"]
+        args = [*common, "--out", str(tmp_path / "run"), "-G", "4", "--steps", "1", "--eval-limit", "1",
+                "--eval-batch", "1", "--eval-every", "0"]
         flags = "for -G 4, --max-new-tokens 8 (rows × slots = 4 × "
     code, err = refused(args, capsys)
     line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
