@@ -310,7 +310,7 @@ def interrupted(args: argparse.Namespace, run: Path | None, restart: bool, start
     """The line a signal before the run's steps ends the process with: what it leaves, and what to do next."""
     if not working or run is None:
         return "interrupted before anything was written"
-    resume = f"python train.py --resume {run}"
+    resume = distributed.resume_command(run)
     if args.resume and not restart:
         return f"interrupted before training resumed; its checkpoints are untouched: continue with: {resume}"
     if not started:

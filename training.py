@@ -28,7 +28,7 @@ import model as M
 import tokrl
 from checkpoints import WriteError, find_checkpoint, save_checkpoint, write_atomic
 from checks import eval_batch
-from distributed import World, combine_stats, own_rng, rng_for_checkpoint
+from distributed import World, combine_stats, env_rank, own_rng, resume_command, rng_for_checkpoint
 from replay import ReplayPool
 from runlog import RunLog, peak_memory_gb, progress_line, tspmo_metrics
 from settings import Settings
@@ -123,7 +123,9 @@ class StopRequest:
         if self.requested:
             raise Interrupted(signum)
         self.requested, self.signum = True, signum
-        if signum == signal.SIGINT:
+        if env_rank() != 0:  # N processes (torchrun passes the signal on to each): rank 0 alone says it
+            pass
+        elif signum == signal.SIGINT:
             print("\nstopping after this step (Ctrl-C again to quit now; the last checkpoint stays)", flush=True)
         else:
             print(f"\n{signal.Signals(signum).name}: stopping after this step (a second signal stops at once; the last "
@@ -252,8 +254,8 @@ class Trainer:
                 "no checkpoint was written yet")
 
     def resume_verb(self) -> str:
-        """What `python train.py --resume RUN` does for this run now: continue it, or (no checkpoint yet) start it
-        again from step 0 with its recorded settings (train.py)."""
+        """What `train.py --resume RUN` does for this run now: continue it, or (no checkpoint yet) start it again
+        from step 0 with its recorded settings (train.py)."""
         return "continue with" if self.last_saved else "start it again from step 0 with"
 
     def rng_state(self) -> dict:
@@ -422,15 +424,14 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
             run_steps(tr, log, stream, stop)
             finished = tr.step == cfg.steps and bool(log.evals) and log.evals[-1]["step"] == tr.step
             if tr.stopping(stop) and not finished:
-                tr.say(f"stopped at step {tr.step}; {tr.resume_verb()}: python train.py --resume {run}")
+                tr.say(f"stopped at step {tr.step}; {tr.resume_verb()}: {resume_command(run)}")
                 stop.stopped_early()
                 return log.evals[-1] if log.evals else {}
             return finish(tr, log)
         except (NonFiniteLoss, checkpoints.NonFiniteState, M.CacheTooLarge, WriteError) as e:
             raise SystemExit(f"error: {stopped(e, tr)}") from None
         except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM: stop at once
-            print(f"\nstopped at once: {tr.safe()}; {tr.resume_verb()}: python train.py --resume {run}",
-                  file=sys.stderr)
+            print(f"\nstopped at once: {tr.safe()}; {tr.resume_verb()}: {resume_command(run)}", file=sys.stderr)
             raise SystemExit(getattr(e, "status", 130)) from None
 
 
@@ -486,7 +487,7 @@ def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
 
 def stopped(e: Exception, tr: Trainer) -> str:
     """The line a failure at run time ends the run with: what failed, what is safe, what to do next."""
-    resume = f"{tr.resume_verb()} python train.py --resume {tr.run}"
+    resume = f"{tr.resume_verb()} {resume_command(tr.run)}"
     if isinstance(e, NonFiniteLoss):
         lower = "a lower --lr" + (", or --dtype float32," if tr.cfg.dtype != "float32" else "")
         return (f"{e} at step {tr.step + 1}; stopped without saving it: {tr.safe()}. A new run with {lower} may avoid "
@@ -507,7 +508,7 @@ def finish(tr: Trainer, log: RunLog) -> dict:
             checkpoints.write_adapter(tr.net, tr.run / "adapter", tr.cfg.model)
     except WriteError as e:
         raise SystemExit(f"error: {e}. The run is complete in {tr.last_saved}; once the disk has room, "
-                         f"python train.py --resume {tr.run} writes the rest") from None
+                         f"{resume_command(tr.run)} writes the rest") from None
     tr.say(f"done: accuracy {log.evals[-1]['accuracy']:.4f}; adapter in {tr.run / 'adapter'} (PEFT format)")
     return log.evals[-1]
 
