@@ -333,7 +333,7 @@ def read_checkpoint(ck: Path, accum: int | None = None) -> tuple[dict, dict]:
     states and an AdamW state whose numbers are finite; the adapter must read back whole and finite."""
     path = ck / "state.pt"
     try:
-        # on the CPU whatever device wrote it (a resume may run elsewhere); the optimizer's load moves it to the weights'
+        # onto the CPU whatever device wrote it (a resume may run elsewhere); AdamW's load moves it to the weights'
         state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds (pickle, zip, EOF, ...): any of them means "not whole"
         raise ValueError(f"{path}: not a checkpoint torch can read ({type(e).__name__}: "

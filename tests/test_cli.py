@@ -439,7 +439,8 @@ def test_a_flag_argparse_cannot_read_is_one_line_and_a_hint(program, argv, messa
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         (train if program == "train.py" else mini).main(argv)
-    assert e.value.code == 2 and capsys.readouterr().err == f"error: {message} (python {program} --help lists the flags)\n"
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {message} (python {program} --help lists the flags)\n"
 
 
 @pytest.mark.parametrize("content,why", [("[1]", "not a JSON object"), ('{"algo": "tspmo", "colour": "red"}',

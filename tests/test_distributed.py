@@ -477,8 +477,7 @@ def test_one_hold_serves_a_torchrun_job_and_a_held_directory_stops_the_whole_job
         holder.wait()
 
 
-def test_sigterm_to_torchrun_stops_the_job_after_one_step_checkpointed_and_the_resume_is_bit_exact(cli_runs,
-                                                                                                   tmp_path):
+def test_sigterm_to_torchrun_checkpoints_one_step_and_the_resume_is_bit_exact(cli_runs, tmp_path):
     """SIGTERM to torchrun (a scheduler stopping the job): torchrun passes it on to every process, which finish the
     step under way and stop after the same one (a collective); rank 0 checkpoints it (--save-every is far away: the
     checkpoint is the signal's) and prints the resume, with torchrun and the job's number of processes; every process

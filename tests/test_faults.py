@@ -173,7 +173,8 @@ def test_sigkill_at_each_write_point_then_resume_is_bit_exact(tmp_path, tiny, re
 
 @pytest.mark.parametrize("how", ["--resume", "the same command"])
 @pytest.mark.parametrize("point", ["checkpoint.state.written", "metrics.appended", "eval.appended"])
-def test_killed_before_the_first_checkpoint_the_resume_starts_it_again(tmp_path, tiny, reference, capsys, point, how):
+def test_killed_before_the_first_checkpoint_the_resume_starts_it_again(tmp_path, tiny, reference, capsys, point,
+                                                                       how):
     """Killed before (or in) its first checkpoint's write, a run has nothing to resume from: `--resume RUN` starts it
     again from step 0 with the settings it recorded, as the same command does. Before: the resume was refused (exit
     2), though the faults table said it resumes (exit 0)."""
@@ -511,23 +512,25 @@ def test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly(done, 
 # --- SIGTERM: a scheduler's stop (Kubernetes, docker stop, SLURM's preemption, torchrun passing it on) ---------------
 
 # train.main in a process of its own, with this module's varied reward; SEND_AT=load sends SIGTERM to itself while the
-# weights load, SEND_AT=step2 twice while step 2 runs; without SEND_AT the test sends it
+# weights load, SEND_AT=step:N:TIMES sends it TIMES times while step N runs; without SEND_AT the caller sends it
 SIGNALLED = """import os, signal, sys
 import model, tasks, train, training
 for cls in (tasks.Mult, tasks.Svamp, tasks.Gsm8k):
     cls.reward = lambda self, text, ex: float(len(text) % 2)
-at = os.environ.get("SEND_AT")
+at = os.environ.get("SEND_AT", "")
 if at == "load":
     real_load = model.load_model
     def load_model(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
         return real_load(*a, **k)
     model.load_model = load_model
-if at == "step2":
+if at.startswith("step:"):
+    _, step, times = at.split(":")
     real_step = training.Trainer.train_step
     def train_step(self, stream):
-        if self.step + 1 == 2:
-            os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGTERM)
+        if self.step + 1 == int(step):
+            for _ in range(int(times)):
+                os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, stream)
     training.Trainer.train_step = train_step
 sys.exit(train.main(sys.argv[1:]))
@@ -535,6 +538,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def signalled(args: list[str], at: str | None = None) -> subprocess.Popen:
+    """`train.py ARGS` in a process of its own (SIGNALLED), SIGTERM sent `at` (None: by the caller)."""
     env = {k: v for k, v in os.environ.items() if k != "SEND_AT"}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **({"SEND_AT": at} if at else {})})
     return subprocess.Popen([sys.executable, "-c", SIGNALLED, *args], cwd=ROOT, env=env, text=True,
@@ -571,24 +575,31 @@ def test_sigterm_finishes_the_step_checkpoints_and_the_resume_is_bit_exact(tmp_p
         assert strip(checkpoints.read_jsonl(ref / log)) == strip(checkpoints.read_jsonl(run / log))
 
 
-@pytest.mark.parametrize("at", ["step2", "load"])
+@pytest.mark.parametrize("at", ["step:2:2", "load", "load of a resume"])
 def test_a_second_sigterm_or_one_before_training_stops_at_once_and_its_advice_runs(done, tmp_path, tiny, at):
     """Two SIGTERMs during step 2: the second stops at once (143), naming step 1's checkpoint; one while the weights
-    load: training never started, the directory holds its settings alone. Either line's advice, run, gives the
-    uninterrupted run."""
+    load: training never started, the directory holds its settings alone (or, in a resume, its checkpoints stay as
+    they were). Each line's advice, run, gives the uninterrupted run."""
     run = tmp_path / "run"
-    p = signalled(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2"), at)
+    if at == "load of a resume":
+        run = redo_from(done, tmp_path, 2)
+        p = signalled(["--resume", str(run)], "load")
+    else:
+        p = signalled(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2"), at)
     out, err = p.communicate(timeout=180)
     resume = f"python train.py --resume {run}"
     assert p.returncode == 143, err[-2000:]
-    if at == "step2":
+    if at == "step:2:2":
         ck = run / "checkpoints" / "step-000001"
         assert err.endswith(f"\nstopped at once: the last checkpoint, {ck}, is whole and untouched; continue with: "
                             f"{resume}\n")
-    else:
+    elif at == "load":
         assert err.endswith(f"\ninterrupted before training started: {run} holds its settings alone; start it again "
                             f"from step 0 with: {resume}\n")
         assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json"]
+    else:
+        assert err.endswith(f"\ninterrupted before training resumed; its checkpoints are untouched: continue with: "
+                            f"{resume}\n")
     assert train.main(err.split("with: python train.py ")[1].split()) == 0
     assert_same_run(done, run)
 

@@ -346,7 +346,8 @@ def after_a_killed_checkpoint_write(t: Row) -> list[int]:
     tmp = run / "checkpoints" / ".tmp-step-000003"
     (tmp / "adapter").mkdir(parents=True)
     (tmp / "state.pt").write_bytes(b"PK\x03\x04 half")
-    return [t.resume(run, "--steps", "3")]
+    first = stopped_before_its_first_checkpoint(t.finished, t.tmp / "first")  # killed in its first checkpoint
+    return [t.resume(run, "--steps", "3"), t.resume(first)]
 
 
 def after_a_killed_log_append(t: Row) -> list[int]:
@@ -403,6 +404,18 @@ def ctrl_c(t: Row) -> list[int]:
         with t.monkeypatch.context() as m:
             m.setattr(training.Trainer, "train_step", train_step)
             codes.append(t.resume(t.run(), "--steps", "5"))
+    return codes
+
+
+def sigterm(t: Row) -> list[int]:
+    """In a process of its own (a SIGTERM to this one would end the tests if its handler were missing): once, and
+    twice, while step 3 of a resume runs."""
+    from test_faults import signalled
+    codes = []
+    for times in (1, 2):
+        p = signalled(["--resume", str(t.run()), "--steps", "5"], at=f"step:3:{times}")
+        p.communicate(timeout=180)
+        codes.append(p.returncode)
     return codes
 
 
@@ -475,6 +488,7 @@ ROWS = {
     "disk full": disk_full,
     "NaN or inf in the adapter": non_finite,
     "Ctrl-C": ctrl_c,
+    "SIGTERM": sigterm,
     "a second `train.py --resume RUN`": held_by_another,
     "the KV cache cannot be allocated at run time": cache_refused_at_run_time,
     "`--max-new-tokens 1000000000`": lambda t: [t.new_run("--max-new-tokens", "1000000000")],
@@ -503,7 +517,7 @@ def test_the_table_follows_the_one_rule_and_every_row_has_a_scenario():
     rows = table_rows()
     assert sorted(map(row_key, rows)) == sorted(ROWS)
     for fault, statuses in rows.items():
-        assert statuses and set(statuses) <= {0, 1, 2, 130}, fault
+        assert statuses and set(statuses) <= {0, 1, 2, 130, 143}, fault
         if isinstance(ROWS[row_key(fault)], str):  # the test that pins it exists
             file, name = ROWS[row_key(fault)].split("::")
             assert f"def {name}(" in (ROOT / "tests" / file).read_text()
@@ -514,3 +528,72 @@ def test_every_row_of_the_table_has_its_exit_status(key, finished, tiny, adapter
                                                     monkeypatch):
     [statuses] = [s for fault, s in table_rows().items() if row_key(fault) == key]
     assert ROWS[key](Row(finished, tiny, adapter_of_tiny, tmp_path, capsys, monkeypatch)) == statuses
+
+
+# --- every message that says what to do next: a test does what it says ------------------------------------------------
+
+# each phrase of advice in the run's messages, and the test that runs the command it prints (or makes the change it
+# names) and sees the run go on
+ADVICE = {
+    "continue it with --resume": "test_files.py::test_out_at_a_run_with_checkpoints_advises_its_resume_which_runs",
+    "a new run needs another --out":
+        "test_files.py::test_a_run_whose_checkpoints_were_deleted_keeps_its_logs_and_adapter",
+    "remove the link": "test_files.py::test_the_hold_file_is_never_followed_through_a_symbolic_link",
+    "evaluate a run's": "test_cli.py::test_resume_refuses_eval_only_and_its_advice_runs",
+    "put the same model at":
+        "test_cli.py::test_resume_of_a_run_whose_model_moved_runs_once_the_link_the_advice_names_is_there",
+    "a resume may run on another": "test_cli.py::test_a_run_recorded_on_cuda_resumes_on_another_device",
+    "--resume {run} --device": "test_cli.py::test_a_run_recorded_on_cuda_resumes_on_another_device",
+    "start it again from step 0), with":
+        "test_faults.py::test_killed_before_the_first_checkpoint_the_resume_starts_it_again",
+    "start it again from step 0 with": "test_faults.py::test_a_second_ctrl_c_stops_at_once_and_its_advice_runs",
+    "holds its settings alone; start it again":
+        "test_faults.py::test_a_second_sigterm_or_one_before_training_stops_at_once_and_its_advice_runs",
+    "interrupted before training resumed":
+        "test_faults.py::test_a_second_sigterm_or_one_before_training_stops_at_once_and_its_advice_runs",
+    "Ctrl-C again to quit now": "test_faults.py::test_a_second_ctrl_c_stops_at_once_and_its_advice_runs",
+    "a second signal stops at once":
+        "test_faults.py::test_a_second_sigterm_or_one_before_training_stops_at_once_and_its_advice_runs",
+    "continue with": "test_faults.py::test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly",
+    "stopped at step {tr.step}; {tr.resume_verb()}":
+        "test_faults.py::test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly",
+    "python train.py --resume {run}":
+        "test_faults.py::test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly",
+    "stopped at once: {tr.safe()}; {tr.resume_verb()}":
+        "test_faults.py::test_a_second_ctrl_c_stops_at_once_and_its_advice_runs",
+    "{tr.resume_verb()} {resume_command(tr.run)}": "test_faults.py::test_disk_full_names_the_path_and_what_is_safe",
+    "once the disk has room": "test_faults.py::test_disk_full_names_the_path_and_what_is_safe",
+    "writes the rest": "test_faults.py::test_the_final_adapter_on_a_full_disk_and_the_resume_that_writes_it",
+    "with memory freed on": "test_faults.py::test_a_kv_cache_the_device_cannot_allocate_stops_the_run_with_its_size",
+    "wait for that process to end, or stop it":
+        "test_faults.py::test_a_second_resume_stops_before_touching_a_running_run_and_kill_9_frees_it",
+    "fix or remove that line": "test_faults.py::test_a_bad_line_inside_a_log_is_named_before_anything_is_written",
+    "resume with the same number": "test_distributed.py::test_resume_of_a_two_process_run_is_bit_exact",
+    "was written by {saved} process(es)": "test_distributed.py::test_resume_of_a_two_process_run_is_bit_exact",
+    "torchrun{nodes} --nproc-per-node":
+        "test_distributed.py::test_sigterm_to_torchrun_checkpoints_one_step_and_the_resume_is_bit_exact",
+}
+# advice no test here can run, and why
+NOT_RUN_HERE = {
+    "may avoid": "a suggestion, not a command: what drove a loss to NaN cannot be told from the run",
+    "pass --device cuda": "a torchrun job on two GPUs (test_distributed.py's NCCL test, with CUDA only)",
+}
+ADVICE_WORDS = re.compile(r"continue (it )?with|start it again|remove the|choose another|wait for|put the same|needs "
+                          r"another|fix or remove|evaluate a run's|resume with|may avoid|again to quit|stops at once|"
+                          r"pass --|writes the rest|a resume may|once the disk|memory freed|resume_command\(|"
+                          r"resume_verb\(\)|--resume \{")
+
+
+def test_every_advice_a_message_gives_has_a_test_that_runs_it():
+    """The run's files: every line of a message (a string, not a comment or a docstring's first line) with words
+    that tell the user what to do names a phrase of ADVICE or NOT_RUN_HERE, and every test ADVICE names exists."""
+    lines = [line.strip() for f in ("train.py", "training.py", "checkpoints.py", "checks.py", "distributed.py")
+             for line in (ROOT / f).read_text().splitlines()
+             if '"' in line and not line.strip().startswith(("#", '"""')) and ADVICE_WORDS.search(line)]
+    assert len(lines) >= len(ADVICE)
+    for line in lines:
+        assert any(phrase in line for phrase in [*ADVICE, *NOT_RUN_HERE]), f"advice no test runs: {line}"
+    for phrase, test in ADVICE.items():
+        file, name = test.split("::")
+        assert any(phrase in line for line in lines), f"{phrase!r}: no message says it any more"
+        assert f"def {name}(" in (ROOT / "tests" / file).read_text(), test
