@@ -83,7 +83,7 @@ def resolve(args: argparse.Namespace, base: Settings | None = None) -> Settings:
 
 def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
     """A resume's settings, checked before anything is loaded: the recorded ones (a typed flag that differs from
-    them is refused, except --steps)."""
+    them is refused, except --steps and --device)."""
     run = Path(args.resume)
     recorded = read_run_settings(run, args.device)  # --device: this machine's, which a resume may change
     if args.eval_only or args.adapter:
@@ -164,15 +164,15 @@ def run_dir_problem(run: Path) -> str | None:
         return None
     if any((run / "checkpoints").glob("step-*")):
         return f"already holds a run; continue it with --resume {run}, or choose another --out"
-    gone = "; a new run needs another --out"
-    if (run / "adapter").exists():
-        return f"holds a finished run ({run / 'adapter'} is its final adapter; its checkpoints are gone){gone}"
     if not (run / "config.json").is_file():
         return f"not empty, and not a run of tokrl's (no config.json); it holds {listing(there)}; allowed: a new or " \
                "empty directory"
     if (why := marked_settings_problem(run / "config.json")) is not None:
         return (f"not empty, and not a run of tokrl's ({run / 'config.json'} is not tokrl's run settings: {why}); it "
                 f"holds {listing(there)}; allowed: a new or empty directory")
+    gone = "; a new run needs another --out"
+    if (run / "adapter").exists():
+        return f"holds a finished run ({run / 'adapter'} is its final adapter; its checkpoints are gone){gone}"
     stale = lambda name: name.startswith(".") and name.endswith(".tmp")  # noqa: E731 (remove_stale's leftovers)
     inside = sorted(p.name for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else []
     if "latest" in inside:
@@ -258,14 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run = checked_settings(args)
         task = check_inputs(cfg, not args.eval_only, args.adapter)  # seconds; loading the weights takes minutes
         option = "--resume" if args.resume else "--out" if cfg.out else "the run directory"
-        if run is not None and option == "the run directory" and distributed.env_rank() == 0:
-            run = make_run_dir(run)  # the default name: made unique, created empty
+        default = run is not None and option == "the run directory"  # rank 0 creates it, the others take its name
+        if default and distributed.env_rank() == 0:
+            run = make_run_dir(run)  # made unique, created empty: nothing there to refuse
         if run is not None or cfg.out:  # before anything in the directory is written (or pruned)
             held = hold(run or Path(cfg.out), option)
         # a resume of a run with no checkpoint yet starts it again from step 0 (start_run_dir), as the same command
         restart = bool(args.resume) and not any((run / "checkpoints").glob("step-*"))
         ck = check_resume(run, cfg) if args.resume and not restart else None
-        if run is not None and ck is None:
+        if run is not None and ck is None and not default:
             refuse_a_run_there(run, option)
         world = distributed.from_env(cfg.device)  # under torchrun: this process's place among N; else World()
         on_device = dataclasses.replace(cfg, device=world.device) if world.size > 1 else cfg  # cuda:LOCAL_RANK
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         started = True
         if world.main:
             print("settings: " + json.dumps(dataclasses.asdict(cfg)))
-        stop = StopRequest()
+        stop = StopRequest((signal.SIGINT, signal.SIGTERM))
         train(dataclasses.replace(on_device, out=cfg.out), run, resume=ck is not None, task=task, checkpoint=ck,
               world=world, stop=stop)
         distributed.shutdown(world, synchronize=True)  # every process got here: end together

@@ -105,31 +105,27 @@ def interrupt(signum: int, _frame=None):
 
 
 class StopRequest:
-    """First Ctrl-C or SIGTERM (a scheduler's stop: Kubernetes, docker stop, SLURM, torchrun passing it on): finish
-    the current step, checkpoint, exit. Second: stop at once (the last checkpoint stays). `status`: the exit status
-    of a run that a first signal stopped before its end: 0 after Ctrl-C (the user asked), 143 after SIGTERM (128 +
-    its number: what a scheduler reads as stopped, not finished); None while nothing stopped it."""
+    """First Ctrl-C (or SIGTERM, among `signals`): finish the current step, checkpoint, exit. Second: stop at once
+    (the last checkpoint stays). train.py listens to SIGTERM too, a scheduler's stop (Kubernetes, docker stop, SLURM,
+    torchrun passing it on); mini.py's pool workers keep its default, which their pool's terminate() relies on.
+    `status`: the exit status of a run that a first signal stopped before its end: 0 after Ctrl-C (the user asked),
+    143 after SIGTERM (128 + its number: what a scheduler reads as stopped, not finished); None while nothing did."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested, self.signum, self.status = False, None, None
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,)):
+        self.signals, self.requested, self.signum, self.status = signals, False, None, None
 
     def __enter__(self):
-        self.old = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        self.old = {s: signal.signal(s, self.handle) for s in self.signals}
         return self
 
     def handle(self, signum, _frame=None):
         if self.requested:
             raise Interrupted(signum)
         self.requested, self.signum = True, signum
-        if env_rank() != 0:  # N processes (torchrun passes the signal on to each): rank 0 alone says it
-            pass
-        elif signum == signal.SIGINT:
-            print("\nstopping after this step (Ctrl-C again to quit now; the last checkpoint stays)", flush=True)
-        else:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (a second signal stops at once; the last "
-                  "checkpoint stays)", flush=True)
+        again = "Ctrl-C again to quit now" if signum == signal.SIGINT else "a second signal stops at once"
+        if env_rank() == 0:  # N processes (torchrun passes the signal on to each): rank 0 alone says it
+            name = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
+            print(f"\n{name}stopping after this step ({again}; the last checkpoint stays)", flush=True)
 
     def stopped_early(self) -> None:
         self.status = 0 if self.signum in (None, signal.SIGINT) else 128 + self.signum
