@@ -197,7 +197,7 @@ def device_memory(device: str) -> tuple[int, str]:
 # recorded without it replayed from its own group). Every other setting must be in the run's config.json.
 MAY_BE_ABSENT = {"revision", "reward", "eval_max_new_tokens", "tspmo_objective", "lora_targets", "replay_pool",
                  "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta"}
-# config.json's first key, written by train.py: the file is tokrl's own record of a run's settings. [decided] A run
+# config.json's first key, written by train.py: the file is tokrl's own record of a run's settings. ours: a run
 # directory is started again (its logs deleted) only under a config.json that carries it; a run recorded without it
 # still resumes from its checkpoints (its state.pt proves the run), but is never started again.
 RUN_MARKER = ("tokrl", "run settings")
@@ -236,7 +236,7 @@ def marked_settings_problem(path: Path) -> str | None:
 def read_run_settings(run: Path, device: str | None = None) -> Settings:
     """A run's settings: its config.json, every setting of its type and within its rule (settings.validate, naming
     the file), with the --steps of its latest resume (resumes.jsonl). `device`: the --device a resume typed, which
-    replaces the recorded one ([decided] the device is this machine's, not the run's: a run recorded on cuda:1
+    replaces the recorded one (ours: the device is this machine's, not the run's: a run recorded on cuda:1
     resumes on a machine with one GPU, or on the CPU)."""
     path = run / "config.json"
     if not path.is_file():

@@ -262,7 +262,7 @@ class Trainer:
         try:
             self.gens["sample"].set_state(r["sample"])
         except RuntimeError:  # a checkpoint written on another kind of device (CUDA's Philox state, the CPU's MT19937)
-            # [decided] a resume may change the device (train.py): the saved stream cannot continue in this device's
+            # ours: a resume may change the device (train.py): the saved stream cannot continue in this device's
             # generator, so sampling takes a new one, seeded from the seed and the step; the other draws are the CPU's
             seed = self.world.seed_for_rank(self.cfg.seed + self.step)
             self.gens["sample"].manual_seed(seed)

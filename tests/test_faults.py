@@ -582,7 +582,7 @@ def test_a_second_sigterm_or_one_before_training_stops_at_once_and_its_advice_ru
     they were). Each line's advice, run, gives the uninterrupted run."""
     run = tmp_path / "run"
     if at == "load of a resume":
-        run = redo_from(done, tmp_path, 2)
+        run = redo_from(done, tmp_path, 3)  # checkpoint 3 (and 4, removed): the run as it stood after step 3
         p = signalled(["--resume", str(run)], "load")
     else:
         p = signalled(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2"), at)
