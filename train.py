@@ -91,8 +91,8 @@ def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
         usage_error(f"{'--eval-only' if args.eval_only else '--adapter'}: not with --resume; evaluate a run's "
                     f"adapter with python train.py --eval-only --adapter {run / 'adapter'} --model {recorded.model} "
                     f"--task {recorded.task}{data}")
-    for name, value in given_settings(args).items():
-        if name not in ("steps", "device") and value != getattr(recorded, name):
+    for name, value in given_settings(args).items():  # the typed --device is already the recorded settings' device
+        if name != "steps" and value != getattr(recorded, name):
             usage_error(f"{flag(name)} {value}: {run} was recorded with {name} = {getattr(recorded, name)!r} "
                         f"({run / 'config.json'}); a resumed run keeps its settings, only --steps and --device may "
                         "change")
