@@ -343,6 +343,16 @@ def test_resume_records_a_new_steps_without_rewriting_the_settings(two_steps):
     assert [m["step"] for m in checkpoints.read_jsonl(two_steps / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_a_run_recorded_without_the_marker_still_resumes_from_its_checkpoints(two_steps):
+    """A config.json without tokrl's marker (a run recorded before it existed) is read as a run's settings by a
+    resume, whose checkpoint proves the run: it continues. (It is never started again: test_files.py.)"""
+    config = json.loads((two_steps / "config.json").read_text())
+    assert config.pop("tokrl") == "run settings"
+    (two_steps / "config.json").write_text(json.dumps(config))
+    assert train.main(["--resume", str(two_steps), "--steps", "3"]) == 0
+    assert [m["step"] for m in checkpoints.read_jsonl(two_steps / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, monkeypatch):
     before = files(two_steps)
     with monkeypatch.context() as m:
