@@ -22,6 +22,7 @@ the N-th time it reaches POINT (`fault`); the points are listed in FAULT_POINTS.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import io
 import json
@@ -89,7 +90,8 @@ HOLD_FILE = ".lock"
 
 
 class RunHeld(RuntimeError):
-    """Another process holds the run directory; the message names the process (pid, host, start time)."""
+    """The run directory cannot be held: another process holds it (the message names it: pid, host, start time), or
+    its hold file is a symbolic link, which is never followed."""
 
 
 class RunHold:
@@ -118,8 +120,13 @@ def hold_run_dir(run: Path) -> RunHold:
     path = run / HOLD_FILE
     try:
         run.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's record must stay readable
+        # not O_TRUNC: the holder's record must stay readable; O_NOFOLLOW: a link there would have the hold write its
+        # record over the link's target, a file that is not the run's
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RunHeld(f"{path} is a symbolic link (to {os.readlink(path)}); a run directory's hold is a plain "
+                          "file, never followed through a link: remove the link") from None
         raise WriteError(path, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -326,7 +333,8 @@ def read_checkpoint(ck: Path, accum: int | None = None) -> tuple[dict, dict]:
     states and an AdamW state whose numbers are finite; the adapter must read back whole and finite."""
     path = ck / "state.pt"
     try:
-        state = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+        # onto the CPU whatever device wrote it (a resume may run elsewhere); AdamW's load moves it to the weights'
+        state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds (pickle, zip, EOF, ...): any of them means "not whole"
         raise ValueError(f"{path}: not a checkpoint torch can read ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:120]})") from None
@@ -393,5 +401,5 @@ def find_checkpoint(run: Path, accum: int | None = None) -> tuple[Path, dict]:
             print(f"warning: {root / 'latest'} names {latest or 'nothing'}; unreadable checkpoints skipped: {skipped}."
                   f" Resuming from the newest intact one, {ck}", file=sys.stderr)
         return ck, state
-    none = f"{root} holds no checkpoint (the run stopped before its first one: start it again with the same command)"
+    none = f"{root} holds no checkpoint (the run stopped before its first one)"
     raise CheckpointError(f"{run} has no intact checkpoint to resume from: " + ("; ".join(tried) or none))

@@ -40,7 +40,7 @@ import checkpoints
 import distributed
 import lora
 import model as M
-from settings import Settings, usage_error, validate
+from settings import DEVICE, Settings, device_problem, refuse_setting, type_problem, usage_error, validate
 from tasks import Task, make_task
 
 CPU_WARN_PARAMETERS = 200_000_000  # training a larger model on the CPU starts with a warning: hours a step
@@ -251,11 +251,47 @@ def device_memory(device: str) -> tuple[int, str]:
 MAY_BE_ABSENT = {"revision", "reward", "eval_max_new_tokens", "tspmo_objective", "lora_targets", "replay_pool",
                  "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta",
                  "edge_advantage", "replay_cut"}
+# config.json's first key, written by train.py: the file is tokrl's own record of a run's settings. ours: a run
+# directory is started again (its logs deleted) only under a config.json that carries it; a run recorded without it
+# still resumes from its checkpoints (its state.pt proves the run), but is never started again.
+RUN_MARKER = ("tokrl", "run settings")
 
 
-def read_run_settings(run: Path) -> Settings:
+def settings_fields_problem(saved) -> str | None:
+    """What keeps a parsed config.json from holding a run's settings (None: nothing): a JSON object with every
+    setting but those of MAY_BE_ABSENT and no unknown one; the marker, if there, as train.py writes it."""
+    if not isinstance(saved, dict):
+        return "not a JSON object"
+    fields = set(Settings.__dataclass_fields__)
+    if unknown := set(saved) - fields - {RUN_MARKER[0]}:
+        return f"unknown settings {sorted(unknown)}"
+    if missing := fields - MAY_BE_ABSENT - set(saved):
+        return f"settings missing: {sorted(missing)}"
+    if saved.get(RUN_MARKER[0], RUN_MARKER[1]) != RUN_MARKER[1]:
+        return f"its \"{RUN_MARKER[0]}\" is {saved[RUN_MARKER[0]]!r:.60}, not \"{RUN_MARKER[1]}\""
+    return None
+
+
+def marked_settings_problem(path: Path) -> str | None:
+    """Why `path` is not tokrl's own record of a run's settings (None: it is): a JSON object carrying RUN_MARKER,
+    with every setting, each of its type."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        return f"it cannot be read as JSON ({(str(e).splitlines() or [''])[0][:80]})"
+    if not isinstance(saved, dict) or saved.get(RUN_MARKER[0]) != RUN_MARKER[1]:
+        return f"it lacks their marker, \"{RUN_MARKER[0]}\": \"{RUN_MARKER[1]}\""
+    if why := settings_fields_problem(saved):
+        return why
+    wrong = [name for name, value in saved.items() if name != RUN_MARKER[0] and type_problem(name, value)]
+    return f"{wrong[0]} is {saved[wrong[0]]!r:.60}" if wrong else None
+
+
+def read_run_settings(run: Path, device: str | None = None) -> Settings:
     """A run's settings: its config.json, every setting of its type and within its rule (settings.validate, naming
-    the file), with the --steps of its latest resume (resumes.jsonl)."""
+    the file), with the --steps of its latest resume (resumes.jsonl). `device`: the --device a resume typed, which
+    replaces the recorded one (ours: the device is this machine's, not the run's: a run recorded on cuda:1
+    resumes on a machine with one GPU, or on the CPU)."""
     path = run / "config.json"
     if not path.is_file():
         usage_error(f"{run} is not a tokrl run directory (no config.json)")
@@ -263,14 +299,16 @@ def read_run_settings(run: Path) -> Settings:
         saved = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5,000-digit integer
         usage_error(f"{path}: cannot read the run's settings ({(str(e).splitlines() or [''])[0]})")
-    fields = set(Settings.__dataclass_fields__)
-    unknown = set(saved) - fields if isinstance(saved, dict) else None
-    missing = fields - MAY_BE_ABSENT - set(saved) if isinstance(saved, dict) else None
-    if unknown is None or unknown or missing:
-        why = ("not a JSON object" if unknown is None else f"unknown settings {sorted(unknown)}" if unknown else
-               f"settings missing: {sorted(missing)}")
+    if why := settings_fields_problem(saved):
         usage_error(f"{path}: not the settings of a run of this tokrl ({why})")
-    cfg = Settings(**{"replay_pool": "group", **saved})
+    cfg = Settings(**{"replay_pool": "group", **{k: v for k, v in saved.items() if k != RUN_MARKER[0]}})
+    if device is not None:
+        if (problem := device_problem(device)) is not None:
+            refuse_setting("device", device, problem)
+        cfg = dataclasses.replace(cfg, device=device)
+    elif isinstance(cfg.device, str) and (problem := device_problem(cfg.device)) is not None:
+        usage_error(f"{run} was recorded with --device {cfg.device} ({path}): {problem}; a resume may run on another "
+                    f"device: python train.py --resume {run} --device {DEVICE}")
     validate(cfg, training=False, source=path)
     try:
         resumes = checkpoints.read_jsonl(run / "resumes.jsonl")

@@ -133,6 +133,16 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def resume_command(run) -> str:
+    """The command that resumes `run` with this job's number of processes (a checkpoint of N continues with N only):
+    plain python for one, torchrun for N."""
+    size, local = env_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", env_world_size()))
+    if size == 1:
+        return f"python train.py --resume {run}"
+    nodes = "" if local == size else f" --nnodes {size // local} (and this job's rendezvous)"
+    return f"torchrun{nodes} --nproc-per-node {local} train.py --resume {run}"
+
+
 def from_env(device: str) -> World:
     """The World torchrun describes in the environment; World() without torchrun (nothing touched).
 

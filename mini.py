@@ -41,7 +41,7 @@ import mini_base
 import mini_report
 import training
 from mini_base import MAX_NEW_TOKENS, SETTINGS, MiniMult, say
-from settings import Settings, paper_defaults, setting_problem, usage_error
+from settings import ArgumentParser, Settings, paper_defaults, setting_problem, usage_error
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The methods and their settings
@@ -261,8 +261,8 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="mini.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/mini", help="output folder (default runs/mini; the bases are cached in "
                                                       "OUT/base and OUT/base-steps)")
     p.add_argument("--quick", action="store_true", help="one seed, the default methods, 1/9 of the paper's steps, "

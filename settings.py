@@ -292,6 +292,14 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line (`error: ...` and where the flags are listed) with argparse's
+    exit status 2, rather than the whole usage before the line that matters. train.py's and mini.py's."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(f"{message} (python {self.prog} --help lists the flags)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> dict[str, Any]:
     """A flag per setting, in declaration order, in the --help group its section opens; returns the groups by title.
     argparse's default stays None: what the user typed is what is not None."""

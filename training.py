@@ -28,7 +28,7 @@ import model as M
 import tokrl
 from checkpoints import WriteError, find_checkpoint, save_checkpoint, write_atomic
 from checks import eval_batch
-from distributed import World, combine_stats, own_rng, rng_for_checkpoint
+from distributed import World, combine_stats, env_rank, own_rng, resume_command, rng_for_checkpoint
 from replay import ReplayPool, entropy_cut
 from runlog import RunLog, peak_memory_gb, progress_line, tspmo_metrics
 from settings import Settings
@@ -99,24 +99,49 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
 # The training loop
 
 
-class StopRequest:
-    """First Ctrl-C: finish the current step, checkpoint, exit. Second: stop at once (the last checkpoint stays)."""
+class Interrupted(KeyboardInterrupt):
+    """A signal that stops the process at once: `status` is the shell's 128 + the signal's number (130 for SIGINT,
+    143 for SIGTERM)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
+
+
+def interrupt(signum: int, _frame=None):
+    """A handler for SIGTERM outside a run's steps (the checks, the loading): stop at once, as Ctrl-C does."""
+    raise Interrupted(signum)
+
+
+class StopRequest:
+    """First Ctrl-C (or SIGTERM, among `signals`): finish the current step, checkpoint, exit. Second: stop at once
+    (the last checkpoint stays). train.py listens to SIGTERM too, a scheduler's stop (Kubernetes, docker stop, SLURM,
+    torchrun passing it on); mini.py's pool workers keep its default, which their pool's terminate() relies on.
+    `status`: the exit status of a run that a first signal stopped before its end: 0 after Ctrl-C (the user asked),
+    143 after SIGTERM (128 + its number: what a scheduler reads as stopped, not finished); None while nothing did."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,)):
+        self.signals, self.requested, self.signum, self.status = signals, False, None, None
 
     def __enter__(self):
-        self.old = signal.signal(signal.SIGINT, self.handle)
+        self.old = {s: signal.signal(s, self.handle) for s in self.signals}
         return self
 
-    def handle(self, *_):
+    def handle(self, signum, _frame=None):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to quit now; the last checkpoint stays)", flush=True)
+            raise Interrupted(signum)
+        self.requested, self.signum = True, signum
+        again = "Ctrl-C again to quit now" if signum == signal.SIGINT else "a second signal stops at once"
+        if env_rank() == 0:  # N processes (torchrun passes the signal on to each): rank 0 alone says it
+            name = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
+            print(f"\n{name}stopping after this step ({again}; the last checkpoint stays)", flush=True)
+
+    def stopped_early(self) -> None:
+        self.status = 0 if self.signum in (None, signal.SIGINT) else 128 + self.signum
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.old)
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -239,12 +264,27 @@ class Trainer:
         return (f"the last checkpoint, {self.last_saved}, is whole and untouched" if self.last_saved else
                 "no checkpoint was written yet")
 
+    def resume_verb(self) -> str:
+        """What `train.py --resume RUN` does for this run now: continue it, or (no checkpoint yet) start it again
+        from step 0 with its recorded settings (train.py)."""
+        return "continue with" if self.last_saved else "start it again from step 0 with"
+
     def rng_state(self) -> dict:
         g = self.gens
         return {"sample": g["sample"].get_state(), "select": g["select"].get_state(), "replay": g["replay"].getstate()}
 
     def set_rng_state(self, r: dict) -> None:
-        self.gens["sample"].set_state(r["sample"]), self.gens["select"].set_state(r["select"])
+        try:
+            self.gens["sample"].set_state(r["sample"])
+        except RuntimeError:  # a checkpoint written on another kind of device (CUDA's Philox state, the CPU's MT19937)
+            # ours: a resume may change the device (train.py): the saved stream cannot continue in this device's
+            # generator, so sampling takes a new one, seeded from the seed and the step; the other draws are the CPU's
+            seed = self.world.seed_for_rank(self.cfg.seed + self.step)
+            self.gens["sample"].manual_seed(seed)
+            self.say(f"warning: the checkpoint's sampling generator is another device's, which {self.dev.type}'s "
+                     f"cannot take: sampling goes on from a new stream (seed {seed}: --seed + the step), so the "
+                     "resumed run draws other completions than an uninterrupted one would", file=sys.stderr)
+        self.gens["select"].set_state(r["select"])
         self.gens["replay"].setstate(r["replay"])
 
     def optimizer_step(self) -> None:
@@ -394,11 +434,13 @@ def restore(tr: Trainer, ck: Path, state: dict) -> int:
 
 
 def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = None,
-          checkpoint: tuple[Path, dict] | None = None, loaded=None, world: World = World()) -> dict:
+          checkpoint: tuple[Path, dict] | None = None, loaded=None, world: World = World(),
+          stop: StopRequest | None = None) -> dict:
     """The whole run; returns the final evaluation. `task` lets tests (and mini.py) plug in their own task;
     `checkpoint` is the one main() already chose for a resume (else the newest intact one is found here); `loaded` =
     (net, tok, eos) an already-loaded model to train instead of reading cfg.model from disk (LoRA is put on that net
-    in place: pass a fresh copy per run). `world`: this process's place among N (distributed.py)."""
+    in place: pass a fresh copy per run). `world`: this process's place among N (distributed.py). `stop`: the
+    StopRequest the run listens to (its `status` tells the caller how a signal ended the run)."""
     tr = start(cfg, run, task, loaded, world)
     position = 0
     if resume:
@@ -409,19 +451,20 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
     if hasattr(tr.task, "split_note"):
         tr.say(f"data: {tr.task.split_note}")
     stream = TrainStream(tr.task, cfg.seed + 2, position)  # past the examples drawn: an uninterrupted run's next ones
-    with StopRequest() as stop:
+    with stop or StopRequest() as stop:  # the final adapter's write too: a signal there is not "before training"
         try:
             run_steps(tr, log, stream, stop)
+            finished = tr.step == cfg.steps and bool(log.evals) and log.evals[-1]["step"] == tr.step
+            if tr.stopping(stop) and not finished:
+                tr.say(f"stopped at step {tr.step}; {tr.resume_verb()}: {resume_command(run)}")
+                stop.stopped_early()
+                return log.evals[-1] if log.evals else {}
+            return finish(tr, log)
         except (NonFiniteLoss, checkpoints.NonFiniteState, M.CacheTooLarge, M.NonFiniteLogits, WriteError) as e:
             raise SystemExit(f"error: {stopped(e, tr)}") from None
-        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-            print(f"\nstopped at once: {tr.safe()}; continue with: python train.py --resume {run}", file=sys.stderr)
-            raise SystemExit(130) from None
-    finished = tr.step == cfg.steps and bool(log.evals) and log.evals[-1]["step"] == tr.step
-    if tr.stopping(stop) and not finished:
-        tr.say(f"stopped at step {tr.step}; continue with: python train.py --resume {run}")
-        return log.evals[-1] if log.evals else {}
-    return finish(tr, log)
+        except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM: stop at once
+            print(f"\nstopped at once: {tr.safe()}; {tr.resume_verb()}: {resume_command(run)}", file=sys.stderr)
+            raise SystemExit(getattr(e, "status", 130)) from None
 
 
 def start(cfg: Settings, run: Path, task: Task | None, loaded, world: World) -> Trainer:
@@ -480,19 +523,20 @@ def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
 
 def stopped(e: Exception, tr: Trainer) -> str:
     """The line a failure at run time ends the run with: what failed, what is safe, what to do next."""
-    resume = f"python train.py --resume {tr.run}"
+    resume = f"{tr.resume_verb()} {resume_command(tr.run)}"
     if isinstance(e, M.NonFiniteLogits):
         trained = any(bool(m.lora_B.any()) for _, m in lora.lora_modules(tr.net))  # B = 0 until an update moves it
         return f"{e.where}: {e}; {non_finite_cause(e, tr.cfg, trained)}. Stopped before it was logged: {tr.safe()}"
     if isinstance(e, NonFiniteLoss):
-        return (f"{e} at step {tr.step + 1}; stopped without saving it: {tr.safe()}. A lower --lr or --dtype float32 "
-                "in a new run avoids it")
+        lower = "a lower --lr" + (", or --dtype float32," if tr.cfg.dtype != "float32" else "")
+        return (f"{e} at step {tr.step + 1}; stopped without saving it: {tr.safe()}. A new run with {lower} may avoid "
+                "it")
     if isinstance(e, checkpoints.NonFiniteState):
         return f"{e}; stopped: {tr.safe()}"
     if isinstance(e, M.CacheTooLarge):
-        return (f"{e}. Stopped: {tr.safe()}; with memory freed on {e.device}, continue with {resume}, or start a new "
-                "run with fewer rows or new tokens")
-    return f"{e}. Stopped: {tr.safe()}; once the disk has room, continue with {resume}"  # a WriteError
+        return (f"{e}. Stopped: {tr.safe()}; with memory freed on {e.device}, {resume}, or start a new run with fewer "
+                "rows or new tokens")
+    return f"{e}. Stopped: {tr.safe()}; once the disk has room, {resume}"  # a WriteError
 
 
 def non_finite_cause(e: M.NonFiniteLogits, cfg: Settings, trained: bool, adapter: str | None = None) -> str:
@@ -521,7 +565,7 @@ def finish(tr: Trainer, log: RunLog) -> dict:
             checkpoints.write_adapter(tr.net, tr.run / "adapter", tr.cfg.model)
     except WriteError as e:
         raise SystemExit(f"error: {e}. The run is complete in {tr.last_saved}; once the disk has room, "
-                         f"python train.py --resume {tr.run} writes the rest") from None
+                         f"{resume_command(tr.run)} writes the rest") from None
     tr.say(f"done: accuracy {log.evals[-1]['accuracy']:.4f}; adapter in {tr.run / 'adapter'} (PEFT format)")
     return log.evals[-1]
 

@@ -397,7 +397,7 @@ def test_resume_refuses_a_conflicting_flag_and_writes_nothing(two_steps, capsys,
     recorded = recorded or repr(json.loads((two_steps / "config.json").read_text())[name])
     assert code == 2 and err == (f"error: {flags[0].replace('-G', '--group-size')} {flags[1]}: {two_steps} was "
                                  f"recorded with {name} = {recorded} ({two_steps / 'config.json'}); a resumed run "
-                                 "keeps its settings, only --steps may change\n")
+                                 "keeps its settings, only --steps and --device may change\n")
     assert files(two_steps) == before
 
 
@@ -416,12 +416,25 @@ def test_resume_records_a_new_steps_without_rewriting_the_settings(two_steps):
     assert [m["step"] for m in checkpoints.read_jsonl(two_steps / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, no_loading):
+def test_a_run_recorded_without_the_marker_still_resumes_from_its_checkpoints(two_steps):
+    """A config.json without tokrl's marker (a run recorded before it existed) is read as a run's settings by a
+    resume, whose checkpoint proves the run: it continues. (It is never started again: test_files.py.)"""
+    config = json.loads((two_steps / "config.json").read_text())
+    assert config.pop("tokrl") == "run settings"
+    (two_steps / "config.json").write_text(json.dumps(config))
+    assert train.main(["--resume", str(two_steps), "--steps", "3"]) == 0
+    assert [m["step"] for m in checkpoints.read_jsonl(two_steps / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, monkeypatch):
     before = files(two_steps)
-    code, err = refused(["--resume", str(two_steps), "--steps", "1"], capsys)
+    with monkeypatch.context() as m:
+        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+        code, err = refused(["--resume", str(two_steps), "--steps", "1"], capsys)
     assert code == 2 and err == (f"error: --steps 1: {two_steps} is already at step 2 (step-000002); allowed: "
                                  "--steps >= 2\n")
     assert files(two_steps) == before
+    assert train.main(["--resume", str(two_steps), "--steps", "2"]) == 0  # the advice's least value
 
 
 def test_resume_of_a_run_whose_model_is_not_here_says_where_to_put_it(two_steps, capsys, no_loading):
@@ -438,9 +451,79 @@ def test_resume_of_a_run_whose_model_is_not_here_says_where_to_put_it(two_steps,
     assert files(two_steps) == before
 
 
-def test_resume_refuses_eval_only(two_steps, capsys, no_loading):
-    code, err = refused(["--resume", str(two_steps), "--eval-only"], capsys)
-    assert code == 2 and "--eval-only: not with --resume" in err
+def test_resume_refuses_eval_only_and_its_advice_runs(two_steps, tiny, capsys, monkeypatch):
+    """The refusal prints the command that evaluates the run's adapter with the run's model and task. Before: it
+    named `--eval-only --adapter RUN/adapter` alone, which evaluates the default model (Qwen/Qwen2-1.5B, from the
+    Hub) on the default task: not this run's."""
+    with monkeypatch.context() as m:
+        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+        code, err = refused(["--resume", str(two_steps), "--eval-only"], capsys)
+    assert code == 2 and err == (f"error: --eval-only: not with --resume; evaluate a run's adapter with python "
+                                 f"train.py --eval-only --adapter {two_steps / 'adapter'} --model {tiny} --task mult\n")
+    advice = err.split("with python train.py ")[1].split()
+    assert train.main([*advice, "--device", "cpu", "--eval-limit", "2", "--max-new-tokens", "4"]) == 0
+    assert f" on 2 mult test examples (adapter {two_steps / 'adapter'})" in capsys.readouterr().out
+
+
+def test_resume_of_a_run_whose_model_moved_runs_once_the_link_the_advice_names_is_there(two_steps, tiny, tmp_path,
+                                                                                        capsys):
+    gone = tmp_path / "elsewhere" / "tiny"
+    config = json.loads((two_steps / "config.json").read_text())
+    (two_steps / "config.json").write_text(json.dumps({**config, "model": str(gone)}))
+    code, err = refused(["--resume", str(two_steps), "--steps", "3"], capsys)
+    assert code == 2 and err.endswith(f"put the same model at {gone}, or a symbolic link to it\n")
+    gone.parent.mkdir()
+    gone.symlink_to(tiny)
+    assert train.main(["--resume", str(two_steps), "--steps", "3"]) == 0
+
+
+def test_a_run_recorded_on_cuda_resumes_on_another_device(two_steps, capsys, monkeypatch):
+    """A run recorded with --device cuda:99 (no machine has that device; on a CPU machine, as a GPU run copied here):
+    the refusal names the recorded device and the resume that runs elsewhere; that resume runs. Its checkpoint's
+    sampling generator is CUDA's (Philox: a 16-byte state, seed and offset), which the CPU's cannot take: the
+    resume warns that its samples come from a new stream; AdamW's moments were saved on cuda:0, and load here.
+    Before: the refusal offered `--device cpu`, which the resume then refused (only --steps could change)."""
+    config = json.loads((two_steps / "config.json").read_text())
+    (two_steps / "config.json").write_text(json.dumps({**config, "device": "cuda:99"}))
+    ck = two_steps / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(ck, weights_only=True)
+    state["rng"]["sample"] = torch.tensor(list(range(16)), dtype=torch.uint8)  # as a CUDA generator writes it
+    with monkeypatch.context() as m:  # and AdamW's moments as a CUDA run saves them: storages on cuda:0
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, ck)
+    before = files(two_steps)
+    with monkeypatch.context() as m:
+        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+        code, err = refused(["--resume", str(two_steps), "--steps", "3"], capsys)
+    here = settings.DEVICE
+    assert code == 2 and err.startswith(f"error: {two_steps} was recorded with --device cuda:99 "
+                                        f"({two_steps / 'config.json'}): ")
+    assert err.endswith(f"; a resume may run on another device: python train.py --resume {two_steps} --device {here}"
+                        "\n")
+    assert files(two_steps) == before
+    assert train.main([*err.split("device: python train.py ")[1].split(), "--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert ("the checkpoint's sampling generator is another device's" in err) == (here == "cpu")
+    assert [m["step"] for m in checkpoints.read_jsonl(two_steps / "metrics.jsonl")] == [1, 2, 3]
+    assert checkpoints.read_jsonl(two_steps / "resumes.jsonl")[-1]["device"] == here
+    assert json.loads((two_steps / "config.json").read_text())["device"] == "cuda:99"  # the record stays
+
+
+@pytest.mark.parametrize("program,argv,message", [
+    ("train.py", ["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    ("train.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("train.py", ["--algo", "sft"], "argument --algo: invalid choice: 'sft' (choose from 'grpo', 'sgrpo', 'tspmo', "
+                               "'ppo', 'dpo')"),
+    ("mini.py", ["--seeds", "0"], "argument --seeds: expected a positive integer, got '0'"),
+    ("mini.py", ["--bogus"], "unrecognized arguments: --bogus")])
+def test_a_flag_argparse_cannot_read_is_one_line_and_a_hint(program, argv, message, capsys):
+    """Before: 27 lines of usage, then the line that matters."""
+    import mini
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        (train if program == "train.py" else mini).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {message} (python {program} --help lists the flags)\n"
 
 
 def test_a_run_recorded_without_replay_cut_resumes_with_the_uniform_cut(two_steps, capsys, no_loading):

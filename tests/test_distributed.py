@@ -500,6 +500,45 @@ def test_one_hold_serves_a_torchrun_job_and_a_held_directory_stops_the_whole_job
         holder.wait()
 
 
+def test_sigterm_to_torchrun_checkpoints_one_step_and_the_resume_is_bit_exact(cli_runs, tmp_path):
+    """SIGTERM to torchrun (a scheduler stopping the job): torchrun passes it on to every process, which finish the
+    step under way and stop after the same one (a collective); rank 0 checkpoints it (--save-every is far away: the
+    checkpoint is the signal's) and prints the resume, with torchrun and the job's number of processes; every process
+    ends by itself (none is killed at torchrun's --shutdown-timeout). torchrun's own status is 1, with its own
+    SignalException traceback: its way of ending on a signal. That resume, to one step further, equals the job never
+    stopped."""
+    import signal
+    import time
+    import checkpoints
+    from safetensors.torch import load_file
+    model, run, ref = cli_runs["one"].parent / "tiny", tmp_path / "run", tmp_path / "ref"
+    far = ["--save-every", "1000", "--eval-every", "0"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "train.py", "--model", str(model), "--out", str(run), *CLI, "--steps", "100000", *far],
+                         env=child_env(), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        end = time.time() + 180
+        while not (run / "metrics.jsonl").exists():  # step 1 is done: the signal lands in a later step
+            assert p.poll() is None and time.time() < end, p.communicate()
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    k = len(checkpoints.read_jsonl(run / "metrics.jsonl"))
+    assert 1 <= k < 100000 and (run / "checkpoints" / "latest").read_text() == f"step-{k:06d}\n", out + err
+    resume = f"torchrun --nproc-per-node 2 train.py --resume {run}"
+    assert (out + err).count(f"stopped at step {k}; continue with: {resume}\n") == 1  # rank 0 alone
+    assert out.count("SIGTERM: stopping after this step") == 1 and not (run / "adapter").exists()
+    assert p.returncode == 1 and "SignalException: Process" in err and "forcefully exiting" not in err
+    torchrun(["--model", str(model), "--out", str(ref), *CLI, "--steps", str(k + 1), *far])
+    torchrun([*resume.split()[4:], "--steps", str(k + 1)])  # the advice: the arguments after train.py
+    for log in ("metrics.jsonl", "eval.jsonl"):
+        assert without(checkpoints.read_jsonl(run / log)) == without(checkpoints.read_jsonl(ref / log))
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (ref, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
 def test_two_gpus_with_nccl_write_the_files_of_a_one_process_run(cli_runs, tmp_path):
     """The same CLI run on 2 GPUs: NCCL, each process on cuda:LOCAL_RANK; the files of the CPU runs, and a resume."""

@@ -7,12 +7,14 @@ docs/running.md's "When things go wrong" table gives every fault its exit status
 `test_every_row_of_the_table_has_its_exit_status` holds the code to it."""
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
 import re
 import shutil
 import signal
+import types
 from pathlib import Path
 
 import pytest
@@ -343,6 +345,182 @@ def test_another_process_s_distribution_that_is_not_finite_stops_this_one_too(ti
     assert e.value.new_token == 2
 
 
+# --- a run directory never takes what it did not write ------------------------------------------------------------
+
+def snapshot(d: Path) -> dict:
+    """Every entry under `d`: a file's bytes, a link's target, a directory's name."""
+    return {str(p.relative_to(d)): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+            for p in sorted(d.rglob("*"))}
+
+
+def refused_before_loading(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """refused(args), with loading the weights an error (every refusal here comes before it)."""
+    with monkeypatch.context() as m:
+        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded before the refusal"))
+        return refused(args, capsys)
+
+
+def finished_args(tiny: Path, out: Path) -> list[str]:
+    """The command of the `finished` run (below), with another --out."""
+    return ["--model", str(tiny), *SMALL, "--steps", "2", "--save-every", "1", "--eval-limit", "1", "--out", str(out)]
+
+
+def test_out_at_a_model_directory_leaves_it_byte_identical(tmp_path, tiny, capsys, monkeypatch):
+    """`cp -r MODEL M2; train.py --model M2 --out M2`: M2's config.json (a Qwen2 config, not tokrl's run settings) is
+    what a model directory holds. Before: M2 was taken for a run to restart, its config.json overwritten with run
+    settings (the model no longer loaded), with a warning only."""
+    m2 = Path(shutil.copytree(tiny, tmp_path / "M2"))
+    before = snapshot(m2)
+    code, err = refused_before_loading(["--model", str(m2), "--out", str(m2), *SMALL], capsys, monkeypatch)
+    assert code == 2 and err == (f"error: --out {m2}: not empty, and not a run of tokrl's ({m2 / 'config.json'} is "
+                                 "not tokrl's run settings: it lacks their marker, \"tokrl\": \"run settings\"); it "
+                                 "holds config.json, generation_config.json, model.safetensors, tokenizer.json; "
+                                 "allowed: a new or empty directory\n")
+    assert snapshot(m2) == before
+    M.load_model(m2)
+
+
+@pytest.mark.parametrize("removed,what", [
+    (["checkpoints"], "holds a finished run ({run}/adapter is its final adapter; its checkpoints are gone)"),
+    (["checkpoints", "adapter"], "holds the logs of a run whose checkpoints are gone ({run}/metrics.jsonl reaches "
+                                 "step 2, past its first checkpoint, step 1)"),
+    (["checkpoints/step-000001", "checkpoints/step-000002", "adapter"],
+     "holds a run whose checkpoints are gone ({run}/checkpoints/latest names step-000002)")])
+def test_a_run_whose_checkpoints_were_deleted_keeps_its_logs_and_adapter(finished, tmp_path, tiny, capsys,
+                                                                         monkeypatch, removed, what):
+    """A run's checkpoints deleted to save disk: its logs (and the final adapter) stay. Before: the directory was
+    taken for a run that stopped before its first checkpoint; its config.json was overwritten and metrics.jsonl,
+    eval.jsonl, resumes.jsonl and curves.svg deleted. The advice, another --out, runs."""
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    for name in removed:
+        shutil.rmtree(run / name)
+    before = snapshot(run)
+    code, err = refused_before_loading(finished_args(tiny, run), capsys, monkeypatch)
+    assert code == 2 and err == f"error: --out {run}: {what.format(run=run)}; a new run needs another --out\n"
+    assert snapshot(run) == before
+    assert train.main(finished_args(tiny, tmp_path / "another")) == 0
+
+
+def test_out_at_a_run_with_checkpoints_advises_its_resume_which_runs(finished, tmp_path, tiny, capsys, monkeypatch):
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    before = snapshot(run)
+    code, err = refused_before_loading(finished_args(tiny, run), capsys, monkeypatch)
+    assert code == 2 and err == (f"error: --out {run}: already holds a run; continue it with --resume {run}, or "
+                                 "choose another --out\n")
+    assert snapshot(run) == before
+    assert train.main(["--resume", str(run), "--steps", "3"]) == 0
+
+
+def stopped_before_its_first_checkpoint(finished: Path, run: Path) -> Path:
+    """The finished run's directory as it stood when it was killed in its first checkpoint's write: its settings,
+    the step-0 evaluation and step 1's metrics, a half-built checkpoint."""
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "checkpoints"), shutil.rmtree(run / "adapter")
+    (run / "resumes.jsonl").unlink(missing_ok=True)
+    for log in ("metrics.jsonl", "eval.jsonl"):
+        checkpoints.write_jsonl(run / log, [r for r in checkpoints.read_jsonl(run / log) if r["step"] <= 1])
+    (run / "checkpoints" / ".tmp-step-000001" / "adapter").mkdir(parents=True)
+    return run
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "checkpoints/mine", "unmarked"])
+def test_a_run_stopped_before_its_first_checkpoint_beside_what_tokrl_did_not_write_is_refused(
+        finished, tmp_path, tiny, capsys, monkeypatch, extra):
+    """A run that stopped before its first checkpoint starts again in its directory only when nothing there is
+    another's: a file no run writes, or a config.json without tokrl's marker (a run recorded before the marker, or a
+    hand-made copy: tokrl cannot tell that it wrote the logs beside it), is refused, naming it."""
+    run = stopped_before_its_first_checkpoint(finished, tmp_path / "run")
+    if extra == "unmarked":
+        config = json.loads((run / "config.json").read_text())
+        del config["tokrl"]
+        (run / "config.json").write_text(json.dumps(config))
+    else:
+        (run / extra).write_text("mine")
+    before = snapshot(run)
+    code, err = refused_before_loading(finished_args(tiny, run), capsys, monkeypatch)
+    why = {"notes.txt": "holds what no run of tokrl's writes (notes.txt)",
+           "checkpoints/mine": "holds what no run of tokrl's writes (checkpoints/mine)",
+           "unmarked": (f"not empty, and not a run of tokrl's ({run / 'config.json'} is not tokrl's run settings: it "
+                        "lacks their marker, \"tokrl\": \"run settings\"); it holds checkpoints, config.json, "
+                        "curves.svg, eval.jsonl, metrics.jsonl")}[extra]
+    assert code == 2 and err == f"error: --out {run}: {why}; allowed: a new or empty directory\n"
+    assert snapshot(run) == before
+    if extra != "unmarked":  # what is tokrl's alone: the same command starts it again there
+        (run / extra).unlink()
+        capsys.readouterr()
+        assert train.main(finished_args(tiny, run)) == 0
+        assert f"warning: {run} holds a run that stopped before its first checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["--out", "--resume"])
+def test_the_hold_file_is_never_followed_through_a_symbolic_link(finished, tmp_path, tiny, capsys, monkeypatch, how):
+    """RUN/.lock a symbolic link to a file of the user's: refused (exit 2, one line naming the link and its target),
+    the target untouched. Before: the hold opened the link and wrote its pid, host and start time over the target.
+    The advice, remove the link, runs."""
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's own\n")
+    run = Path(shutil.copytree(finished, tmp_path / "run")) if how == "--resume" else tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    (run / checkpoints.HOLD_FILE).unlink(missing_ok=True)
+    (run / checkpoints.HOLD_FILE).symlink_to(target)
+    args = ["--resume", str(run), "--steps", "3"] if how == "--resume" else finished_args(tiny, run)
+    before = snapshot(run)
+    code, err = refused_before_loading(args, capsys, monkeypatch)
+    assert code == 2 and err == (f"error: {how} {run}: {run / '.lock'} is a symbolic link (to {target}); a run "
+                                 "directory's hold is a plain file, never followed through a link: remove the link\n")
+    assert target.read_text() == "the user's own\n" and snapshot(run) == before
+    (run / checkpoints.HOLD_FILE).unlink()
+    assert train.main(args) == 0 and target.read_text() == "the user's own\n"
+
+
+@pytest.mark.parametrize("how", [[], ["--eval-only"]], ids=["a new run", "--eval-only"])
+def test_an_out_inside_a_file_is_one_line_exit_2(tmp_path, tiny, capsys, monkeypatch, how):
+    """Before: `error: .../notes.txt/sub/.lock: Not a directory`, exit status 1 (a failure at run time)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    code, err = refused_before_loading(["--model", str(tiny), "--out", str(notes / "sub"), *SMALL, *how], capsys,
+                                       monkeypatch)
+    assert code == 2 and err == (f"error: --out {notes / 'sub'}: {notes} is a file, not a directory; allowed: a new "
+                                 "or empty directory\n")
+    assert notes.read_text() == "x"
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, tiny, capsys, monkeypatch):
+    """Two runs without --out, started in the same second. Before: the second was refused, naming an --out its user
+    never gave (`--out runs/mult-tspmo-...: already holds a run`)."""
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 22, 10, 15, 0)
+
+    monkeypatch.setattr(train, "datetime", types.SimpleNamespace(datetime=Frozen))
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(tiny), *SMALL, "--steps", "1", "--eval-limit", "1"]
+    capsys.readouterr()
+    assert train.main(args) == 0 and train.main(args) == 0
+    assert "--out" not in capsys.readouterr().err
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["mult-tspmo-20261122-101500", "mult-tspmo-20261122-101500-2"]
+    assert all((r / "adapter" / "adapter_model.safetensors").is_file() for r in runs)
+    assert [json.loads((r / "config.json").read_text())["out"] for r in runs] == [f"runs/{r.name}" for r in runs]
+
+
+def test_a_default_directory_another_run_takes_first_is_not_shared(tmp_path, monkeypatch):
+    """The default directory is created with one mkdir that fails if the name exists (no check, then create): here
+    another run takes the name between whatever a check would see and the mkdir, and this run gets the next one."""
+    base, real, taken = tmp_path / "runs" / "mult-tspmo-20261122-101500", Path.mkdir, []
+
+    def mkdir(self, *a, **k):
+        if self.parent == base.parent and not taken:  # another process's mkdir of the same name, a moment earlier
+            taken.append(self)
+            real(self)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert train.make_run_dir(base) == base.with_name(base.name + "-2") and taken == [base]
+    assert train.make_run_dir(base) == base.with_name(base.name + "-3")
+
+
 # --- docs/running.md's table: every row's exit status, produced -------------------------------------------------------
 
 def table_rows() -> dict[str, list[int]]:
@@ -399,7 +577,8 @@ def after_a_killed_checkpoint_write(t: Row) -> list[int]:
     tmp = run / "checkpoints" / ".tmp-step-000003"
     (tmp / "adapter").mkdir(parents=True)
     (tmp / "state.pt").write_bytes(b"PK\x03\x04 half")
-    return [t.resume(run, "--steps", "3")]
+    first = stopped_before_its_first_checkpoint(t.finished, t.tmp / "first")  # killed in its first checkpoint
+    return [t.resume(run, "--steps", "3"), t.resume(first)]
 
 
 def after_a_killed_log_append(t: Row) -> list[int]:
@@ -456,6 +635,18 @@ def ctrl_c(t: Row) -> list[int]:
         with t.monkeypatch.context() as m:
             m.setattr(training.Trainer, "train_step", train_step)
             codes.append(t.resume(t.run(), "--steps", "5"))
+    return codes
+
+
+def sigterm(t: Row) -> list[int]:
+    """In a process of its own (a SIGTERM to this one would end the tests if its handler were missing): once, and
+    twice, while step 3 of a resume runs."""
+    from test_faults import signalled
+    codes = []
+    for times in (1, 2):
+        p = signalled(["--resume", str(t.run()), "--steps", "5"], at=f"step:3:{times}")
+        p.communicate(timeout=180)
+        codes.append(p.returncode)
     return codes
 
 
@@ -536,6 +727,7 @@ ROWS = {
     "disk full": disk_full,
     "NaN or inf in the adapter": non_finite,
     "Ctrl-C": ctrl_c,
+    "SIGTERM": sigterm,
     "a second `train.py --resume RUN`": held_by_another,
     "the KV cache cannot be allocated at run time": cache_refused_at_run_time,
     "`--max-new-tokens 1000000000`": lambda t: [t.new_run("--max-new-tokens", "1000000000")],
@@ -565,7 +757,7 @@ def test_the_table_follows_the_one_rule_and_every_row_has_a_scenario():
     rows = table_rows()
     assert sorted(map(row_key, rows)) == sorted(ROWS)
     for fault, statuses in rows.items():
-        assert statuses and set(statuses) <= {0, 1, 2, 130}, fault
+        assert statuses and set(statuses) <= {0, 1, 2, 130, 143}, fault
         if isinstance(ROWS[row_key(fault)], str):  # the test that pins it exists
             file, name = ROWS[row_key(fault)].split("::")
             assert f"def {name}(" in (ROOT / "tests" / file).read_text()
@@ -576,3 +768,72 @@ def test_every_row_of_the_table_has_its_exit_status(key, finished, tiny, adapter
                                                     monkeypatch):
     [statuses] = [s for fault, s in table_rows().items() if row_key(fault) == key]
     assert ROWS[key](Row(finished, tiny, adapter_of_tiny, tmp_path, capsys, monkeypatch)) == statuses
+
+
+# --- every message that says what to do next: a test does what it says ------------------------------------------------
+
+# each phrase of advice in the run's messages, and the test that runs the command it prints (or makes the change it
+# names) and sees the run go on
+ADVICE = {
+    "continue it with --resume": "test_files.py::test_out_at_a_run_with_checkpoints_advises_its_resume_which_runs",
+    "a new run needs another --out":
+        "test_files.py::test_a_run_whose_checkpoints_were_deleted_keeps_its_logs_and_adapter",
+    "remove the link": "test_files.py::test_the_hold_file_is_never_followed_through_a_symbolic_link",
+    "evaluate a run's": "test_cli.py::test_resume_refuses_eval_only_and_its_advice_runs",
+    "put the same model at":
+        "test_cli.py::test_resume_of_a_run_whose_model_moved_runs_once_the_link_the_advice_names_is_there",
+    "a resume may run on another": "test_cli.py::test_a_run_recorded_on_cuda_resumes_on_another_device",
+    "--resume {run} --device": "test_cli.py::test_a_run_recorded_on_cuda_resumes_on_another_device",
+    "start it again from step 0), with":
+        "test_faults.py::test_killed_before_the_first_checkpoint_the_resume_starts_it_again",
+    "start it again from step 0 with": "test_faults.py::test_a_second_ctrl_c_stops_at_once_and_its_advice_runs",
+    "holds its settings alone; start it again":
+        "test_faults.py::test_a_second_sigterm_or_one_before_training_stops_at_once_and_its_advice_runs",
+    "interrupted before training resumed":
+        "test_faults.py::test_a_second_sigterm_or_one_before_training_stops_at_once_and_its_advice_runs",
+    "Ctrl-C again to quit now": "test_faults.py::test_a_second_ctrl_c_stops_at_once_and_its_advice_runs",
+    "a second signal stops at once":
+        "test_faults.py::test_a_second_sigterm_or_one_before_training_stops_at_once_and_its_advice_runs",
+    "continue with": "test_faults.py::test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly",
+    "stopped at step {tr.step}; {tr.resume_verb()}":
+        "test_faults.py::test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly",
+    "python train.py --resume {run}":
+        "test_faults.py::test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly",
+    "stopped at once: {tr.safe()}; {tr.resume_verb()}":
+        "test_faults.py::test_a_second_ctrl_c_stops_at_once_and_its_advice_runs",
+    "{tr.resume_verb()} {resume_command(tr.run)}": "test_faults.py::test_disk_full_names_the_path_and_what_is_safe",
+    "once the disk has room": "test_faults.py::test_disk_full_names_the_path_and_what_is_safe",
+    "writes the rest": "test_faults.py::test_the_final_adapter_on_a_full_disk_and_the_resume_that_writes_it",
+    "with memory freed on": "test_faults.py::test_a_kv_cache_the_device_cannot_allocate_stops_the_run_with_its_size",
+    "wait for that process to end, or stop it":
+        "test_faults.py::test_a_second_resume_stops_before_touching_a_running_run_and_kill_9_frees_it",
+    "fix or remove that line": "test_faults.py::test_a_bad_line_inside_a_log_is_named_before_anything_is_written",
+    "resume with the same number": "test_distributed.py::test_resume_of_a_two_process_run_is_bit_exact",
+    "was written by {saved} process(es)": "test_distributed.py::test_resume_of_a_two_process_run_is_bit_exact",
+    "torchrun{nodes} --nproc-per-node":
+        "test_distributed.py::test_sigterm_to_torchrun_checkpoints_one_step_and_the_resume_is_bit_exact",
+}
+# advice no test here can run, and why
+NOT_RUN_HERE = {
+    "may avoid": "a suggestion, not a command: what drove a loss to NaN cannot be told from the run",
+    "pass --device cuda": "a torchrun job on two GPUs (test_distributed.py's NCCL test, with CUDA only)",
+}
+ADVICE_WORDS = re.compile(r"continue (it )?with|start it again|remove the|choose another|wait for|put the same|needs "
+                          r"another|fix or remove|evaluate a run's|resume with|may avoid|again to quit|stops at once|"
+                          r"pass --|writes the rest|a resume may|once the disk|memory freed|resume_command\(|"
+                          r"resume_verb\(\)|--resume \{")
+
+
+def test_every_advice_a_message_gives_has_a_test_that_runs_it():
+    """The run's files: every line of a message (a string, not a comment or a docstring's first line) with words
+    that tell the user what to do names a phrase of ADVICE or NOT_RUN_HERE, and every test ADVICE names exists."""
+    lines = [line.strip() for f in ("train.py", "training.py", "checkpoints.py", "checks.py", "distributed.py")
+             for line in (ROOT / f).read_text().splitlines()
+             if '"' in line and not line.strip().startswith(("#", '"""')) and ADVICE_WORDS.search(line)]
+    assert len(lines) >= len(ADVICE)
+    for line in lines:
+        assert any(phrase in line for phrase in [*ADVICE, *NOT_RUN_HERE]), f"advice no test runs: {line}"
+    for phrase, test in ADVICE.items():
+        file, name = test.split("::")
+        assert any(phrase in line for line in lines), f"{phrase!r}: no message says it any more"
+        assert f"def {name}(" in (ROOT / "tests" / file).read_text(), test

@@ -281,7 +281,8 @@ def test_resume_of_a_non_run_and_existing_run_kept(tmp_path, tiny, capsys):
     assert "already holds a run" in capsys.readouterr().err and (run / "metrics.jsonl").read_text() == before
     import shutil
     shutil.rmtree(run / "checkpoints")
-    assert "no intact checkpoint" in refused(["--resume", str(run)], capsys)
+    msg = refused(["--resume", str(run)], capsys)  # nothing to resume, and a finished run is never started again
+    assert "holds a finished run" in msg and "its checkpoints are gone" in msg
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny, monkeypatch):
