@@ -537,8 +537,8 @@ def test_a_run_recorded_without_replay_cut_resumes_with_the_uniform_cut(two_step
     before = files(two_steps)
     code, err = refused(["--resume", str(two_steps), "--replay-cut", "entropy"], capsys)
     assert code == 2 and err == (f"error: --replay-cut entropy: {two_steps} was recorded with replay_cut = 'uniform' "
-                                 f"({two_steps / 'config.json'}); a resumed run keeps its settings, only --steps may "
-                                 "change\n")
+                                 f"({two_steps / 'config.json'}); a resumed run keeps its settings, only --steps and "
+                                 "--device may change\n")
     assert files(two_steps) == before
     (two_steps / "config.json").write_text(json.dumps({**config, "replay_cut": "middle"}))
     before = files(two_steps)
