@@ -536,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     if len({m.name for m in MUTANTS}) != len(MUTANTS):
         raise SystemExit("error: two mutants share a name")
     chosen = [m for m in MUTANTS if not names or m.name in names]
-    command = "python3 bench/mutate.py" + "".join(f" {x}" for x in (argv if argv is not None else sys.argv[1:]))
+    command = "python3 bench/mutate.py" + (f" --rev {a.rev}" if a.rev else "") + (f" --only {a.only}" if names else "") \
+        + (f" --jobs {a.jobs}" if a.jobs != 1 else "") + (f" --timeout {a.timeout:g}" if a.timeout != 3600 else "")
 
     with tempfile.TemporaryDirectory(prefix="tokrl-mutate-") as tmp:
         base = snapshot(a.rev, Path(tmp) / "base")
