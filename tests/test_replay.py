@@ -205,13 +205,32 @@ def test_draws_are_uniform_without_repeats_and_from_the_right_subset():
     assert pool.draw(rng, 0, 1)[0] in (1, 2)
 
 
-def test_the_pool_round_trips_through_a_checkpoint_s_weights_only_load(tmp_path):
-    pool = filled()
+def test_failures_are_drawn_as_many_as_asked_whatever_the_successes():
+    """C_failure counts failures only: a pool with no success still gives C_failure failures (and one with one
+    success, three). The bug it is written for: C_failure capped by the number of successes (a copy-paste slip)."""
+    pool = ReplayPool(1.0)
+    pool.add_group((12, 12), [[1], [2], [3], [4]], [0.0, 0.0, 0.5, 0.0], step=1)
+    rng = random.Random(0)
+    picks = pool.draw(rng, 1, 2)
+    assert len(picks) == 2 and set(picks) <= {0, 1, 2, 3} and len(set(picks)) == 2
+    pool.add_group((11, 11), [[5]], [1.0], step=2)
+    picks = pool.draw(rng, 1, 3)
+    assert picks[0] == 4 and len(picks) == 4 and set(picks[1:]) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.5])
+def test_the_pool_round_trips_through_a_checkpoint_s_weights_only_load(tmp_path, threshold):
+    """Every array, the problems and the threshold r come back; a completion added after the round trip is split by
+    the same r (0.5: a reward of 0.5 is a success; 1.0: a failure). The bug it is written for: the pool's resume
+    state forgetting --replay-threshold, or its problems."""
+    pool = filled(threshold)
     torch.save({"replay_pool": pool.state()}, tmp_path / "state.pt")
     back = ReplayPool.from_state(torch.load(tmp_path / "state.pt", weights_only=True)["replay_pool"])
     for name in ReplayPool.ARRAYS:
         assert getattr(back, name) == getattr(pool, name), name
     assert back.problems == pool.problems and back.threshold == pool.threshold
     assert [back.completion(i) for i in range(4)] == [pool.completion(i) for i in range(4)]
+    back.add_group((7, 7), [[9]], [0.5], step=3)
+    assert (4 in back.success) == (threshold == 0.5)
     empty = ReplayPool.from_state(ReplayPool(1.0).state())
     assert len(empty) == 0 and empty.draw(random.Random(0), 1, 1) == []

@@ -19,6 +19,7 @@ import settings
 import tasks
 import tokrl
 import training
+from distributed import World
 from test_tokrl import COMPLETIONS, PROMPT, REWARDS, adapted_model
 
 
@@ -208,7 +209,7 @@ def test_every_objective_s_gradient_and_loss_are_exactly_proportional_to_scale(t
 GROUPS = [([[5, 6, 7], [5, 9], [8], [5, 6]], [1.0, 0.0, 0.0, 1.0]), ([[7, 7], [9, 1, 2], [4]], [0.0, 1.0, 0.0])]
 
 
-def mult_trainer(tiny, tmp_path, algo="grpo", **kw) -> training.Trainer:
+def mult_trainer(tiny, tmp_path, algo="grpo", world=World(), **kw) -> training.Trainer:
     cfg = settings.Settings(**{**settings.paper_defaults(algo, "mult"), "algo": algo, "device": "cpu",
                             "group_size": 4, "max_new_tokens": 12, "lora_fraction": 0.5, "model": str(tiny), **kw})
     net, tok, eos = training.load_everything(cfg)
@@ -216,7 +217,7 @@ def mult_trainer(tiny, tmp_path, algo="grpo", **kw) -> training.Trainer:
     with torch.no_grad():  # a trained-looking adapter: π_θ ≠ π_ref, so the KL term is not zero
         for p in lora.lora_parameters(net):
             p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
-    return training.Trainer(cfg, tmp_path, net, tok, tasks.make_task("mult", tok), eos)
+    return training.Trainer(cfg, tmp_path, net, tok, tasks.make_task("mult", tok), eos, world)
 
 
 def test_accum_averages_the_groups_gradients_losses_and_kl(tiny, tmp_path, monkeypatch):
@@ -288,3 +289,40 @@ def test_ppo_logs_the_mean_of_its_passes_statistics(tiny, tmp_path, monkeypatch)
     assert m["kl"] == pytest.approx(sum(p.kl for p in passes) / 3, rel=1e-12)
     assert m["forwards"] == sum(p.forwards for p in passes)
     assert math.isfinite(m["explained_variance"])
+
+
+# --- what stops a step, and whose stream each process samples from ----------------------------------------------------
+
+def test_a_non_finite_gradient_stops_the_step_before_adamw_even_with_a_finite_loss(tiny, tmp_path, monkeypatch):
+    """One NaN in one gradient entry after GRPO's backward (whose loss is finite): the step stops with NonFiniteLoss
+    and AdamW never runs (the adapter is unchanged). The bug it is written for: the guard reading the loss only."""
+    real = tokrl.grpo_backward
+
+    def poisoned(net, *a, **k):
+        st = real(net, *a, **k)
+        lora.lora_parameters(net)[-1].grad.view(-1)[0] = float("nan")
+        return st
+
+    monkeypatch.setattr(training.Trainer, "sample_group", lambda self, prompt, ex, prefix=(): GROUPS[0])
+    monkeypatch.setattr(tokrl, "grpo_backward", poisoned)
+    tr = mult_trainer(tiny, tmp_path)
+    before = [p.detach().clone() for p in lora.lora_parameters(tr.net)]
+    monkeypatch.setattr(tr.opt, "step", lambda *a, **k: pytest.fail("AdamW stepped on a NaN gradient"))
+    with pytest.raises(training.NonFiniteLoss, match="or its gradient is not finite"):
+        tr.train_step(tasks.TrainStream(tr.task, 2))
+    assert all(torch.equal(p, b) for p, b in zip(lora.lora_parameters(tr.net), before))
+
+
+def test_each_process_samples_from_its_own_stream_and_shares_the_others(tiny, tmp_path):
+    """Two processes' Trainers (rank 0 and rank 1 of 2, built without a process group): rank 0 samples from the
+    one-process run's seed, rank 1 from another, so their completions of one prompt differ; S-GRPO's selection and
+    the replay draws read the same stream on both (every process computes the same selection and replay picks). The
+    bug it is written for: every process seeded alike, so a group holds N copies of one process's share."""
+    one = mult_trainer(tiny, tmp_path / "one")
+    r0, r1 = (mult_trainer(tiny, tmp_path / f"r{r}", world=World(rank=r, size=2)) for r in (0, 1))
+    assert r0.gens["sample"].initial_seed() == one.gens["sample"].initial_seed() == one.cfg.seed
+    assert r1.gens["sample"].initial_seed() != r0.gens["sample"].initial_seed()
+    draws = [M.sample(tr.net, [10, 20, 30], 4, 6, temperature=1.0, generator=tr.gens["sample"]) for tr in (r0, r1)]
+    assert draws[0] != draws[1]
+    assert torch.equal(r0.gens["select"].get_state(), r1.gens["select"].get_state())
+    assert r0.gens["replay"].getstate() == r1.gens["replay"].getstate()
