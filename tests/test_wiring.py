@@ -106,6 +106,20 @@ def test_model_sample_first_tokens_follow_softmax_at_the_temperature(peaked, tem
         assert chi_square(counts, torch.softmax(l / (1.3 - temperature), -1))[0] > 10 * bound(df)
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing(peaked, decode):
+    """The G rows' first logits are one distribution copied G times: suppressing tokens writes -inf into each row,
+    which must be the rows' own memory. Every warning is an error here: PyTorch warns (and is to refuse) an index_put_
+    on an expanded tensor. The bug it is written for: the copy dropped after the prefill (the G rows one expanded
+    view), which samples the same today and prints a warning at every step."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = M.sample(peaked, [10, 20, 30, 40], 8, 3, temperature=1.0, suppress=[5, 9], decode=decode,
+                      generator=torch.Generator().manual_seed(0))
+    assert len(ys) == 8 and not any(t in (5, 9) for y in ys for t in y)
+
+
 # --- left-padded prompts of different lengths, each row against its own prompt alone ------------------------------------
 
 @pytest.fixture(scope="module")
