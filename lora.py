@@ -297,38 +297,36 @@ PROJECTION = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj")  # the mo
 
 
 def _target_modules(model: nn.Module, cfg: dict, cfg_path: Path) -> list[str]:
-    """The full names of the modules adapter_config.json adapts, as PEFT reads target_modules: a list of names (the
-    last part of a module's name) in the layers of layers_to_transform (None: every layer); or a string, a regular
-    expression that a module's whole name must match (re.fullmatch, e.g. ".*\\.(q|v)_proj"; layers_to_transform then
-    plays no part, as in PEFT)."""
+    """The full names of the modules adapter_config.json adapts, as PEFT reads target_modules: a list of names, each
+    a module's whole name or a dotted tail of it ("q_proj", "self_attn.q_proj"), in the layers of layers_to_transform
+    (None: every layer); or a string, a regular expression that a module's whole name must match (re.fullmatch, e.g.
+    ".*\\.(q|v)_proj"; layers_to_transform then plays no part, as in PEFT). Every module named must be an attention
+    projection (the modules tokrl adapts)."""
     targets = cfg["target_modules"]
     if isinstance(targets, str):
         try:
-            names = [n for n, _ in model.named_modules() if n and re.fullmatch(targets, n)]
+            pattern = re.compile(targets)
         except re.error as e:
             raise ValueError(f"{cfg_path}: target_modules {targets!r} is not a regular expression ({e})") from None
-        other = [n for n in names if not PROJECTION.fullmatch(n)]
-        if other:
-            raise ValueError(f"{cfg_path}: target_modules = {targets!r} is not supported (it matches {other[0]}; "
-                             "tokrl adapts the attention projections q_proj, k_proj, v_proj, o_proj only)")
-        if not names:
-            raise AdapterMismatch(f"{cfg_path}: target_modules {targets!r} matches no module of this model (a "
-                                  "regular expression must match a module's whole name, as "
-                                  "model.layers.0.self_attn.q_proj)")
-        return names
-    L = len(model.model.layers)
-    layers = cfg.get("layers_to_transform")
-    layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-    if any(not 0 <= i < L for i in layers):
-        raise AdapterMismatch(f"{cfg_path}: layers_to_transform {reprlib.repr(layers)} names layers this model does "
-                              f"not have (it has {L}: 0..{L - 1}); the adapter was trained for another model")
-    names = []
-    for i in layers:
-        attn = model.model.layers[i].self_attn
-        for name in targets:
-            if not isinstance(getattr(attn, name, None), nn.Linear):
-                raise AdapterMismatch(f"{cfg_path}: target module {name!r} is not an attention projection of Qwen2")
-            names.append(f"model.layers.{i}.self_attn.{name}")
+        names = [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
+    else:
+        L = len(model.model.layers)
+        layers = cfg.get("layers_to_transform")
+        layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+        if any(not 0 <= i < L for i in layers):
+            raise AdapterMismatch(f"{cfg_path}: layers_to_transform {reprlib.repr(layers)} names layers this model "
+                                  f"does not have (it has {L}: 0..{L - 1}); the adapter was trained for another model")
+        names = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+        if cfg.get("layers_to_transform") is not None:  # then a module outside the layers (lm_head) is not adapted
+            names = [n for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m[1]) in layers]
+    other = [n for n in names if not PROJECTION.fullmatch(n)]
+    if other:
+        raise ValueError(f"{cfg_path}: target_modules = {targets!r} is not supported (it names {other[0]}; tokrl "
+                         "adapts the attention projections q_proj, k_proj, v_proj and o_proj only)")
+    if not names:
+        raise AdapterMismatch(f"{cfg_path}: target_modules {reprlib.repr(targets)} names no module of this model "
+                              "(a name matches a module's whole name or its last dotted parts, a regular expression "
+                              "its whole name, as model.layers.0.self_attn.q_proj)")
     return names
 
 

@@ -270,7 +270,8 @@ def test_peft_rank_and_alpha_patterns_give_peft_s_logits(tmp_path):
                                          ("init_lora_weights", "lora_ga"), ("target_parameters", ["x.weight"]),
                                          ("trainable_token_indices", [1, 2]), ("use_qalora", True),
                                          ("alora_invocation_tokens", [5]), ("layers_pattern", "h"),
-                                         ("target_modules", r".*\.mlp\.down_proj"), ("target_modules", ".*")])
+                                         ("target_modules", r".*\.mlp\.down_proj"), ("target_modules", ".*"),
+                                         ("target_modules", ["q_proj", "gate_proj"]), ("target_modules", ["mlp"])])
 def test_peft_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, value):
     m = tiny_model(tmp_path)
     lora.apply_lora(m, r=2, fraction=0.25)
@@ -343,8 +344,11 @@ QV = ["q_proj", "v_proj"]
     # target_modules a regular expression: matched against each module's whole name; layers_to_transform unused
     (dict(r=2, lora_alpha=4, target_modules=r".*\.layers\.[13]\.self_attn\.(q|k)_proj"),
      {"model.layers.1.self_attn.k_proj": 2.0}),
+    # names in a list: a module's whole name, or a dotted tail of it
+    (dict(r=2, lora_alpha=4, target_modules=["self_attn.q_proj", "model.layers.2.self_attn.v_proj"]),
+     {"model.layers.0.self_attn.q_proj": 2.0, "model.layers.2.self_attn.v_proj": 2.0}),
 ], ids=["rslora-rank-pattern", "rslora-alpha-pattern", "pattern-tails", "dropout-layers-pattern", "gaussian", "orthogonal",
-        "init-false", "regex-targets"])
+        "init-false", "regex-targets", "name-tails"])
 def test_peft_adapters_with_the_fields_peft_writes_give_peft_s_logits(tmp_path, config, scalings):
     """Each adapter peft makes and saves, loaded by tokrl onto the same base: the same modules adapted, each at
     PEFT's scale, and PEFT's logits (max abs error < 1e-5, where the adapter moves them by more than 1e-2). The
@@ -380,11 +384,12 @@ def test_peft_adapters_with_trained_biases_are_refused_by_name(tmp_path, bias, c
 
 
 @pytest.mark.parametrize("targets,message", [
-    ("q_proj", "matches no module of this model"),  # a string is a regular expression for the whole name, as in PEFT
-    (r".*\.layers\.9\.self_attn\.q_proj", "matches no module of this model"),
+    ("q_proj", "names no module of this model"),  # a string is a regular expression for the whole name, as in PEFT
+    (r".*\.layers\.9\.self_attn\.q_proj", "names no module of this model"),
     ("(q_proj", "is not a regular expression"),
+    (["c_attn", "q"], "names no module of this model"),  # a name matches a whole dotted tail: "q" is no q_proj's
 ])
-def test_a_regex_target_that_matches_nothing_or_does_not_parse_is_named(tmp_path, targets, message):
+def test_a_target_that_names_no_module_or_does_not_parse_is_named(tmp_path, targets, message):
     m = tiny_model(tmp_path)
     lora.apply_lora(m, r=2, fraction=0.25)
     checkpoints.write_adapter(m, tmp_path / "ad")
