@@ -515,7 +515,8 @@ def summary(results: list[Result]) -> str:
     other = [f"{r.mutant.name} ({r.verdict})" for r in results if not r.ran]
     rate = f"{killed / len(ran):.0%}" if ran else "n/a"
     return (f"{len(ran)} mutants run: {killed} killed ({timeouts} by timeout), {len(survivors)} survived: kill rate "
-            f"{rate}. Survivors: {', '.join(survivors) or 'none'}." + (f" Not run: {', '.join(other)}." if other else ""))
+            f"{rate}. Survivors: {', '.join(survivors) or 'none'}."
+            + (f" Not run: {', '.join(other)}." if other else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     if len({m.name for m in MUTANTS}) != len(MUTANTS):
         raise SystemExit("error: two mutants share a name")
     chosen = [m for m in MUTANTS if not names or m.name in names]
-    command = "python3 bench/mutate.py" + (f" --rev {a.rev}" if a.rev else "") + (f" --only {a.only}" if names else "") \
-        + (f" --jobs {a.jobs}" if a.jobs != 1 else "") + (f" --timeout {a.timeout:g}" if a.timeout != 3600 else "")
+    command = ("python3 bench/mutate.py" + (f" --rev {a.rev}" if a.rev else "") + (f" --only {a.only}" if names else "")
+               + (f" --jobs {a.jobs}" if a.jobs != 1 else "") + (f" --timeout {a.timeout:g}" if a.timeout != 3600 else ""))
 
     with tempfile.TemporaryDirectory(prefix="tokrl-mutate-") as tmp:
         base = snapshot(a.rev, Path(tmp) / "base")

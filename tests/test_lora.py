@@ -347,8 +347,8 @@ QV = ["q_proj", "v_proj"]
     # names in a list: a module's whole name, or a dotted tail of it
     (dict(r=2, lora_alpha=4, target_modules=["self_attn.q_proj", "model.layers.2.self_attn.v_proj"]),
      {"model.layers.0.self_attn.q_proj": 2.0, "model.layers.2.self_attn.v_proj": 2.0}),
-], ids=["rslora-rank-pattern", "rslora-alpha-pattern", "pattern-tails", "dropout-layers-pattern", "gaussian", "orthogonal",
-        "init-false", "regex-targets", "name-tails"])
+], ids=["rslora-rank-pattern", "rslora-alpha-pattern", "pattern-tails", "dropout-layers-pattern", "gaussian",
+        "orthogonal", "init-false", "regex-targets", "name-tails"])
 def test_peft_adapters_with_the_fields_peft_writes_give_peft_s_logits(tmp_path, config, scalings):
     """Each adapter peft makes and saves, loaded by tokrl onto the same base: the same modules adapted, each at
     PEFT's scale, and PEFT's logits (max abs error < 1e-5, where the adapter moves them by more than 1e-2). The

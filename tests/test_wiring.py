@@ -120,7 +120,7 @@ def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing
     assert len(ys) == 8 and not any(t in (5, 9) for y in ys for t in y)
 
 
-# --- left-padded prompts of different lengths, each row against its own prompt alone ------------------------------------
+# --- left-padded prompts of different lengths, each row against its own prompt alone ---------------------------------
 
 @pytest.fixture(scope="module")
 def large_weights(tmp_path_factory):
@@ -169,7 +169,7 @@ def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_w
     assert worst < 1e-4
 
 
-# --- every objective exactly proportional to `scale` (the --accum N averaging) ------------------------------------------
+# --- every objective exactly proportional to `scale` (the --accum N averaging) ---------------------------------------
 
 def lora_grads(m, critic=None) -> list[torch.Tensor]:
     params = [*lora.lora_parameters(m), *(critic.parameters() if critic else [])]
