@@ -207,8 +207,8 @@ MUTANTS = [
            "a logged PPO statistic (clip fraction, approx. KL, entropy, value loss) summed over the μ passes, not "
            "averaged", ("tests/test_wiring.py", "tests/test_baselines.py")),
     Mutant("eval-accuracy-over-own-share", "training loop",
-           "return {\"accuracy\": correct / max(len(data), 1)",
-           "return {\"accuracy\": correct / max(len(mine), 1)",
+           "return {\"accuracy\": correct / len(data),",
+           "return {\"accuracy\": correct / len(mine),",
            "with N processes the summed correct count is divided by one process's share", DIST),
     Mutant("no-checkpoint-at-last-step", "training loop",
            "if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or tr.stopping(stop):",
@@ -240,8 +240,8 @@ MUTANTS = [
            "pool.problems = []",
            "the pool's resume state loses the problems its completions belong to", REPLAY),
     Mutant("pool-threshold-not-restored", "replay pool",
-           "pool = cls(state[\"threshold\"])",
-           "pool = cls(1.0)",
+           "pool = cls(state[\"threshold\"], bool(",
+           "pool = cls(1.0, bool(",
            "the pool's resume state forgets --replay-threshold (the default r = 1 comes back)",
            REPLAY + ("tests/test_faults.py",)),
     # -- checkpoints (checkpoints.py) -----------------------------------------------------------------------------
