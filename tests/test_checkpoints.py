@@ -89,3 +89,17 @@ def test_only_a_last_line_without_its_newline_is_torn(tmp_path, capsys):
     log.write_text('{"step": 1}\n[2]\n')
     with pytest.raises(ValueError, match="line 2 is not a JSON object"):
         checkpoints.read_jsonl(log)
+
+
+def test_an_append_that_fails_halfway_cuts_the_log_back_to_its_old_bytes(tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    log.write_bytes(b'{"step": 1}\n')
+
+    def disk_full(point):  # the disk fills after the first half of the line is written
+        if point.endswith(".partial"):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "fault", disk_full)
+    with pytest.raises(checkpoints.WriteError, match="metrics.jsonl: No space left on device"):
+        checkpoints.append_jsonl(log, {"step": 2, "loss": 0.5}, point="metrics")
+    assert log.read_bytes() == b'{"step": 1}\n'
