@@ -295,7 +295,9 @@ _IGNORED = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_pat
             "runtime_config", "megatron_core", "qalora_group_size", "ensure_weight_tying"}  # no effect without others
 _HONOURED = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "layers_to_transform", "layers_pattern",
              "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out", "init_lora_weights", "use_dora"}
-_PLAIN_INITS = (True, False, "gaussian")  # random inits: the saved A, B are the whole adapter (others alter the base)
+# random inits, whose B·A is 0 (orthogonal: B's and A's rows drawn from orthogonal rows of one matrix): the saved A, B
+# are the whole adapter (the other inits alter the base weights)
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal")
 
 
 def check_peft_config(cfg: dict, where: Path) -> None:
@@ -309,8 +311,6 @@ def check_peft_config(cfg: dict, where: Path) -> None:
                            ("fan_in_fan_out", lambda v: not v, "transposed weights (Conv1D models)"),
                            ("init_lora_weights", lambda v: v in _PLAIN_INITS,
                             "this init rewrites the base weights, which tokrl does not"),
-                           ("target_modules", lambda v: isinstance(v, list) or v is None or re.fullmatch(r"\w+", v),
-                            "a regular expression: list the module names instead"),
                            ("layers_pattern", lambda v: v in (None, "layers", ["layers"]), "Qwen2's is 'layers'")]:
         if field in cfg and not ok(cfg[field]):
             refuse(field, why)
@@ -345,7 +345,7 @@ _FIELD_RULES = {
     "lora_alpha": (lambda v: v is None or _positive(v), "a finite number > 0"),
     "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "target_modules": (lambda v: isinstance(v, str) and v or isinstance(v, list) and v and
-                       all(isinstance(t, str) for t in v), "a non-empty list of module names"),
+                       all(isinstance(t, str) for t in v), "a non-empty list of module names, or a regular expression"),
     "layers_to_transform": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) or
                             isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
                             "a layer index or a list of them"),
@@ -374,32 +374,55 @@ def read_adapter_config(path: Path) -> dict:
     return cfg
 
 
+PROJECTION = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj")  # the modules tokrl adapts, by full name
+
+
+def _target_modules(model: nn.Module, cfg: dict, cfg_path: Path) -> list[str]:
+    """The full names of the modules adapter_config.json adapts, as PEFT reads target_modules: a list of names, each
+    a module's whole name or a dotted tail of it ("q_proj", "self_attn.q_proj"), in the layers of layers_to_transform
+    (None: every layer); or a string, a regular expression that a module's whole name must match (re.fullmatch, e.g.
+    ".*\\.(q|v)_proj"; layers_to_transform then plays no part, as in PEFT). Every module named must be an attention
+    projection (the modules tokrl adapts)."""
+    targets = cfg["target_modules"]
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"{cfg_path}: target_modules {targets!r} is not a regular expression ({e})") from None
+        names = [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
+    else:
+        L = len(model.model.layers)
+        layers = cfg.get("layers_to_transform")
+        layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+        if any(not 0 <= i < L for i in layers):
+            raise AdapterMismatch(f"{cfg_path}: layers_to_transform {reprlib.repr(layers)} names layers this model "
+                                  f"does not have (it has {L}: 0..{L - 1}); the adapter was trained for another model")
+        names = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+        if cfg.get("layers_to_transform") is not None:  # then a module outside the layers (lm_head) is not adapted
+            names = [n for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m[1]) in layers]
+    other = [n for n in names if not PROJECTION.fullmatch(n)]
+    if other:
+        raise ValueError(f"{cfg_path}: target_modules = {targets!r} is not supported (it names {other[0]}; tokrl "
+                         "adapts the attention projections q_proj, k_proj, v_proj and o_proj only)")
+    if not names:
+        raise AdapterMismatch(f"{cfg_path}: target_modules {reprlib.repr(targets)} names no module of this model "
+                              "(a name matches a module's whole name or its last dotted parts, a regular expression "
+                              "its whole name, as model.layers.0.self_attn.q_proj)")
+    return names
+
+
 def _adapter_plan(model: nn.Module, cfg: dict, cfg_path: Path) -> dict[str, tuple[int, float]]:
     """The LoRA modules adapter_config.json asks for: module name -> (r, the α that LoRALinear's α/r needs)."""
-    targets = cfg["target_modules"]
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    L = len(model.model.layers)
-    layers = cfg.get("layers_to_transform")
-    layers = list(range(L)) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-    if any(not 0 <= i < L for i in layers):
-        raise AdapterMismatch(f"{cfg_path}: layers_to_transform {reprlib.repr(layers)} names layers this model does "
-                              f"not have (it has {L}: 0..{L - 1}); the adapter was trained for another model")
     plan = {}
-    for i in layers:
-        attn = model.model.layers[i].self_attn
-        for name in targets:
-            if not isinstance(getattr(attn, name, None), nn.Linear):
-                raise AdapterMismatch(f"{cfg_path}: target module {name!r} is not an attention projection of Qwen2")
-            full = f"model.layers.{i}.self_attn.{name}"
-            try:
-                r = _pattern_value(cfg.get("rank_pattern") or {}, full, cfg["r"])
-                alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha") or r))
-            except re.error as e:
-                raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern holds a bad regular expression "
-                                 f"({e})") from None
-            plan[full] = (r, alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha)  # rsLoRA: α/√r = (α·√r)/r
-            if (why := scale_problem(plan[full][1], r)) is not None:
-                raise ValueError(f"{cfg_path}: {full}: {why}")
+    for full in _target_modules(model, cfg, cfg_path):
+        try:
+            r = _pattern_value(cfg.get("rank_pattern") or {}, full, cfg["r"])
+            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, full, cfg.get("lora_alpha") or r))
+        except re.error as e:
+            raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern holds a bad regular expression ({e})") from None
+        plan[full] = (r, alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha)  # rsLoRA: α/√r = (α·√r)/r
+        if (why := scale_problem(plan[full][1], r)) is not None:
+            raise ValueError(f"{cfg_path}: {full}: {why}")
     return plan
 
 
@@ -407,7 +430,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike,
                  generator: torch.Generator | None = None) -> list[int]:
     """Apply LoRA as described by a PEFT adapter_config.json, then load its weights (strictly). Returns the layers.
 
-    Honoured: r, lora_alpha, use_rslora, target_modules (names), layers_to_transform, rank_pattern, alpha_pattern.
+    Honoured: r, lora_alpha, use_rslora (scale α/√r), target_modules (names, or a regular expression),
+    layers_to_transform, rank_pattern, alpha_pattern.
     Every other field that changes the computation is refused with its name (check_peft_config). Every file is
     checked before the model changes: the config's fields, the tensors' names, shapes, dtypes and finite values."""
     cfg_path, w_path = _adapter_files(Path(adapter_dir))

@@ -160,8 +160,9 @@ def test_ppo_per_completion_gradient_equals_batched_after_the_policy_moved(tmp_p
         rel = (fast - slow).norm() / slow.norm()
         print(f"\nPPO ({mode}) pass {k + 1}: clip fraction {st.extra['clip_fraction']:.2f}, "
               f"per-completion vs batched gradient relative error {rel:.2e}")
-        # relative: the loss reaches 17.7 at pass 2, where fp32 sums in another order differ by ~1e-5
-        assert st.loss == pytest.approx(float(loss_slow.detach()), rel=1e-6, abs=1e-5) and rel < 1e-5
+        # relative: after the large step the loss at pass 2 is tens (17.7 on one machine, 24.1 on another: the step
+        # amplifies the kernels' rounding), where fp32 sums in another order differ by a few 1e-6 of it
+        assert st.loss == pytest.approx(float(loss_slow.detach()), rel=1e-5, abs=1e-5) and rel < 1e-5
         if k == 0:
             assert st.extra["clip_fraction"] == 0 and st.extra["approx_kl"] == 0  # c ≡ 1 at the first pass
         else:

@@ -426,6 +426,15 @@ def test_a_run_recorded_without_the_marker_still_resumes_from_its_checkpoints(tw
     assert [m["step"] for m in checkpoints.read_jsonl(two_steps / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_a_resume_runs_to_the_steps_of_the_latest_resume(two_steps):
+    """resumes.jsonl holds one line per resume (here written by hand: to 3 steps, then to 5): the run's settings read
+    back with --steps 5, the latest. The bug it is written for: the first resume's --steps read instead."""
+    (two_steps / "resumes.jsonl").write_text('{"step": 2, "steps": 3}\n{"step": 3, "steps": 5}\n')
+    assert checks.read_run_settings(two_steps).steps == 5
+    (two_steps / "resumes.jsonl").write_text('{"step": 2, "steps": 3}\n')
+    assert checks.read_run_settings(two_steps).steps == 3
+
+
 def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, monkeypatch):
     before = files(two_steps)
     with monkeypatch.context() as m:
@@ -537,8 +546,8 @@ def test_a_run_recorded_without_replay_cut_resumes_with_the_uniform_cut(two_step
     before = files(two_steps)
     code, err = refused(["--resume", str(two_steps), "--replay-cut", "entropy"], capsys)
     assert code == 2 and err == (f"error: --replay-cut entropy: {two_steps} was recorded with replay_cut = 'uniform' "
-                                 f"({two_steps / 'config.json'}); a resumed run keeps its settings, only --steps may "
-                                 "change\n")
+                                 f"({two_steps / 'config.json'}); a resumed run keeps its settings, only --steps and "
+                                 "--device may change\n")
     assert files(two_steps) == before
     (two_steps / "config.json").write_text(json.dumps({**config, "replay_cut": "middle"}))
     before = files(two_steps)

@@ -101,6 +101,25 @@ def test_a_gsm8k_file_that_is_not_utf8_is_named_with_its_line(tmp_path, tiny, ca
     assert not run.exists()
 
 
+@pytest.mark.parametrize("task,fields,longer", [
+    ("svamp", {"Body": "b", "Question": "q", "Answer": 3}, "Question"),
+    ("gsm8k", {"question": "q", "answer": "a #### 5"}, "answer"),
+])
+def test_a_record_s_text_limit_counts_every_text_field(task, fields, longer):
+    """tasks.MAX_TEXT_CHARS bounds a record's whole text, SVAMP's Body and Question together, GSM8K's question and
+    answer: a record of exactly the limit is accepted, one character more in either field is refused by its count.
+    The bug it is written for: a field left out of the sum (a 2 MB answer would then pass the check)."""
+    import tasks
+    check = tasks.Svamp.record_problem if task == "svamp" else tasks.Gsm8k.record_problem
+    pad = tasks.MAX_TEXT_CHARS - sum(len(v) for v in fields.values() if isinstance(v, str))
+    first = next(k for k, v in fields.items() if isinstance(v, str))
+    exact = {**fields, first: fields[first] + "x" * pad}
+    assert check(exact) is None
+    for field in (first, longer):
+        over = {**exact, field: "y" + exact[field]}
+        assert f"{tasks.MAX_TEXT_CHARS + 1:,} characters" in check(over), field
+
+
 @pytest.mark.parametrize("how", [["--eval-only"], []], ids=["--eval-only", "a new run"])
 def test_an_evaluation_of_no_example_is_refused(tmp_path, tiny, capsys, no_loading, how):
     """Before: exit 0 with "accuracy 0.0000 on 0 mult test examples", an accuracy of nothing, and a training run

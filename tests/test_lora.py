@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import hf_checkpoint, make_checkpoint, tiny_config
+from conftest import hf_checkpoint, make_checkpoint, refused, tiny_config
 import checkpoints
 import lora
 import model as M
@@ -263,8 +263,15 @@ def test_peft_rank_and_alpha_patterns_give_peft_s_logits(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("use_dora", True), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
                                          ("layer_replication", [[0, 2]]), ("init_lora_weights", "pissa"),
-                                         ("fan_in_fan_out", True), ("target_modules", ".*q_proj"),
-                                         ("some_future_field", 3)])
+                                         ("fan_in_fan_out", True), ("some_future_field", 3),
+                                         ("bias", "all"), ("bias", "lora_only"), ("exclude_modules", ["q_proj"]),
+                                         ("init_lora_weights", "olora"), ("init_lora_weights", "loftq"),
+                                         ("init_lora_weights", "corda"), ("init_lora_weights", "eva"),
+                                         ("init_lora_weights", "lora_ga"), ("target_parameters", ["x.weight"]),
+                                         ("trainable_token_indices", [1, 2]), ("use_qalora", True),
+                                         ("alora_invocation_tokens", [5]), ("layers_pattern", "h"),
+                                         ("target_modules", r".*\.mlp\.down_proj"), ("target_modules", ".*"),
+                                         ("target_modules", ["q_proj", "gate_proj"]), ("target_modules", ["mlp"])])
 def test_peft_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, value):
     m = tiny_model(tmp_path)
     lora.apply_lora(m, r=2, fraction=0.25)
@@ -292,3 +299,116 @@ def test_L1_by_hand():
     assert mod(torch.ones(2)).tolist() == [7.5, 14.5]
     mod.enabled = False
     assert mod(torch.ones(2)).tolist() == [3.5, 6.5]
+
+
+# --- PEFT adapters with the fields PEFT writes: loaded to PEFT's logits, or refused naming the field ------------------
+
+def peft_adapter(tmp_path, peft, **config):
+    """A PEFT adapter made by peft on a tiny transformers Qwen2 (4 layers), with random B (so it moves the logits),
+    saved as PEFT saves it. Returns (model directory, the PEFT model, the adapter directory)."""
+    path, hf = hf_checkpoint(tmp_path / "hf", tie=True, layers=4)
+    with torch.no_grad():
+        base = hf(IDS).logits
+    pm = peft.get_peft_model(hf, peft.LoraConfig(**config))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or n.endswith(".bias") and p.requires_grad:  # trained biases: bias = all / lora_only
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+        moved = (pm(IDS).logits - base).abs().max()
+    assert moved > 1e-2, f"the adapter moves the logits by only {moved}"
+    pm.save_pretrained(tmp_path / "ad")
+    return path, pm.eval(), tmp_path / "ad"
+
+
+QV = ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("config,scalings", [
+    # rsLoRA: scale α/√r (8/√4 = 4; 8/√2 for the rank_pattern's r = 2), not α/r
+    (dict(r=4, lora_alpha=8, use_rslora=True, target_modules=QV, layers_to_transform=[1, 3],
+          rank_pattern={"layers.3.self_attn.q_proj": 2}),
+     {"model.layers.1.self_attn.q_proj": 8 / 4 ** 0.5, "model.layers.3.self_attn.q_proj": 8 / 2 ** 0.5}),
+    (dict(r=4, lora_alpha=6, use_rslora=True, target_modules=QV, alpha_pattern={"v_proj": 12}),
+     {"model.layers.0.self_attn.q_proj": 3.0, "model.layers.2.self_attn.v_proj": 6.0}),
+    # a pattern key matches a whole dotted tail of the name: "q" is no q_proj's, "layers.1.self_attn.v_proj" is one's
+    (dict(r=2, lora_alpha=4, target_modules=QV, alpha_pattern={"q": 40, "layers.1.self_attn.v_proj": 8}),
+     {"model.layers.0.self_attn.q_proj": 2.0, "model.layers.1.self_attn.v_proj": 4.0,
+      "model.layers.0.self_attn.v_proj": 2.0}),
+    # lora_dropout (off at inference), layers_pattern, the random inits
+    (dict(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=QV, layers_to_transform=[0, 2], layers_pattern="layers"),
+     {"model.layers.2.self_attn.v_proj": 2.0}),
+    (dict(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["k_proj", "o_proj"]),
+     {"model.layers.3.self_attn.o_proj": 1.0}),
+    (dict(r=4, lora_alpha=4, init_lora_weights="orthogonal", target_modules=QV), {}),
+    (dict(r=2, lora_alpha=4, init_lora_weights=False, target_modules=QV, bias="none"), {}),
+    # target_modules a regular expression: matched against each module's whole name; layers_to_transform unused
+    (dict(r=2, lora_alpha=4, target_modules=r".*\.layers\.[13]\.self_attn\.(q|k)_proj"),
+     {"model.layers.1.self_attn.k_proj": 2.0}),
+    # names in a list: a module's whole name, or a dotted tail of it
+    (dict(r=2, lora_alpha=4, target_modules=["self_attn.q_proj", "model.layers.2.self_attn.v_proj"]),
+     {"model.layers.0.self_attn.q_proj": 2.0, "model.layers.2.self_attn.v_proj": 2.0}),
+], ids=["rslora-rank-pattern", "rslora-alpha-pattern", "pattern-tails", "dropout-layers-pattern", "gaussian",
+        "orthogonal", "init-false", "regex-targets", "name-tails"])
+def test_peft_adapters_with_the_fields_peft_writes_give_peft_s_logits(tmp_path, config, scalings):
+    """Each adapter peft makes and saves, loaded by tokrl onto the same base: the same modules adapted, each at
+    PEFT's scale, and PEFT's logits (max abs error < 1e-5, where the adapter moves them by more than 1e-2). The
+    bugs it is written for: an rsLoRA adapter loaded at α/r (or any other scale than α/√r), a field read wrong."""
+    peft = pytest.importorskip("peft")
+    path, pm, ad = peft_adapter(tmp_path, peft, **config)
+    ours = M.load_model(path)
+    lora.load_adapter(ours, ad)
+    adapted = {n.removeprefix("base_model.model.") for n, mod in pm.named_modules() if hasattr(mod, "lora_A")
+               and isinstance(mod.lora_A, torch.nn.ModuleDict)}
+    mods = dict(lora.lora_modules(ours))
+    assert set(mods) == adapted
+    for name, scale in scalings.items():
+        assert mods[name].scaling == pytest.approx(scale, rel=1e-12)
+        assert pm.get_submodule(f"base_model.model.{name}").scaling["default"] == pytest.approx(scale, rel=1e-12)
+    with torch.no_grad():
+        err = (pm(IDS).logits - ours.logits(IDS)).abs().max()
+    print(f"\n{config}: tokrl vs peft max abs logit error {err:.1e}")
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_adapters_with_trained_biases_are_refused_by_name(tmp_path, bias, capsys):
+    """bias = all / lora_only: PEFT saves trained biases beside A and B, which tokrl does not load. Refused, naming
+    the field, from lora.load_adapter and from the command line (one line, exit status 2, before the weights load)."""
+    peft = pytest.importorskip("peft")
+    path, _, ad = peft_adapter(tmp_path, peft, r=2, lora_alpha=4, target_modules=QV, bias=bias)
+    with pytest.raises(ValueError, match=rf"bias = '{bias}' is not supported"):
+        lora.load_adapter(M.load_model(path), ad)
+    code, err = refused(["--eval-only", "--model", str(path), "--adapter", str(ad), "--task", "mult", "--device",
+                         "cpu", "--eval-limit", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"bias = '{bias}' is not supported" in err
+
+
+@pytest.mark.parametrize("targets,message", [
+    ("q_proj", "names no module of this model"),  # a string is a regular expression for the whole name, as in PEFT
+    (r".*\.layers\.9\.self_attn\.q_proj", "names no module of this model"),
+    ("(q_proj", "is not a regular expression"),
+    (["c_attn", "q"], "names no module of this model"),  # a name matches a whole dotted tail: "q" is no q_proj's
+])
+def test_a_target_that_names_no_module_or_does_not_parse_is_named(tmp_path, targets, message):
+    m = tiny_model(tmp_path)
+    lora.apply_lora(m, r=2, fraction=0.25)
+    checkpoints.write_adapter(m, tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "target_modules": targets}))
+    with pytest.raises(ValueError, match=rf"target_modules .*{message}"):
+        lora.load_adapter(tiny_model(tmp_path), tmp_path / "ad")
+
+
+def test_every_field_peft_writes_is_honoured_ignored_or_refused_when_set():
+    """PEFT's own LoraConfig (the installed version's every field): a field tokrl neither honours nor ignores holds
+    an empty value in PEFT's defaults (so a default adapter loads), and set to anything else it is refused by name (so
+    a field PEFT adds later cannot change what the adapter computes unseen)."""
+    peft = pytest.importorskip("peft")
+    as_json = lambda v: sorted(v) if isinstance(v, set) else str(v)  # noqa: E731 (PEFT writes a set as a list)
+    written = json.loads(json.dumps(peft.LoraConfig(r=2, target_modules=QV).to_dict(), default=as_json))
+    unknown = sorted(set(written) - lora._IGNORED - lora._HONOURED)
+    assert unknown, "every field is known: this test has nothing to check"
+    for field in unknown:
+        assert written[field] in (None, False, {}, [], ""), field
+        with pytest.raises(ValueError, match=rf"{field} = 1 is not supported"):
+            lora.check_peft_config({**written, "peft_type": "LORA", field: 1}, "adapter_config.json")

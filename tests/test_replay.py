@@ -28,6 +28,7 @@ import replay
 import tasks
 import settings
 import test_faults as faults
+import tokrl
 import train
 import training
 from replay import ReplayPool
@@ -41,13 +42,14 @@ class Script:
     problem (read off the prompt) and prefix."""
 
     def __init__(self, tok: M.Tokenizer, plan: list):
-        self.tok, self.plan, self.calls = tok, list(plan), []
+        self.tok, self.plan, self.calls, self.limits = tok, list(plan), [], []
 
     def __call__(self, net, prompt, n, max_new_tokens, **kw):
         text = self.tok.decode(list(prompt))
         a, b = map(int, re.search(r"What's (\d+) multiplied by (\d+)\?", text).groups())
         prefix = text.split("step by step.", 1)[1]  # the replayed cut, after the prefilled opener
         self.calls.append(((a, b), prefix))
+        self.limits.append(max_new_tokens)
         assert self.plan, f"an unplanned sample call for {(a, b)} after {prefix!r}"
         what = self.plan.pop(0)
         if isinstance(what, tuple):  # a replay: finish the replayed completion's own text
@@ -152,6 +154,39 @@ def test_a_replay_cut_is_a_strict_prefix_of_its_source_completion(tiny, tmp_path
     assert r["replay_cut"] == cut and prefix == "121"[:cut] and len(prefix) < len("121")
 
 
+def test_a_replayed_update_continues_its_own_prompt_and_prefix_and_scores_against_its_own_problem(
+        tiny, tmp_path, monkeypatch):
+    """What the replayed group's T-SPMO update is given, read off the real tokrl.tspmo_backward as it runs: at step 2
+    (12 × 12, no success of its own) the history pool replays step 1's "121", cut at j = 2 (the top of its range).
+    The update's prompt is 11 × 11's prompt followed by y[:2] = "12", its completions are the continuations ("1"),
+    sampled with --max-new-tokens − 2 new tokens, and its rewards are theirs against 11 × 11 (1; against 12 × 12,
+    the step's own problem, they would be 0). The bugs it is written for: the update scored after the bare prompt,
+    the continuations scored against the current problem or without their prefix, the length limit not counting the
+    prefix."""
+    tr = trainer(tiny, tmp_path, monkeypatch)
+    tr.gens["replay"] = EndOfRange("high")
+    updates, real = [], tokrl.tspmo_backward
+
+    def recording(net, prompt, completions, rewards, **kw):
+        updates.append((list(prompt), [list(y) for y in completions], list(rewards)))
+        return real(net, prompt, completions, rewards, **kw)
+
+    monkeypatch.setattr(tokrl, "tspmo_backward", recording)
+    script = Script(tr.tok, [STEP1, ("replay", "121"), NONE2, ("replay", "121")])
+    ms = run_steps(tr, script, monkeypatch, 2)
+    assert len(updates) == 4  # step 1: fresh, replay; step 2: fresh, replay
+    enc = tr.tok.encode
+    prompt_11, prompt_12 = (enc(tr.task.prompt(pair)) for pair in PAIRS[:2])
+    [r] = ms[1]["replays"]
+    assert (r["replay_cut"], r["replay_source_step"]) == (2, 1)
+    prompt, completions, rewards = updates[3]
+    assert prompt == prompt_11 + enc("12") and prompt != prompt_11
+    assert completions == [enc("1")] * 4 and rewards == [1.0] * 4
+    assert tr.task.reward("121", PAIRS[1]) == 0.0  # scored against 12 × 12 they would fail
+    assert updates[2][0] == prompt_12  # the step's own fresh group, after its own bare prompt
+    assert script.limits == [tr.cfg.max_new_tokens, tr.cfg.max_new_tokens - 2] * 2
+
+
 # --- the pool itself -----------------------------------------------------------------------------------------------
 
 def filled(threshold=1.0) -> ReplayPool:
@@ -183,14 +218,33 @@ def test_draws_are_uniform_without_repeats_and_from_the_right_subset():
     assert pool.draw(rng, 0, 1)[0] in (1, 2)
 
 
-def test_the_pool_round_trips_through_a_checkpoint_s_weights_only_load(tmp_path):
-    pool = filled()
+def test_failures_are_drawn_as_many_as_asked_whatever_the_successes():
+    """C_failure counts failures only: a pool with no success still gives C_failure failures (and one with one
+    success, three). The bug it is written for: C_failure capped by the number of successes (a copy-paste slip)."""
+    pool = ReplayPool(1.0)
+    pool.add_group((12, 12), [[1], [2], [3], [4]], [0.0, 0.0, 0.5, 0.0], step=1)
+    rng = random.Random(0)
+    picks = pool.draw(rng, 1, 2)
+    assert len(picks) == 2 and set(picks) <= {0, 1, 2, 3} and len(set(picks)) == 2
+    pool.add_group((11, 11), [[5]], [1.0], step=2)
+    picks = pool.draw(rng, 1, 3)
+    assert picks[0] == 4 and len(picks) == 4 and set(picks[1:]) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.5])
+def test_the_pool_round_trips_through_a_checkpoint_s_weights_only_load(tmp_path, threshold):
+    """Every array, the problems and the threshold r come back; a completion added after the round trip is split by
+    the same r (0.5: a reward of 0.5 is a success; 1.0: a failure). The bug it is written for: the pool's resume
+    state forgetting --replay-threshold, or its problems."""
+    pool = filled(threshold)
     torch.save({"replay_pool": pool.state()}, tmp_path / "state.pt")
     back = ReplayPool.from_state(torch.load(tmp_path / "state.pt", weights_only=True)["replay_pool"])
     for name in ReplayPool.ARRAYS:
         assert getattr(back, name) == getattr(pool, name), name
     assert back.problems == pool.problems and back.threshold == pool.threshold
     assert [back.completion(i) for i in range(4)] == [pool.completion(i) for i in range(4)]
+    back.add_group((7, 7), [[9]], [0.5], step=3)
+    assert (4 in back.success) == (threshold == 0.5)
     empty = ReplayPool.from_state(ReplayPool(1.0).state())
     assert len(empty) == 0 and empty.draw(random.Random(0), 1, 1) == []
 

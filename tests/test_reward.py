@@ -148,6 +148,7 @@ def test_hostile_code_is_never_executed():
     "2^(10^100)",                # exponent must be an integer literal
     "2^{100}",                   # |e| > 64
     "(10^60)^60",                # 200 bits × 60 > 4096 bits
+    "(1/10^60)^60",              # the denominator too: 200 bits × 60 > 4096 bits
     "((2^8)^8)^8^8",
     "(" * 150 + "1" + ")" * 150,  # nested too deeply (and no RecursionError)
     "1+" * 100 + "1",            # 201 characters > max_len
@@ -180,6 +181,15 @@ def test_hostile_inputs_score_zero_fast(text, answer):
     start = time.monotonic()
     assert sympy_reward(text, answer) == 0.0
     assert time.monotonic() - start < HANG_GUARD_S
+
+
+def test_only_the_last_max_scan_chars_characters_are_read():
+    """A final answer further back than reward.MAX_SCAN_CHARS characters from the end is not seen (the window keeps the
+    scan of a hostile 100 kB completion linear and short); one inside the window is. The bug it is written for: the
+    whole completion scanned."""
+    answer = "\\boxed{18}"
+    assert sympy_reward(answer + " " * (reward.MAX_SCAN_CHARS - len(answer)), "18") == 1.0  # the window's first chars
+    assert sympy_reward(answer + " " * reward.MAX_SCAN_CHARS, "18") == 0.0  # just before the window: nothing found
 
 
 def test_length_cap_control_case():
