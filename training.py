@@ -1,12 +1,18 @@
 """The training loop, for train.py (the command line) and mini.py: a run from its first step to its adapter.
 
-    evaluate        greedy test accuracy; eval_only: that alone (--eval-only)
-    update          one group's backward with the chosen objective (tokrl.py, baselines.py); ppo_update: PPO's passes
-    Trainer         one step: each prompt's group sampled and scored, its backward, AdamW's step; T-SPMO's replays
-    restore         a checkpoint back into a Trainer
-    train           the run: start, run_steps (evaluations and checkpoints between steps), finish (the adapter)
+A reader follows one step top to bottom in the order the code calls it:
 
-What each step and evaluation logs, and where: runlog.py. With N processes (distributed.py) every one runs this loop on its share of each group; rank 0 alone prints and writes.
+    Trainer.train_step   one optimizer step: for each of the --accum prompts, fresh_group (sample_group: G
+                         completions and their rewards; backward: update, then the finite check), then
+                         optimizer_step, T-SPMO's replay (replay_one per drawn completion), runlog.step_metrics
+    update               the dispatch to the objective (tokrl.py: GRPO, S-GRPO, T-SPMO; baselines.py: PPO, DPO);
+                         ppo_update: PPO's μ passes
+    train                the run: start, run_steps (evaluations and checkpoints between steps), finish (the adapter)
+    evaluate             greedy test accuracy; eval_only: that alone (--eval-only); restore: a checkpoint back into a
+                         Trainer
+
+What each step and evaluation logs, and where: runlog.py. With N processes (distributed.py) every one runs this loop
+on its share of each group; rank 0 alone prints and writes.
 """
 from __future__ import annotations
 
