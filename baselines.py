@@ -28,7 +28,7 @@ gradient (π_ref has no gradient).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+from distributed import World
 from model import Qwen2ForCausalLM
-from tokrl import (StepStats, adapted_top, batch_states_and_logprobs, chunks, frozen_bottom, kl_estimator,
-                   policy_and_ref_logprobs, policy_states_and_logprobs)
+from tokrl import StepStats, chunks, kl_estimator
 
 WHITEN_EPS = 1e-8  # ours: (A − mean)/(std + 1e-8); a step whose advantages are all equal gets Â = 0
 
@@ -84,10 +84,7 @@ class Critic:
         copy's own (one forward of the right-padded batch)."""
         if self.net is None:
             return [self.head(s) for s in policy_states]
-        h, pos = frozen_bottom(self.net, seqs)
-        T = h.shape[1]
-        rows = torch.cat([b * T + p for b, p in enumerate(positions)])
-        v = self.head(adapted_top(self.net, h, pos, rows - 1))  # the state at p−1, as for the policy
+        v = self.head(lora.states_at(self.net, seqs, positions))  # the state at p−1, as for the policy
         return list(v.split([len(p) for p in positions]))
 
     def _named(self) -> dict[str, nn.Parameter]:
@@ -191,8 +188,9 @@ def ppo_prepare(policy: Qwen2ForCausalLM, critic: Critic, prompt: Sequence[int],
     old, ref, vals, advs, rets = [], [], [], [], []
     for y, R in keep:
         ids, positions = list(prompt) + y, _positions(P, y, dev)
-        states, logp, ref_logp = policy_states_and_logprobs(policy, ids, positions, with_ref)
-        v = critic.values([states], [ids], [positions])[0].detach()
+        scored = lora.logprobs(policy, [ids], [positions], with_ref=with_ref)
+        logp, ref_logp = scored.logp[0], scored.ref[0]
+        v = critic.values(scored.states, [ids], [positions])[0].detach()
         a = gae(terminal_rewards(len(y), R), v, gamma, gae_lambda)  # K2's A_t: (T,) float64, CPU
         old.append(logp), ref.append(ref_logp), vals.append(v)
         advs.append(a), rets.append((a + v.double().cpu()).float().to(dev))  # K2's R_t = A_t + V(s_t), a constant
@@ -218,23 +216,22 @@ def ppo_token_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: to
 
 
 def ppo_backward(policy: Qwen2ForCausalLM, critic: Critic, batch: PPOBatch, *, clip_eps: float, w1: float, w2: float,
-                 w3: float, scale: float = 1.0,
-                 share: Callable[[list[int]], list[int]] | None = None, backward_batch: int = 1) -> StepStats:
+                 w3: float, scale: float = 1.0, world: World = World(), backward_batch: int = 1) -> StepStats:
     """One of the μ passes: per completion, forward (policy, and the separate critic) and backward of
-    −Σ_t L_PPO,t / N, N = all completion tokens of the step; gradients accumulate in .grad. `share` (several
-    processes, distributed.py): given each completion's length, the ones this process backpropagates (None: all).
+    −Σ_t L_PPO,t / N, N = all completion tokens of the step; gradients accumulate in .grad. `world` (several
+    processes, distributed.py): whose completions this process backpropagates (World(): all).
     `backward_batch` > 1 (ours): that many completions in one forward and backward."""
     dev, P, N = policy.lm_head.weight.device, len(batch.prompt), max(batch.n_tokens, 1)
     st = StepStats(tokens_generated=batch.n_tokens, tokens_in_loss=batch.n_tokens)
     clipped = approx_kl = entropy = value_loss = kl_ref = 0.0
-    mine = range(len(batch.completions)) if share is None else share([len(y) for y in batch.completions])
+    mine = world.assign([len(y) for y in batch.completions])  # this process's completions: all, with one
     for part in chunks(list(mine), backward_batch):
         seqs = [batch.prompt + batch.completions[i] for i in part]
         positions = [_positions(P, batch.completions[i], dev) for i in part]
-        states, logps, _ = batch_states_and_logprobs(policy, seqs, positions, with_ref=False)  # π_ref: precomputed
-        values = critic.values(states, seqs, positions)
+        scored = lora.logprobs(policy, seqs, positions)  # π_ref: precomputed
+        values = critic.values(scored.states, seqs, positions)
         loss = 0.0
-        for i, logp, v in zip(part, logps, values):
+        for i, logp, v in zip(part, scored.logp, values):
             J = ppo_token_objective(logp, batch.old_logp[i], batch.ref_logp[i], batch.advantages[i], v,
                                     batch.returns[i], clip_eps=clip_eps, w1=w1, w2=w2, w3=w3)
             loss = loss - J.sum() / N * scale  # K4's mean over all N completion tokens of the step
@@ -302,7 +299,7 @@ def dpo_coefficients(log_ratios: torch.Tensor, pairs: Sequence[tuple[int, int]],
 
 def dpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
                  rewards: Sequence[float], *, beta: float, scale: float = 1.0,
-                 share: Callable[[list[int]], list[int]] | None = None, backward_batch: int = 1) -> StepStats:
+                 world: World = World(), backward_batch: int = 1) -> StepStats:
     """D1, exact per-completion backward: the G log-ratios without gradient first, then one forward+backward of
     coef_i·log π_θ(y_i|x) per completion that is in a pair. [decided] (SPEC-baselines.md) no pair: no update."""
     dev, P = model.lm_head.weight.device, len(prompt)
@@ -317,17 +314,18 @@ def dpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Se
             if not y:
                 ratios.append(torch.zeros((), dtype=torch.float64, device=dev))
                 continue
-            logp, ref = policy_and_ref_logprobs(model, list(prompt) + list(y), _positions(P, y, dev), with_ref=True)
+            scored = lora.logprobs(model, [list(prompt) + list(y)], [_positions(P, y, dev)], with_ref=True)
+            logp, ref = scored.logp[0], scored.ref[0]
             ratios.append((logp.double() - ref.double()).sum())  # log π_θ(y|x) − log π_ref(y|x): summed over tokens
             kl_sum += float(kl_estimator(logp, ref).sum())
     loss, z, coef = dpo_coefficients(torch.stack(ratios).cpu(), pairs, beta)
     todo = [i for i, y in enumerate(completions) if coef[i] != 0 and y]  # in no pair: no gradient
-    if share is not None:  # several processes: this one's completions (the log-ratios above are the whole group's)
-        todo = [todo[k] for k in share([len(completions[i]) for i in todo])]
+    # several processes: this one's completions (the log-ratios above are the whole group's); one: all
+    todo = [todo[k] for k in world.assign([len(completions[i]) for i in todo])]
     for part in chunks(todo, backward_batch):  # backward_batch > 1 (ours): that many in one forward and backward
         seqs = [list(prompt) + list(completions[i]) for i in part]
         positions = [_positions(P, completions[i], dev) for i in part]
-        _, logps, _ = batch_states_and_logprobs(model, seqs, positions, with_ref=False)
+        logps = lora.logprobs(model, seqs, positions).logp
         grad_terms = [float(coef[i]) * scale * logp.sum() for i, logp in zip(part, logps)]
         sum(grad_terms).backward()  # D1's gradient: Σ_i ∂loss/∂log π_θ(y_i|x) · ∇log π_θ(y_i|x)
         st.forwards += 1

@@ -16,6 +16,7 @@ import os
 import re
 import reprlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -167,6 +168,76 @@ def adapters_off(model: nn.Module) -> Iterator[None]:
     finally:
         for m, e in zip(mods, before):
             m.enabled = e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The split forward, for every objective: the layers below the first adapter once without autograd (nothing there
+# trains, and π_θ and π_ref share them), the adapted top with it, the LM head only at the positions asked for
+
+
+@dataclass
+class Scored:
+    """Per sequence, at its positions: the final-normed states (N_i, C) that predict the targets (a value head reads
+    them: baselines.py, K1), log π_θ (N_i,) or (N_i, M) with gradient, and log π_ref (adapters off, no gradient) or
+    None."""
+    states: list[torch.Tensor]
+    logp: list[torch.Tensor]
+    ref: list[torch.Tensor | None]
+
+
+def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions: Sequence[torch.Tensor],
+             targets: Sequence[torch.Tensor] | None = None, *, with_ref: bool = False) -> Scored:
+    """log π(target | seq[:p]) at each position p of each sequence, in one forward of their right-padded batch.
+
+    The target at p is the sequence's own token seq[p] (targets None), or the tokens given per sequence, (N_i,) or
+    (N_i, M): T-SPMO's tokens of every edge leaving the prefix seq[:p], p up to len(seq). The state at p − 1 predicts
+    the token at p; p ≥ 1."""
+    h, pos, start = _frozen_bottom(model, seqs)
+    rows = _rows(positions, h.shape[1])
+    if targets is None:
+        targets = [torch.tensor(list(s), device=h.device)[p] for s, p in zip(seqs, positions)]
+    targets = torch.cat(list(targets))  # (N,) or (N, M)
+    states = _adapted_top(model, h, pos, start, rows)  # (N, C)
+    logp = M.logprobs_at(model, states, targets)
+    ref = None
+    if with_ref:
+        with torch.no_grad(), adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
+            ref = M.logprobs_at(model, _adapted_top(model, h, pos, start, rows), targets)
+    sizes = [len(p) for p in positions]
+    split = lambda t: list(t.split(sizes)) if t is not None else [None] * len(sizes)  # noqa: E731
+    return Scored(split(states), split(logp), split(ref))
+
+
+def states_at(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]],
+              positions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The final-normed states (N, C) that predict each sequence's tokens at its positions, every sequence's rows in
+    order, with no LM head: what a separate critic's copy of the model gives its value head (baselines.py)."""
+    h, pos, start = _frozen_bottom(model, seqs)
+    return _adapted_top(model, h, pos, start, _rows(positions, h.shape[1]))
+
+
+def _frozen_bottom(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Embedding and the layers below the first LoRA layer, without autograd, for sequences right-padded to the
+    longest: (B, T, C) hidden, (B, T) positions, and the first LoRA layer's index. Right padding needs no mask:
+    attention is causal, so no real token sees the padding after it."""
+    dev, T, start = model.lm_head.weight.device, max(map(len, seqs)), first_lora_layer(model)
+    x = torch.tensor([list(s) + [0] * (T - len(s)) for s in seqs], device=dev)  # (B, T)
+    pos = torch.arange(T, device=dev).expand(len(seqs), T)  # (B, T)
+    with torch.no_grad():
+        h = model.run_layers(model.model.embed_tokens(x), pos, 0, start)
+    return h, pos, start
+
+
+def _rows(positions: Sequence[torch.Tensor], T: int) -> torch.Tensor:
+    """(N,) flat indices b·T + p − 1 into the (B, T) batch: the state at p − 1 predicts the token at p."""
+    return torch.cat([b * T + p for b, p in enumerate(positions)]) - 1
+
+
+def _adapted_top(model: M.Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, start: int,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """The layers from `start` (the first LoRA layer) up and the final norm; hidden states (N, C) at `rows` only."""
+    h = model.run_layers(h, pos, start)
+    return model.model.norm(h.flatten(0, 1)[rows])  # RMSNorm is per position: normalise only the rows we read
 
 
 def merge(model: nn.Module) -> None:

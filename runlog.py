@@ -3,6 +3,7 @@ curves.svg, as a RunLog holds them in memory and on disk. README "What a run wri
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from pathlib import Path
 
@@ -20,6 +21,30 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak)
+
+
+def step_metrics(step: int, algo: str, net, rewards: list[float], lengths: list[int], fresh: list[tokrl.StepStats],
+                 replays: list[tokrl.StepStats], seconds: float, device: torch.device) -> dict:
+    """A step's line of metrics.jsonl, from its fresh groups (their rewards, completion lengths and StepStats, in
+    order) and T-SPMO's replays: the reward's mean and spread, the loss and KL, lengths, forwards, the algorithm's own
+    statistics (T-SPMO's: tspmo_metrics; PPO's and DPO's: their StepStats.extra), time, tokens a second and peak
+    memory. README "What a run writes" lists every key."""
+    n = len(rewards)
+    mean = sum(rewards) / n  # [E1] J(θ) = E_{Y~π_θ}[r(Y)], estimated by the mean reward of the group
+    every = fresh + replays  # fresh groups, then replay groups: all of them did forwards and took a loss
+    m = {"step": step, "reward_mean": mean, "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / n),
+         "zero_variance": any(s.zero_variance for s in fresh),
+         "loss": sum(s.loss for s in every), "kl": sum(s.kl for s in fresh) / len(fresh),
+         "len_mean": sum(lengths) / n, "len_max": max(lengths), "forwards": sum(s.forwards for s in every)}
+    if algo == "tspmo":
+        m.update(tspmo_metrics(net, fresh, replays))
+    else:
+        m["loss_token_fraction"] = sum(s.tokens_in_loss for s in fresh) / max(sum(lengths), 1)
+        m.update({k: v for s in fresh for k, v in s.extra.items()})  # PPO / DPO statistics (baselines.py)
+    generated = sum(lengths) + sum(s.tokens_generated for s in replays)
+    m.update({"seconds": round(seconds, 3), "tokens_per_s": round(generated / seconds, 1),
+              "peak_mem_gb": round(peak_memory_gb(device), 3)})
+    return m
 
 
 GROUP_FIELDS = ("edges", "forwards", "nonzero_adv_tokens", "tokens_generated", "policy_loss", "l2_loss",

@@ -11,12 +11,15 @@ Conventions: a completion y is the generated tokens only (EOS included when it w
 in a loss. Every `*_backward` runs forward and backward one completion at a time (Alg2), so at most one sequence's
 activations live at once; the caller zeroes gradients before and takes the optimizer step after. Losses are −J.
 
-Several processes (distributed.py): `share`, given each item's cost (tokens), names the completions or trie targets
-this process backpropagates (None: all, the one-process run); the caller sums the gradients over the processes.
+Every log-prob comes from one forward, `lora.logprobs`, which runs the layers below the first adapter without autograd
+(they hold nothing to train), feeds their output to both the policy and the reference forward (identical weights:
+adapters only sit above), and runs the LM head only at the positions asked for.
+
+Several processes (distributed.py): `world` (World() is the one-process run) names the completions or trie targets
+this process backpropagates (World.assign, given each item's cost in tokens); the caller sums the gradients over
+the processes.
 
 Memory and time (each tested against its slow path):
-  * layers below the first LoRA layer run without autograd (they hold nothing to train), and their output is
-    shared by the policy and the reference forward (identical weights: adapters only sit above);
   * the LM head runs only at the positions that enter the loss — never a (T, V) tensor for a whole sequence;
   * a sequence is cut after the last position that enters the loss (causal attention: later tokens change nothing);
   * T-SPMO evaluates each prefix with a non-zero-advantage edge exactly once (trie.PrefixTrie.targets).
@@ -24,13 +27,14 @@ Memory and time (each tested against its slow path):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 import lora
-from model import Qwen2ForCausalLM, logprobs_at
+from distributed import World
+from model import Qwen2ForCausalLM
 from trie import PrefixTrie, Target
 
 ADV_EPS = 1e-4  # [decided] (SPEC.md) Â = (R − μ)/(σ + 1e-4)
@@ -91,66 +95,6 @@ def loss_mask(prompt_len: int, lengths: Sequence[int], total_len: int) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Forward passes for the loss: frozen bottom without autograd, adapted top with it
-
-
-def frozen_bottom(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embedding and the layers below the first LoRA layer, without autograd, for sequences right-padded to the
-    longest: (B, T, C) hidden and (B, T) positions. Right padding needs no mask: attention is causal, so no real
-    token sees the padding after it."""
-    dev, T = model.lm_head.weight.device, max(map(len, seqs))
-    x = torch.tensor([list(s) + [0] * (T - len(s)) for s in seqs], device=dev)  # (B, T)
-    pos = torch.arange(T, device=dev).expand(len(seqs), T)  # (B, T)
-    with torch.no_grad():
-        h = model.run_layers(model.model.embed_tokens(x), pos, 0, lora.first_lora_layer(model))
-    return h, pos
-
-
-def adapted_top(model: Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The layers from the first LoRA layer up and the final norm; hidden states (N, C) at `rows` only: flat
-    indices b·T + t into the (B, T) batch (for one sequence, its positions)."""
-    h = model.run_layers(h, pos, lora.first_lora_layer(model))
-    return model.model.norm(h.flatten(0, 1)[rows])  # RMSNorm is per position: normalise only the rows we read
-
-
-def policy_and_ref_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: torch.Tensor, with_ref: bool):
-    """log π_θ(ids[p] | ids[:p]) with gradient and, if asked, log π_ref (adapters off, no gradient): (N,) each."""
-    _, logp, ref = policy_states_and_logprobs(model, ids, positions, with_ref)
-    return logp, ref
-
-
-def policy_states_and_logprobs(model: Qwen2ForCausalLM, ids: list[int], positions: torch.Tensor, with_ref: bool):
-    """As `policy_and_ref_logprobs`, also returning the final-normed hidden states (N, C) that predict ids[p]:
-    the states s_t a value head reads (baselines.py, K1), from the same forward."""
-    states, logp, ref = batch_states_and_logprobs(model, [ids], [positions], with_ref)
-    return states[0], logp[0], ref[0]
-
-
-def batch_states_and_logprobs(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[int]],
-                              positions: Sequence[torch.Tensor], with_ref: bool):
-    """`policy_states_and_logprobs` for several sequences in one forward of their right-padded batch: per sequence
-    its states (N_i, C), log π_θ (N_i,) and log π_ref (N_i,) or None, at its own positions."""
-    h, pos = frozen_bottom(model, seqs)
-    T = h.shape[1]
-    rows = torch.cat([b * T + p for b, p in enumerate(positions)])  # flat (b, p) of every scored token
-    targets = torch.cat([torch.tensor(list(s), device=h.device)[p] for s, p in zip(seqs, positions)])
-    states = adapted_top(model, h, pos, rows - 1)  # (N, C): the state at p−1 predicts token p
-    logp = logprobs_at(model, states, targets)
-    ref = None
-    if with_ref:
-        with torch.no_grad(), lora.adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
-            ref = logprobs_at(model, adapted_top(model, h, pos, rows - 1), targets)
-    sizes = [len(p) for p in positions]
-    split = lambda t: list(t.split(sizes)) if t is not None else [None] * len(sizes)  # noqa: E731
-    return split(states), split(logp), split(ref)
-
-
-def chunks(items: Sequence[int], size: int) -> list[list[int]]:
-    """`items` in consecutive runs of `size` (the last shorter): the completions of one batched forward/backward."""
-    return [list(items[k: k + size]) for k in range(0, len(items), size)]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # GRPO (E3, Alg2) and S-GRPO (E5, E6, Alg1)
 
 
@@ -189,15 +133,19 @@ def grpo_token_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, adv:
     return surrogate - beta * kl  # [E3] the term in braces: min[ρÂ, clip(ρ, 1−ε, 1+ε)Â] − β·D_KL
 
 
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    """`items` in consecutive runs of `size` (the last shorter): the completions of one batched forward/backward."""
+    return [list(items[k: k + size]) for k in range(0, len(items), size)]
+
+
 def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
                   rewards: Sequence[float], *, beta: float, selection: Sequence[Sequence[int]] | None = None,
-                  scale: float = 1.0, share: Callable[[list[int]], list[int]] | None = None,
-                  backward_batch: int = 1) -> StepStats:
+                  scale: float = 1.0, world: World = World(), backward_batch: int = 1) -> StepStats:
     """Alg2: per-completion forward (policy and reference) and backward of −J/G; gradients accumulate in .grad.
 
     selection=None is GRPO (E3: every token of y_i). With S-GRPO's T_i from `select_tokens`, it is E5: the mean runs
     over T_i only, and only those positions reach the LM head. `scale` divides the loss further (accumulating over
-    several prompts for the effective-batch ablation). `share`: this process's completions (module docstring).
+    several prompts for the effective-batch ablation). `world`: whose completions this process backpropagates.
     `backward_batch` > 1 (ours): that many completions in one forward and backward, the same gradient (up to float
     rounding) for that many sequences' activations at once."""
     G, P = len(completions), len(prompt)
@@ -206,15 +154,15 @@ def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: S
     kl_sum = 0.0
     chosen = [list(range(len(y))) if selection is None else list(selection[i])  # GRPO: all t; S-GRPO: T_i
               for i, y in enumerate(completions)]
-    mine = range(G) if share is None else share([max(T_i, default=-1) + 1 for T_i in chosen])
+    mine = world.assign([max(T_i, default=-1) + 1 for T_i in chosen])  # this process's completions: all, with one
     dev = model.lm_head.weight.device
     for part in chunks([i for i in mine if chosen[i]], backward_batch):  # an empty T_i has no token to score
         # causal: the tokens after the last scored one change nothing, so each sequence ends there
         seqs = [list(prompt) + list(completions[i][: max(chosen[i]) + 1]) for i in part]
         positions = [torch.tensor([P + t for t in chosen[i]], device=dev) for i in part]
-        _, logps, refs = batch_states_and_logprobs(model, seqs, positions, with_ref=beta != 0)
+        scored = lora.logprobs(model, seqs, positions, with_ref=beta != 0)
         loss = 0.0
-        for i, logp, ref in zip(part, logps, refs):
+        for i, logp, ref in zip(part, scored.logp, scored.ref):
             # GRPO's T_i is every t: E3's (1/|y_i|)·Σ_t
             J_i = grpo_token_objective(logp, ref, float(adv[i]), beta).mean()  # [E5] (1/|T_i|)·Σ_{t∈T_i}
             loss = loss - J_i / G * scale  # [Alg2] loss divided by G, then backward per completion
@@ -250,8 +198,7 @@ def grpo_loss_batched(logits: torch.Tensor, ref_logits: torch.Tensor | None, ids
 
 def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Sequence[Sequence[int]],
                    rewards: Sequence[float], *, lam: float, scale: float = 1.0, objective: str = "pi",
-                   estimator: str = "local", share: Callable[[list[int]], list[int]] | None = None,
-                   summed_grads: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> StepStats:
+                   estimator: str = "local", world: World = World()) -> StepStats:
     """−J_TSPMO = −(1/|U|)·Σ_{(p,v)∈U} π_θ(v|p)·A(v|p) + λ·Σ_W ‖W‖², backpropagated per forward pass.
 
     objective="logpi" puts log π_θ(v|p) in place of π_θ(v|p): an ablation, ours ("pi": E10 as the paper writes it).
@@ -260,15 +207,15 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
 
     |U| counts every edge of the trie, A = 0 ones too; those add nothing to the gradient, so the model runs only on
     the prefixes that have an edge with A ≠ 0, each once, on one completion that contains it (trie.targets).
-    `share`: this process's targets (module docstring); `summed_grads` (with a share) returns the policy gradient
-    summed over the processes, so that the logged gradient norms are the whole group's."""
+    `world`: whose targets this process backpropagates; the logged gradient norms are the whole group's, and λ·Σ‖W‖²
+    is backpropagated once across the processes (by rank 0: the gradients are summed after)."""
     if objective not in ("pi", "logpi"):
         raise ValueError(f"tspmo_backward: objective is {objective!r}; choose 'pi' (E10) or 'logpi'")
     trie = PrefixTrie(completions, rewards, estimator=estimator)  # A(v|p) of every edge (E7–E9, or B2)
     U, targets, mods = len(trie.edges), trie.targets(), [m for _, m in lora.lora_modules(model)]
     st = StepStats(edges=U, tokens_generated=sum(map(len, completions)), zero_variance=len(set(rewards)) == 1)
     st.nonzero_adv_tokens = round(trie.nonzero_token_fraction() * st.tokens_generated)
-    mine = range(len(targets)) if share is None else share([max(tg.positions) for tg in targets])
+    mine = world.assign([max(tg.positions) for tg in targets])  # this process's targets: all, with one
     with _this_group_gradient(lora.lora_parameters(model)):  # so that the logged norms are this group's
         for tg in (targets[k] for k in mine):
             logp, adv = _prefix_logprobs(model, prompt, completions[tg.completion], tg)  # (N, M) each
@@ -277,10 +224,10 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
             loss.backward()
             st.loss, st.forwards = st.loss + float(loss.detach()), st.forwards + 1
         st.policy_loss = st.loss
-        st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, summed_grads)
+        st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, world)
     # λ read literally (reading (a), --lam 0.01). By default ([decided] SPEC.md E10) lam = 0: λ is AdamW's weight
     # decay, nothing is added here (the literal term leaves the miniature's adapter inert: docs/mini.md, "E10's λ")
-    if lam:
+    if lam and world.main:  # N processes: rank 0's alone, summed with the others' gradients after
         reg = lam * lora.l2_penalty(model) * scale  # E10's λ·Σ_W ‖W‖²: − in J, so + in the loss
         reg.backward()
         st.l2_loss, (st.l2_grad_norm, st.l2_grad_norm_A) = float(reg.detach()), _l2_grad_norms(mods, lam * scale)
@@ -294,12 +241,11 @@ def _prefix_logprobs(model: Qwen2ForCausalLM, prompt: Sequence[int], y: Sequence
     (N, M) for the tokens v of the edges leaving each needed prefix p, and their A(v|p) (N, M), padding A = 0."""
     dev, P = model.lm_head.weight.device, len(prompt)
     ids = list(prompt) + list(y[: max(tg.positions)])
-    rows = torch.tensor([P + j - 1 for j in tg.positions], device=dev)  # last token of prompt∘y[:j] predicts v
+    positions = torch.tensor([P + j for j in tg.positions], device=dev)  # v follows prompt∘y[:j]: at P + j
     width = max(map(len, tg.tokens))
     tokens = torch.tensor([t + [0] * (width - len(t)) for t in tg.tokens], device=dev)  # (N, M), padded
     adv = torch.tensor([a + [0.0] * (width - len(a)) for a in tg.advantages], device=dev)  # padding has A = 0
-    h, pos = frozen_bottom(model, [ids])
-    return logprobs_at(model, adapted_top(model, h, pos, rows), tokens), adv
+    return lora.logprobs(model, [ids], [positions], [tokens]).logp[0], adv
 
 
 @contextlib.contextmanager
@@ -317,14 +263,14 @@ def _this_group_gradient(params: list[torch.Tensor]) -> Iterator[None]:
                 p.grad = g if p.grad is None else p.grad.add_(g)
 
 
-def _policy_grad_norms(mods: list, summed_grads=None) -> tuple[float, float]:
-    """‖.grad‖ over every A and B, and over the A matrices alone (of the gradient summed over the processes, with
-    `summed_grads`)."""
+def _policy_grad_norms(mods: list, world: World = World()) -> tuple[float, float]:
+    """‖.grad‖ over every A and B, and over the A matrices alone, of the gradient summed over the processes (each holds
+    its share's)."""
     A, B = [m.lora_A for m in mods], [m.lora_B for m in mods]
-    if summed_grads is None:
+    if world.size == 1:
         grads_A, grads_B = [p.grad for p in A], [p.grad for p in B]
     else:
-        summed = summed_grads(A + B)
+        summed = world.summed_grads(A + B)
         grads_A, grads_B = summed[: len(A)], summed[len(A):]
     sq = lambda g: 0.0 if g is None else float(g.detach().pow(2).sum())  # noqa: E731
     sq_A, sq_B = sum(map(sq, grads_A)), sum(map(sq, grads_B))

@@ -1,12 +1,18 @@
 """The training loop, for train.py (the command line) and mini.py: a run from its first step to its adapter.
 
-    evaluate        greedy test accuracy; eval_only: that alone (--eval-only)
-    update          one group's backward with the chosen objective (tokrl.py, baselines.py); ppo_update: PPO's passes
-    Trainer         one step: each prompt's group sampled and scored, its backward, AdamW's step; T-SPMO's replays
-    restore         a checkpoint back into a Trainer
-    train           the run: start, run_steps (evaluations and checkpoints between steps), finish (the adapter)
+A reader follows one step top to bottom in the order the code calls it:
 
-What each step and evaluation logs, and where: runlog.py. With N processes (distributed.py) every one runs this loop on its share of each group; rank 0 alone prints and writes.
+    Trainer.train_step   one optimizer step: for each of the --accum prompts, fresh_group (sample_group: G
+                         completions and their rewards; backward: update, then the finite check), then
+                         optimizer_step, T-SPMO's replay (replay_one per drawn completion), runlog.step_metrics
+    update               the dispatch to the objective (tokrl.py: GRPO, S-GRPO, T-SPMO; baselines.py: PPO, DPO);
+                         ppo_update: PPO's μ passes
+    train                the run: start, run_steps (evaluations and checkpoints between steps), finish (the adapter)
+    evaluate             greedy test accuracy; eval_only: that alone (--eval-only); restore: a checkpoint back into a
+                         Trainer
+
+What each step and evaluation logs, and where: runlog.py. With N processes (distributed.py) every one runs this loop
+on its share of each group; rank 0 alone prints and writes.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +37,7 @@ from checkpoints import WriteError, find_checkpoint, save_checkpoint, write_atom
 from checks import eval_batch
 from distributed import World, combine_stats, env_rank, own_rng, resume_command, rng_for_checkpoint
 from replay import ReplayPool, entropy_cut
-from runlog import RunLog, peak_memory_gb, progress_line, tspmo_metrics
+from runlog import RunLog, progress_line, step_metrics
 from settings import Settings
 from tasks import Task, TrainStream, make_task
 
@@ -148,74 +155,22 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float, opt=None,
-           critic: baselines.Critic | None = None, world: World = World()) -> tokrl.StepStats:
-    """Backward of one group with the chosen objective (the caller sums the gradients over the processes and steps
-    the optimizer; PPO takes its first μ − 1 steps itself, with `opt`). With N processes each backpropagates its
-    share and the statistics are the whole group's."""
-    share = world.assign if world.size > 1 else None
-    if algo == "ppo":
-        st = ppo_update(net, critic, opt, prompt, completions, rewards, cfg, world)  # the lecture's PPO objective
-        return combine_stats(world, st, algo)
-    if algo == "dpo":
-        st = baselines.dpo_backward(net, prompt, completions, rewards, beta=cfg.dpo_beta, scale=scale,  # online DPO
-                                    share=share, backward_batch=cfg.backward_batch)
-        return combine_stats(world, st, algo)
-    if algo == "tspmo":
-        st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam if world.main else 0.0,  # T-SPMO's J
-                                  scale=scale, objective=cfg.tspmo_objective, estimator=cfg.edge_advantage,
-                                  share=share, summed_grads=world.summed_grads if share else None)
-        return combine_stats(world, st, algo)  # λ·Σ‖W‖² once, on rank 0: its gradient is summed with the others'
-    selection = None
-    if algo == "sgrpo":  # every process draws every T_i, in order: the "select" stream stays the same everywhere
-        selection = [tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"])  # token selection
-                     for y in completions]
-    st = tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale,
-                             share=share, backward_batch=cfg.backward_batch)
-    return combine_stats(world, st, algo)
-
-
-def ppo_update(net, critic: baselines.Critic, opt, prompt, completions, rewards, cfg: Settings,
-               world: World = World()) -> tokrl.StepStats:
-    """[decided] (SPEC-baselines.md) μ passes over the step's completions, each accumulating the per-completion
-    gradients and taking one optimizer step; π_θold, advantages and value targets are fixed once, at sampling time.
-    The first μ − 1 steps are taken here, the last one by the caller. Logged: means over the μ passes.
-    With N processes each backpropagates its share of the completions and the gradients are summed before each step
-    (the sampling-time pass runs whole on every process: the whitening reads every token of the step)."""
-    batch = baselines.ppo_prepare(net, critic, prompt, completions, rewards, gamma=cfg.gamma,
-                                  gae_lambda=cfg.gae_lambda, with_ref=cfg.beta != 0)  # GAE
-    passes = []
-    for k in range(cfg.ppo_passes):
-        if k:
-            world.sum_grads([p for group in opt.param_groups for p in group["params"]])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        passes.append(baselines.ppo_backward(net, critic, batch, clip_eps=cfg.clip_eps, w1=cfg.w1, w2=cfg.beta,
-                                             w3=cfg.w3, share=world.assign if world.size > 1 else None,
-                                             backward_batch=cfg.backward_batch))  # clipped surrogate
-        check_finite(net, passes[-1], critic.parameters(), world)
-    st, n = passes[-1], len(passes)
-    st.loss, st.kl = sum(p.loss for p in passes) / n, sum(p.kl for p in passes) / n
-    st.forwards, st.zero_variance = sum(p.forwards for p in passes), len(set(rewards)) == 1
-    st.extra = {k: sum(p.extra[k] for p in passes) / n for k in st.extra}
-    st.extra["explained_variance"] = batch.explained_variance
-    return st
-
-
-def check_finite(net, st: tokrl.StepStats, more=(), world: World = World()) -> None:
-    """The loss and every gradient (the policy's LoRA, and `more`: a critic's parameters) are finite. With N
-    processes (whose gradients are still shares) they decide together: all stop, or none."""
-    bad = not math.isfinite(st.loss) or any(not torch.isfinite(p.grad).all()
-                                            for p in [*lora.lora_parameters(net), *more] if p.grad is not None)
-    if world.size > 1:
-        bad = world.sum([float(bad)])[0] > 0
-    if bad:
-        raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
+@dataclass
+class Group:
+    """One fresh group as a step holds it: its example and prompt, the G completions with their rewards (and their
+    entropies, for --replay-cut entropy; else None), and what its backward did."""
+    example: object
+    prompt_ids: list[int]
+    completions: list[list[int]]
+    rewards: list[float]
+    entropies: list | None
+    stats: tokrl.StepStats
 
 
 class Trainer:
     """A run's state (the model and its LoRA, AdamW, PPO's critic, the generators, the step, T-SPMO's replay pool, the
-    last checkpoint) and one training step."""
+    last checkpoint) and one training step: `train_step`, then the methods it calls in the order it calls them; the
+    run's bookkeeping (printing, stopping, checkpoints, generators) last."""
 
     def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos, world: World = World()):
         self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
@@ -236,66 +191,38 @@ class Trainer:
         self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
 
     @property
+    def replays(self) -> bool:
+        """T-SPMO with C_success + C_failure > 0: each step replays after its update."""
+        return self.cfg.algo == "tspmo" and self.cfg.replay_success + self.cfg.replay_failure > 0
+
+    @property
     def cuts_by_entropy(self) -> bool:
         """T-SPMO replays that branch by entropy (--replay-cut entropy): the fresh groups are sampled with theirs."""
-        cfg = self.cfg
-        return cfg.algo == "tspmo" and cfg.replay_cut == "entropy" and cfg.replay_success + cfg.replay_failure > 0
+        return self.replays and self.cfg.replay_cut == "entropy"
 
-    def say(self, *args, **kwargs) -> None:
-        if self.world.main:  # N processes: rank 0 alone prints
-            print(*args, **kwargs)
+    def train_step(self, stream) -> dict:
+        """One optimizer step over cfg.accum prompts' groups (Alg2: each sampled, scored and backpropagated in turn,
+        the gradients summed, one AdamW step), then T-SPMO's replays; returns the step's metrics (runlog.py)."""
+        t0 = time.time()
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        self.opt.zero_grad(set_to_none=True)
+        fresh = [self.fresh_group(next(stream)) for _ in range(self.cfg.accum)]
+        self.optimizer_step()
+        replays = self.replay(fresh) if self.replays else []
+        rewards, lengths = [r for g in fresh for r in g.rewards], [len(y) for g in fresh for y in g.completions]
+        return step_metrics(self.step + 1, self.cfg.algo, self.net, rewards, lengths, [g.stats for g in fresh],
+                            replays, time.time() - t0, self.dev)
 
-    def stopping(self, stop: StopRequest) -> bool:
-        """A Ctrl-C seen by any process stops them all, after the same step (a collective)."""
-        return bool(self.world.sum([stop.requested])[0])
-
-    def save(self, position: int) -> None:
-        """A checkpoint of this step, written by rank 0: adapter, AdamW, every process's generators, the data position
-        `position`, T-SPMO's replay pool (a resume draws the same replays), PPO's critic."""
-        state = {**rng_for_checkpoint(self.world, self.rng_state()), "data_position": position}
-        if len(self.pool):
-            state["replay_pool"] = self.pool.state()
-        if self.critic is not None:
-            state["extra"] = self.critic.state()  # the value head (and the separate critic's LoRA)
-        self.last_saved = (save_checkpoint(self.run, self.step, self.net, self.opt, state, self.cfg.model)
-                           if self.world.main else self.run / "checkpoints" / f"step-{self.step:06d}")
-
-    def safe(self) -> str:
-        return (f"the last checkpoint, {self.last_saved}, is whole and untouched" if self.last_saved else
-                "no checkpoint was written yet")
-
-    def resume_verb(self) -> str:
-        """What `train.py --resume RUN` does for this run now: continue it, or (no checkpoint yet) start it again
-        from step 0 with its recorded settings (train.py)."""
-        return "continue with" if self.last_saved else "start it again from step 0 with"
-
-    def rng_state(self) -> dict:
-        g = self.gens
-        return {"sample": g["sample"].get_state(), "select": g["select"].get_state(), "replay": g["replay"].getstate()}
-
-    def set_rng_state(self, r: dict) -> None:
-        try:
-            self.gens["sample"].set_state(r["sample"])
-        except RuntimeError:  # a checkpoint written on another kind of device (CUDA's Philox state, the CPU's MT19937)
-            # ours: a resume may change the device (train.py): the saved stream cannot continue in this device's
-            # generator, so sampling takes a new one, seeded from the seed and the step; the other draws are the CPU's
-            seed = self.world.seed_for_rank(self.cfg.seed + self.step)
-            self.gens["sample"].manual_seed(seed)
-            self.say(f"warning: the checkpoint's sampling generator is another device's, which {self.dev.type}'s "
-                     f"cannot take: sampling goes on from a new stream (seed {seed}: --seed + the step), so the "
-                     "resumed run draws other completions than an uninterrupted one would", file=sys.stderr)
-        self.gens["select"].set_state(r["select"])
-        self.gens["replay"].setstate(r["replay"])
-
-    def optimizer_step(self) -> None:
-        """The gradients summed over the processes (each holds its share's; one process: nothing to do), AdamW's
-        step, the same everywhere, then the guard: a non-finite adapter weight or moment stops the run before it is
-        saved."""
-        self.world.sum_grads([p for group in self.opt.param_groups for p in group["params"]])
-        self.opt.step()
-        bad = checkpoints.non_finite(self.net, self.opt)
-        if bad:
-            raise NonFiniteLoss(f"{bad} is not finite after the optimizer step")
+    def fresh_group(self, ex) -> Group:
+        """The group of example `ex`: G completions sampled and scored, then its backward, 1/accum of the step's."""
+        prompt_ids = self.tok.encode(self.task.prompt(ex))
+        if self.cuts_by_entropy:  # each token's entropy, for the pool
+            completions, rewards, hs = self.sample_group(prompt_ids, ex, entropy=True)
+        else:
+            (completions, rewards), hs = self.sample_group(prompt_ids, ex), None
+        st = self.backward(prompt_ids, completions, rewards, 1 / self.cfg.accum)
+        return Group(ex, prompt_ids, completions, rewards, hs, st)
 
     def sample_group(self, prompt_ids, ex, prefix=(), entropy: bool = False):
         """G completions of prompt∘prefix with their rewards against the example `ex` (the reward reads prefix +
@@ -325,91 +252,172 @@ class Trainer:
         completions, rewards = [o for o, _, _ in group], [r for _, r, _ in group]
         return (completions, rewards, [h for _, _, h in group]) if entropy else (completions, rewards)
 
-    def check_finite(self, st: tokrl.StepStats) -> None:
+    def backward(self, prompt_ids, completions, rewards, scale: float) -> tokrl.StepStats:
+        """One group's backward with the run's objective (update, below), its loss and gradients checked finite."""
+        st = update(self.net, self.cfg.algo, prompt_ids, completions, rewards, self.cfg, self.gens, scale,
+                    opt=self.opt, critic=self.critic, world=self.world)
         check_finite(self.net, st, self.critic.parameters() if self.critic else (), self.world)
+        return st
 
-    def replay(self, groups: list[tuple]) -> list[tokrl.StepStats]:
-        """T-SPMO replay, after the update on this step's fresh groups (ex, prompt ids, completions, rewards, their
-        entropies or None): for each of them, C_success + C_failure completions drawn from the pool, each restarted
-        from a cut of its own tokens (--replay-cut: uniform, or by entropy), under its own problem; one update each."""
-        cfg, rng, step = self.cfg, self.gens["replay"], self.step + 1
+    def optimizer_step(self) -> None:
+        """The gradients summed over the processes (each holds its share's; one process: nothing to do), AdamW's
+        step, the same everywhere, then the guard: a non-finite adapter weight or moment stops the run before it is
+        saved."""
+        self.world.sum_grads([p for group in self.opt.param_groups for p in group["params"]])
+        self.opt.step()
+        bad = checkpoints.non_finite(self.net, self.opt)
+        if bad:
+            raise NonFiniteLoss(f"{bad} is not finite after the optimizer step")
+
+    def replay(self, fresh: list[Group]) -> list[tokrl.StepStats]:
+        """T-SPMO replay, after the update on this step's fresh groups: for each of them, C_success + C_failure
+        completions drawn from the pool (R_success, R_fail: replay.py), each replayed as its own update.
+
+        ours: with --accum N, N rounds of picks (one per fresh group: from the whole pool, or with --replay-pool group
+        from that group)."""
+        cfg, step = self.cfg, self.step + 1
         if cfg.replay_pool == "history":  # [decided] (SPEC.md) the replay pool: every fresh completion so far
-            for ex, _, completions, rewards, hs in groups:
-                self.pool.add_group(ex, completions, rewards, step, hs)
+            for g in fresh:
+                self.pool.add_group(g.example, g.completions, g.rewards, step, g.entropies)
         stats = []
-        for ex, _, completions, rewards, hs in groups:  # ours: with --accum N, N rounds of picks (one per fresh group)
+        for g in fresh:
             pool = self.pool
             if cfg.replay_pool == "group":  # the ablation: this prompt's G completions only
                 pool = ReplayPool(cfg.replay_threshold, self.cuts_by_entropy)
-                pool.add_group(ex, completions, rewards, step, hs)
-            for i in pool.draw(rng, cfg.replay_success, cfg.replay_failure):  # R_success, R_fail: replay.py
-                y, source = pool.completion(i), pool.example(i)
-                if self.cuts_by_entropy:  # P(j) ∝ H_j, H_j the entropy of y[j]'s distribution (replay.py)
-                    h = pool.entropies(i)
-                    j = entropy_cut(rng, h)
-                else:
-                    j = rng.randint(0, len(y) - 1)  # cut uniform in [0, |y| − 1]: the prefix is prompt + y_1 … y_j
-                if cfg.max_new_tokens - j < 1:
-                    continue
-                prompt_ids = self.tok.encode(self.task.prompt(source))  # its own problem's prompt
-                conts, rs = self.sample_group(prompt_ids, source, y[:j])  # scored against its own problem
-                self.opt.zero_grad(set_to_none=True)
-                st = update(self.net, "tspmo", list(prompt_ids) + list(y[:j]), conts, rs, cfg, self.gens, 1.0,
-                            world=self.world)  # T-SPMO's objective
-                self.check_finite(st)
-                self.optimizer_step()  # deviation 1 (train.py's docstring): each replayed group is its own update
-                st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs),  # the continuations' mean reward
-                            "replay_source_step": pool.step[i], "replay_source_reward": pool.reward[i]}
-                if self.cuts_by_entropy:
-                    st.extra["replay_cut_entropy"] = h[j]  # H of the redrawn token y[j]'s distribution, nats
-                stats.append(st)
+                pool.add_group(g.example, g.completions, g.rewards, step, g.entropies)
+            for i in pool.draw(self.gens["replay"], cfg.replay_success, cfg.replay_failure):
+                if (st := self.replay_one(pool, i)) is not None:
+                    stats.append(st)
         return stats
 
-    def train_step(self, stream) -> dict:
-        """One optimizer step over cfg.accum prompts' groups (Alg2), then, for T-SPMO, the replays.
-
-        ours: with --accum N, T-SPMO draws N rounds of replays after the accumulated update (one round per fresh
-        group: from the whole pool, or with --replay-pool group from that group, scored against its own example),
-        each replayed group its own update."""
-        cfg, t0 = self.cfg, time.time()
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
-        self.opt.zero_grad(set_to_none=True)
-        rewards_all, stats, lengths, groups = [], [], [], []
-        for _ in range(cfg.accum):
-            ex = next(stream)
-            prompt_ids = self.tok.encode(self.task.prompt(ex))
-            if self.cuts_by_entropy:  # each token's entropy, for the pool
-                completions, rewards, hs = self.sample_group(prompt_ids, ex, entropy=True)
-            else:
-                (completions, rewards), hs = self.sample_group(prompt_ids, ex), None
-            st = update(self.net, cfg.algo, prompt_ids, completions, rewards, cfg, self.gens, 1 / cfg.accum,
-                        opt=self.opt, critic=self.critic, world=self.world)
-            self.check_finite(st)
-            rewards_all += rewards
-            lengths += [len(y) for y in completions]
-            stats.append(st)
-            groups.append((ex, prompt_ids, completions, rewards, hs))
-        self.optimizer_step()
-        replays = self.replay(groups) if cfg.algo == "tspmo" and cfg.replay_success + cfg.replay_failure else []
-        secs = time.time() - t0
-        n = len(rewards_all)
-        mean = sum(rewards_all) / n  # [E1] J(θ) = E_{Y~π_θ}[r(Y)], estimated by the mean reward of the group
-        gen_tokens = sum(lengths) + sum(s.tokens_generated for s in replays)
-        every = stats + replays  # fresh groups, then replay groups: all of them did forwards and took a loss
-        m = {"step": self.step + 1, "reward_mean": mean,
-             "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards_all) / n),
-             "zero_variance": any(s.zero_variance for s in stats),
-             "loss": sum(s.loss for s in every), "kl": sum(s.kl for s in stats) / len(stats),
-             "len_mean": sum(lengths) / n, "len_max": max(lengths), "forwards": sum(s.forwards for s in every)}
-        if cfg.algo == "tspmo":
-            m.update(tspmo_metrics(self.net, stats, replays))
+    def replay_one(self, pool: ReplayPool, i: int) -> tokrl.StepStats | None:
+        """The pool's completion i restarted from a cut j of its own tokens (--replay-cut: uniform, or by entropy):
+        G continuations of its own problem's prompt + y[:j], scored against that problem, then their own update
+        (deviation 1, train.py's docstring). None when no new token fits after the cut."""
+        rng, y, source = self.gens["replay"], pool.completion(i), pool.example(i)
+        if self.cuts_by_entropy:  # P(j) ∝ H_j, H_j the entropy of y[j]'s distribution (replay.py)
+            h = pool.entropies(i)
+            j = entropy_cut(rng, h)
         else:
-            m["loss_token_fraction"] = sum(s.tokens_in_loss for s in stats) / max(sum(lengths), 1)
-            m.update({k: v for s in stats for k, v in s.extra.items()})  # PPO / DPO statistics (baselines.py)
-        m.update({"seconds": round(secs, 3), "tokens_per_s": round(gen_tokens / secs, 1),
-                  "peak_mem_gb": round(peak_memory_gb(self.dev), 3)})
-        return m
+            j = rng.randint(0, len(y) - 1)  # cut uniform in [0, |y| − 1]: the prefix is prompt + y_1 … y_j
+        if self.cfg.max_new_tokens - j < 1:
+            return None
+        prompt_ids = self.tok.encode(self.task.prompt(source))  # its own problem's prompt
+        conts, rs = self.sample_group(prompt_ids, source, y[:j])  # scored against its own problem
+        self.opt.zero_grad(set_to_none=True)
+        st = self.backward(list(prompt_ids) + list(y[:j]), conts, rs, 1.0)  # T-SPMO's objective
+        self.optimizer_step()
+        st.extra = {"replay_cut": j, "replay_reward": sum(rs) / len(rs),  # the continuations' mean reward
+                    "replay_source_step": pool.step[i], "replay_source_reward": pool.reward[i]}
+        if self.cuts_by_entropy:
+            st.extra["replay_cut_entropy"] = h[j]  # H of the redrawn token y[j]'s distribution, nats
+        return st
+
+    def say(self, *args, **kwargs) -> None:
+        if self.world.main:  # N processes: rank 0 alone prints
+            print(*args, **kwargs)
+
+    def stopping(self, stop: StopRequest) -> bool:
+        """A Ctrl-C seen by any process stops them all, after the same step (a collective)."""
+        return bool(self.world.sum([stop.requested])[0])
+
+    def save(self, position: int) -> None:
+        """A checkpoint of this step, written by rank 0: adapter, AdamW, every process's generators, the data position
+        `position`, T-SPMO's replay pool (a resume draws the same replays), PPO's critic."""
+        state = {**rng_for_checkpoint(self.world, self.rng_state()), "data_position": position}
+        if len(self.pool):
+            state["replay_pool"] = self.pool.state()
+        if self.critic is not None:
+            state["extra"] = self.critic.state()  # the value head (and the separate critic's LoRA)
+        self.last_saved = (save_checkpoint(self.run, self.step, self.net, self.opt, state, self.cfg.model)
+                           if self.world.main else self.run / "checkpoints" / f"step-{self.step:06d}")
+
+    def what_is_safe(self) -> str:
+        """What a stop leaves on disk, as a clause of its message: the last checkpoint, or none yet."""
+        return (f"the last checkpoint, {self.last_saved}, is whole and untouched" if self.last_saved else
+                "no checkpoint was written yet")
+
+    def resume_verb(self) -> str:
+        """What `train.py --resume RUN` does for this run now: continue it, or (no checkpoint yet) start it again
+        from step 0 with its recorded settings (train.py)."""
+        return "continue with" if self.last_saved else "start it again from step 0 with"
+
+    def rng_state(self) -> dict:
+        g = self.gens
+        return {"sample": g["sample"].get_state(), "select": g["select"].get_state(), "replay": g["replay"].getstate()}
+
+    def set_rng_state(self, r: dict) -> None:
+        try:
+            self.gens["sample"].set_state(r["sample"])
+        except RuntimeError:  # a checkpoint written on another kind of device (CUDA's Philox state, the CPU's MT19937)
+            # ours: a resume may change the device (train.py): the saved stream cannot continue in this device's
+            # generator, so sampling takes a new one, seeded from the seed and the step; the other draws are the CPU's
+            seed = self.world.seed_for_rank(self.cfg.seed + self.step)
+            self.gens["sample"].manual_seed(seed)
+            self.say(f"warning: the checkpoint's sampling generator is another device's, which {self.dev.type}'s "
+                     f"cannot take: sampling goes on from a new stream (seed {seed}: --seed + the step), so the "
+                     "resumed run draws other completions than an uninterrupted one would", file=sys.stderr)
+        self.gens["select"].set_state(r["select"])
+        self.gens["replay"].setstate(r["replay"])
+
+
+def update(net, algo: str, prompt, completions, rewards, cfg: Settings, gens, scale: float, opt=None,
+           critic: baselines.Critic | None = None, world: World = World()) -> tokrl.StepStats:
+    """Backward of one group with the chosen objective (the caller sums the gradients over the processes and steps
+    the optimizer; PPO takes its first μ − 1 steps itself, with `opt`). With N processes (`world`) each objective
+    backpropagates this process's share, and the statistics returned are the whole group's."""
+    if algo == "ppo":
+        st = ppo_update(net, critic, opt, prompt, completions, rewards, cfg, world)  # the lecture's PPO objective
+    elif algo == "dpo":
+        st = baselines.dpo_backward(net, prompt, completions, rewards, beta=cfg.dpo_beta, scale=scale,  # online DPO
+                                    world=world, backward_batch=cfg.backward_batch)
+    elif algo == "tspmo":
+        st = tokrl.tspmo_backward(net, prompt, completions, rewards, lam=cfg.lam, scale=scale,  # T-SPMO's objective
+                                  objective=cfg.tspmo_objective, estimator=cfg.edge_advantage, world=world)
+    else:  # GRPO; S-GRPO with its token selection, every T_i drawn by every process (the same "select" stream)
+        selection = ([tokrl.select_tokens(len(y), cfg.alpha, cfg.k, cfg.p, gens["select"]) for y in completions]
+                     if algo == "sgrpo" else None)
+        st = tokrl.grpo_backward(net, prompt, completions, rewards, beta=cfg.beta, selection=selection, scale=scale,
+                                 world=world, backward_batch=cfg.backward_batch)
+    return combine_stats(world, st, algo)
+
+
+def ppo_update(net, critic: baselines.Critic, opt, prompt, completions, rewards, cfg: Settings,
+               world: World = World()) -> tokrl.StepStats:
+    """[decided] (SPEC-baselines.md) μ passes over the step's completions, each accumulating the per-completion
+    gradients and taking one optimizer step; π_θold, advantages and value targets are fixed once, at sampling time.
+    The first μ − 1 steps are taken here, the last one by the caller. Logged: means over the μ passes.
+    With N processes each backpropagates its share of the completions and the gradients are summed before each step
+    (the sampling-time pass runs whole on every process: the whitening reads every token of the step)."""
+    batch = baselines.ppo_prepare(net, critic, prompt, completions, rewards, gamma=cfg.gamma,
+                                  gae_lambda=cfg.gae_lambda, with_ref=cfg.beta != 0)  # GAE
+    passes = []
+    for k in range(cfg.ppo_passes):
+        if k:
+            world.sum_grads([p for group in opt.param_groups for p in group["params"]])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        passes.append(baselines.ppo_backward(net, critic, batch, clip_eps=cfg.clip_eps,  # the clipped surrogate
+                                             w1=cfg.w1, w2=cfg.beta, w3=cfg.w3, world=world,
+                                             backward_batch=cfg.backward_batch))
+        check_finite(net, passes[-1], critic.parameters(), world)
+    st, n = passes[-1], len(passes)
+    st.loss, st.kl = sum(p.loss for p in passes) / n, sum(p.kl for p in passes) / n
+    st.forwards, st.zero_variance = sum(p.forwards for p in passes), len(set(rewards)) == 1
+    st.extra = {k: sum(p.extra[k] for p in passes) / n for k in st.extra}
+    st.extra["explained_variance"] = batch.explained_variance
+    return st
+
+
+def check_finite(net, st: tokrl.StepStats, more=(), world: World = World()) -> None:
+    """The loss and every gradient (the policy's LoRA, and `more`: a critic's parameters) are finite. With N
+    processes (whose gradients are still shares) they decide together: all stop, or none."""
+    bad = not math.isfinite(st.loss) or any(not torch.isfinite(p.grad).all()
+                                            for p in [*lora.lora_parameters(net), *more] if p.grad is not None)
+    if world.size > 1:
+        bad = world.sum([float(bad)])[0] > 0
+    if bad:
+        raise NonFiniteLoss(f"loss {st.loss} or its gradient is not finite")
 
 
 def load_everything(cfg: Settings):
@@ -463,7 +471,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
         except (NonFiniteLoss, checkpoints.NonFiniteState, M.CacheTooLarge, M.NonFiniteLogits, WriteError) as e:
             raise SystemExit(f"error: {stopped(e, tr)}") from None
         except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM: stop at once
-            print(f"\nstopped at once: {tr.safe()}; {tr.resume_verb()}: {resume_command(run)}", file=sys.stderr)
+            print(f"\nstopped at once: {tr.what_is_safe()}; {tr.resume_verb()}: {resume_command(run)}", file=sys.stderr)
             raise SystemExit(getattr(e, "status", 130)) from None
 
 
@@ -523,20 +531,20 @@ def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
 
 def stopped(e: Exception, tr: Trainer) -> str:
     """The line a failure at run time ends the run with: what failed, what is safe, what to do next."""
-    resume = f"{tr.resume_verb()} {resume_command(tr.run)}"
+    resume, safe = f"{tr.resume_verb()} {resume_command(tr.run)}", tr.what_is_safe()
     if isinstance(e, M.NonFiniteLogits):
         trained = any(bool(m.lora_B.any()) for _, m in lora.lora_modules(tr.net))  # B = 0 until an update moves it
-        return f"{e.where}: {e}; {non_finite_cause(e, tr.cfg, trained)}. Stopped before it was logged: {tr.safe()}"
+        return f"{e.where}: {e}; {non_finite_cause(e, tr.cfg, trained)}. Stopped before it was logged: {safe}"
     if isinstance(e, NonFiniteLoss):
         lower = "a lower --lr" + (", or --dtype float32," if tr.cfg.dtype != "float32" else "")
-        return (f"{e} at step {tr.step + 1}; stopped without saving it: {tr.safe()}. A new run with {lower} may avoid "
+        return (f"{e} at step {tr.step + 1}; stopped without saving it: {safe}. A new run with {lower} may avoid "
                 "it")
     if isinstance(e, checkpoints.NonFiniteState):
-        return f"{e}; stopped: {tr.safe()}"
+        return f"{e}; stopped: {safe}"
     if isinstance(e, M.CacheTooLarge):
-        return (f"{e}. Stopped: {tr.safe()}; with memory freed on {e.device}, {resume}, or start a new run with fewer "
+        return (f"{e}. Stopped: {safe}; with memory freed on {e.device}, {resume}, or start a new run with fewer "
                 "rows or new tokens")
-    return f"{e}. Stopped: {tr.safe()}; once the disk has room, {resume}"  # a WriteError
+    return f"{e}. Stopped: {safe}; once the disk has room, {resume}"  # a WriteError
 
 
 def non_finite_cause(e: M.NonFiniteLogits, cfg: Settings, trained: bool, adapter: str | None = None) -> str:

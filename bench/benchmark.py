@@ -387,10 +387,10 @@ def mismatch_rows(tk, dev) -> list[dict]:
         diffs = []
         for y in ys:
             pos = torch.arange(len(prompt), len(prompt) + len(y), device=dev)
-            fp32 = tokrl.policy_and_ref_logprobs(tk, prompt + y, pos, with_ref=False)[0]
+            fp32 = lora.logprobs(tk, [prompt + y], [pos]).logp[0]
             with M.matmul_precision(precision == "tf32"):
                 net = M.bf16_copy(tk) if precision == "bf16" else tk
-                low = tokrl.policy_and_ref_logprobs(net, prompt + y, pos, with_ref=False)[0]
+                low = lora.logprobs(net, [prompt + y], [pos]).logp[0]
             diffs.append((low.float() - fp32).abs())
         d = torch.cat(diffs)
         rows.append({"precision": precision, "mean |Δ log π|": f"{float(d.mean()):.2e}",

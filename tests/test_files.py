@@ -818,7 +818,7 @@ ADVICE = {
         "test_faults.py::test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly",
     "python train.py --resume {run}":
         "test_faults.py::test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly",
-    "stopped at once: {tr.safe()}; {tr.resume_verb()}":
+    "stopped at once: {tr.what_is_safe()}; {tr.resume_verb()}":
         "test_faults.py::test_a_second_ctrl_c_stops_at_once_and_its_advice_runs",
     "{tr.resume_verb()} {resume_command(tr.run)}": "test_faults.py::test_disk_full_names_the_path_and_what_is_safe",
     "once the disk has room": "test_faults.py::test_disk_full_names_the_path_and_what_is_safe",

@@ -81,8 +81,8 @@ def test_greedy_sampling_and_scoring_agree_with_the_cpu(tiny):
     ids = prompts[0] + a[0]
     pos = torch.arange(len(prompts[0]), len(ids))
     with torch.no_grad():
-        lc, rc = tokrl.policy_and_ref_logprobs(cpu, ids, pos, with_ref=True)
-        lg, rg = tokrl.policy_and_ref_logprobs(gpu, ids, pos.to(CUDA), with_ref=True)
+        (lc,), (rc,) = (c := lora.logprobs(cpu, [ids], [pos], with_ref=True)).logp, c.ref
+        (lg,), (rg,) = (g := lora.logprobs(gpu, [ids], [pos.to(CUDA)], with_ref=True)).logp, g.ref
     assert (lc - lg.cpu()).abs().max() < 1e-4 and (rc - rg.cpu()).abs().max() < 1e-4
 
 

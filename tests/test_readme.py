@@ -264,5 +264,23 @@ def test_the_readme_is_a_first_read():
     paper's commands, the index, the choices and the links; what is measured or long lives in docs/."""
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 300, len(lines)
-    first = "\n".join(lines[:60])
-    assert "pip install" in first and "python train.py --algo tspmo --task mult" in first
+
+
+def test_the_readme_s_first_screen_holds_the_set_up_the_main_run_its_cost_and_the_tests():
+    """Within the first 60 lines, as commands in code blocks: the set-up (pip install of requirements.txt), the paper's
+    main run, and the command CI runs; and the main run's cost: its peak GPU memory and its time a step, numbers that
+    docs/performance.md measures. Then the map of the rooms, before the reference sections."""
+    text = (ROOT / "README.md").read_text()
+    first = "\n".join(text.splitlines()[:60])
+    commands = {line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", first, flags=re.S)
+                for line in block.splitlines()}
+    ci = re.search(r"^(python3 -m pytest[^\n]*)$", (ROOT / ".ci" / "run").read_text(), flags=re.M).group(1)
+    for cmd in ("pip install -r requirements.txt", "python train.py --algo tspmo --task mult", ci):
+        assert cmd in commands, f"the README's first 60 lines hold no code block with {cmd!r}"
+    cost = first.split("python train.py --algo tspmo --task mult", 1)[1]
+    memory, step = re.search(r"memory[^\n]*?(\d+\.\d) GB", cost), re.search(r"step[^\n]*?(\d+\.\d) s\b", cost)
+    assert memory and step, "the main run's cost (peak memory in GB, seconds a step) is not in the first 60 lines"
+    measured = (ROOT / "docs" / "performance.md").read_text()
+    assert f"{memory.group(1)} GB" in measured and f"{step.group(1)} s" in measured, (memory.group(), step.group())
+    heads = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert heads.index("The code") < heads.index("Equation index") < heads.index("Choices the paper leaves open")

@@ -210,7 +210,8 @@ def test_frozen_bottom_and_adapters_off_give_the_full_model_logprobs(tmp_path):
     m = adapted_model(tmp_path)
     ids = PROMPT + COMPLETIONS[2]
     pos = torch.tensor([4, 6, 10])
-    lp, ref = tokrl.policy_and_ref_logprobs(m, ids, pos, with_ref=True)
+    scored = lora.logprobs(m, [ids], [pos], with_ref=True)
+    lp, ref = scored.logp[0], scored.ref[0]
     assert lp.requires_grad and not ref.requires_grad
     with torch.no_grad():
         assert (lp - M.token_logprobs(m, ids, pos)).abs().max() < 1e-5
