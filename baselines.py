@@ -13,7 +13,7 @@ and steps the optimizer after.
 
 PPO, one training step (training.py:update):
 
-    sample G completions with π_θold = π_θ                          (the sampler: model.sample)
+    sample G completions with π_θold = π_θ                          (the sampler: sampling.sample)
     ppo_prepare, no gradient, one pass:  log π_θold, log π_ref, V(s_t)  →  r_t, K2: A_t, R_t, whitened Â_t
     μ times:  ppo_backward (per completion, K3 + K4, mean over all N tokens of the step)  →  optimizer step
 

@@ -40,6 +40,9 @@ import checkpoints
 import distributed
 import lora
 import model as M
+import pretrained
+import sampling
+import tokenizer
 from settings import DEVICE, Settings, device_problem, refuse_setting, type_problem, usage_error, validate
 from tasks import Task, make_task
 
@@ -52,9 +55,9 @@ def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = Non
     --adapter (every file), and the settings against the model and this machine, all read before any weight is
     loaded. Returns the task, its data read."""
     try:
-        model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
-        model_cfg, tok = M.check_model_dir(model_dir)
-        M.check_weights(model_dir, M.DTYPES[cfg.dtype])  # every value: about a second a billion, before the load
+        model_dir = pretrained.resolve_model_dir(cfg.model, revision=cfg.revision)
+        model_cfg, tok = pretrained.check_model_dir(model_dir)
+        pretrained.check_weights(model_dir, pretrained.DTYPES[cfg.dtype])  # every value: about a second a billion, before the load
         task = make_task(cfg.task, tok, cfg.data, cfg.reward)
     except (FileNotFoundError, ValueError) as e:  # tasks.DataError is a ValueError
         usage_error(str(e))
@@ -62,10 +65,10 @@ def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = Non
     return task
 
 
-def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: M.Tokenizer, task: Task,
+def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: tokenizer.Tokenizer, task: Task,
                         model_dir: Path, training: bool = True, adapter: str | None = None) -> None:
     """An --adapter, and what the settings ask of this model and this machine (LoRA layers, positions, KV cache
-    memory). `model_cfg` and `tok` come from model.check_model_dir: nothing here reads a weight."""
+    memory). `model_cfg` and `tok` come from pretrained.check_model_dir: nothing here reads a weight."""
     if adapter:
         check_adapter(adapter, model_cfg, model_dir)
     if training and torch.device(cfg.device).type == "cpu":
@@ -115,7 +118,7 @@ class CacheUse(NamedTuple):
     rows: int  # rows in one process's cache (with N processes each holds its share)
 
 
-def cache_uses(cfg: Settings, task: Task, tok: M.Tokenizer, training: bool, exact: bool) -> list[CacheUse]:
+def cache_uses(cfg: Settings, task: Task, tok: tokenizer.Tokenizer, training: bool, exact: bool) -> list[CacheUse]:
     """The caches a run builds: sampling's (training only) and the evaluation's; with N processes, each one's share."""
     n = distributed.env_world_size()
     tested = task.test_set()[: cfg.eval_limit]
@@ -139,16 +142,16 @@ def eval_batch(cfg: Settings, model_cfg: M.Qwen2Config, prompt_len: int, example
         return cfg.eval_batch
     if torch.device(cfg.device).type != "cuda":
         return CPU_EVAL_BATCH
-    dtype = M.DTYPES[cfg.dtype]
+    dtype = pretrained.DTYPES[cfg.dtype]
     new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
-    per_row = (M.cache_bytes(model_cfg, 1, 2 * prompt_len + new_tokens + M.SLOT_BLOCK, dtype)
+    per_row = (M.cache_bytes(model_cfg, 1, 2 * prompt_len + new_tokens + sampling.SLOT_BLOCK, dtype)
                + 3 * model_cfg.vocab_size * 4
                + prompt_len * (3 * model_cfg.intermediate_size + 4 * model_cfg.hidden_size) * dtype.itemsize)
     free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
     return max(1, min(examples, free // 2 // per_row))
 
 
-def longest_prompt(task: Task, tok: M.Tokenizer, examples: list, exact: bool = True) -> int:
+def longest_prompt(task: Task, tok: tokenizer.Tokenizer, examples: list, exact: bool = True) -> int:
     """Tokens in the longest prompt of `examples` (0 for none). exact=False: an upper bound, 3 per UTF-8 byte, with
     no tokenizing: a Qwen2 tokenizer (byte-level BPE) gives at most one token per byte of the NFC-normalised text,
     and NFC at most triples a text's UTF-8 bytes (Unicode's stated maximum expansion)."""
@@ -195,7 +198,7 @@ def run_bytes(cfg: Settings, model_cfg: M.Qwen2Config, training: bool) -> dict[s
     with torch.device("meta"):
         n = M.num_parameters(M.Qwen2ForCausalLM(model_cfg))
     copies = 2 if training and cfg.algo == "ppo" and cfg.critic == "separate" else 1
-    parts = {"weights": copies * n * M.DTYPES[cfg.dtype].itemsize}
+    parts = {"weights": copies * n * pretrained.DTYPES[cfg.dtype].itemsize}
     if training and cfg.sample_precision == "bf16" and cfg.dtype != "bfloat16":
         parts["bf16 copy"] = n * 2
     if training:
@@ -212,15 +215,15 @@ def memory_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse]
     much shows when the cache is allocated, as M.CacheTooLarge."""
     total, device = device_memory(cfg.device)
     for u in uses:
-        need = M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, M.DTYPES[cfg.dtype])
+        need = M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, pretrained.DTYPES[cfg.dtype])
         if need > total:
-            fits = total // M.cache_bytes(model_cfg, u.rows, 1, M.DTYPES[cfg.dtype]) - u.prompt_len
+            fits = total // M.cache_bytes(model_cfg, u.rows, 1, pretrained.DTYPES[cfg.dtype]) - u.prompt_len
             return (f"{u.rows_flag} {u.rows_setting}, {u.length_flag} {u.new_tokens}: the KV cache alone "
                     f"({u.rows} rows × {u.prompt_len + u.new_tokens} positions, {cfg.dtype}) needs {need:,} bytes "
                     f"({need / 2**30:.2f} GiB), more than all {total / 2**30:.2f} GiB of {device}; allowed: "
                     + (f"{u.length_flag} <= {fits} with {u.rows_flag} {u.rows_setting}, or a smaller "
                        f"{u.rows_flag}" if fits >= 1 else f"a smaller {u.rows_flag}"))
-    dtype = M.DTYPES[cfg.dtype]
+    dtype = pretrained.DTYPES[cfg.dtype]
     u = max(uses, key=lambda u: M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, dtype))
     parts = {**run_bytes(cfg, model_cfg, training),
              "KV cache": M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, dtype)}

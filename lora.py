@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model as M
 
 TARGETS = ("q_proj", "v_proj")  # the paper adapts the query and value projections
 MAX_SCALE = torch.finfo(torch.float32).max  # α/r multiplies the adapter's float32 product: beyond this it is inf
@@ -460,7 +459,9 @@ def read_adapter_tensors(w_path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    for name, (dtype, _) in M.safetensors_header(w_path).items():  # the reader the model's own files go through
+    from pretrained import safetensors_header  # here, not at the top: settings reads lora's limits without the decoder
+
+    for name, (dtype, _) in safetensors_header(w_path).items():  # the reader the model's own files go through
         if dtype not in ADAPTER_DTYPES:
             raise ValueError(f"{w_path}: {name} holds {dtype} numbers; allowed: floating point "
                              f"({', '.join(ADAPTER_DTYPES)})")

@@ -38,6 +38,9 @@ import torch.nn.functional as F
 
 import checkpoints
 import model as M
+import pretrained
+import sampling
+import tokenizer
 import tasks
 from reward import exact_match_reward
 
@@ -52,7 +55,7 @@ say = functools.partial(print, flush=True)  # progress lines reach a log file as
 
 CHARS = "0123456789*+= "
 UNK = "<unk>"
-EOS = M.ENDOFTEXT  # model.eos_ids finds <|endoftext|> in any tokenizer that has it
+EOS = tokenizer.ENDOFTEXT  # pretrained.eos_ids finds <|endoftext|> in any tokenizer that has it
 EOS_ID = len(CHARS)
 MAX_NEW_TOKENS = 40  # the longest trace, " 99*9=891 99*90=8910 891+8910=9801", is 33 characters, then EOS
 
@@ -159,7 +162,7 @@ class MiniMult(tasks.Task):
 
     name = "mini-mult"
 
-    def __init__(self, tokenizer: M.Tokenizer, setting: str = "first-token", split_name: str = "test"):
+    def __init__(self, tokenizer: tokenizer.Tokenizer, setting: str = "first-token", split_name: str = "test"):
         super().__init__(tokenizer)
         if setting not in SETTINGS:
             raise ValueError(f"unknown setting {setting!r}: {' or '.join(SETTINGS)}")
@@ -239,7 +242,7 @@ def sft_pairs(setting: str, seed: int) -> Iterator[tuple[int, int]]:
     return pair_stream(random.Random(seed + 1), held_out)
 
 
-def sft_batch(tok: M.Tokenizer, eos: int, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_batch(tok: tokenizer.Tokenizer, eos: int, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, T) and the loss mask (B, T−1): completion tokens and EOS, not the prompt or padding."""
     ids_rows, masks = [], []
     for prompt, completion in rows:
@@ -252,7 +255,7 @@ def sft_batch(tok: M.Tokenizer, eos: int, rows: list[tuple[str, str]]) -> tuple[
     return ids, mask
 
 
-def sft(net: M.Qwen2ForCausalLM, tok: M.Tokenizer, setting: str, s, log=say) -> list[dict]:
+def sft(net: M.Qwen2ForCausalLM, tok: tokenizer.Tokenizer, setting: str, s, log=say) -> list[dict]:
     """Cross-entropy on the completions, stage by stage, each with its own AdamW (weight decay 0.01). Seeded: the
     pairs, the draws and (by the caller) the initial weights; one thread count gives one result."""
     pairs = sft_pairs(setting, s.seed)
@@ -281,13 +284,13 @@ def sft(net: M.Qwen2ForCausalLM, tok: M.Tokenizer, setting: str, s, log=say) -> 
 # Measuring a base
 
 
-def evaluate_first_token(net, tok: M.Tokenizer, task: MiniMult, limit: int | None = None) -> dict:
+def evaluate_first_token(net, tok: tokenizer.Tokenizer, task: MiniMult, limit: int | None = None) -> dict:
     """Greedy accuracy on the test set, how often greedy decoding starts a trace, and the latent skill: the accuracy
     of greedy decoding made to start a trace (the prompt followed by a space)."""
     data = task.test_set()[:limit]
     with torch.no_grad():
-        outs = M.greedy(net, [tok.encode(task.prompt(ex)) for ex in data], MAX_NEW_TOKENS, eos=[EOS_ID])
-        forced = M.greedy(net, [tok.encode(task.prompt(ex) + " ") for ex in data], MAX_NEW_TOKENS, eos=[EOS_ID])
+        outs = sampling.greedy(net, [tok.encode(task.prompt(ex)) for ex in data], MAX_NEW_TOKENS, eos=[EOS_ID])
+        forced = sampling.greedy(net, [tok.encode(task.prompt(ex) + " ") for ex in data], MAX_NEW_TOKENS, eos=[EOS_ID])
     texts = [tok.decode(o) for o in outs]
     rewards = [task.reward(t, ex) for t, ex in zip(texts, data)]
     cot = [t.startswith(" ") for t in texts]
@@ -312,20 +315,20 @@ def branch_points(texts: list[str], rewards: list[float]) -> list[int]:
     return [max(common(t, w) for w in wins) for t, r in zip(texts, rewards) if r < 1.0] if wins else []
 
 
-def evaluate_steps(net, tok: M.Tokenizer, task: MiniMult, limit: int | None = None, group: int = 50,
+def evaluate_steps(net, tok: tokenizer.Tokenizer, task: MiniMult, limit: int | None = None, group: int = 50,
                    temperature: float = 0.3, seed: int = 0) -> dict:
     """Greedy accuracy; then `group` samples at `temperature` per problem (as T-SPMO's G = 50 draws them): the
     success rate, each step's right rate (and given the earlier steps right: the decision the step is), the share
     of groups with a success, and the branch points (where failures leave the successes), by step."""
     data = task.test_set()[:limit]
     with torch.no_grad():
-        outs = M.greedy(net, [tok.encode(task.prompt(ex)) for ex in data], MAX_NEW_TOKENS, eos=[EOS_ID])
+        outs = sampling.greedy(net, [tok.encode(task.prompt(ex)) for ex in data], MAX_NEW_TOKENS, eos=[EOS_ID])
     greedy_texts = [tok.decode(o) for o in outs]
     gen = torch.Generator().manual_seed(seed)
     rewards, right, wins, branches = [], [], 0, []
     for ex in data:
         with torch.no_grad():
-            samples = M.sample(net, tok.encode(task.prompt(ex)), group, MAX_NEW_TOKENS, temperature=temperature,
+            samples = sampling.sample(net, tok.encode(task.prompt(ex)), group, MAX_NEW_TOKENS, temperature=temperature,
                                generator=gen, eos=[EOS_ID])
         texts = [tok.decode(s) for s in samples]
         rs = [task.reward(t, ex) for t in texts]
@@ -351,7 +354,7 @@ def evaluate_steps(net, tok: M.Tokenizer, task: MiniMult, limit: int | None = No
 CHECK_PROBLEMS = 20  # sampling G = 50 for all 300 test problems takes minutes: a test checks the first 20
 
 
-def quick_check(net, tok: M.Tokenizer, setting: str) -> dict:
+def quick_check(net, tok: tokenizer.Tokenizer, setting: str) -> dict:
     """The steps base's sampled numbers on the first CHECK_PROBLEMS test problems, recorded in base.json so that a
     fast test can measure them again (the full 300 are measured when the base is built)."""
     if setting != "steps":
@@ -359,7 +362,7 @@ def quick_check(net, tok: M.Tokenizer, setting: str) -> dict:
     return {f"check_{CHECK_PROBLEMS}": evaluate_steps(net, tok, MiniMult(tok, setting), CHECK_PROBLEMS)}
 
 
-def evaluate_base(net, tok: M.Tokenizer, setting: str, limit: int | None = None) -> dict:
+def evaluate_base(net, tok: tokenizer.Tokenizer, setting: str, limit: int | None = None) -> dict:
     task = MiniMult(tok, setting)
     return (evaluate_first_token if setting == "first-token" else evaluate_steps)(net, tok, task, limit)
 
@@ -400,12 +403,12 @@ def build_base(out: Path, setting: str, s=None, log=say, shipped: bool = True) -
         return base
     base.mkdir(parents=True, exist_ok=True)
     build_tokenizer(base / "tokenizer.json")
-    tok = M.Tokenizer(base / "tokenizer.json")
+    tok = tokenizer.Tokenizer(base / "tokenizer.json")
     torch.manual_seed(s.seed)  # nothing draws from it; pinned anyway
     net = build_model(s.seed)
     t0 = time.time()
     history = sft(net, tok, setting, s, log)
-    M.save_model(net, base)
+    pretrained.save_model(net, base)
     minutes = (time.time() - t0) / 60
     ev = evaluate_base(net, tok, setting)
     info = {"key": key, "setting": setting, "sft": dataclasses.asdict(s), "parameters": M.num_parameters(net),

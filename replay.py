@@ -76,7 +76,7 @@ class ReplayPool:
     def add_group(self, example, completions: Sequence[Sequence[int]], rewards: Sequence[float], step: int,
                   entropies: Sequence[Sequence[float]] | None = None) -> None:
         """One fresh group: G completions of one problem, with their rewards, generated at `step`; a pool that keeps
-        entropies takes each completion's, one H a token (model.sample's)."""
+        entropies takes each completion's, one H a token (sampling.sample's)."""
         if (entropies is not None) != self.keeps_entropy or (
                 entropies is not None and [len(h) for h in entropies] != [len(y) for y in completions]):
             raise ValueError("a pool with --replay-cut entropy takes one entropy a token, and only such a pool does")

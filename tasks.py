@@ -19,7 +19,7 @@ import re
 import reprlib
 from pathlib import Path
 
-import model as M
+import tokenizer
 from reward import exact_match_reward, partial_credit_reward, sympy_reward
 
 
@@ -33,7 +33,7 @@ class Task:
     REWARDS: tuple[str, ...] = ("exact",)  # the --reward choices; the first is the paper's (the default)
     reward_name: str | None = None  # the training reward chosen (None: REWARDS[0]); make_task sets it
 
-    def __init__(self, tokenizer: M.Tokenizer):
+    def __init__(self, tokenizer: tokenizer.Tokenizer):
         self.tok = tokenizer
 
     def prompt(self, ex) -> str: ...
@@ -95,7 +95,7 @@ class Mult(Task):
 
     def prompt(self, ex):
         a, b = ex  # [decided] (SPEC.md) Appendix A rendered in Qwen's ChatML, the assistant turn prefilled
-        return M.chatml("You are a helpful AI assistant.", f"What's {a} multiplied by {b}? Don't use a calculator.",
+        return tokenizer.chatml("You are a helpful AI assistant.", f"What's {a} multiplied by {b}? Don't use a calculator.",
                         "Let's break this problem down step by step.")
 
     def reward(self, text, ex):
@@ -110,7 +110,7 @@ class Mult(Task):
         return {"partial_credit": partial_credit_reward(text, ex[0], ex[1])}  # S2: which steps were right
 
 
-def _line_stop(tok: M.Tokenizer, begun: re.Pattern, prefix=()):
+def _line_stop(tok: tokenizer.Tokenizer, begun: re.Pattern, prefix=()):
     """Stop a row at the first newline after `begun` has matched (checked only when a token holds a newline)."""
     piece = functools.lru_cache(maxsize=None)(lambda t: tok.decode([t], skip_special_tokens=False))
 
@@ -302,7 +302,7 @@ def check_reward(task: str, reward: str | None) -> str:
     return reward
 
 
-def make_task(name: str, tokenizer: M.Tokenizer, data: str | None = None, reward: str | None = None) -> Task:
+def make_task(name: str, tokenizer: tokenizer.Tokenizer, data: str | None = None, reward: str | None = None) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}: choose mult, svamp or gsm8k")
     task = TASKS[name](tokenizer) if name == "mult" else TASKS[name](tokenizer, data)

@@ -41,6 +41,7 @@ from pathlib import Path
 import checkpoints
 import distributed
 import model as M
+import pretrained
 from checkpoints import WriteError, append_jsonl, write_atomic
 from checks import RUN_MARKER, check_inputs, check_resume, marked_settings_problem, read_run_settings
 from distributed import World
@@ -98,7 +99,7 @@ def resume_settings(args: argparse.Namespace) -> tuple[Settings, Path]:
                         "change")
     cfg = dataclasses.replace(recorded, steps=args.steps or recorded.steps)
     validate(cfg, training=False)
-    if not M.is_dir(cfg.model) and not M.is_repo_id(cfg.model):
+    if not pretrained.is_dir(cfg.model) and not pretrained.is_repo_id(cfg.model):
         usage_error(f"{run} was recorded with --model {cfg.model} ({run / 'config.json'}), which is not a directory "
                     "here (a run from another machine, or started from another directory?); a resumed run keeps its "
                     f"settings: put the same model at {cfg.model}, or a symbolic link to it")
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               world=world, stop=stop)
         distributed.shutdown(world, synchronize=True)  # every process got here: end together
         status = stop.status or 0  # 143: a SIGTERM stopped the run before its end (checkpointed)
-    except (DataError, M.ModelNotFoundError, M.CacheTooLarge, FileNotFoundError, ValueError, WriteError) as e:
+    except (DataError, pretrained.ModelNotFoundError, M.CacheTooLarge, FileNotFoundError, ValueError, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # a write outside checkpoints.py's writers (mkdir): name the path
         raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}") from None

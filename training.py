@@ -32,6 +32,9 @@ import baselines
 import checkpoints
 import lora
 import model as M
+import pretrained
+import sampling
+import tokenizer
 import tokrl
 from checkpoints import WriteError, find_checkpoint, save_checkpoint, write_atomic
 from checks import eval_batch
@@ -52,7 +55,7 @@ class EvalStopped(Exception):
 def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None = None,
              world: World = World()) -> dict:
     """With N processes each takes a slice of the test set (distributed.py) and the counts are summed. A greedy
-    distribution that is not finite stops it before anything is counted (M.NonFiniteLogits, on every process)."""
+    distribution that is not finite stops it before anything is counted (sampling.NonFiniteLogits, on every process)."""
     data = task.test_set()[: cfg.eval_limit]
     if not data:  # the checks refuse every way to get here (--eval-limit 0, an empty split): an accuracy of nothing
         raise ValueError(f"{task.name}: an evaluation of no test example")
@@ -70,12 +73,12 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 raise EvalStopped
             batch, prompts = mine[i: i + rows], encoded[i: i + rows]
             try:
-                outs = M.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
+                outs = sampling.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
             except M.CacheTooLarge as e:
                 e.flags = f"--eval-batch {cfg.eval_batch or f'{rows} (its default here)'}, " \
                           f"--eval-max-new-tokens {new_tokens}"
                 raise
-            except M.NonFiniteLogits as e:  # sent to the other processes in place of this one's examples
+            except sampling.NonFiniteLogits as e:  # sent to the other processes in place of this one's examples
                 examples = [e]
                 break
             for ex, out in zip(batch, outs):
@@ -89,9 +92,9 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                                      "reward": r})
             bar.update(len(batch))
             bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
-    M.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
+    sampling.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
     correct, examples = world.sum([correct])[0], world.gather(examples)  # one process: unchanged
-    if failed := [e for e in examples if isinstance(e, M.NonFiniteLogits)]:
+    if failed := [e for e in examples if isinstance(e, sampling.NonFiniteLogits)]:
         raise failed[0]
     examples = examples[:3]
     totals: dict[str, float] = {}
@@ -227,13 +230,13 @@ class Trainer:
     def sample_group(self, prompt_ids, ex, prefix=(), entropy: bool = False):
         """G completions of prompt∘prefix with their rewards against the example `ex` (the reward reads prefix +
         completion). With N processes each samples and scores its share, and every process gets the whole group, in
-        rank order. entropy=True: also each completion's entropies (model.sample's, one a token), which travel with
+        rank order. entropy=True: also each completion's entropies (sampling.sample's, one a token), which travel with
         it: (completions, rewards, entropies)."""
         cfg, n = self.cfg, self.world.counts(self.cfg.group_size)[self.world.rank]
         outs, hs = [], []
         try:
             if n:
-                got = M.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
+                got = sampling.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
                                temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"],
                                eos=self.eos, stop=self.task.stop(prefix), precision=cfg.sample_precision,
                                entropy=entropy)
@@ -241,13 +244,13 @@ class Trainer:
         except M.CacheTooLarge as e:
             e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
             raise
-        except M.NonFiniteLogits as e:  # sent to the other processes in place of this one's share: all stop
+        except sampling.NonFiniteLogits as e:  # sent to the other processes in place of this one's share: all stop
             e.where = f"sampling for step {self.step + 1}"
             outs, hs = [e], [None]
         scored = [o if isinstance(o, Exception) else (o, self.task.reward(self.tok.decode(list(prefix) + o), ex), h)
                   for o, h in zip(outs, hs)]
         group = self.world.gather(scored)
-        if failed := [x for x in group if isinstance(x, M.NonFiniteLogits)]:
+        if failed := [x for x in group if isinstance(x, sampling.NonFiniteLogits)]:
             raise failed[0]
         completions, rewards = [o for o, _, _ in group], [r for _, r, _ in group]
         return (completions, rewards, [h for _, _, h in group]) if entropy else (completions, rewards)
@@ -422,10 +425,10 @@ def check_finite(net, st: tokrl.StepStats, more=(), world: World = World()) -> N
 
 def load_everything(cfg: Settings):
     """The model, its tokenizer and its EOS ids. The files were checked by check_inputs before (main does)."""
-    model_dir = M.resolve_model_dir(cfg.model, revision=cfg.revision)
-    net = M.load_model(model_dir, dtype=M.DTYPES[cfg.dtype], device=cfg.device)
-    tok = M.Tokenizer(model_dir / "tokenizer.json")
-    return net, tok, M.eos_ids(model_dir, net.config, tok)
+    model_dir = pretrained.resolve_model_dir(cfg.model, revision=cfg.revision)
+    net = pretrained.load_model(model_dir, dtype=pretrained.DTYPES[cfg.dtype], device=cfg.device)
+    tok = tokenizer.Tokenizer(model_dir / "tokenizer.json")
+    return net, tok, pretrained.eos_ids(model_dir, net.config, tok)
 
 
 def restore(tr: Trainer, ck: Path, state: dict) -> int:
@@ -468,7 +471,7 @@ def train(cfg: Settings, run: Path, resume: bool = False, task: Task | None = No
                 stop.stopped_early()
                 return log.evals[-1] if log.evals else {}
             return finish(tr, log)
-        except (NonFiniteLoss, checkpoints.NonFiniteState, M.CacheTooLarge, M.NonFiniteLogits, WriteError) as e:
+        except (NonFiniteLoss, checkpoints.NonFiniteState, M.CacheTooLarge, sampling.NonFiniteLogits, WriteError) as e:
             raise SystemExit(f"error: {stopped(e, tr)}") from None
         except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM: stop at once
             print(f"\nstopped at once: {tr.what_is_safe()}; {tr.resume_verb()}: {resume_command(run)}", file=sys.stderr)
@@ -522,7 +525,7 @@ def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
         with torch.no_grad():
             e = {"step": tr.step, **evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
                  **lora.adapter_norms(tr.net)}
-    except M.NonFiniteLogits as err:
+    except sampling.NonFiniteLogits as err:
         err.where = f"the step-{tr.step} evaluation"
         raise
     log.eval(e)
@@ -532,7 +535,7 @@ def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
 def stopped(e: Exception, tr: Trainer) -> str:
     """The line a failure at run time ends the run with: what failed, what is safe, what to do next."""
     resume, safe = f"{tr.resume_verb()} {resume_command(tr.run)}", tr.what_is_safe()
-    if isinstance(e, M.NonFiniteLogits):
+    if isinstance(e, sampling.NonFiniteLogits):
         trained = any(bool(m.lora_B.any()) for _, m in lora.lora_modules(tr.net))  # B = 0 until an update moves it
         return f"{e.where}: {e}; {non_finite_cause(e, tr.cfg, trained)}. Stopped before it was logged: {safe}"
     if isinstance(e, NonFiniteLoss):
@@ -547,7 +550,7 @@ def stopped(e: Exception, tr: Trainer) -> str:
     return f"{e}. Stopped: {safe}; once the disk has room, {resume}"  # a WriteError
 
 
-def non_finite_cause(e: M.NonFiniteLogits, cfg: Settings, trained: bool, adapter: str | None = None) -> str:
+def non_finite_cause(e: sampling.NonFiniteLogits, cfg: Settings, trained: bool, adapter: str | None = None) -> str:
     """The likely cause of a next-token distribution that is not finite, from what the sampler saw: finite logits
     that overflow only once divided by T; else logits that are not finite: in float16, after the adapter's updates,
     or from the weights loaded (the base and an --adapter, which the checks found finite) in --dtype."""
@@ -588,7 +591,7 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
     try:
         with torch.no_grad():
             e = evaluate(net, tok, task, cfg, eos, world=world)
-    except M.NonFiniteLogits as err:
+    except sampling.NonFiniteLogits as err:
         raise SystemExit(f"error: the evaluation: {err}; {non_finite_cause(err, cfg, False, adapter)}") from None
     if world.main:
         print(f"accuracy {e['accuracy']:.4f} on {e['n']} {cfg.task} test examples "

@@ -11,7 +11,7 @@ pieces on a GPU).
    the opt-in lower precisions; the step through torch.profiler (kernels, launches, host syncs and the lines that
    cause them, host-device copies, GPU busy fraction); how far lower-precision samples are from the fp32 policy.
 1. Sampling: new tokens per second, G = 8 and G = 50 completions of one prompt, N new tokens (EOS suppressed in
-   both), tokrl `model.sample` against `generate(num_return_sequences=G, do_sample=True)`.
+   both), tokrl `sampling.sample` against `generate(num_return_sequences=G, do_sample=True)`.
 2. (CPU) One training step per algorithm (paper's multiplication settings) on fixed completions: seconds and peak
    memory, tokrl against transformers + PEFT computing the same loss the obvious way (full forward, full
    log_softmax).
@@ -54,6 +54,8 @@ import baselines  # noqa: E402
 import checkpoints  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
+import pretrained  # noqa: E402
+import sampling  # noqa: E402
 import settings  # noqa: E402
 import tokrl  # noqa: E402
 from training import ppo_update  # noqa: E402
@@ -102,7 +104,7 @@ def build_checkpoint(preset: str, path: Path) -> None:
     m.to_empty(device="cpu")
     m.lm_head.weight = m.model.embed_tokens.weight  # to_empty unties the shared tensor
     m.init_weights(torch.Generator().manual_seed(0), std=0.02)
-    M.save_model(m, path)
+    pretrained.save_model(m, path)
 
 
 def load_hf(path: Path, dev: torch.device):
@@ -153,14 +155,14 @@ def sync(dev: torch.device) -> float:
 
 
 def sampling_row(tk, hf, dev, G: int, N: int) -> dict:
-    """New tokens per second of tokrl's `model.sample` and of transformers' `generate`, G completions of N tokens
+    """New tokens per second of tokrl's `sampling.sample` and of transformers' `generate`, G completions of N tokens
     after a 40-token prompt (EOS suppressed in both), best of 2 after a warm-up; on CUDA also tokrl's eager decode
     (the CPU's path: the reference the graph is timed against)."""
     prompt = torch.randint(0, EOS[0], (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ids = torch.tensor([prompt], device=dev)
 
     def ours(G, n, decode=None):
-        out = M.sample(tk, prompt, G, n, temperature=TEMPERATURE, top_p=1.0, eos=EOS, suppress=EOS,
+        out = sampling.sample(tk, prompt, G, n, temperature=TEMPERATURE, top_p=1.0, eos=EOS, suppress=EOS,
                        generator=torch.Generator(dev).manual_seed(2), decode=decode)
         assert all(len(y) == n for y in out)
 
@@ -211,7 +213,7 @@ def table(head: list[str], rows: list[list[str]]) -> None:
 # Section 0 (CUDA): the decode step
 
 
-DECODE_VARIANTS = [  # (name, sample()'s keywords, model.DECODE_ATTENTION, cuBLAS library)
+DECODE_VARIANTS = [  # (name, sample()'s keywords, sampling.DECODE_ATTENTION, cuBLAS library)
     ("eager (the CPU's path; kernels launched one by one)", {"decode": "eager"}, None, None),
     ("graph, fp32, math attention", {}, "math", None),
     ("graph, fp32, memory-efficient attention", {}, "efficient", None),
@@ -230,7 +232,7 @@ def decode_step_ms(tk, dev, rows: int, prompt_len: int = 280, slots: int = 400, 
 
     def run(k: int) -> float:
         t0 = sync(dev)
-        M.sample(tk, prompt, rows, slots - prompt_len, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
+        sampling.sample(tk, prompt, rows, slots - prompt_len, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
                  generator=torch.Generator(dev).manual_seed(2), stop=lambda y: len(y) >= k, **kw)
         return sync(dev) - t0
     run(k1)  # warm-up: the graph's capture, cuBLAS's choices
@@ -241,17 +243,17 @@ def decode_variant_ms(tk, dev, variant: tuple, rows: tuple[int, ...], **shape) -
     """decode_step_ms at each row count under one of DECODE_VARIANTS (its attention kernel and cuBLAS library set
     for the call and restored after; the model's decoders captured again under them)."""
     name, kw, attention, blas = variant
-    before = (M.DECODE_ATTENTION, torch.backends.cuda.preferred_blas_library())
-    M.DECODE_ATTENTION = attention or before[0]
+    before = (sampling.DECODE_ATTENTION, torch.backends.cuda.preferred_blas_library())
+    sampling.DECODE_ATTENTION = attention or before[0]
     if blas:
         torch.backends.cuda.preferred_blas_library(blas)
-    M.release_decoders(tk)
+    sampling.release_decoders(tk)
     try:
         return [decode_step_ms(tk, dev, r, **shape, **kw) for r in rows]
     finally:
-        M.DECODE_ATTENTION = before[0]
+        sampling.DECODE_ATTENTION = before[0]
         torch.backends.cuda.preferred_blas_library(before[1])
-        M.release_decoders(tk)
+        sampling.release_decoders(tk)
 
 
 def decode_section(tk, dev) -> str:
@@ -277,7 +279,7 @@ def decode_section(tk, dev) -> str:
             part(tk, dev)
         except Exception as e:  # a profiler that cannot read this machine must not hide the rest
             print(f"{part.__name__}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n")
-    return min(fp32, key=fp32.get) if fp32 else M.DECODE_ATTENTION
+    return min(fp32, key=fp32.get) if fp32 else sampling.DECODE_ATTENTION
 
 
 def copy_bandwidth(dev) -> float:
@@ -315,7 +317,7 @@ def step_profile(tk, dev, rows: int, decode: str, prompt_len: int = 200, steps: 
 
     def run(n: int) -> float:
         t0 = sync(dev)
-        M.sample(tk, prompt, rows, n2, temperature=TEMPERATURE, eos=EOS, suppress=EOS, decode=decode,
+        sampling.sample(tk, prompt, rows, n2, temperature=TEMPERATURE, eos=EOS, suppress=EOS, decode=decode,
                  generator=torch.Generator(dev).manual_seed(2),
                  stop=lambda y: len(y) >= n or bool(ends and y[-1] % ends == 0))
         return sync(dev) - t0
@@ -355,7 +357,7 @@ def step_profile(tk, dev, rows: int, decode: str, prompt_len: int = 200, steps: 
     per = {k: (b[k] - a[k]) / n for k in ("kernels", "busy_us", "launches", "syncs", "copies")}
     sa, sb = sync_sites(n1), sync_sites(n2)
     sites = {k: (sb[k] - sa[k]) / n for k in sb}
-    M.release_decoders(tk)
+    sampling.release_decoders(tk)
     return {"wall_ms": wall, "busy_ms": per["busy_us"] / 1000, "kernels": per["kernels"], "launches": per["launches"],
             "syncs": per["syncs"], "copies": per["copies"],
             "sites": ", ".join(f"{k} ×{v:.2g}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1]) if v > 0)}
@@ -382,14 +384,14 @@ def mismatch_rows(tk, dev) -> list[dict]:
     prompt = rand_tokens(40, torch.Generator().manual_seed(13))
     rows = []
     for precision in ("tf32", "bf16"):
-        ys = M.sample(tk, prompt, 16, 64, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
+        ys = sampling.sample(tk, prompt, 16, 64, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
                       generator=torch.Generator(dev).manual_seed(3))
         diffs = []
         for y in ys:
             pos = torch.arange(len(prompt), len(prompt) + len(y), device=dev)
             fp32 = lora.logprobs(tk, [prompt + y], [pos]).logp[0]
-            with M.matmul_precision(precision == "tf32"):
-                net = M.bf16_copy(tk) if precision == "bf16" else tk
+            with sampling.matmul_precision(precision == "tf32"):
+                net = sampling.bf16_copy(tk) if precision == "bf16" else tk
                 low = lora.logprobs(net, [prompt + y], [pos]).logp[0]
             diffs.append((low.float() - fp32).abs())
         d = torch.cat(diffs)
@@ -431,18 +433,18 @@ def evaluation_section(tk, dev) -> float:
     prompts = [rand_tokens(60, g) for _ in range(n)]
 
     def per_problem(batch: list, decode=None) -> float:
-        M.greedy(tk, batch[:2], 4, decode=decode)  # warm-up
+        sampling.greedy(tk, batch[:2], 4, decode=decode)  # warm-up
         t0 = sync(dev)
-        M.greedy(tk, batch, 300, decode=decode)
+        sampling.greedy(tk, batch, 300, decode=decode)
         return (sync(dev) - t0) / len(batch)
     eager = per_problem(prompts[:32], "eager")
     graph = per_problem(prompts)
-    M.release_decoders(tk)
+    sampling.release_decoders(tk)
     print(f"## 4. Greedy evaluation, 60-token prompts, 300 new tokens each\n\nThe default --eval-batch here is {rows} "
           f"rows (half the free memory: checks.eval_batch); measured on {n} problems in one batch.\n")
     table(["evaluation", "s per problem", "3,000 problems (mult), s", "300 (SVAMP), s"],
           [["--eval-batch 32, eager decode (before)", f"{eager:.4f}", f"{3000 * eager:.0f}", f"{300 * eager:.0f}"],
-           [f"--eval-batch {rows} (default), {M.default_decode(dev)} decode", f"{graph:.4f}", f"{3000 * graph:.0f}", f"{300 * graph:.0f}"]])
+           [f"--eval-batch {rows} (default), {sampling.default_decode(dev)} decode", f"{graph:.4f}", f"{3000 * graph:.0f}", f"{300 * graph:.0f}"]])
     return graph
 
 
@@ -529,7 +531,7 @@ def sample_group(model, prompt, G: int, L: int, n: int, dev, precision: str = "f
     full length first, so that the step's memory includes what full-length sampling would hold."""
     def run(k: int) -> float:
         t0 = sync(dev)
-        M.sample(model, prompt, G, k, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
+        sampling.sample(model, prompt, G, k, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
                  generator=torch.Generator(dev).manual_seed(5))
         return sync(dev) - t0
     if n >= L:
@@ -648,10 +650,10 @@ def one(args) -> None:
         torch.set_flush_denormal(True)  # as train.py does, for both libraries
     w = json.loads((work / "work.json").read_text())
     if backend == "parity":
-        print("RESULT", json.dumps({"err": parity(M.load_model(args.ckpt, device=dev), load_hf(args.ckpt, dev), dev)}))
+        print("RESULT", json.dumps({"err": parity(pretrained.load_model(args.ckpt, device=dev), load_hf(args.ckpt, dev), dev)}))
         return
     if backend == "tokrl":
-        model = M.load_model(args.ckpt, device=dev)
+        model = pretrained.load_model(args.ckpt, device=dev)
         lora.apply_lora(model, r=LORA_R, fraction=LORA_FRACTION, generator=torch.Generator().manual_seed(4))
         checkpoints.write_adapter(model, work / "adapter")  # PEFT starts from these very A and B
         params, opt, backward = tokrl_step(model, kind)
@@ -843,12 +845,12 @@ def main() -> None:
             ckpt, work = Path(tmp) / preset, Path(tmp) / f"work-{preset}"
             work.mkdir()
             build_checkpoint(preset, ckpt)
-            tk, hf = M.load_model(ckpt, device=dev), load_hf(ckpt, dev)
+            tk, hf = pretrained.load_model(ckpt, device=dev), load_hf(ckpt, dev)
             print(f"{preset}: {M.num_parameters(tk) / 1e6:.0f} M parameters; parity with transformers: max abs "
                   f"logit error {parity(tk, hf, dev):.1e}\n")
             sampling(tk, hf, dev, N)
             prompt = torch.randint(0, EOS[0], (40,), generator=torch.Generator().manual_seed(9)).tolist()
-            ys8 = M.sample(tk, prompt, G_GRPO, T, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
+            ys8 = sampling.sample(tk, prompt, G_GRPO, T, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
                            generator=torch.Generator(dev).manual_seed(10))
             del tk, hf  # the measurements run in subprocesses: free this memory for them
             training(preset, ckpt, work, dev, prompt, ys8, T, kinds)
@@ -867,13 +869,13 @@ def gpu_main(dev: torch.device, ckpt_dir: str | None, full: bool, kinds: list[st
         work.mkdir()
         if not ckpt_dir:
             build_checkpoint("qwen2-1.5b", ckpt)
-        tk, hf = M.load_model(ckpt, device=dev), load_hf(ckpt, dev)
+        tk, hf = pretrained.load_model(ckpt, device=dev), load_hf(ckpt, dev)
         tk.requires_grad_(False)  # frozen, as under LoRA: the bf16 copy casts every weight
         print(f"qwen2-1.5b: {M.num_parameters(tk) / 1e6:.0f} M parameters; parity with transformers: max abs logit "
               f"error {parity(tk, hf, dev):.1e}\n", flush=True)
         faster = decode_section(tk, dev)
-        print(f"In fp32 at {G_TSPMO} rows the faster attention kernel here is {faster!r}; model.DECODE_ATTENTION is "
-              f"{M.DECODE_ATTENTION!r}.\n", flush=True)
+        print(f"In fp32 at {G_TSPMO} rows the faster attention kernel here is {faster!r}; sampling.DECODE_ATTENTION is "
+              f"{sampling.DECODE_ATTENTION!r}.\n", flush=True)
         sampling(tk, hf, dev, 64)
         eval_s = evaluation_section(tk, dev)
         del tk, hf  # the measurements run in subprocesses: free this memory for them

@@ -2,11 +2,11 @@
 
     python bench/benchmark_checks.py [--no-weights] [--dir DIR] [--keep]
 
-1. The sampler's check for a next-token distribution that is not finite: model.next_token as it is, against the same
+1. The sampler's check for a next-token distribution that is not finite: sampling.next_token as it is, against the same
    draw with the check taken out (the functions below, `unchecked_*`), on (B, V) logits of Qwen2's 151,936-token
    vocabulary at B = 8 and 50 (GRPO's and T-SPMO's G), sampled at T = 0.3 and greedy: milliseconds a decode step.
-2. Every base weight's values: model.check_weights (what checks.check_inputs runs before anything is written) against
-   model.load_model (the load into fp32, the paper's), at the Qwen2-1.5B shape. Writes a random-weight bf16
+2. Every base weight's values: pretrained.check_weights (what checks.check_inputs runs before anything is written) against
+   pretrained.load_model (the load into fp32, the paper's), at the Qwen2-1.5B shape. Writes a random-weight bf16
    model.safetensors (3.1 GB, as the Hub's Qwen/Qwen2-1.5B ships) into DIR (default: a new temporary directory; a DIR
    that already holds one is used as it is), reads it once into the page cache, then twice over times both. The
    directory is removed at the end unless --keep. Peak memory: about 10 GB (the fp32 copy beside the file's pages).
@@ -29,6 +29,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as M  # noqa: E402
+import pretrained  # noqa: E402
+import sampling  # noqa: E402
 
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
@@ -36,7 +38,7 @@ QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, n
 
 
 def unchecked_draw(probs: torch.Tensor, generator, block: int = 128) -> torch.Tensor:
-    """model.draw without the finite check: the same two-level draw."""
+    """sampling.draw without the finite check: the same two-level draw."""
     B, V = probs.shape
     pad = -V % block
     blocks = (F.pad(probs, (0, pad)) if pad else probs).view(B, -1, block)
@@ -46,7 +48,7 @@ def unchecked_draw(probs: torch.Tensor, generator, block: int = 128) -> torch.Te
 
 
 def unchecked_next_token(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
-    """model.next_token (top-p off) without the finite check."""
+    """sampling.next_token (top-p off) without the finite check."""
     if temperature == 0:
         return logits.argmax(-1)
     return unchecked_draw(torch.softmax(logits.float() / temperature, dim=-1), generator)
@@ -70,9 +72,9 @@ def sampler() -> None:
     for B in (8, 50):
         logits = torch.randn(B, 151936, generator=torch.Generator().manual_seed(B)) * 5
         for T in (0.3, 0.0):
-            with_check, without = best_ms(lambda: M.next_token(logits, T, 1.0, torch.Generator().manual_seed(0)),
+            with_check, without = best_ms(lambda: sampling.next_token(logits, T, 1.0, torch.Generator().manual_seed(0)),
                                           lambda: unchecked_next_token(logits, T, torch.Generator().manual_seed(0)))
-            same = torch.equal(M.next_token(logits, T, 1.0, torch.Generator().manual_seed(0)),
+            same = torch.equal(sampling.next_token(logits, T, 1.0, torch.Generator().manual_seed(0)),
                                unchecked_next_token(logits, T, torch.Generator().manual_seed(0)))
             print(f"  B {B:>2}, {'T 0.3' if T else 'greedy'}: {with_check:.3f} | {without:.3f} | "
                   f"{with_check / without:.3f}  (same tokens: {same})", flush=True)
@@ -83,7 +85,7 @@ def sampler() -> None:
         def added():
             finite = torch.isfinite(mass).all(-1)
             mass.where(finite[:, None], 1.0), inner.where(finite[:, None], 1.0)
-            return tok.masked_fill(~finite, M.NOT_FINITE)
+            return tok.masked_fill(~finite, sampling.NOT_FINITE)
         print(f"  B {B:>2}: {best_ms(added, added)[0]:.3f}", flush=True)
 
 
@@ -97,7 +99,7 @@ def build(d: Path) -> None:
     state = {k: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02, generator=g) for k, s in shapes.items()}
     d.mkdir(parents=True, exist_ok=True)
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (d / "config.json").write_text(json.dumps(pretrained.config_to_dict(cfg)))
 
 
 def seconds(f) -> float:
@@ -113,8 +115,8 @@ def weights(d: Path) -> None:
     size = (d / "model.safetensors").stat().st_size
     print(f"2. every weight's values, Qwen2-1.5B shape, {size / 1e9:.2f} GB of bf16 weights")
     for rep in range(2):
-        check = seconds(lambda: M.check_weights(d, torch.float32))
-        load = seconds(lambda: M.load_model(d, torch.float32))
+        check = seconds(lambda: pretrained.check_weights(d, torch.float32))
+        load = seconds(lambda: pretrained.load_model(d, torch.float32))
         gc.collect()
         print(f"  run {rep + 1}: check_weights {check:.2f} s, load_model (fp32) {load:.2f} s, "
               f"ratio {check / load:.3f}", flush=True)

@@ -7,7 +7,7 @@ token limit: the worst case), with random Qwen2 token ids and rewards, and print
 of the process's resident memory while it filled, the bytes its state adds to a checkpoint's state.pt (torch.save),
 the time to save and load that state, and, beside them, the same completions held the plain way (a Python list of
 lists of ints: the reference) for the ratio. --entropy: the pool of --replay-cut entropy, one H a token beside the ids
-(random floats), and what they add; and what recording them costs the sampler: model.next_token on G rows of
+(random floats), and what they add; and what recording them costs the sampler: sampling.next_token on G rows of
 V = 151,936 random logits at the paper's temperature, without and with the entropy (the median of 5 alternating runs,
 torch's threads).
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import model as M  # noqa: E402
+import sampling  # noqa: E402
 from replay import ReplayPool  # noqa: E402
 
 VOCAB = 151_936  # Qwen2's
@@ -99,14 +99,14 @@ def main() -> None:
 
 
 def next_token_ms(G: int, runs: int = 5) -> tuple[float, float]:
-    """Milliseconds of one model.next_token call on (G, V) logits at temperature 0.3, without and with entropy=True."""
+    """Milliseconds of one sampling.next_token call on (G, V) logits at temperature 0.3, without and with entropy=True."""
     logits = torch.randn(G, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(runs):
         for entropy in (False, True):
             g = torch.Generator().manual_seed(1)
             t0 = time.perf_counter()
-            M.next_token(logits, 0.3, 1.0, g, entropy)
+            sampling.next_token(logits, 0.3, 1.0, g, entropy)
             times[entropy].append(1000 * (time.perf_counter() - t0))
     return sorted(times[False])[runs // 2], sorted(times[True])[runs // 2]
 

@@ -14,7 +14,7 @@ Seven parts, each a process of its own in its own process group, under its own t
     decode    70  one decode step at 8 and 50 rows over a 400-slot cache: eager, graphed (fp32, each attention kernel,
                   cuBLASLt) and the lower precisions; the step through torch.profiler (kernels, launches, host
                   syncs and the lines that cause them, host-device copies, GPU busy fraction); bf16's log-prob gaps
-    sampling  45  model.sample against transformers' generate, G = 8 and 50, 64 tokens
+    sampling  45  sampling.sample against transformers' generate, G = 8 and 50, 64 tokens
     eval      70  greedy evaluation throughput at the default --eval-batch, then at 32 rows (eager), 64, 256 and
                   1024, and a batch whose rows end at different steps, fixed-shape against eager
     memory    90  a whole step (sampling 300 tokens + the update) of every algorithm under LoRA at the paper's mult
@@ -130,19 +130,22 @@ def part_model(a, sz: Sizes, dev) -> None:
     import torch
 
     import model as M
+    import pretrained
+    import sampling
+    import tokenizer
     import tasks
     cfg = M.Qwen2Config(**sz.config)
     final, partial = a.work / "model", a.work / "model.partial"
     t0 = time.time()
     reused = (final / "model.safetensors").is_file() and (final / "config.json").is_file() and \
-        json.loads((final / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
+        json.loads((final / "config.json").read_text()) == json.loads(json.dumps(pretrained.config_to_dict(cfg)))
     if not reused:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
         with torch.device(dev):
             m = M.Qwen2ForCausalLM(cfg)
         m.init_weights(torch.Generator(dev).manual_seed(0), std=0.02)
-        M.save_model(m, partial)
+        pretrained.save_model(m, partial)
         del m
         (partial / "generation_config.json").write_text(json.dumps({"eos_token_id": [151643, 151645]}))
         partial.rename(final)
@@ -150,8 +153,8 @@ def part_model(a, sz: Sizes, dev) -> None:
         shutil.copy(a.tokenizer, final / "tokenizer.json")
     else:
         write_tokenizer(final / "tokenizer.json")
-    M.check_model_dir(final)  # what train.py checks before it loads
-    tok = M.Tokenizer(final / "tokenizer.json")
+    pretrained.check_model_dir(final)  # what train.py checks before it loads
+    tok = tokenizer.Tokenizer(final / "tokenizer.json")
     mult = tasks.make_task("mult", tok)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
     memory = f"{gib(torch.cuda.get_device_properties(dev).total_memory):.1f} GiB" if dev.type == "cuda" else "-"
@@ -179,7 +182,10 @@ def write_tokenizer(path: Path) -> None:
 
 def load(a, dev):
     import model as M
-    tk = M.load_model(a.work / "model", device=dev)
+    import pretrained
+    import sampling
+    import tokenizer
+    tk = pretrained.load_model(a.work / "model", device=dev)
     tk.requires_grad_(False)  # frozen, as under LoRA: the bf16 copy casts every frozen weight
     return tk
 
@@ -234,11 +240,11 @@ def part_sampling(a, sz: Sizes, dev) -> None:
     import benchmark as B
     tk = load(a, dev)
     hf = B.load_hf(a.work / "model", dev)
-    emit("sampling: model.sample against transformers' generate", G="parity",
+    emit("sampling: sampling.sample against transformers' generate", G="parity",
          **{"tokrl tok/s": f"max abs logit error {B.parity(tk, hf, dev):.1e}"})
     for G in sz.sample_groups:
         r = B.sampling_row(tk, hf, dev, G, sz.sample_tokens)
-        emit("sampling: model.sample against transformers' generate", G=G,
+        emit("sampling: sampling.sample against transformers' generate", G=G,
              **{"tokrl tok/s": r["tokrl"], "transformers tok/s": r["transformers"],
                 "tokrl ÷ transformers": r["tokrl"] / r["transformers"], "target": "≥ 1.5",
                 "eager ÷ transformers": r["eager"] / r["transformers"] if "eager" in r else "-"})
@@ -252,17 +258,20 @@ def part_eval(a, sz: Sizes, dev) -> None:
     import benchmark as B
     import checks
     import model as M
+    import pretrained
+    import sampling
+    import tokenizer
     import settings
     tk = load(a, dev)
     default = checks.eval_batch(settings.Settings(device=str(dev), max_new_tokens=sz.eval_tokens), tk.config,
                                 sz.eval_prompt, MULT_TEST)
-    fixed = M.default_decode(dev) if dev.type == "cuda" else "static"
+    fixed = sampling.default_decode(dev) if dev.type == "cuda" else "static"
     g = torch.Generator().manual_seed(14)
     prompts = [B.rand_tokens(sz.eval_prompt, g) for _ in range(max(default, *sz.eval_batches, sz.eval_eager_batch))]
 
     def run(batch: int, decode: str, stop) -> float:
         t0 = B.sync(dev)
-        M.greedy(tk, prompts[:batch], sz.eval_tokens, stop=stop, decode=decode)
+        sampling.greedy(tk, prompts[:batch], sz.eval_tokens, stop=stop, decode=decode)
         return B.sync(dev) - t0
 
     batches = [(default, fixed), (sz.eval_eager_batch, "eager")] + [(b, fixed) for b in sz.eval_batches if b < default]
@@ -278,16 +287,16 @@ def part_eval(a, sz: Sizes, dev) -> None:
                                "step ms": step * 1000, "problems a second": batch / one,
                                f"{MULT_TEST:,} problems, s": math.ceil(MULT_TEST / batch) * one,
                                "_s_per_problem": one / batch})
-        M.release_decoders(tk)  # a large batch's cache holds gigabytes
+        sampling.release_decoders(tk)  # a large batch's cache holds gigabytes
     every, batch = sz.eval_early_every, min(sz.eval_early_batch, default)
     for decode in (fixed, "eager"):  # rows that end early: kept computing (fixed shape) or dropped (eager)
         t0 = B.sync(dev)
-        outs = M.greedy(tk, prompts[:batch], sz.eval_tokens, stop=lambda y: y[-1] % every == 0, decode=decode)
+        outs = sampling.greedy(tk, prompts[:batch], sz.eval_tokens, stop=lambda y: y[-1] % every == 0, decode=decode)
         s = B.sync(dev) - t0
         emit("greedy evaluation, rows ending at different steps", batch=batch, decode=decode,
              **{"mean length": sum(map(len, outs)) / batch, "longest": max(map(len, outs)), "s": s,
                 "useful tokens a second": sum(map(len, outs)) / s})
-        M.release_decoders(tk)
+        sampling.release_decoders(tk)
 
 
 def part_memory(a, sz: Sizes, dev) -> None:
@@ -301,7 +310,10 @@ def part_memory(a, sz: Sizes, dev) -> None:
     import benchmark as B
     import lora
     import model as M
-    net = M.load_model(a.work / "model", device=dev)
+    import pretrained
+    import sampling
+    import tokenizer
+    net = pretrained.load_model(a.work / "model", device=dev)
     lora.apply_lora(net, r=B.LORA_R, fraction=B.LORA_FRACTION, generator=torch.Generator().manual_seed(4))
     fresh = [p.detach().clone() for p in lora.lora_parameters(net)]
     g, T = torch.Generator().manual_seed(7), sz.step_tokens
@@ -319,7 +331,7 @@ def part_memory(a, sz: Sizes, dev) -> None:
                 "peak GiB": gib(r["peak"]), "growth GiB": gib(r["inc"]),
                 "peak < 12 GB": "yes" if r["peak"] < 12e9 else "NO", "_kind": kind, "_precision": precision})
         del params, opt, backward, r
-        M.release_decoders(net)
+        sampling.release_decoders(net)
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()

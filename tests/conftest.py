@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
+import pretrained  # noqa: E402
+import tokenizer  # noqa: E402
 
-SPECIALS = [M.ENDOFTEXT, M.IM_START, M.IM_END]
+SPECIALS = [tokenizer.ENDOFTEXT, tokenizer.IM_START, tokenizer.IM_END]
 
 
 def assets() -> Path:
@@ -64,7 +66,7 @@ def make_checkpoint(path: Path, cfg: M.Qwen2Config | None = None, seed: int = 0,
     cfg = cfg or tiny_config()
     m = M.Qwen2ForCausalLM(cfg)
     m.init_weights(torch.Generator().manual_seed(seed), std=std)
-    M.save_model(m, path, dtype)
+    pretrained.save_model(m, path, dtype)
     write_byte_tokenizer(path / "tokenizer.json")
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [256, 258]}))
     return path
@@ -81,7 +83,7 @@ def adapter_of_tiny(tiny, tmp_path_factory) -> Path:
     """A PEFT adapter for `tiny`: rank 8 on q_proj and v_proj of all 4 layers (hidden 64)."""
     import checkpoints
     import lora
-    net = M.load_model(tiny)
+    net = pretrained.load_model(tiny)
     lora.apply_lora(net, 8, 1.0, generator=torch.Generator().manual_seed(0))
     out = tmp_path_factory.mktemp("adapter") / "adapter"
     checkpoints.write_adapter(net, out)
@@ -101,7 +103,7 @@ def no_loading(monkeypatch):
     """Loading weights is an error here: every check must come before it."""
     def refuse(*a, **k):
         raise AssertionError("the weights were loaded before the input was checked")
-    monkeypatch.setattr(M, "load_model", refuse)
+    monkeypatch.setattr(pretrained, "load_model", refuse)
 
 
 def refused(args: list[str], capsys) -> tuple[int, str]:

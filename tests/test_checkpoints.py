@@ -12,14 +12,14 @@ import torch
 
 import checkpoints
 import lora
-import model as M
+import pretrained
 
 
 @pytest.fixture
 def run(tiny, tmp_path):
     """A run directory with the checkpoints of steps 1 and 2 (a real adapter and AdamW state; --accum 3, so step s
     has drawn 3·s examples)."""
-    net = M.load_model(tiny)
+    net = pretrained.load_model(tiny)
     lora.apply_lora(net, 2, 0.5, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(lora.lora_parameters(net), lr=1e-3)
     rng = {"sample": torch.Generator().get_state(), "select": torch.Generator().get_state(),

@@ -17,7 +17,8 @@ from conftest import ROOT, make_checkpoint, refused, tiny_config, write_byte_tok
 import checkpoints
 import checks
 import lora
-import model as M
+import pretrained
+import tokenizer
 import settings
 import tasks
 import train
@@ -143,10 +144,10 @@ MULT_PROMPT = 156
 
 
 def test_the_multiplication_prompt_is_156_byte_tokens(tiny):
-    prompt = tasks.make_task("mult", M.Tokenizer(tiny / "tokenizer.json")).prompt((123, 456))
-    text = prompt.replace(M.IM_START, "").replace(M.IM_END, "")
-    assert (len(text.encode()), prompt.count(M.IM_START), prompt.count(M.IM_END)) == (151, 3, 2)
-    assert len(M.Tokenizer(tiny / "tokenizer.json").encode(prompt)) == MULT_PROMPT == 151 + 5
+    prompt = tasks.make_task("mult", tokenizer.Tokenizer(tiny / "tokenizer.json")).prompt((123, 456))
+    text = prompt.replace(tokenizer.IM_START, "").replace(tokenizer.IM_END, "")
+    assert (len(text.encode()), prompt.count(tokenizer.IM_START), prompt.count(tokenizer.IM_END)) == (151, 3, 2)
+    assert len(tokenizer.Tokenizer(tiny / "tokenizer.json").encode(prompt)) == MULT_PROMPT == 151 + 5
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -184,7 +185,7 @@ def test_the_bound_on_prompt_lengths_is_above_the_exact_length(tiny):
     tokenizers = [tiny / "tokenizer.json"] + ([assets() / "qwen2" / "tokenizer.json"]
                                                if os.environ.get("TOKRL_ASSETS") else [])
     for path in tokenizers:
-        tok = M.Tokenizer(path)
+        tok = tokenizer.Tokenizer(path)
         for name in ("mult", "svamp", "gsm8k"):
             task = tasks.make_task(name, tok)
             for examples in (task.train_set(), task.test_set()):
@@ -259,7 +260,7 @@ def test_a_run_larger_than_the_device_s_memory_is_refused_before_loading(tmp_pat
                                  "allowed: what fits: a smaller model, --dtype bfloat16, a smaller --lora-rank or KV "
                                  "cache\n")
     assert not run.exists()
-    assert checks.run_bytes(train.resolve(train.build_parser().parse_args(args)), M.Qwen2Config.from_json(
+    assert checks.run_bytes(train.resolve(train.build_parser().parse_args(args)), pretrained.read_config(
         tiny / "config.json"), True) == {"weights": 663_808, "LoRA with AdamW": 57_344}
     monkeypatch.setattr(checks, "device_memory", lambda device: (1_409_952, "a test device"))
     with pytest.raises(AssertionError, match="the weights were loaded"):
@@ -438,7 +439,7 @@ def test_a_resume_runs_to_the_steps_of_the_latest_resume(two_steps):
 def test_resume_refuses_steps_below_the_checkpoint(two_steps, capsys, monkeypatch):
     before = files(two_steps)
     with monkeypatch.context() as m:
-        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+        m.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
         code, err = refused(["--resume", str(two_steps), "--steps", "1"], capsys)
     assert code == 2 and err == (f"error: --steps 1: {two_steps} is already at step 2 (step-000002); allowed: "
                                  "--steps >= 2\n")
@@ -465,7 +466,7 @@ def test_resume_refuses_eval_only_and_its_advice_runs(two_steps, tiny, capsys, m
     named `--eval-only --adapter RUN/adapter` alone, which evaluates the default model (Qwen/Qwen2-1.5B, from the
     Hub) on the default task: not this run's."""
     with monkeypatch.context() as m:
-        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+        m.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
         code, err = refused(["--resume", str(two_steps), "--eval-only"], capsys)
     assert code == 2 and err == (f"error: --eval-only: not with --resume; evaluate a run's adapter with python "
                                  f"train.py --eval-only --adapter {two_steps / 'adapter'} --model {tiny} --task mult\n")
@@ -502,7 +503,7 @@ def test_a_run_recorded_on_cuda_resumes_on_another_device(two_steps, capsys, mon
         torch.save(state, ck)
     before = files(two_steps)
     with monkeypatch.context() as m:
-        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+        m.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
         code, err = refused(["--resume", str(two_steps), "--steps", "3"], capsys)
     here = settings.DEVICE
     assert code == 2 and err.startswith(f"error: {two_steps} was recorded with --device cuda:99 "

@@ -135,7 +135,7 @@ def backward_once(net, algo, cfg, world: World):
 
 
 class SameGroupsForAnyN:
-    """model.sample as the Trainer calls it, but every call draws the whole group from its own seeded generator and
+    """sampling.sample as the Trainer calls it, but every call draws the whole group from its own seeded generator and
     returns this rank's share: the completions no longer depend on N, so a step can be compared with one process's."""
 
     def __init__(self, real, G: int):
@@ -152,7 +152,8 @@ class SameGroupsForAnyN:
 
 def worker(model_dir: str, out: str) -> None:
     import lora
-    import model as M
+    import pretrained
+    import sampling
     import settings
     import training
     torch.set_num_threads(1)
@@ -181,19 +182,19 @@ def worker(model_dir: str, out: str) -> None:
 
     # 2. a whole training step (T-SPMO with replay, GRPO with accum 2), with the same groups for any N
     task = ToyTask(tok)
-    real = M.sample
+    real = sampling.sample
     for algo, accum in [("grpo", 2), ("sgrpo", 1), ("tspmo", 1), ("ppo", 1), ("dpo", 1)]:
         c = dataclasses.replace(cfg, algo=algo, accum=accum)
         after = {}
         for name, w in (("one", World()), ("split", world)):
             restore(params, start)
             tr = training.Trainer(c, Path(out), net, tok, task, eos, world=w)
-            M.sample = SameGroupsForAnyN(real, c.group_size)
-            M.sample.world = w
+            sampling.sample = SameGroupsForAnyN(real, c.group_size)
+            sampling.sample.world = w
             try:
                 m = tr.train_step(task.train_stream(random.Random(0)))
             finally:
-                M.sample = real
+                sampling.sample = real
             after[name] = (m, [p.detach().clone() for p in params])
         (m1, w1), (m2, w2) = after["one"], after["split"]
         res["steps"][algo] = {"metrics_one": m1, "metrics_split": m2,
@@ -209,8 +210,8 @@ def worker(model_dir: str, out: str) -> None:
         for name, w in (("one", World()), ("split", world)):
             restore(params, start)
             tr = training.Trainer(c, Path(out), net, tok, task, eos, world=w)
-            M.sample = SameGroupsForAnyN(real, c.group_size)
-            M.sample.world = w
+            sampling.sample = SameGroupsForAnyN(real, c.group_size)
+            sampling.sample.world = w
             stream, sources = task.train_stream(random.Random(0)), []
             try:
                 for _ in range(3):
@@ -219,7 +220,7 @@ def worker(model_dir: str, out: str) -> None:
                     sources += [(m["step"], r["replay_source_step"], r["replay_source_reward"], r["replay_cut"],
                                  r.get("replay_cut_entropy")) for r in m["replays"]]
             finally:
-                M.sample = real
+                sampling.sample = real
             state = tr.pool.state()
             res[key][name] = {**{k: v.tolist() for k, v in state.items() if torch.is_tensor(v)},
                               "problems": state["problems"], "sources": sources}
@@ -452,11 +453,12 @@ def test_resume_of_a_two_process_run_is_bit_exact(cli_runs):
 def test_resume_with_another_number_of_processes_is_refused(cli_runs, tmp_path, capsys, monkeypatch):
     """Before the weights load and before anything is written: exit status 2, the run directory byte-identical."""
     import shutil
-    import model as M
+    import pretrained
+    import sampling
     import train
     run = Path(shutil.copytree(cli_runs["two"], tmp_path / "two"))
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the check"))
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the check"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", str(run), "--steps", "5"])

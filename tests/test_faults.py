@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
-import model as M
+import pretrained
+import sampling
 import tasks
 import train
 import training
@@ -319,7 +320,7 @@ def test_a_bad_line_inside_a_log_is_named_before_anything_is_written(done, tmp_p
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     before = snapshot(run)
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the logs were read"))
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the logs were read"))
     code, err = refused(["--resume", str(run)], capsys)
     assert code == 2 and err.splitlines()[-1].startswith(f"error: {run / 'metrics.jsonl'}: line 2 is not a JSON object")
     assert err.endswith("; fix or remove that line\n") and snapshot(run) == before
@@ -390,7 +391,7 @@ def test_disk_full_names_the_path_and_what_is_safe(done, tmp_path, tiny, monkeyp
 
 def interrupt_evaluation(monkeypatch, times: int) -> None:
     """Ctrl-C (a real SIGINT to this process) `times` times during the first greedy batch of the evaluation."""
-    real = M.greedy
+    real = sampling.greedy
     calls = []
 
     def greedy(*a, **k):
@@ -400,7 +401,7 @@ def interrupt_evaluation(monkeypatch, times: int) -> None:
                 os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(M, "greedy", greedy)
+    monkeypatch.setattr(sampling, "greedy", greedy)
     return real
 
 
@@ -409,7 +410,7 @@ def test_ctrl_c_during_the_step_0_evaluation_exits_with_the_resume_command(done,
     run = tmp_path / "run"
     real = interrupt_evaluation(monkeypatch, 1)
     assert train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2", "--eval-batch", "1")) == 0
-    monkeypatch.setattr(M, "greedy", real)
+    monkeypatch.setattr(sampling, "greedy", real)
     assert f"stopped at step 0; continue with: python train.py --resume {run}" in capsys.readouterr().out
     assert (run / "checkpoints" / "latest").read_text() == "step-000000\n"
     assert checkpoints.read_jsonl(run / "eval.jsonl") == [] and checkpoints.read_jsonl(run / "metrics.jsonl") == []
@@ -425,7 +426,7 @@ def test_a_second_ctrl_c_stops_at_once_and_its_advice_runs(done, tmp_path, tiny,
     real = interrupt_evaluation(monkeypatch, 2)
     with pytest.raises(SystemExit) as e:
         train.main(argv(tiny, tmp_path, "svamp", "tspmo", run, "--eval-every", "2", "--eval-batch", "1"))
-    monkeypatch.setattr(M, "greedy", real)
+    monkeypatch.setattr(sampling, "greedy", real)
     err = capsys.readouterr().err
     assert e.value.code == 130 and err.endswith("\nstopped at once: no checkpoint was written yet; start it again "
                                                 f"from step 0 with: python train.py --resume {run}\n")
@@ -514,16 +515,16 @@ def test_ctrl_c_during_a_step_finishes_it_checkpoints_and_resumes_exactly(done, 
 # train.main in a process of its own, with this module's varied reward; SEND_AT=load sends SIGTERM to itself while the
 # weights load, SEND_AT=step:N:TIMES sends it TIMES times while step N runs; without SEND_AT the caller sends it
 SIGNALLED = """import os, signal, sys
-import model, tasks, train, training
+import pretrained, tasks, train, training
 for cls in (tasks.Mult, tasks.Svamp, tasks.Gsm8k):
     cls.reward = lambda self, text, ex: float(len(text) % 2)
 at = os.environ.get("SEND_AT", "")
 if at == "load":
-    real_load = model.load_model
+    real_load = pretrained.load_model
     def load_model(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
         return real_load(*a, **k)
-    model.load_model = load_model
+    pretrained.load_model = load_model
 if at.startswith("step:"):
     _, step, times = at.split(":")
     real_step = training.Trainer.train_step
@@ -653,7 +654,7 @@ def test_non_finite_weights_stop_the_run_before_they_are_saved(tmp_path, tiny, m
 
 def test_save_checkpoint_refuses_non_finite_state(tmp_path, tiny):
     import lora
-    net = M.load_model(tiny)
+    net = pretrained.load_model(tiny)
     lora.apply_lora(net, 2, 0.5, None, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(lora.lora_parameters(net))
     with torch.no_grad():
@@ -766,7 +767,7 @@ def test_a_held_directory_is_refused_before_anything_is_loaded_or_written(tmp_pa
     try:
         before = snapshot(run)
         with monkeypatch.context() as m:
-            m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+            m.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
             capsys.readouterr()
             with pytest.raises(SystemExit) as e:
                 train.main(command)

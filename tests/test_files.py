@@ -24,6 +24,9 @@ from conftest import ROOT, make_checkpoint, refused
 import checkpoints
 import lora
 import model as M
+import pretrained
+import sampling
+import tokenizer
 import train
 import training
 from distributed import World
@@ -135,12 +138,12 @@ def test_evaluate_itself_refuses_an_empty_test_set(tiny):
     """The checks refuse every way the command line has to an evaluation of nothing; training.evaluate, which mini.py
     and tests call with their own tasks and settings, refuses one too, rather than report an accuracy of 0."""
     import tasks
-    tok = M.Tokenizer(tiny / "tokenizer.json")
+    tok = tokenizer.Tokenizer(tiny / "tokenizer.json")
     task = tasks.make_task("mult", tok)
     task.test_set = lambda: []
     cfg = train.resolve(train.build_parser().parse_args(["--model", str(tiny), *SMALL]))
     with pytest.raises(ValueError, match="^mult: an evaluation of no test example$"):
-        training.evaluate(M.load_model(tiny), tok, task, cfg, (256,))
+        training.evaluate(pretrained.load_model(tiny), tok, task, cfg, (256,))
 
 
 @pytest.mark.parametrize("how", [["--eval-only"], []], ids=["--eval-only", "a new run"])
@@ -217,10 +220,10 @@ def test_a_weight_beyond_the_range_of_dtype_is_named_before_the_load(tmp_path, t
 
 
 def test_the_loader_refuses_a_weight_that_is_not_floating_point(tmp_path, tiny):
-    """model.load_model is also called without the checks (tests, mini.py): it refuses an integer tensor itself."""
+    """pretrained.load_model is also called without the checks (tests, mini.py): it refuses an integer tensor itself."""
     d = with_weights(tmp_path, tiny, WEIGHT_FAULTS["an int8 embedding"][0])
     with pytest.raises(ValueError, match=f"tensor {EMBED} is torch.int8; allowed: F32, F16, BF16"):
-        M.load_model(d)
+        pretrained.load_model(d)
 
 
 # --- a next-token distribution that is not finite, at run time ------------------------------------------------------
@@ -302,8 +305,8 @@ def test_the_likely_cause_after_updates_and_with_an_adapter(tmp_path, tiny, caps
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
     def refuse(*a, **k):
-        raise M.NonFiniteLogits(3, 0.3, False, float("nan"))
-    monkeypatch.setattr(M, "sample", refuse)
+        raise sampling.NonFiniteLogits(3, 0.3, False, float("nan"))
+    monkeypatch.setattr(sampling, "sample", refuse)
     code, err = refused(["--resume", str(run), "--steps", "2"], capsys)
     assert code == 1 and err.splitlines()[-1] == (
         "error: sampling for step 2: the model's logits are not finite (NaN or inf) at new token 3; the adapter's "
@@ -311,7 +314,7 @@ def test_the_likely_cause_after_updates_and_with_an_adapter(tmp_path, tiny, caps
         f"last checkpoint, {run / 'checkpoints' / 'step-000001'}, is whole and untouched")
     assert [m["step"] for m in checkpoints.read_jsonl(run / "metrics.jsonl")] == [1]
     model = huge_head(tmp_path, 3e38)
-    net = M.load_model(model)
+    net = pretrained.load_model(model)
     lora.apply_lora(net, 8, 0.5, generator=torch.Generator().manual_seed(0))
     checkpoints.write_adapter(net, tmp_path / "adapter")
     code, err = refused(["--model", str(model), "--eval-only", "--adapter", str(tmp_path / "adapter"), *SMALL],
@@ -337,7 +340,7 @@ class OtherRankFailed(World):
     """Rank 0 of two, the other a stand-in: its share of every gather is one NonFiniteLogits, its sums 0."""
 
     def gather(self, items: list) -> list:
-        return list(items) + [M.NonFiniteLogits(2, 0.3, False, float("nan"))]
+        return list(items) + [sampling.NonFiniteLogits(2, 0.3, False, float("nan"))]
 
     def sum(self, values):
         return [float(v) for v in values]
@@ -350,16 +353,16 @@ def test_another_process_s_distribution_that_is_not_finite_stops_this_one_too(ti
     evaluation."""
     import tasks
     from types import SimpleNamespace
-    net, tok = M.load_model(tiny), M.Tokenizer(tiny / "tokenizer.json")
+    net, tok = pretrained.load_model(tiny), tokenizer.Tokenizer(tiny / "tokenizer.json")
     task = tasks.make_task("mult", tok)
     cfg = train.resolve(train.build_parser().parse_args(["--model", str(tiny), *SMALL]))
     world = OtherRankFailed(rank=0, size=2)
-    with pytest.raises(M.NonFiniteLogits) as e:
+    with pytest.raises(sampling.NonFiniteLogits) as e:
         training.evaluate(net, tok, task, cfg, (256,), world=world)
     assert e.value.new_token == 2
     trainer = SimpleNamespace(cfg=cfg, world=world, net=net, gens={"sample": torch.Generator()}, eos=(256,),
                               task=task, tok=tok, step=0)
-    with pytest.raises(M.NonFiniteLogits) as e:
+    with pytest.raises(sampling.NonFiniteLogits) as e:
         training.Trainer.sample_group(trainer, tok.encode(task.prompt((123, 456))), (123, 456))
     assert e.value.new_token == 2
 
@@ -375,7 +378,7 @@ def snapshot(d: Path) -> dict:
 def refused_before_loading(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     """refused(args), with loading the weights an error (every refusal here comes before it)."""
     with monkeypatch.context() as m:
-        m.setattr(M, "load_model", lambda *a, **k: pytest.fail("the weights were loaded before the refusal"))
+        m.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the weights were loaded before the refusal"))
         return refused(args, capsys)
 
 
@@ -396,7 +399,7 @@ def test_out_at_a_model_directory_leaves_it_byte_identical(tmp_path, tiny, capsy
                                  "holds config.json, generation_config.json, model.safetensors, tokenizer.json; "
                                  "allowed: a new or empty directory\n")
     assert snapshot(m2) == before
-    M.load_model(m2)
+    pretrained.load_model(m2)
 
 
 @pytest.mark.parametrize("removed,what", [
@@ -682,15 +685,15 @@ def cache_refused_at_run_time(t: Row) -> list[int]:
     def refuse(*a, **k):
         raise M.CacheTooLarge(4, 168, 10**9, "cpu", RuntimeError("can't allocate memory"))
     with t.monkeypatch.context() as m:
-        m.setattr(M, "sample", refuse)
+        m.setattr(sampling, "sample", refuse)
         return [t.resume(t.run(), "--steps", "3")]
 
 
 def not_finite_at_run_time(t: Row) -> list[int]:
     def refuse(*a, **k):
-        raise M.NonFiniteLogits(1, 0.3, False, float("nan"))
+        raise sampling.NonFiniteLogits(1, 0.3, False, float("nan"))
     with t.monkeypatch.context() as m:
-        m.setattr(M, "sample", refuse)
+        m.setattr(sampling, "sample", refuse)
         return [t.resume(t.run(), "--steps", "3")]
 
 

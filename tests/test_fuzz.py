@@ -27,7 +27,7 @@ import torch
 from conftest import make_checkpoint
 import checkpoints
 import lora
-import model as M
+import pretrained
 import train
 from test_train import write_gsm8k, write_svamp
 
@@ -51,7 +51,7 @@ def one_thread():
 def originals(tiny, tmp_path_factory) -> dict[str, Path]:
     """The whole files the cases damage copies of: data, an adapter, a finished one-step run (for --resume)."""
     root = tmp_path_factory.mktemp("originals")
-    net = M.load_model(tiny)
+    net = pretrained.load_model(tiny)
     lora.apply_lora(net, 8, 0.5, generator=torch.Generator().manual_seed(0))
     checkpoints.write_adapter(net, root / "adapter")
     run = root / "run"

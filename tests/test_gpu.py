@@ -16,6 +16,8 @@ from conftest import make_checkpoint, tiny_config
 import checkpoints
 import lora
 import model as M
+import pretrained
+import sampling
 import tokrl
 import train
 
@@ -47,13 +49,13 @@ def test_each_algo_and_task_runs_two_steps_on_cuda(tmp_path, tiny, algo, task):
                        "--out", str(run), *data]) == 0
     metrics = checkpoints.read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
-    weights = sum(p.numel() * p.element_size() for p in M.load_model(tiny).parameters()) / 2**30
+    weights = sum(p.numel() * p.element_size() for p in pretrained.load_model(tiny).parameters()) / 2**30
     assert all(m["peak_mem_gb"] >= weights for m in metrics)  # torch.cuda.max_memory_allocated: at least the model
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_same_seed_same_lora_init_on_cpu_and_cuda(tiny):
-    cpu, gpu = M.load_model(tiny), M.load_model(tiny, device=CUDA)
+    cpu, gpu = pretrained.load_model(tiny), pretrained.load_model(tiny, device=CUDA)
     for net in (cpu, gpu):
         lora.apply_lora(net, r=4, fraction=0.5, generator=torch.Generator().manual_seed(7))
     for (n, a), (_, b) in zip(lora.lora_modules(cpu), lora.lora_modules(gpu)):
@@ -62,7 +64,7 @@ def test_same_seed_same_lora_init_on_cpu_and_cuda(tiny):
 
 
 def adapted_pair(tiny):
-    nets = [M.load_model(tiny), M.load_model(tiny, device=CUDA)]
+    nets = [pretrained.load_model(tiny), pretrained.load_model(tiny, device=CUDA)]
     for net in nets:
         lora.apply_lora(net, r=4, fraction=0.5, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -74,9 +76,9 @@ def adapted_pair(tiny):
 def test_greedy_sampling_and_scoring_agree_with_the_cpu(tiny):
     cpu, gpu = adapted_pair(tiny)
     prompts = [[1, 2, 3, 4], [9, 8, 7]]
-    assert M.greedy(cpu, prompts, 16) == M.greedy(gpu, prompts, 16)
-    a = M.sample(gpu, prompts[0], 6, 16, temperature=0.7, generator=torch.Generator(CUDA).manual_seed(3))
-    b = M.sample(gpu, prompts[0], 6, 16, temperature=0.7, generator=torch.Generator(CUDA).manual_seed(3))
+    assert sampling.greedy(cpu, prompts, 16) == sampling.greedy(gpu, prompts, 16)
+    a = sampling.sample(gpu, prompts[0], 6, 16, temperature=0.7, generator=torch.Generator(CUDA).manual_seed(3))
+    b = sampling.sample(gpu, prompts[0], 6, 16, temperature=0.7, generator=torch.Generator(CUDA).manual_seed(3))
     assert a == b and all(0 <= t < cpu.config.vocab_size for y in a for t in y)
     ids = prompts[0] + a[0]
     pos = torch.arange(len(prompts[0]), len(ids))
@@ -102,7 +104,7 @@ def test_per_completion_gradients_agree_with_the_cpu(tiny, algo):
 
 
 def test_bf16_base_on_cuda_keeps_fp32_adapters(tiny):
-    net = M.load_model(tiny, device=CUDA, dtype=torch.bfloat16)
+    net = pretrained.load_model(tiny, device=CUDA, dtype=torch.bfloat16)
     lora.apply_lora(net, r=4, fraction=0.5, generator=torch.Generator().manual_seed(0))
     assert all(p.dtype == torch.float32 and p.is_cuda for p in lora.lora_parameters(net))
     torch.cuda.reset_peak_memory_stats(CUDA)
@@ -120,14 +122,14 @@ def test_graphed_decode_equals_the_eager_decode_token_for_token_and_draw_for_dra
     gpu = adapted_pair(tiny)[1]
     prompts = [[1, 2, 3, 4], [9, 8, 7], [5] * 9]
     eos = list(range(0, 272, 5))
-    assert M.greedy(gpu, prompts, 24, decode="graph") == M.greedy(gpu, prompts, 24, decode="eager")
-    assert M.greedy(gpu, prompts, 24, eos=eos, decode="graph") == M.greedy(gpu, prompts, 24, eos=eos, decode="eager")
-    before = M.Decoder.captures
-    runs = [M.sample(gpu, [3, 1, 4, 1, 5], 8, 30, temperature=t, eos=eos, decode=d,
+    assert sampling.greedy(gpu, prompts, 24, decode="graph") == sampling.greedy(gpu, prompts, 24, decode="eager")
+    assert sampling.greedy(gpu, prompts, 24, eos=eos, decode="graph") == sampling.greedy(gpu, prompts, 24, eos=eos, decode="eager")
+    before = sampling.Decoder.captures
+    runs = [sampling.sample(gpu, [3, 1, 4, 1, 5], 8, 30, temperature=t, eos=eos, decode=d,
                      generator=torch.Generator(CUDA).manual_seed(9)) for t in (0.7, 2.0) for d in ("graph", "eager")]
     assert runs[0] == runs[1] and runs[2] == runs[3]
     assert len({len(y) for y in runs[2]}) > 1  # rows finished at different steps
-    assert M.Decoder.captures == before + 1  # one shape: captured once for 2 calls of up to 29 steps each
+    assert sampling.Decoder.captures == before + 1  # one shape: captured once for 2 calls of up to 29 steps each
 
 
 def test_graphed_decode_records_the_eager_decode_s_entropies_B1(tiny):
@@ -136,9 +138,9 @@ def test_graphed_decode_records_the_eager_decode_s_entropies_B1(tiny):
     entropies within fp32 rounding of the two decodes' logits."""
     gpu = adapted_pair(tiny)[1]
     eos, kw = list(range(0, 272, 5)), dict(temperature=0.7)
-    runs = {d: M.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, decode=d, entropy=True, **kw,
+    runs = {d: sampling.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, decode=d, entropy=True, **kw,
                         generator=torch.Generator(CUDA).manual_seed(9)) for d in ("graph", "eager")}
-    plain = M.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, decode="graph", **kw,
+    plain = sampling.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, decode="graph", **kw,
                      generator=torch.Generator(CUDA).manual_seed(9))
     (ys, hs), (ys_eager, hs_eager) = runs["graph"], runs["eager"]
     assert ys == ys_eager == plain and len({len(y) for y in ys}) > 1
@@ -150,18 +152,18 @@ def test_lower_precision_sampling_runs_and_stays_close(tiny):
     """tf32 and bf16 sampling give completions of valid tokens; bf16's logits stay within bf16 rounding of fp32's."""
     gpu = adapted_pair(tiny)[1]
     for precision in ("tf32", "bf16"):
-        ys = M.sample(gpu, [1, 2, 3], 6, 16, temperature=0.7, precision=precision,
+        ys = sampling.sample(gpu, [1, 2, 3], 6, 16, temperature=0.7, precision=precision,
                       generator=torch.Generator(CUDA).manual_seed(3))
         assert all(1 <= len(y) <= 16 and all(0 <= t < 272 for t in y) for y in ys)
     x = torch.tensor([[1, 2, 3, 4]], device=CUDA)
     with torch.no_grad():
-        assert (M.bf16_copy(gpu).logits(x).float() - gpu.logits(x)).abs().max() < 0.05
+        assert (sampling.bf16_copy(gpu).logits(x).float() - gpu.logits(x)).abs().max() < 0.05
 
 
 def test_eval_batch_on_cuda_is_what_half_the_free_memory_holds(tiny):
     import checks
     from settings import Settings
-    cfg = M.Qwen2Config.from_json(tiny / "config.json")
+    cfg = pretrained.read_config(tiny / "config.json")
     s = Settings(device="cuda", max_new_tokens=300)
     assert checks.eval_batch(s, cfg, 60, 3000) == 3000  # a tiny model's rows are kilobytes: the whole test set
     big = M.PRESETS["qwen2-1.5b"]

@@ -25,7 +25,7 @@ CHECK = [sys.executable, str(ROOT / "bench" / "gpu_check.py")]
 TABLES = {  # part: the headings its tables have in summary.md
     "model": ["## model: model"],
     "decode": ["## decode: one decode step over a 12-slot cache", "## decode: the decode step, profiled"],
-    "sampling": ["## sampling: sampling: model.sample against transformers' generate"],
+    "sampling": ["## sampling: sampling: sampling.sample against transformers' generate"],
     "eval": ["## eval: greedy evaluation, 4-token prompts, 6 new tokens",
              "## eval: greedy evaluation, rows ending at different steps"],
     "memory": ["## memory: a whole step under LoRA, 4 sampled tokens a completion"],

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from conftest import ROOT, make_checkpoint
-import model as M
+import pretrained
+import tokenizer
 
 REPO = "owner/tiny"
 MAIN = "0123456789abcdef0123456789abcdef01234567"  # the commit the main branch points to
@@ -118,11 +119,12 @@ def closed_port_url() -> str:
 RESOLVE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import model as M
+import pretrained
+import tokenizer
 for arg in sys.argv[2:]:
     name, _, revision = arg.partition("@")
     try:
-        print(json.dumps({"dir": str(M.resolve_model_dir(name, revision=revision or None))}))
+        print(json.dumps({"dir": str(pretrained.resolve_model_dir(name, revision=revision or None))}))
     except Exception as e:
         print(json.dumps({"error": type(e).__name__, "message": str(e)}))
 """
@@ -186,9 +188,9 @@ def test_cached_model_is_found_with_the_network_off_and_loads(cached):
     assert resolve(REPO, HF_HOME=str(cached["home"]), HF_HUB_OFFLINE="1") == [{"dir": snap}]
     ids = torch.tensor([[5, 9, 200, 17]])
     with torch.no_grad():
-        assert torch.equal(M.load_model(snap).logits(ids), M.load_model(cached["src"]).logits(ids))
+        assert torch.equal(pretrained.load_model(snap).logits(ids), pretrained.load_model(cached["src"]).logits(ids))
     text = "12 x 3 = 36"
-    ours, src = M.Tokenizer(Path(snap) / "tokenizer.json"), M.Tokenizer(cached["src"] / "tokenizer.json")
+    ours, src = tokenizer.Tokenizer(Path(snap) / "tokenizer.json"), tokenizer.Tokenizer(cached["src"] / "tokenizer.json")
     assert ours.encode(text) == src.encode(text)
 
 
@@ -284,12 +286,12 @@ def test_neither_directory_nor_repo_id(name, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(ValueError, match="neither an existing directory nor a Hugging Face repo id"):
-        M.resolve_model_dir(name)
+        pretrained.resolve_model_dir(name)
 
 
 def test_local_directory_without_config_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json") as e:
-        M.resolve_model_dir(str(tmp_path))
+        pretrained.resolve_model_dir(str(tmp_path))
     assert str(tmp_path) in str(e.value)
 
 
@@ -300,9 +302,9 @@ def test_revision_flag_reaches_the_lookup(monkeypatch):
 
     def record(name, *, revision=None):
         seen.append((name, revision))
-        raise M.ModelNotFoundError("stop here")
+        raise pretrained.ModelNotFoundError("stop here")
 
-    monkeypatch.setattr(M, "resolve_model_dir", record)
+    monkeypatch.setattr(pretrained, "resolve_model_dir", record)
     with pytest.raises(SystemExit, match="stop here"):
         train.main(["--eval-only", "--model", REPO, "--revision", "v1"])
     assert seen == [(REPO, "v1")]

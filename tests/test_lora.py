@@ -11,10 +11,11 @@ from conftest import hf_checkpoint, make_checkpoint, refused, tiny_config
 import checkpoints
 import lora
 import model as M
+import pretrained
 
 
 def tiny_model(tmp_path, **kw):
-    return M.load_model(make_checkpoint(tmp_path / "m", tiny_config(**kw)))
+    return pretrained.load_model(make_checkpoint(tmp_path / "m", tiny_config(**kw)))
 
 
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
@@ -147,7 +148,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_peft_loads_what_tokrl_saved_and_tokrl_loads_what_peft_saved(tmp_path):
     peft = pytest.importorskip("peft")
     path, hf = hf_checkpoint(tmp_path / "hf", tie=True, layers=4)
-    ours = M.load_model(path)
+    ours = pretrained.load_model(path)
     lora.apply_lora(ours, r=4, fraction=0.5, generator=torch.Generator().manual_seed(1))
     train_a_little(ours)
     checkpoints.write_adapter(ours, tmp_path / "ad", base_model=str(path))
@@ -168,7 +169,7 @@ def test_peft_loads_what_tokrl_saved_and_tokrl_loads_what_peft_saved(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     pm2.save_pretrained(tmp_path / "peft_ad")
-    ours2 = M.load_model(tmp_path / "hf2")
+    ours2 = pretrained.load_model(tmp_path / "hf2")
     assert lora.load_adapter(ours2, tmp_path / "peft_ad") == [1, 3]
     with torch.no_grad():
         err2 = (pm2(IDS).logits - ours2.logits(IDS)).abs().max()
@@ -251,7 +252,7 @@ def test_peft_rank_and_alpha_patterns_give_peft_s_logits(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     pm.save_pretrained(tmp_path / "ad")
-    ours = M.load_model(path)
+    ours = pretrained.load_model(path)
     lora.load_adapter(ours, tmp_path / "ad")
     mods = dict(lora.lora_modules(ours))
     assert mods["model.layers.3.self_attn.q_proj"].r == 6 and mods["model.layers.2.self_attn.q_proj"].r == 2
@@ -355,7 +356,7 @@ def test_peft_adapters_with_the_fields_peft_writes_give_peft_s_logits(tmp_path, 
     bugs it is written for: an rsLoRA adapter loaded at α/r (or any other scale than α/√r), a field read wrong."""
     peft = pytest.importorskip("peft")
     path, pm, ad = peft_adapter(tmp_path, peft, **config)
-    ours = M.load_model(path)
+    ours = pretrained.load_model(path)
     lora.load_adapter(ours, ad)
     adapted = {n.removeprefix("base_model.model.") for n, mod in pm.named_modules() if hasattr(mod, "lora_A")
                and isinstance(mod.lora_A, torch.nn.ModuleDict)}
@@ -377,7 +378,7 @@ def test_peft_adapters_with_trained_biases_are_refused_by_name(tmp_path, bias, c
     peft = pytest.importorskip("peft")
     path, _, ad = peft_adapter(tmp_path, peft, r=2, lora_alpha=4, target_modules=QV, bias=bias)
     with pytest.raises(ValueError, match=rf"bias = '{bias}' is not supported"):
-        lora.load_adapter(M.load_model(path), ad)
+        lora.load_adapter(pretrained.load_model(path), ad)
     code, err = refused(["--eval-only", "--model", str(path), "--adapter", str(ad), "--task", "mult", "--device",
                          "cpu", "--eval-limit", "1"], capsys)
     assert code == 2 and err.count("\n") == 1 and f"bias = '{bias}' is not supported" in err

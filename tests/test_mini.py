@@ -22,6 +22,9 @@ import mini
 import mini_base
 import mini_report
 import model as M
+import pretrained
+import sampling
+import tokenizer
 import tokrl
 import settings
 import train
@@ -31,17 +34,17 @@ from mini_base import MiniMult
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> M.Tokenizer:
+def tok(tmp_path_factory) -> tokenizer.Tokenizer:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     mini_base.build_tokenizer(path)
-    return M.Tokenizer(path)
+    return tokenizer.Tokenizer(path)
 
 
 def test_tokenizer_round_trips_every_trace_and_answer(tok):
     """All 8100 pairs: prompt + trace (both settings, slipped or not) and prompt + bare answer encode one token per
     character and decode back."""
-    eos = tok.token_id(M.ENDOFTEXT)
-    assert eos == mini_base.EOS_ID and M.eos_ids(None, mini_base.mini_config(), tok) == (mini_base.EOS_ID,)
+    eos = tok.token_id(tokenizer.ENDOFTEXT)
+    assert eos == mini_base.EOS_ID and pretrained.eos_ids(None, mini_base.mini_config(), tok) == (mini_base.EOS_ID,)
     for a in range(10, 100):
         for b in range(10, 100):
             for text in (f"{a}*{b}=" + mini_base.trace(a, b), f"{a}*{b}=" + mini_base.bare(a, b),
@@ -303,7 +306,7 @@ def test_evaluate_first_token_counts_by_hand(tok, monkeypatch):
         texts = forced if tok.decode(prompts[0]).endswith(" ") else plain
         return [tok.encode(t) + [mini_base.EOS_ID] for t in texts]
 
-    monkeypatch.setattr(M, "greedy", fake_greedy)
+    monkeypatch.setattr(sampling, "greedy", fake_greedy)
     ev = mini_base.evaluate_base(None, tok, "first-token", limit=4)
     assert ev == {"accuracy": 0.5, "trace_rate": 0.25, "trace_accuracy": 1.0, "bare_accuracy": 1 / 3,
                   "forced_trace_accuracy": 0.75, "n": 4}
@@ -321,13 +324,13 @@ def test_evaluate_steps_counts_by_hand(tok, monkeypatch):
     greedy = [t(a1, b1, (False,) * 3), t(a2, b2, (False, True, False))]
     groups = {data[0]: [t(a1, b1, (False,) * 3), t(a1, b1, (True, False, False)), t(a1, b1, (False, False, True)),
                         t(a1, b1, (False,) * 3)], data[1]: [t(a2, b2, (True, False, False))] * 4}
-    monkeypatch.setattr(M, "greedy", lambda net, prompts, n, eos: [tok.encode(x) for x in greedy])
+    monkeypatch.setattr(sampling, "greedy", lambda net, prompts, n, eos: [tok.encode(x) for x in greedy])
 
     def fake_sample(net, prompt, G, n, **kw):
         a, b = map(int, tok.decode(prompt).strip(" =").split("*"))
         return [tok.encode(x) for x in groups[a, b]]
 
-    monkeypatch.setattr(M, "sample", fake_sample)
+    monkeypatch.setattr(sampling, "sample", fake_sample)
     ev = mini_base.evaluate_steps(None, tok, task, limit=2, group=4)
     assert ev["accuracy"] == 0.5 and ev["greedy_steps_right"] == [1.0, 0.5, 0.5]
     assert ev["sampled_success"] == 2 / 8 and ev["groups_with_a_success"] == 0.5
@@ -346,8 +349,8 @@ def test_the_shipped_bases_land_in_their_stated_bands_and_are_what_a_fresh_clone
     a fifth of the time given a right prefix, failures leaving the successes in every step (the sampled numbers are
     measured again on the first 20 problems: all 300 take minutes). A fresh output folder gets them by copy."""
     for setting, shipped in mini_base.SHIPPED.items():
-        tok = M.Tokenizer(shipped / "tokenizer.json")
-        net = M.load_model(shipped)
+        tok = tokenizer.Tokenizer(shipped / "tokenizer.json")
+        net = pretrained.load_model(shipped)
         recorded = json.loads((shipped / "base.json").read_text())
         task = MiniMult(tok, setting)
         if setting == "first-token":
@@ -357,7 +360,7 @@ def test_the_shipped_bases_land_in_their_stated_bands_and_are_what_a_fresh_clone
             recorded_check = recorded[f"check_{mini_base.CHECK_PROBLEMS}"]
             for k in ("accuracy", "sampled_success", "steps_right", "steps_right_given_earlier", "branch_steps"):
                 assert torch.allclose(torch.tensor(ev[k]), torch.tensor(recorded_check[k]), rtol=0, atol=0.01), k
-            outs = M.greedy(net, [tok.encode(task.prompt(ex)) for ex in task.test_set()], mini_base.MAX_NEW_TOKENS,
+            outs = sampling.greedy(net, [tok.encode(task.prompt(ex)) for ex in task.test_set()], mini_base.MAX_NEW_TOKENS,
                             eos=[mini_base.EOS_ID])
             ev = {"accuracy": sum(task.reward(tok.decode(o), ex) for o, ex in zip(outs, task.test_set())) / 300}
             keys = ("accuracy",)
@@ -439,7 +442,7 @@ def test_quick_runs_both_settings_through_train_train_and_writes_the_report(tmp_
                          "cpu"], capsys)
     assert code == 2 and err.startswith("error: --max-new-tokens 4: the longest test prompt (207 tokens, mult) plus "
                                         "4 is 211, beyond the model's max_position_embeddings 128")
-    assert M.load_model(out / "base-steps").config.max_position_embeddings == 128
+    assert pretrained.load_model(out / "base-steps").config.max_position_embeddings == 128
     mini.main([*args, "--methods", "grpo", "--settings", "steps"])  # a rerun reuses the cached base
     assert "base (steps): reusing" in capsys.readouterr().out
 
@@ -635,10 +638,10 @@ def test_train_uses_a_loaded_model_and_the_settings(tmp_path, tiny, monkeypatch)
     loaded = training.load_everything(cfg)
     monkeypatch.setattr(training, "load_everything", lambda cfg: pytest.fail("training.train read the model from disk"))
     seen = {}
-    real_greedy, real_sample = M.greedy, M.sample
-    monkeypatch.setattr(M, "greedy", lambda net, p, n, **k: seen.setdefault("greedy", n) and
+    real_greedy, real_sample = sampling.greedy, sampling.sample
+    monkeypatch.setattr(sampling, "greedy", lambda net, p, n, **k: seen.setdefault("greedy", n) and
                         real_greedy(net, p, n, **k))
-    monkeypatch.setattr(M, "sample", lambda net, p, g, n, **k: seen.setdefault("sample", n) and
+    monkeypatch.setattr(sampling, "sample", lambda net, p, g, n, **k: seen.setdefault("sample", n) and
                         real_sample(net, p, g, n, **k))
     threads = torch.get_num_threads()
     try:
@@ -658,9 +661,9 @@ def test_train_uses_a_loaded_model_and_the_settings(tmp_path, tiny, monkeypatch)
 
 
 def _fresh(tiny: Path):
-    net = M.load_model(tiny)
-    tok = M.Tokenizer(tiny / "tokenizer.json")
-    return net, tok, M.eos_ids(tiny, net.config, tok)
+    net = pretrained.load_model(tiny)
+    tok = tokenizer.Tokenizer(tiny / "tokenizer.json")
+    return net, tok, pretrained.eos_ids(tiny, net.config, tok)
 
 
 def test_tspmo_logpi_objective_against_brute_force(tiny):
@@ -668,7 +671,7 @@ def test_tspmo_logpi_objective_against_brute_force(tiny):
     brute-force E10 sum over raw token lists with log π in place of π, each log π from a full forward; and it is
     not the π objective's gradient."""
     torch.manual_seed(0)
-    net = M.load_model(tiny)
+    net = pretrained.load_model(tiny)
     lora.apply_lora(net, 4, 1.0, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for p in lora.lora_parameters(net):

@@ -10,6 +10,9 @@ import torch
 
 from conftest import TINY_VOCAB, assets, hf_checkpoint, make_checkpoint, tiny_config
 import model as M
+import pretrained
+import sampling
+import tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +35,7 @@ def test_logits_match_transformers(tmp_path, tie, dtype, shard):
     path, hf = hf_checkpoint(tmp_path / "hf", tie=tie, dtype=dtype, max_shard_size=shard)
     if shard:
         assert (path / "model.safetensors.index.json").is_file()
-    ours = M.load_model(path)
+    ours = pretrained.load_model(path)
     assert ours.config.tie_word_embeddings == tie
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tie
     ids = batch_of_prompts()
@@ -45,22 +48,22 @@ def test_logits_match_transformers(tmp_path, tie, dtype, shard):
 
 def test_greedy_tokens_match_transformers_generate(tmp_path):
     path, hf = hf_checkpoint(tmp_path / "hf", tie=True, layers=2)
-    ours = M.load_model(path)
+    ours = pretrained.load_model(path)
     prompts = [[5, 9, 200, 17, 33, 101], [7, 7, 8]]
     for prompt in prompts:
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
                           eos_token_id=None, pad_token_id=256)[0, len(prompt):].tolist()
-        got = M.greedy(ours, [prompt], 20)[0]
+        got = sampling.greedy(ours, [prompt], 20)[0]
         assert got == ref and len(got) == 20
     # the batched (left-padded) greedy path gives each prompt's unbatched result
-    batched = M.greedy(ours, prompts, 20)
-    assert batched == [M.greedy(ours, [p], 20)[0] for p in prompts]
+    batched = sampling.greedy(ours, prompts, 20)
+    assert batched == [sampling.greedy(ours, [p], 20)[0] for p in prompts]
 
 
 # --- KV cache -----------------------------------------------------------------------------------------------------
 
 def test_cached_decoding_equals_full_forward(tiny_dir):
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     ids = batch_of_prompts(1, B=2, T=24)
     full = m.logits(ids)  # (B, T, V)
     cache = M.KVCache(m.config, 2, 24, "cpu", torch.float32)
@@ -72,11 +75,11 @@ def test_cached_decoding_equals_full_forward(tiny_dir):
 
 
 def test_left_padded_rows_equal_unpadded(tiny_dir):
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     short, long_ = [3, 4, 5], [9, 8, 7, 6, 5, 4, 3]
-    both = M.greedy(m, [short, long_], 12)
-    assert both[0] == M.greedy(m, [short], 12)[0]
-    assert both[1] == M.greedy(m, [long_], 12)[0]
+    both = sampling.greedy(m, [short, long_], 12)
+    assert both[0] == sampling.greedy(m, [short], 12)[0]
+    assert both[1] == sampling.greedy(m, [long_], 12)[0]
 
 
 # --- sampling -----------------------------------------------------------------------------------------------------
@@ -85,9 +88,9 @@ def test_group_rows_draw_independent_tokens(tmp_path):
     """The bug story: after one shared prefill, the G rows must draw their own tokens. A cache shared by view, or
     one sample broadcast to all rows, makes every row identical. With near-uniform logits (tiny std weights) over
     272 tokens, 16 independent first tokens are all equal with probability 272**-15."""
-    m = M.load_model(make_checkpoint(tmp_path / "flat", std=1e-4))
+    m = pretrained.load_model(make_checkpoint(tmp_path / "flat", std=1e-4))
     g = torch.Generator().manual_seed(0)
-    out = M.sample(m, [1, 2, 3], 16, 6, temperature=1.0, generator=g)
+    out = sampling.sample(m, [1, 2, 3], 16, 6, temperature=1.0, generator=g)
     assert len({o[0] for o in out}) > 8, "first tokens of the G rows are not independent"
     assert len({tuple(o) for o in out}) == 16, "rows share their continuations"
 
@@ -96,19 +99,19 @@ def test_group_rows_decode_from_their_own_cache(tiny_dir, monkeypatch):
     """At every decode step, each live row's logits must equal a full forward over the prompt and that row's own
     tokens so far: a cache shared between rows, or a row dropped from the cache in the wrong place, breaks this.
     A quarter of the vocabulary is EOS, so rows finish at different steps and the cache is compacted several times."""
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     seen = []
-    real = M.next_token
+    real = sampling.next_token
 
     def spy(logits, *args):
         tok = real(logits, *args)
         seen.append(logits.clone())
         return tok
 
-    monkeypatch.setattr(M, "next_token", spy)
+    monkeypatch.setattr(sampling, "next_token", spy)
     prompt = [10, 20, 30, 40]
     eos = list(range(0, 272, 4))
-    rows = M.sample(m, prompt, 8, 8, temperature=5.0, generator=torch.Generator().manual_seed(3), eos=eos)
+    rows = sampling.sample(m, prompt, 8, 8, temperature=5.0, generator=torch.Generator().manual_seed(3), eos=eos)
     assert len({len(r) for r in rows}) > 2  # rows ended at different steps
     for step, logits in enumerate(seen):
         live = [r for r in rows if len(r) > step]  # rows keep their order as finished ones are dropped
@@ -122,11 +125,11 @@ def test_a_kv_cache_the_allocator_refuses_is_named_with_its_bytes(tiny_dir):
     """The real CPU allocator, asked for the prompt's one row × (3 + 2^37) positions: 1025 bytes a row and
     position (keys and values: 2 × 4 layers × 2 KV heads × 16 head dims × 4 bytes, and 1 byte of mask), 141 TB.
     Its RuntimeError becomes one CacheTooLarge naming rows, positions, bytes and device."""
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     positions = 3 + 2**37
     assert M.cache_bytes(m.config, 4, positions, torch.float32) == 4 * positions * (2 * 4 * 2 * 16 * 4 + 1)
     with pytest.raises(M.CacheTooLarge) as e:
-        M.sample(m, [1, 2, 3], 4, 2**37, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        sampling.sample(m, [1, 2, 3], 4, 2**37, temperature=1.0, generator=torch.Generator().manual_seed(0))
     nbytes = positions * 1025
     assert (e.value.rows, e.value.positions, e.value.nbytes, e.value.device) == (1, positions, nbytes, "cpu")
     assert str(e.value).startswith(f"the KV cache (rows × positions = 1 × {positions}) needs {nbytes:,} bytes "
@@ -135,34 +138,34 @@ def test_a_kv_cache_the_allocator_refuses_is_named_with_its_bytes(tiny_dir):
 
 
 def test_sampling_is_deterministic_under_a_seed(tiny_dir):
-    m = M.load_model(tiny_dir)
-    a = M.sample(m, [1, 2, 3], 5, 10, temperature=0.7, generator=torch.Generator().manual_seed(42))
-    b = M.sample(m, [1, 2, 3], 5, 10, temperature=0.7, generator=torch.Generator().manual_seed(42))
-    c = M.sample(m, [1, 2, 3], 5, 10, temperature=0.7, generator=torch.Generator().manual_seed(43))
+    m = pretrained.load_model(tiny_dir)
+    a = sampling.sample(m, [1, 2, 3], 5, 10, temperature=0.7, generator=torch.Generator().manual_seed(42))
+    b = sampling.sample(m, [1, 2, 3], 5, 10, temperature=0.7, generator=torch.Generator().manual_seed(42))
+    c = sampling.sample(m, [1, 2, 3], 5, 10, temperature=0.7, generator=torch.Generator().manual_seed(43))
     assert a == b and a != c
 
 
 def test_rows_stop_at_eos_and_stop_rule(tmp_path):
-    m = M.load_model(make_checkpoint(tmp_path / "flat", std=1e-4))
+    m = pretrained.load_model(make_checkpoint(tmp_path / "flat", std=1e-4))
     g = torch.Generator().manual_seed(0)
     eos = list(range(0, 272, 2))  # half the vocabulary ends a row: rows end early, at different steps
-    out = M.sample(m, [1, 2], 12, 30, temperature=1.0, generator=g, eos=eos)
+    out = sampling.sample(m, [1, 2], 12, 30, temperature=1.0, generator=g, eos=eos)
     for o in out:
         assert all(t % 2 for t in o[:-1])  # no EOS before the end
         assert o[-1] % 2 == 0 or len(o) == 30  # ended by EOS (kept) or by the length limit
     assert len({len(o) for o in out}) > 1
-    out = M.sample(m, [1, 2], 4, 30, temperature=1.0, generator=g, stop=lambda toks: len(toks) == 3)
+    out = sampling.sample(m, [1, 2], 4, 30, temperature=1.0, generator=g, stop=lambda toks: len(toks) == 3)
     assert [len(o) for o in out] == [3, 3, 3, 3]
 
 
 def test_dropping_finished_rows_keeps_the_others_exact(tmp_path):
     """Rows that live on after others finished must produce exactly what they would alone: compare against the
     same seed with no EOS, where the first divergence can only come from the sampler, so check greedy instead."""
-    m = M.load_model(make_checkpoint(tmp_path / "m"))
+    m = pretrained.load_model(make_checkpoint(tmp_path / "m"))
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8]]
-    solo = [M.greedy(m, [p], 15)[0] for p in prompts]
+    solo = [sampling.greedy(m, [p], 15)[0] for p in prompts]
     eos = [solo[0][4]]  # row 0 ends early at this token (and any other row that emits it)
-    together = M.greedy(m, prompts, 15, eos=eos)
+    together = sampling.greedy(m, prompts, 15, eos=eos)
     for s, t in zip(solo, together):
         cut = next((i + 1 for i, x in enumerate(s) if x in eos), len(s))
         assert t == s[:cut]
@@ -178,19 +181,19 @@ def test_a_row_whose_distribution_is_not_finite_is_flagged_and_the_others_draw_a
     logits[3, ::2] = -float("inf")
     bad = logits.clone()
     bad[1, 17], bad[2, 250] = float("nan"), float("inf")
-    got = M.next_token(bad, temperature, top_p, torch.Generator().manual_seed(1))
-    want = M.next_token(logits, temperature, top_p, torch.Generator().manual_seed(1))
-    assert got[1] == got[2] == M.NOT_FINITE and got[[0, 3]].tolist() == want[[0, 3]].tolist()
-    assert int(want[3]) % 2 == 1 and M.NOT_FINITE not in want.tolist()
+    got = sampling.next_token(bad, temperature, top_p, torch.Generator().manual_seed(1))
+    want = sampling.next_token(logits, temperature, top_p, torch.Generator().manual_seed(1))
+    assert got[1] == got[2] == sampling.NOT_FINITE and got[[0, 3]].tolist() == want[[0, 3]].tolist()
+    assert int(want[3]) % 2 == 1 and sampling.NOT_FINITE not in want.tolist()
 
 
 def test_finite_logits_whose_quotient_by_t_overflows_are_flagged():
     """l/T in float32: logits up to 30 at T = 2e-38 reach 1.5e39, past float32's 3.4e38; at T = 1e-37, 3e38 fits."""
     logits = torch.linspace(-30, 30, 256)[None]
-    assert int(M.next_token(logits, 2e-38, 1.0, torch.Generator().manual_seed(0))) == M.NOT_FINITE
-    assert int(M.next_token(logits, 1e-37, 1.0, torch.Generator().manual_seed(0))) == 255  # the largest logit
-    with pytest.raises(M.NonFiniteLogits) as e:  # the decode loop says so, with the largest |logit|: -30's
-        M._decode(None, logits - 5, 4, 2e-38, 1.0, torch.Generator(), (), None, ())
+    assert int(sampling.next_token(logits, 2e-38, 1.0, torch.Generator().manual_seed(0))) == sampling.NOT_FINITE
+    assert int(sampling.next_token(logits, 1e-37, 1.0, torch.Generator().manual_seed(0))) == 255  # the largest logit
+    with pytest.raises(sampling.NonFiniteLogits) as e:  # the decode loop says so, with the largest |logit|: -30's
+        sampling._decode(None, logits - 5, 4, 2e-38, 1.0, torch.Generator(), (), None, ())
     assert (e.value.new_token, e.value.logits_finite, e.value.largest) == (1, True, 35.0)
 
 
@@ -200,23 +203,23 @@ def test_sampling_and_greedy_refuse_a_distribution_that_is_not_finite(tmp_path, 
     NonFiniteLogits at the first token, which says the logits themselves are not finite. A model of large logits
     (weights of std 1) sampled at float32's smallest normal temperature: the logits are finite, their quotient by T
     is not, and the error carries the largest |logit|, the full forward's."""
-    m = M.load_model(make_checkpoint(tmp_path / "untied", tiny_config(tie_word_embeddings=False)))
+    m = pretrained.load_model(make_checkpoint(tmp_path / "untied", tiny_config(tie_word_embeddings=False)))
     m.lm_head.weight[7, 3] = float("nan")
     prompt = [10, 20, 30, 40]
-    for run in (lambda: M.sample(m, prompt, 4, 6, temperature=0.7, generator=torch.Generator(), decode=decode),
-                lambda: M.greedy(m, [prompt, prompt[:2]], 6, decode=decode)):
-        with pytest.raises(M.NonFiniteLogits) as e:
+    for run in (lambda: sampling.sample(m, prompt, 4, 6, temperature=0.7, generator=torch.Generator(), decode=decode),
+                lambda: sampling.greedy(m, [prompt, prompt[:2]], 6, decode=decode)):
+        with pytest.raises(sampling.NonFiniteLogits) as e:
             run()
         assert (e.value.new_token, e.value.logits_finite) == (1, False)
         assert str(e.value) == "the model's logits are not finite (NaN or inf) at new token 1"
-    big = M.load_model(make_checkpoint(tmp_path / "big", std=1.0))
-    with pytest.raises(M.NonFiniteLogits) as e:
-        M.sample(big, prompt, 4, 6, temperature=torch.finfo(torch.float32).tiny, generator=torch.Generator(),
+    big = pretrained.load_model(make_checkpoint(tmp_path / "big", std=1.0))
+    with pytest.raises(sampling.NonFiniteLogits) as e:
+        sampling.sample(big, prompt, 4, 6, temperature=torch.finfo(torch.float32).tiny, generator=torch.Generator(),
                  decode=decode)
     largest = float(big.logits(torch.tensor([prompt]))[0, -1].abs().max())
     assert (e.value.new_token, e.value.logits_finite) == (1, True)
     assert e.value.largest == pytest.approx(largest, rel=1e-5) and largest > 4  # |l| > 4: l/T > 3.4e38
-    assert M.greedy(big, [prompt], 6, decode=decode)  # greedy divides by nothing: it runs
+    assert sampling.greedy(big, [prompt], 6, decode=decode)  # greedy divides by nothing: it runs
 
 
 # --- fixed-shape decode (the CUDA path's, run here without a graph) ---------------------------------------------
@@ -227,12 +230,12 @@ def test_fixed_shape_decode_samples_what_the_eager_decode_samples(tiny_dir, G, t
     """The same seed, token for token: EOS (a quarter of the vocabulary, so rows finish at different steps), a stop
     rule, suppressed tokens. The fixed-shape decode keeps finished rows in its batch and draws only for the live
     ones, so the generator is read exactly as the eager decode reads it."""
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     eos, suppress = list(range(0, 272, 4)), [5, 9, 13]
     stop = lambda toks: len(toks) >= 3 and toks[-1] == toks[-3]  # noqa: E731
     runs = {}
     for decode in ("eager", "static"):
-        runs[decode] = M.sample(m, [10, 20, 30, 40], G, 24, temperature=temperature, top_p=top_p, eos=eos,
+        runs[decode] = sampling.sample(m, [10, 20, 30, 40], G, 24, temperature=temperature, top_p=top_p, eos=eos,
                                 stop=stop, suppress=suppress, decode=decode,
                                 generator=torch.Generator().manual_seed(11))
     assert runs["static"] == runs["eager"]
@@ -242,28 +245,28 @@ def test_fixed_shape_decode_samples_what_the_eager_decode_samples(tiny_dir, G, t
 
 
 def test_fixed_shape_greedy_equals_eager_greedy_with_padding_and_early_ends(tiny_dir):
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4, 3], [1], [200, 100, 50, 25]]
-    solo = M.greedy(m, prompts, 20, decode="eager")
+    solo = sampling.greedy(m, prompts, 20, decode="eager")
     eos = [solo[0][3], solo[2][6]]  # rows 0 and 2 (at least) end early
     for e in ([], eos):
-        assert M.greedy(m, prompts, 20, eos=e, decode="static") == M.greedy(m, prompts, 20, eos=e, decode="eager")
-    assert len({len(y) for y in M.greedy(m, prompts, 20, eos=eos, decode="static")}) > 1
+        assert sampling.greedy(m, prompts, 20, eos=e, decode="static") == sampling.greedy(m, prompts, 20, eos=e, decode="eager")
+    assert len({len(y) for y in sampling.greedy(m, prompts, 20, eos=eos, decode="static")}) > 1
 
 
 def test_fixed_shape_logits_equal_a_full_forward_at_every_step(tiny_dir, monkeypatch):
     """Every live row's logits at every fixed-shape step equal a full forward over its prompt and its own tokens:
     finished rows decoding on beside them, unread, change nothing."""
-    m = M.load_model(tiny_dir)
-    seen, real = [], M.next_token
+    m = pretrained.load_model(tiny_dir)
+    seen, real = [], sampling.next_token
 
     def spy(logits, *args):
         seen.append(logits.clone())
         return real(logits, *args)
 
-    monkeypatch.setattr(M, "next_token", spy)
+    monkeypatch.setattr(sampling, "next_token", spy)
     prompt, eos = [10, 20, 30, 40], list(range(0, 272, 4))
-    rows = M.sample(m, prompt, 8, 8, temperature=5.0, generator=torch.Generator().manual_seed(3), eos=eos,
+    rows = sampling.sample(m, prompt, 8, 8, temperature=5.0, generator=torch.Generator().manual_seed(3), eos=eos,
                     decode="static")
     assert len({len(r) for r in rows}) > 2
     for step, logits in enumerate(seen):
@@ -277,30 +280,30 @@ def test_a_decoder_is_made_once_per_shape_and_again_when_the_model_changes(tiny_
     """Calls of one shape (prompts of different lengths within one SLOT_BLOCK) reuse the model's Decoder, as a CUDA
     run reuses its captured graph; LoRA put on the model, or switched off, makes a new one."""
     import lora
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     made = []
-    real_init = M.Decoder.__init__
+    real_init = sampling.Decoder.__init__
 
     def counting(self, *a, **kw):
         made.append(a[1:3])
         real_init(self, *a, **kw)
 
-    M.Decoder.__init__ = counting
+    sampling.Decoder.__init__ = counting
     try:
         for prompt in ([1, 2, 3], [1, 2, 3, 4, 5, 6]):
-            M.sample(m, prompt, 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
-        assert made == [(4, M.SLOT_BLOCK)]  # 4 rows; 3 + 10 and 6 + 10 positions both round up to one block
-        M.sample(m, [1, 2, 3], 5, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
+            sampling.sample(m, prompt, 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
+        assert made == [(4, sampling.SLOT_BLOCK)]  # 4 rows; 3 + 10 and 6 + 10 positions both round up to one block
+        sampling.sample(m, [1, 2, 3], 5, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
         assert len(made) == 2  # another row count, another shape
         lora.apply_lora(m, r=2, fraction=0.5, generator=torch.Generator().manual_seed(0))
-        M.sample(m, [1, 2, 3], 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
+        sampling.sample(m, [1, 2, 3], 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
         assert len(made) == 3
         with lora.adapters_off(m):
-            M.sample(m, [1, 2, 3], 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0),
+            sampling.sample(m, [1, 2, 3], 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0),
                      decode="static")
         assert len(made) == 4
     finally:
-        M.Decoder.__init__ = real_init
+        sampling.Decoder.__init__ = real_init
 
 
 # A capture that fails: refused (the graph cannot be made here) or out of memory (these rows do not fit). The capture
@@ -326,15 +329,15 @@ def out_of_memory_in_the_capture() -> list[BaseException]:
 def test_a_refused_capture_decodes_without_the_graph_under_its_warning(tiny_dir, monkeypatch, capsys):
     """A capture the driver refuses: the warning says so, once, and the decode runs without the graph, with the
     eager decode's tokens."""
-    m = M.load_model(tiny_dir)
-    monkeypatch.setattr(M.Decoder, "capture", failed_capture(REFUSED))
-    monkeypatch.setattr(M.Decoder, "refused", 0)  # the warning is printed at a process's first refusal
-    want = M.greedy(m, [[3, 4, 5], [9, 8]], 12, decode="eager")
-    assert M.greedy(m, [[3, 4, 5], [9, 8]], 12, decode="graph") == want
+    m = pretrained.load_model(tiny_dir)
+    monkeypatch.setattr(sampling.Decoder, "capture", failed_capture(REFUSED))
+    monkeypatch.setattr(sampling.Decoder, "refused", 0)  # the warning is printed at a process's first refusal
+    want = sampling.greedy(m, [[3, 4, 5], [9, 8]], 12, decode="eager")
+    assert sampling.greedy(m, [[3, 4, 5], [9, 8]], 12, decode="graph") == want
     err = capsys.readouterr().err
     assert err == ("warning: the decode step could not be captured as a CUDA graph (CUDA error: operation not "
                    "permitted when stream is capturing); decoding without it, slower\n")
-    assert M.decoder(m, 2, 15, graph=True).graph is None and M.Decoder.refused == 1
+    assert sampling.decoder(m, 2, 15, graph=True).graph is None and sampling.Decoder.refused == 1
 
 
 @pytest.mark.parametrize("error", out_of_memory_in_the_capture(), ids=["OutOfMemoryError", "driver", "context"])
@@ -343,23 +346,23 @@ def test_out_of_memory_in_the_capture_is_named_with_its_batch_not_as_a_refused_c
     """Out of memory while capturing is one CaptureOutOfMemory (a CacheTooLarge: the callers that name the flags
     behind a batch's size name them here too) with the rows and slots of the batch and the allocator's first line;
     no refusal is counted or warned about, and nothing decodes."""
-    m = M.load_model(tiny_dir)
-    monkeypatch.setattr(M.Decoder, "capture", failed_capture(error))
-    monkeypatch.setattr(M.Decoder, "refused", 0)
-    with pytest.raises(M.CaptureOutOfMemory) as e:
-        M.sample(m, [1, 2, 3], 6, 20, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="graph")
+    m = pretrained.load_model(tiny_dir)
+    monkeypatch.setattr(sampling.Decoder, "capture", failed_capture(error))
+    monkeypatch.setattr(sampling.Decoder, "refused", 0)
+    with pytest.raises(sampling.CaptureOutOfMemory) as e:
+        sampling.sample(m, [1, 2, 3], 6, 20, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="graph")
     assert isinstance(e.value, M.CacheTooLarge)
-    slots = 2 * M.SLOT_BLOCK  # 3 + 20 positions, rounded up to a block
+    slots = 2 * sampling.SLOT_BLOCK  # 3 + 20 positions, rounded up to a block
     nbytes = 6 * slots * (2 * 4 * 2 * 16 * 4 + 1)  # tiny_config: 4 layers × 2 KV heads × 16 head dims, fp32, + mask
     assert (e.value.rows, e.value.positions, e.value.nbytes) == (6, slots, nbytes)
-    reason = "OutOfMemoryError: CUDA out of memory. Tried" if "Tried" in str(M.out_of_memory(error)) else \
+    reason = "OutOfMemoryError: CUDA out of memory. Tried" if "Tried" in str(sampling.out_of_memory(error)) else \
         "RuntimeError: CUDA error: out of memory"
     e.value.flags = "-G 6, --max-new-tokens 20"  # what training.py fills in for a training group
     assert str(e.value).startswith(f"the decode step for -G 6, --max-new-tokens 20 (rows × slots = 6 × {slots}) "
                                    f"ran out of memory on cpu while captured as a CUDA graph, beside its "
                                    f"{nbytes / 2**30:.2f} GiB fixed-shape cache ({reason}")
     assert str(e.value).endswith("); fewer rows lower it") and "\n" not in str(e.value)
-    assert M.Decoder.refused == 0 and capsys.readouterr().err == ""
+    assert sampling.Decoder.refused == 0 and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("where", ["evaluation", "training"])
@@ -368,14 +371,14 @@ def test_out_of_memory_in_the_capture_stops_a_run_with_the_flag_that_lowers_it(t
     """Through the CLI, with the graph decode chosen as on CUDA: the evaluation's batch names --eval-batch, a
     training group names -G; one error line, and no refusal warning."""
     from conftest import refused
-    monkeypatch.setattr(M, "default_decode", lambda device: "graph")
+    monkeypatch.setattr(sampling, "default_decode", lambda device: "graph")
     oom = failed_capture(torch.OutOfMemoryError("CUDA out of memory."))
     # training: the step-0 evaluation's one-row batch decodes without a graph (as a capture that did nothing); the
     # group of 4 runs out of memory
     def capture(self, model):
         return (oom if where == "evaluation" or self.cache.rows == 4 else lambda *_: None)(self, model)
-    monkeypatch.setattr(M.Decoder, "capture", capture)
-    monkeypatch.setattr(M.Decoder, "refused", 0)
+    monkeypatch.setattr(sampling.Decoder, "capture", capture)
+    monkeypatch.setattr(sampling.Decoder, "refused", 0)
     common = ["--model", str(tiny_dir), "--task", "mult", "--device", "cpu", "--max-new-tokens", "8",
               "--lora-fraction", "0.5"]
     if where == "evaluation":
@@ -395,9 +398,9 @@ def test_bf16_sampling_uses_a_bf16_base_and_the_very_adapter_tensors(tiny_dir):
     """precision="bf16" samples from a copy whose frozen weights are bf16 and whose LoRA tensors are the model's
     own: an update of the adapter in place (AdamW's) is sampled from at once, with no copy made again."""
     import lora
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     lora.apply_lora(m, r=2, fraction=0.5, generator=torch.Generator().manual_seed(0))
-    copy16 = M.bf16_copy(m)
+    copy16 = sampling.bf16_copy(m)
     adapter = {id(p) for p in lora.lora_parameters(m)}
     for name, p in copy16.named_parameters():
         assert (id(p) in adapter) == ("lora_" in name)
@@ -406,29 +409,29 @@ def test_bf16_sampling_uses_a_bf16_base_and_the_very_adapter_tensors(tiny_dir):
     with torch.no_grad():
         for p in lora.lora_parameters(m):
             p.add_(0.5)
-    assert M.bf16_copy(m) is copy16
+    assert sampling.bf16_copy(m) is copy16
     x = torch.tensor([[1, 2, 3, 4]])
     diff = (copy16.logits(x).float() - m.logits(x)).abs().max()
     assert 0 < diff < 0.05  # bf16's rounding, with the moved adapter in both
-    ys = M.sample(m, [1, 2, 3], 4, 12, temperature=0.7, generator=torch.Generator().manual_seed(1),
+    ys = sampling.sample(m, [1, 2, 3], 4, 12, temperature=0.7, generator=torch.Generator().manual_seed(1),
                   precision="bf16", decode="static")
     assert all(1 <= len(y) <= 12 and all(0 <= t < m.config.vocab_size for t in y) for y in ys)
 
 
 def test_unknown_decode_or_precision_is_named(tiny_dir):
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     with pytest.raises(ValueError, match="decode 'fast'"):
-        M.sample(m, [1], 2, 2, temperature=1.0, generator=None, decode="fast")
+        sampling.sample(m, [1], 2, 2, temperature=1.0, generator=None, decode="fast")
     with pytest.raises(ValueError, match="precision 'fp8'"):
-        M.sample(m, [1], 2, 2, temperature=1.0, generator=None, precision="fp8")
+        sampling.sample(m, [1], 2, 2, temperature=1.0, generator=None, precision="fp8")
 
 
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {int(M.next_token(logits, 1.0, 0.7, g)) for _ in range(300)}
+    draws = {int(sampling.next_token(logits, 1.0, 0.7, g)) for _ in range(300)}
     assert draws == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are outside the nucleus
-    draws = {int(M.next_token(logits, 1.0, 0.85, g)) for _ in range(300)}
+    draws = {int(sampling.next_token(logits, 1.0, 0.85, g)) for _ in range(300)}
     assert draws == {0, 1, 2}
 
 
@@ -458,10 +461,10 @@ def test_next_token_s_entropy_by_hand():
     sq = [x * x / 0.365 for x in (0.5, 0.3, 0.15, 0.05)]  # 0.25 + 0.09 + 0.0225 + 0.0025 = 0.365
     for T, top_p, want in [(1.0, 1.0, H(0.5, 0.3, 0.15, 0.05)), (1.0, 0.7, H(5 / 8, 3 / 8)), (0.5, 1.0, H(*sq))]:
         g, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-        tok, h = M.next_token(logits, T, top_p, g, True)
-        assert torch.equal(tok, M.next_token(logits, T, top_p, g2)) and torch.equal(g.get_state(), g2.get_state())
+        tok, h = sampling.next_token(logits, T, top_p, g, True)
+        assert torch.equal(tok, sampling.next_token(logits, T, top_p, g2)) and torch.equal(g.get_state(), g2.get_state())
         assert h.shape == (2,) and torch.allclose(h, torch.tensor([want, want]), atol=1e-6), (T, top_p)
-    tok, h = M.next_token(logits, 0.0, 1.0, None, True)
+    tok, h = sampling.next_token(logits, 0.0, 1.0, None, True)
     assert tok.tolist() == [0, 0] and h.tolist() == [0.0, 0.0]
 
 
@@ -474,12 +477,12 @@ def test_sample_records_the_entropy_of_the_distribution_each_token_was_drawn_fro
     for greedy. EOS (an eighth of the vocabulary) ends rows at different steps, so the entropies of rows that are
     dropped or kept must still land in their own row. Recording draws the same tokens and leaves the generator
     where it is left without."""
-    m = M.load_model(make_checkpoint(tmp_path / "m", std=0.1))  # peaked enough that neighbouring H differ (~0.05)
+    m = pretrained.load_model(make_checkpoint(tmp_path / "m", std=0.1))  # peaked enough that neighbouring H differ (~0.05)
     prompt, eos, suppress = [10, 20, 30, 40], list(range(0, 272, 8)), [5, 9, 13]
     kw = dict(temperature=temperature, top_p=top_p, eos=eos, suppress=suppress, decode=decode)
     g, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
-    plain = M.sample(m, prompt, 6, 10, generator=g, **kw)
-    rows, hs = M.sample(m, prompt, 6, 10, generator=g2, entropy=True, **kw)
+    plain = sampling.sample(m, prompt, 6, 10, generator=g, **kw)
+    rows, hs = sampling.sample(m, prompt, 6, 10, generator=g2, entropy=True, **kw)
     assert rows == plain and torch.equal(g.get_state(), g2.get_state())
     assert [len(h) for h in hs] == [len(r) for r in rows]
     if temperature > 0:
@@ -494,7 +497,7 @@ def test_sample_records_the_entropy_of_the_distribution_each_token_was_drawn_fro
 # --- scoring ------------------------------------------------------------------------------------------------------
 
 def test_scoring_at_positions_equals_full_log_softmax(tiny_dir):
-    m = M.load_model(tiny_dir)
+    m = pretrained.load_model(tiny_dir)
     ids = batch_of_prompts(2, B=1, T=30)[0]
     pos = torch.tensor([1, 5, 6, 17, 29])
     got = M.token_logprobs(m, ids, pos)
@@ -511,20 +514,20 @@ def test_scoring_at_positions_equals_full_log_softmax(tiny_dir):
 # --- the real tokenizer and the Qwen2-1.5B shape ------------------------------------------------------------------
 
 def test_real_tokenizer_chatml_round_trip():
-    tok = M.Tokenizer(assets() / "qwen2" / "tokenizer.json")
+    tok = tokenizer.Tokenizer(assets() / "qwen2" / "tokenizer.json")
     assert tok.encode("What's 123 multiplied by 456? Don't use a calculator.") == \
         [3838, 594, 220, 16, 17, 18, 54916, 553, 220, 19, 20, 21, 30, 4320, 944, 990, 264, 29952, 13]
-    text = M.chatml("You are a helpful AI assistant.", "What's 123 multiplied by 456? Don't use a calculator.",
+    text = tokenizer.chatml("You are a helpful AI assistant.", "What's 123 multiplied by 456? Don't use a calculator.",
                     "Let's break this problem down step by step.")
     ids = tok.encode(text)
     assert ids[0] == 151644 and ids.count(151644) == 3 and ids.count(151645) == 2
     assert tok.decode(ids, skip_special_tokens=False) == text
-    cfg = M.Qwen2Config.from_json(assets() / "qwen2" / "config_Qwen2-1.5B-base.reconstructed.json")
-    assert M.eos_ids(None, cfg, tok) == (151643, 151645)
+    cfg = pretrained.read_config(assets() / "qwen2" / "config_Qwen2-1.5B-base.reconstructed.json")
+    assert pretrained.eos_ids(None, cfg, tok) == (151643, 151645)
 
 
 def test_qwen2_1_5b_config_has_1_543_714_304_parameters():
-    cfg = M.Qwen2Config.from_json(assets() / "qwen2" / "config_Qwen2-1.5B-base.reconstructed.json")
+    cfg = pretrained.read_config(assets() / "qwen2" / "config_Qwen2-1.5B-base.reconstructed.json")
     assert cfg == M.PRESETS["qwen2-1.5b"]
     with torch.device("meta"):
         m = M.Qwen2ForCausalLM(cfg)
@@ -550,25 +553,25 @@ def edit_config(path, **kw):
 def test_unsupported_config_is_refused_naming_the_key(tiny_dir, key, value, message):
     edit_config(tiny_dir, **{key: value})
     with pytest.raises(ValueError, match=message) as e:
-        M.load_model(tiny_dir)
+        pretrained.load_model(tiny_dir)
     assert "config.json" in str(e.value)
 
 
 def test_missing_files_are_named(tmp_path, tiny_dir):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
-        M.load_model(tmp_path / "nowhere")
+        pretrained.load_model(tmp_path / "nowhere")
     (tiny_dir / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        M.load_model(tiny_dir)
+        pretrained.load_model(tiny_dir)
     d2 = make_checkpoint(tmp_path / "noweights")
     (d2 / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        M.load_model(d2)
+        pretrained.load_model(d2)
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
-        M.Tokenizer(tmp_path / "nowhere" / "tokenizer.json")
+        tokenizer.Tokenizer(tmp_path / "nowhere" / "tokenizer.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json: cannot read tokenizer"):
-        M.Tokenizer(tmp_path / "bad.json")
+        tokenizer.Tokenizer(tmp_path / "bad.json")
 
 
 def test_missing_shard_and_bad_index_are_named(tmp_path):
@@ -576,20 +579,20 @@ def test_missing_shard_and_bad_index_are_named(tmp_path):
     shard = sorted(path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):
-        M.load_model(path)
+        pretrained.load_model(path)
     (path / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(ValueError, match="not a valid safetensors index"):
-        M.load_model(path)
+        pretrained.load_model(path)
 
 
 def test_truncated_weights_are_named(tiny_dir):
     f = tiny_dir / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ValueError, match="model.safetensors: cannot read safetensors file"):
-        M.load_model(tiny_dir)
+        pretrained.load_model(tiny_dir)
     f.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        M.load_model(tiny_dir)
+        pretrained.load_model(tiny_dir)
 
 
 def test_mismatched_tensors_are_named(tmp_path):
@@ -601,7 +604,7 @@ def test_mismatched_tensors_are_named(tmp_path):
     state["model.layers.2.self_attn.q_proj.bias"] = torch.zeros(7)
     save_file(state, str(d / "model.safetensors"))
     with pytest.raises(ValueError) as e:
-        M.load_model(d)
+        pretrained.load_model(d)
     msg = str(e.value)
     assert "model.layers.1.mlp.up_proj.weight" in msg and "missing" in msg
     assert "model.layers.0.extra.weight" in msg and "unexpected" in msg
@@ -615,7 +618,7 @@ def test_untied_checkpoint_without_lm_head_is_refused(tmp_path):
     state.pop("lm_head.weight")
     save_file(state, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match="lm_head.weight"):
-        M.load_model(d)
+        pretrained.load_model(d)
 
 
 def test_padding_rows_are_never_fully_masked():
@@ -643,7 +646,7 @@ def test_two_level_draw_has_the_distribution_of_multinomial(V):
     p /= p.sum()
     counts = torch.zeros(V)
     for _ in range(10):
-        idx = M.draw(p.expand(20_000, V).contiguous(), g)
+        idx = sampling.draw(p.expand(20_000, V).contiguous(), g)
         counts += torch.bincount(idx, minlength=V).float()
     assert counts[::7].sum() == 0
     expected = p * counts.sum()
@@ -681,11 +684,11 @@ def test_qwen25_style_config_builds_and_loads_like_transformers(tmp_path, tie):
     hf.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(d))  # the file as the Hub serves it, not as transformers writes
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [258, 256]}))  # -Instruct's pair
-    ours = M.load_model(tmp_path)
+    ours = pretrained.load_model(tmp_path)
     assert ours.config.tie_word_embeddings == tie and ours.config.num_hidden_layers == 3
     ids = batch_of_prompts(T=12)  # 12 tokens > sliding_window 4: a window applied by mistake would show
     assert (ours.logits(ids) - hf(ids).logits).abs().max() < 1e-5
-    assert M.eos_ids(tmp_path, ours.config, None) == (256, 258)
+    assert pretrained.eos_ids(tmp_path, ours.config, None) == (256, 258)
 
 
 @pytest.mark.parametrize("name,sizes,expected", [
@@ -701,6 +704,6 @@ def test_qwen25_sizes_build_with_transformers_parameter_count(name, sizes, expec
     transformers = pytest.importorskip("transformers")
     d = qwen25_style_config(**sizes)
     with torch.device("meta"):
-        ours = M.Qwen2ForCausalLM(M.Qwen2Config.from_dict(d))
+        ours = M.Qwen2ForCausalLM(pretrained.config_from_dict(d))
         ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**d))
     assert M.num_parameters(ours) == sum(p.numel() for p in ref.parameters()) == expected

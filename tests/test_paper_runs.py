@@ -15,7 +15,9 @@ import torch
 from conftest import assets, make_checkpoint, tiny_config
 import checkpoints
 import lora
-import model as M
+import pretrained
+import sampling
+import tokenizer
 import tasks
 import runlog
 import settings
@@ -26,8 +28,8 @@ SMALL = ["--device", "cpu", "-G", "4", "--max-new-tokens", "12", "--eval-limit",
          "--save-every", "100", "--lora-fraction", "0.5"]
 
 
-def byte_tok(tiny: Path) -> M.Tokenizer:
-    return M.Tokenizer(tiny / "tokenizer.json")
+def byte_tok(tiny: Path) -> tokenizer.Tokenizer:
+    return tokenizer.Tokenizer(tiny / "tokenizer.json")
 
 
 # --- the paper's SVAMP split ships with the project -------------------------------------------------------------------
@@ -156,8 +158,8 @@ def test_mult_reward_partial_trains_on_S2_and_evaluates_on_exact_match(tmp_path,
     text = "738 then 6150, so 999"
     monkeypatch.setattr(tasks.Mult, "train_stream", lambda self, rng: iter(lambda: (123, 456), None))
     monkeypatch.setattr(tasks.Mult, "test_set", lambda self: [(123, 456)])
-    monkeypatch.setattr(M, "sample", fixed_text_sampler(tok, text))
-    monkeypatch.setattr(M, "greedy", lambda net, prompts, *a, **k: [tok.encode(text) for _ in prompts])
+    monkeypatch.setattr(sampling, "sample", fixed_text_sampler(tok, text))
+    monkeypatch.setattr(sampling, "greedy", lambda net, prompts, *a, **k: [tok.encode(text) for _ in prompts])
     run = tmp_path / "r"
     argv = ["--task", "mult", "--algo", "grpo", "--model", str(tiny), *SMALL, "--steps", "1", "--out", str(run)]
     assert train.main(argv + ([] if reward is None else ["--reward", reward])) == 0
@@ -340,7 +342,7 @@ def test_accum_with_tspmo_replays_one_round_per_prompt(tiny, tmp_path, monkeypat
 def test_eval_only_applies_the_adapter(tmp_path, tiny):
     """test_train.py's eval-only test passes whether or not the adapter is applied (accuracy 0 either way); here a
     strong adapter must change the greedy completions the evaluation records."""
-    net = M.load_model(tiny)
+    net = pretrained.load_model(tiny)
     lora.apply_lora(net, r=4, fraction=0.5, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for _, mod in lora.lora_modules(net):

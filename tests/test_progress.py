@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import sys
 
-import model as M
+import pretrained
+import tokenizer
 import tasks
 import settings
 import training
@@ -18,7 +19,7 @@ class Terminal(io.StringIO):
 
 def evaluate_into(stream: io.StringIO, tiny_dir, monkeypatch) -> dict:
     monkeypatch.setattr(sys, "stderr", stream)  # tqdm writes to sys.stderr as it is when the bar is made
-    net, tok = M.load_model(tiny_dir), M.Tokenizer(tiny_dir / "tokenizer.json")
+    net, tok = pretrained.load_model(tiny_dir), tokenizer.Tokenizer(tiny_dir / "tokenizer.json")
     cfg = settings.Settings(device="cpu", eval_limit=5, eval_batch=2, max_new_tokens=4)
     return training.evaluate(net, tok, tasks.make_task("mult", tok), cfg, eos=(256,))
 

@@ -1,7 +1,7 @@
 """T-SPMO's replay pool (replay.py): the paper's "set of all previously generated completions, each
 associated with a scalar reward", against the ablation that replays only the current group.
 
-The groups are built by hand: model.sample is replaced by a script that returns, for each fresh prompt, the
+The groups are built by hand: sampling.sample is replaced by a script that returns, for each fresh prompt, the
 completions the test chose, and for each replay, continuations that complete the replayed completion's own text. The
 reward is the real one (P1 on the multiplication task), so what a replay scores against is what the test checks.
 
@@ -23,7 +23,8 @@ import torch
 
 import checkpoints
 import lora
-import model as M
+import sampling
+import tokenizer
 import replay
 import tasks
 import settings
@@ -37,11 +38,11 @@ PAIRS = [(11, 11), (12, 12), (13, 13), (14, 14)]  # the problems of steps 1, 2, 
 
 
 class Script:
-    """model.sample for a scripted run. `plan` lists, call by call, either a fresh group (a list of G texts) or
+    """sampling.sample for a scripted run. `plan` lists, call by call, either a fresh group (a list of G texts) or
     ("replay", text): continuations that complete `text` from whatever cut the replay chose. Records each call's
     problem (read off the prompt) and prefix."""
 
-    def __init__(self, tok: M.Tokenizer, plan: list):
+    def __init__(self, tok: tokenizer.Tokenizer, plan: list):
         self.tok, self.plan, self.calls, self.limits = tok, list(plan), [], []
 
     def __call__(self, net, prompt, n, max_new_tokens, **kw):
@@ -69,7 +70,7 @@ def trainer(tiny, tmp_path, monkeypatch, **kw) -> training.Trainer:
 
 
 def run_steps(tr: training.Trainer, script: Script, monkeypatch, steps: int) -> list[dict]:
-    monkeypatch.setattr(M, "sample", script)
+    monkeypatch.setattr(sampling, "sample", script)
     stream, out = tasks.TrainStream(tr.task, 0), []
     for _ in range(steps):
         m = tr.train_step(stream)
@@ -338,7 +339,7 @@ def test_an_entropy_cut_redraws_the_token_whose_entropy_it_weighs_B1(tiny, tmp_p
     assert tr.pool.keeps_entropy
     plan = [STEP1, ("replay", "121"), NONE2, ("replay", "121"), NONE3, ("replay", "121")]
     script = EntropyScript(tr.tok, plan, {"121": h, "5": [0.25]})
-    monkeypatch.setattr(M, "sample", script)
+    monkeypatch.setattr(sampling, "sample", script)
     stream, ms = tasks.TrainStream(tr.task, 0), []
     for _ in range(3):
         ms.append(tr.train_step(stream))

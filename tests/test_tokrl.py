@@ -10,6 +10,7 @@ import torch
 from conftest import make_checkpoint, tiny_config
 import lora
 import model as M
+import pretrained
 import tokrl
 
 
@@ -94,7 +95,7 @@ REWARDS = [1.0, 0.0, 0.0, 1.0]
 
 
 def adapted_model(tmp_path, seed=0):
-    m = M.load_model(make_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=4), std=0.1))
+    m = pretrained.load_model(make_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=4), std=0.1))
     lora.apply_lora(m, r=4, fraction=0.5, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():  # a trained-looking adapter, so π_θ ≠ π_ref and the KL term has a gradient
         for p in lora.lora_parameters(m):

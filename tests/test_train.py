@@ -12,6 +12,8 @@ import torch
 
 from conftest import tiny_config
 import model as M
+import pretrained
+import tokenizer
 import checkpoints
 import checks
 import tasks
@@ -141,7 +143,7 @@ def digit_model(path: Path) -> Path:
     cfg = tiny_config(vocab_size=10, bos_token_id=None, eos_token_id=None)
     m = M.Qwen2ForCausalLM(cfg)
     m.init_weights(torch.Generator().manual_seed(4), std=0.2)
-    M.save_model(m, path)
+    pretrained.save_model(m, path)
     tk = Tokenizer(models.WordLevel({str(i): i for i in range(10)}, unk_token="0"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
     tk.save(str(path / "tokenizer.json"))
@@ -348,7 +350,7 @@ def test_svamp_stop_rule_reads_the_replay_prefix(tmp_path):
     """[decided] SVAMP stops at the first newline after the answer has begun; a replay's prefix counts as begun."""
     from conftest import write_byte_tokenizer
     write_byte_tokenizer(tmp_path / "tok.json")
-    tok = M.Tokenizer(tmp_path / "tok.json")
+    tok = tokenizer.Tokenizer(tmp_path / "tok.json")
     task = tasks.Svamp(tok, str(write_svamp(tmp_path / "s")), 0)
     enc = tok.encode
     assert not task.stop()(enc("\n"))  # a newline before any answer: keep going

@@ -1,5 +1,5 @@
 """The wiring between the equations, each test written against one plausible bug (named in its docstring): the
-sampler draws from softmax(l/T) and its nucleus, through next_token and through model.sample; the fixed-shape and
+sampler draws from softmax(l/T) and its nucleus, through next_token and through sampling.sample; the fixed-shape and
 eager decodes of left-padded prompts give each row the logits of its own unpadded prompt, with weights large enough
 that a position error shows; every objective's gradient and loss are exactly proportional to `scale`; --accum N
 averages the N groups' gradients, losses and KL; PPO logs the mean of its μ passes' statistics."""
@@ -14,7 +14,8 @@ import torch
 from conftest import make_checkpoint
 import baselines as B
 import lora
-import model as M
+import pretrained
+import sampling
 import settings
 import tasks
 import tokrl
@@ -66,7 +67,7 @@ def test_next_token_draws_from_softmax_of_logits_over_T_and_its_nucleus(temperat
     want = nucleus(torch.softmax(LOGITS.double() / temperature, -1), top_p)
     counts = torch.zeros(len(LOGITS), dtype=torch.float64)
     for _ in range(4):
-        tok = M.next_token(LOGITS.expand(20_000, -1).clone(), temperature, top_p, g)
+        tok = sampling.next_token(LOGITS.expand(20_000, -1).clone(), temperature, top_p, g)
         counts += torch.bincount(tok, minlength=len(LOGITS)).double()
     chi2, df = chi_square(counts, want)
     print(f"\nT = {temperature}, top-p = {top_p}: χ² {chi2:.1f} for {df} degrees of freedom; first token drawn "
@@ -80,7 +81,7 @@ def test_next_token_draws_from_softmax_of_logits_over_T_and_its_nucleus(temperat
 def peaked(tmp_path_factory):
     """A tiny model whose first-token logits spread over a few units (the final norm's weight scaled up), so that
     a temperature of 0.3 and of 1.0 give clearly different distributions."""
-    m = M.load_model(make_checkpoint(tmp_path_factory.mktemp("peaked") / "m", std=0.1))
+    m = pretrained.load_model(make_checkpoint(tmp_path_factory.mktemp("peaked") / "m", std=0.1))
     with torch.no_grad():
         m.model.norm.weight.mul_(4.0)
     return m
@@ -88,14 +89,14 @@ def peaked(tmp_path_factory):
 
 @pytest.mark.parametrize("temperature,top_p", [(0.3, 1.0), (1.0, 1.0), (1.0, 0.7)])
 def test_model_sample_first_tokens_follow_softmax_at_the_temperature(peaked, temperature, top_p):
-    """Through the sampler's real path (model.sample: the prefill, the decode loop, next_token, the two-level draw):
+    """Through the sampler's real path (sampling.sample: the prefill, the decode loop, next_token, the two-level draw):
     the first tokens of 20,000 samples of one prompt against nucleus(softmax(l/T), top_p), l the full forward's
     logits. The bug it is written for: a temperature or top-p lost between sample() and the draw."""
     prompt = [10, 20, 30, 40]
     with torch.no_grad():
         l = peaked.logits(torch.tensor([prompt]))[0, -1].double()
     want = nucleus(torch.softmax(l / temperature, -1), top_p)
-    ys = M.sample(peaked, prompt, 20_000, 1, temperature=temperature, top_p=top_p,
+    ys = sampling.sample(peaked, prompt, 20_000, 1, temperature=temperature, top_p=top_p,
                   generator=torch.Generator().manual_seed(5))
     counts = torch.bincount(torch.tensor([y[0] for y in ys]), minlength=len(l)).double()
     chi2, df = chi_square(counts, want)
@@ -115,7 +116,7 @@ def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ys = M.sample(peaked, [10, 20, 30, 40], 8, 3, temperature=1.0, suppress=[5, 9], decode=decode,
+        ys = sampling.sample(peaked, [10, 20, 30, 40], 8, 3, temperature=1.0, suppress=[5, 9], decode=decode,
                       generator=torch.Generator().manual_seed(0))
     assert len(ys) == 8 and not any(t in (5, 9) for y in ys for t in y)
 
@@ -126,7 +127,7 @@ def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing
 def large_weights(tmp_path_factory):
     """Weights of std 0.3: a position that ignores left padding moves the logits by units, not by the 1e-3 that
     a 0.02-std model shows (whose greedy tokens then do not change)."""
-    return M.load_model(make_checkpoint(tmp_path_factory.mktemp("large") / "m", std=0.3))
+    return pretrained.load_model(make_checkpoint(tmp_path_factory.mktemp("large") / "m", std=0.3))
 
 
 PROMPTS = [[3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1], [1], [200, 100, 50, 25, 12, 6]]
@@ -142,7 +143,7 @@ def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_w
     others decode on (the eager decode drops the finished rows from its cache; the fixed-shape one keeps them). The
     bugs it is written for: positions that ignore left padding (in the prefill, in either decode's steps), padding
     attended, a finished row's padding count kept for another row, the first decoded slot off by one."""
-    m, seen, real = large_weights, [], M.next_token
+    m, seen, real = large_weights, [], sampling.next_token
 
     def spy(logits, *args):
         seen.append(logits.clone())
@@ -150,10 +151,10 @@ def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_w
 
     eos = []
     if early_ends:
-        alone = M.greedy(m, PROMPTS, 8, decode="eager")
+        alone = sampling.greedy(m, PROMPTS, 8, decode="eager")
         eos = [alone[0][2], alone[2][4]]
-    monkeypatch.setattr(M, "next_token", spy)
-    outs = M.greedy(m, PROMPTS, 8, eos=eos, decode=decode)
+    monkeypatch.setattr(sampling, "next_token", spy)
+    outs = sampling.greedy(m, PROMPTS, 8, eos=eos, decode=decode)
     if early_ends:
         assert len({len(y) for y in outs}) > 1 and min(map(len, outs)) < 8  # rows did end early
     worst = 0.0
@@ -336,7 +337,7 @@ def test_each_process_samples_from_its_own_stream_and_shares_the_others(tiny, tm
     r0, r1 = (mult_trainer(tiny, tmp_path / f"r{r}", world=World(rank=r, size=2)) for r in (0, 1))
     assert r0.gens["sample"].initial_seed() == one.gens["sample"].initial_seed() == one.cfg.seed
     assert r1.gens["sample"].initial_seed() != r0.gens["sample"].initial_seed()
-    draws = [M.sample(tr.net, [10, 20, 30], 4, 6, temperature=1.0, generator=tr.gens["sample"]) for tr in (r0, r1)]
+    draws = [sampling.sample(tr.net, [10, 20, 30], 4, 6, temperature=1.0, generator=tr.gens["sample"]) for tr in (r0, r1)]
     assert draws[0] != draws[1]
     assert torch.equal(r0.gens["select"].get_state(), r1.gens["select"].get_state())
     assert r0.gens["replay"].getstate() == r1.gens["replay"].getstate()
