@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import full_finetune
 import lora
 from distributed import World
 from model import Qwen2ForCausalLM
@@ -185,10 +186,11 @@ def ppo_prepare(policy: Qwen2ForCausalLM, critic: Critic, prompt: Sequence[int],
     """One forward per completion without gradient: π_θold, π_ref and V at sampling time, then K2."""
     dev, P = policy.lm_head.weight.device, len(prompt)
     keep = [(list(y), r) for y, r in zip(completions, rewards) if len(y)]  # an empty completion has no token
+    reference = full_finetune.reference(policy) if with_ref else None  # --train full: the frozen copy
     old, ref, vals, advs, rets = [], [], [], [], []
     for y, R in keep:
         ids, positions = list(prompt) + y, _positions(P, y, dev)
-        scored = lora.logprobs(policy, [ids], [positions], with_ref=with_ref)
+        scored = lora.logprobs(policy, [ids], [positions], with_ref=with_ref, reference=reference)
         logp, ref_logp = scored.logp[0], scored.ref[0]
         v = critic.values(scored.states, [ids], [positions])[0].detach()
         a = gae(terminal_rewards(len(y), R), v, gamma, gae_lambda)  # K2's A_t: (T,) float64, CPU
@@ -309,12 +311,14 @@ def dpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: Se
     if not pairs:
         return st  # nothing backpropagated: the optimizer step that follows leaves every weight as it is
     ratios, kl_sum = [], 0.0
+    reference = full_finetune.reference(model)  # --train full: the frozen copy; LoRA: None, the adapters off
     with torch.no_grad():
         for y in completions:
             if not y:
                 ratios.append(torch.zeros((), dtype=torch.float64, device=dev))
                 continue
-            scored = lora.logprobs(model, [list(prompt) + list(y)], [_positions(P, y, dev)], with_ref=True)
+            scored = lora.logprobs(model, [list(prompt) + list(y)], [_positions(P, y, dev)], with_ref=True,
+                                   reference=reference)
             logp, ref = scored.logp[0], scored.ref[0]
             ratios.append((logp.double() - ref.double()).sum())  # log π_θ(y|x) − log π_ref(y|x): summed over tokens
             kl_sum += float(kl_estimator(logp, ref).sum())

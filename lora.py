@@ -185,12 +185,14 @@ class Scored:
 
 
 def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions: Sequence[torch.Tensor],
-             targets: Sequence[torch.Tensor] | None = None, *, with_ref: bool = False) -> Scored:
+             targets: Sequence[torch.Tensor] | None = None, *, with_ref: bool = False,
+             reference: nn.Module | None = None) -> Scored:
     """log π(target | seq[:p]) at each position p of each sequence, in one forward of their right-padded batch.
 
     The target at p is the sequence's own token seq[p] (targets None), or the tokens given per sequence, (N_i,) or
     (N_i, M): T-SPMO's tokens of every edge leaving the prefix seq[:p], p up to len(seq). The state at p − 1 predicts
-    the token at p; p ≥ 1."""
+    the token at p; p ≥ 1. π_ref (with_ref): the adapters switched off, or, given a `reference` (--train full: the
+    frozen copy of the starting weights, full_finetune.reference), that copy's own whole forward."""
     h, pos, start = _frozen_bottom(model, seqs)
     rows = _rows(positions, h.shape[1])
     if targets is None:
@@ -199,7 +201,11 @@ def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions
     states = _adapted_top(model, h, pos, start, rows)  # (N, C)
     logp = M.logprobs_at(model, states, targets)
     ref = None
-    if with_ref:
+    if with_ref and reference is not None:  # [F1] the starting weights' copy: it shares no layer with the policy
+        with torch.no_grad():
+            h_ref, pos_ref, start_ref = _frozen_bottom(reference, seqs)
+            ref = M.logprobs_at(reference, _adapted_top(reference, h_ref, pos_ref, start_ref, rows), targets)
+    elif with_ref:
         with torch.no_grad(), adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
             ref = M.logprobs_at(model, _adapted_top(model, h, pos, start, rows), targets)
     sizes = [len(p) for p in positions]
@@ -217,12 +223,14 @@ def states_at(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]],
 
 def _frozen_bottom(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Embedding and the layers below the first LoRA layer, without autograd, for sequences right-padded to the
-    longest: (B, T, C) hidden, (B, T) positions, and the first LoRA layer's index. Right padding needs no mask:
-    attention is causal, so no real token sees the padding after it."""
-    dev, T, start = model.lm_head.weight.device, max(map(len, seqs)), first_lora_layer(model)
+    longest: (B, T, C) hidden, (B, T) positions, and the index of the first layer that trains. Right padding needs no
+    mask: attention is causal, so no real token sees the padding after it. A model trained fully (--train full,
+    full_finetune.py) has no frozen bottom: its embedding trains, with autograd, and no layer runs here."""
+    trains_embedding = model.model.embed_tokens.weight.requires_grad  # LoRA freezes it; --train full trains it
+    dev, T, start = model.lm_head.weight.device, max(map(len, seqs)), 0 if trains_embedding else first_lora_layer(model)
     x = torch.tensor([list(s) + [0] * (T - len(s)) for s in seqs], device=dev)  # (B, T)
     pos = torch.arange(T, device=dev).expand(len(seqs), T)  # (B, T)
-    with torch.no_grad():
+    with torch.set_grad_enabled(trains_embedding):
         h = model.run_layers(model.model.embed_tokens(x), pos, 0, start)
     return h, pos, start
 
@@ -234,7 +242,8 @@ def _rows(positions: Sequence[torch.Tensor], T: int) -> torch.Tensor:
 
 def _adapted_top(model: M.Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, start: int,
                  rows: torch.Tensor) -> torch.Tensor:
-    """The layers from `start` (the first LoRA layer) up and the final norm; hidden states (N, C) at `rows` only."""
+    """The layers from `start` (the first layer that trains) up and the final norm; hidden states (N, C) at `rows`
+    only."""
     h = model.run_layers(h, pos, start)
     return model.model.norm(h.flatten(0, 1)[rows])  # RMSNorm is per position: normalise only the rows we read
 

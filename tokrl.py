@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import full_finetune
 import lora
 from distributed import World
 from model import Qwen2ForCausalLM
@@ -160,7 +161,8 @@ def grpo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: S
         # causal: the tokens after the last scored one change nothing, so each sequence ends there
         seqs = [list(prompt) + list(completions[i][: max(chosen[i]) + 1]) for i in part]
         positions = [torch.tensor([P + t for t in chosen[i]], device=dev) for i in part]
-        scored = lora.logprobs(model, seqs, positions, with_ref=beta != 0)
+        scored = lora.logprobs(model, seqs, positions, with_ref=beta != 0,
+                              reference=full_finetune.reference(model) if beta != 0 else None)
         loss = 0.0
         for i, logp, ref in zip(part, scored.logp, scored.ref):
             # GRPO's T_i is every t: E3's (1/|y_i|)·Σ_t
@@ -216,7 +218,8 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     st = StepStats(edges=U, tokens_generated=sum(map(len, completions)), zero_variance=len(set(rewards)) == 1)
     st.nonzero_adv_tokens = round(trie.nonzero_token_fraction() * st.tokens_generated)
     mine = world.assign([max(tg.positions) for tg in targets])  # this process's targets: all, with one
-    with _this_group_gradient(lora.lora_parameters(model)):  # so that the logged norms are this group's
+    trained = full_finetune.trained_parameters(model)  # LoRA's A and B, or (--train full) every weight
+    with _this_group_gradient(trained):  # so that the logged norms are this group's
         for tg in (targets[k] for k in mine):
             logp, adv = _prefix_logprobs(model, prompt, completions[tg.completion], tg)  # (N, M) each
             pi = logp.exp() if objective == "pi" else logp  # π_θ(v|p), the paper's; "logpi": log π_θ(v|p), ours
@@ -224,7 +227,7 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
             loss.backward()
             st.loss, st.forwards = st.loss + float(loss.detach()), st.forwards + 1
         st.policy_loss = st.loss
-        st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, world)
+        st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, world, trained)
     # λ read literally (reading (a), --lam 0.01). By default ([decided] SPEC.md E10) lam = 0: λ is AdamW's weight
     # decay, nothing is added here (the literal term leaves the miniature's adapter inert: docs/mini.md, "E10's λ")
     if lam and world.main:  # N processes: rank 0's alone, summed with the others' gradients after
@@ -263,10 +266,10 @@ def _this_group_gradient(params: list[torch.Tensor]) -> Iterator[None]:
                 p.grad = g if p.grad is None else p.grad.add_(g)
 
 
-def _policy_grad_norms(mods: list, world: World = World()) -> tuple[float, float]:
+def _policy_grad_norms(mods: list, world: World = World(), trained: list = ()) -> tuple[float, float]:
     """‖.grad‖ over every A and B, and over the A matrices alone, of the gradient summed over the processes (each holds
-    its share's)."""
-    A, B = [m.lora_A for m in mods], [m.lora_B for m in mods]
+    its share's). No LoRA modules (--train full): over every parameter of `trained`, and 0 for the A alone."""
+    A, B = [m.lora_A for m in mods], [m.lora_B for m in mods] or list(trained)
     if world.size == 1:
         grads_A, grads_B = [p.grad for p in A], [p.grad for p in B]
     else:
