@@ -18,10 +18,14 @@ import reprlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # annotations only: parsing flags reads lora.py's checks (settings.py) without the decoder
+    import model as M
 
 
 TARGETS = ("q_proj", "v_proj")  # the paper adapts the query and value projections
@@ -199,7 +203,7 @@ def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions
         targets = [torch.tensor(list(s), device=h.device)[p] for s, p in zip(seqs, positions)]
     targets = torch.cat(list(targets))  # (N,) or (N, M)
     states = _adapted_top(model, h, pos, start, rows)  # (N, C)
-    logp = M.logprobs_at(model, states, targets)
+    logp = model.logprobs_at(states, targets)
     ref = None
     if with_ref and reference is not None:  # [F1] the starting weights' copy: it shares no layer with the policy
         with torch.no_grad():
@@ -207,7 +211,7 @@ def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions
             ref = M.logprobs_at(reference, _adapted_top(reference, h_ref, pos_ref, start_ref, rows), targets)
     elif with_ref:
         with torch.no_grad(), adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
-            ref = M.logprobs_at(model, _adapted_top(model, h, pos, start, rows), targets)
+            ref = model.logprobs_at(_adapted_top(model, h, pos, start, rows), targets)
     sizes = [len(p) for p in positions]
     split = lambda t: list(t.split(sizes)) if t is not None else [None] * len(sizes)  # noqa: E731
     return Scored(split(states), split(logp), split(ref))

@@ -297,6 +297,15 @@ class Qwen2ForCausalLM(nn.Module):
         """Full (B, T, V) logits: for tests and small inputs only."""
         return self.lm_head(self(input_ids))
 
+    def logprobs_at(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log π(target | prefix) from final-normed hidden states (N, C) of the prefixes; targets (N,) or (N, M).
+
+        The LM head runs on these N rows only: a (N, V) tensor, never (T, V) for a whole sequence."""
+        logits = self.lm_head(hidden).float()  # (N, V)
+        t = targets[:, None] if targets.dim() == 1 else targets  # (N, M)
+        lp = logits.gather(-1, t) - logits.logsumexp(-1, keepdim=True)  # (N, M): no (N, V) log_softmax copy
+        return lp.squeeze(-1) if targets.dim() == 1 else lp
+
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         """Random weights for tests and benchmarks: norms 1, every other tensor normal(0, std), biases included
         (nonzero biases are exercised by the parity tests)."""
@@ -313,19 +322,8 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # .parameters() already yields a tied tensor once
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Scoring
-
-
-def logprobs_at(model: Qwen2ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log π(target | prefix) from final-normed hidden states (N, C) of the prefixes; targets (N,) or (N, M).
-
-    The LM head runs on these N rows only: a (N, V) tensor, never (T, V) for a whole sequence."""
-    logits = model.lm_head(hidden).float()  # (N, V)
-    t = targets[:, None] if targets.dim() == 1 else targets  # (N, M)
-    lp = logits.gather(-1, t) - logits.logsumexp(-1, keepdim=True)  # (N, M): no (N, V) log_softmax copy
-    return lp.squeeze(-1) if targets.dim() == 1 else lp
 
 
 def token_logprobs(model: Qwen2ForCausalLM, input_ids: Sequence[int] | torch.Tensor,
@@ -337,4 +335,4 @@ def token_logprobs(model: Qwen2ForCausalLM, input_ids: Sequence[int] | torch.Ten
     if pos.numel() and int(pos.min()) < 1:
         raise ValueError("token_logprobs: position 0 has no prefix to condition on")
     hidden = model(ids[None])[0]  # (T, C)
-    return logprobs_at(model, hidden[pos - 1], ids[pos])  # the state at p-1 predicts the token at p
+    return model.logprobs_at(hidden[pos - 1], ids[pos])  # the state at p-1 predicts the token at p

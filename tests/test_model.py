@@ -505,7 +505,7 @@ def test_scoring_at_positions_equals_full_log_softmax(tiny_dir):
     want = full[pos - 1, ids[pos]]
     assert (got - want).abs().max() < 1e-5
     h = m(ids[None])[0][pos - 1]
-    multi = M.logprobs_at(m, h, torch.stack([ids[pos], ids[pos - 1]], -1))  # (N, 2)
+    multi = m.logprobs_at(h, torch.stack([ids[pos], ids[pos - 1]], -1))  # (N, 2)
     assert (multi[:, 1] - full[pos - 1, ids[pos - 1]]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="position 0"):
         M.token_logprobs(m, ids, [0, 3])
