@@ -208,7 +208,7 @@ def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions
     if with_ref and reference is not None:  # [F1] the starting weights' copy: it shares no layer with the policy
         with torch.no_grad():
             h_ref, pos_ref, start_ref = _frozen_bottom(reference, seqs)
-            ref = M.logprobs_at(reference, _adapted_top(reference, h_ref, pos_ref, start_ref, rows), targets)
+            ref = reference.logprobs_at(_adapted_top(reference, h_ref, pos_ref, start_ref, rows), targets)
     elif with_ref:
         with torch.no_grad(), adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
             ref = model.logprobs_at(_adapted_top(model, h, pos, start, rows), targets)
