@@ -183,7 +183,7 @@ def write_model_dir(net: M.Qwen2ForCausalLM, out: Path, tok: Tokenizer, eos, sou
     checkpoint had it), the tokenizer files and generation_config.json of `source` (the model the run started from;
     without one, the tokenizer as loaded and the EOS ids), each file written atomically."""
     checkpoints.write_weights(net, out)
-    files = {"config.json": json.dumps({**net.config.to_dict(), "torch_dtype": "float32"}, indent=2) + "\n"}
+    files = {"config.json": json.dumps({**pretrained.config_to_dict(net.config), "torch_dtype": "float32"}, indent=2) + "\n"}
     for name in TOKENIZER_FILES + ("generation_config.json",):
         if source is not None and (source / name).is_file():
             files[name] = (source / name).read_text()

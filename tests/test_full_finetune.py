@@ -260,7 +260,7 @@ def test_a_run_that_cannot_fit_memory_or_disk_is_one_line_exit_2_before_loading(
     assert err.startswith(f"error: --model {tiny} --train full: weights ")
     assert "GB in all, more than the 0.00 GB available of this machine's RAM; allowed: what fits" in err
     monkeypatch.undo()
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("loaded before the disk was checked"))
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("loaded before the disk was checked"))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     code, err = refused(args, capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: --train full: the run writes ")
