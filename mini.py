@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.beyond:  # the counterparts' validation accuracies come from the table; the new rows are tuned here
         methods = [m for m in mini_beyond.ROWS if m in methods]
         rates = {s: {m: e for m, e in per.items() if m not in TUNED_AS} for s, per in rates.items()}
-        if missing := [f"{s}/{m}" for s in settings for m in methods if m in mini_beyond.COUNTERPARTS
-                       and m not in rates.get(s, {})]:
+        needed = [m for m in mini_beyond.COUNTERPARTS if m in {mini_beyond.counterpart(x) for x in methods}]
+        if missing := [f"{s}/{m}" for s in settings for m in needed if m not in rates.get(s, {})]:
             usage_error(f"--tuning {args.tuning}: no learning rate for {missing[0]}; run python mini.py --tune")
     elif rates is not None:
         if missing := [f"{s}/{m}" for s in settings for m in methods if m not in rates.get(s, {})]:

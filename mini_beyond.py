@@ -35,6 +35,7 @@ from pathlib import Path
 
 import checkpoints
 import mini
+import mini_base
 import mini_report
 import training
 from mini_base import say
@@ -50,8 +51,10 @@ BEYOND = {  # name: (counterpart, what differs from it)
     "tspmo-decay-treerl": ("tspmo-decay", {"edge_advantage": "treerl"}),
 }
 COUNTERPARTS = ("grpo", "tspmo-decay")
-# The order the rows run in: the entropy and TreeRL rows first, then the counterparts, full fine-tuning last
-ROWS = ("tspmo-decay-entropy", "tspmo-decay-treerl", "grpo", "tspmo-decay", "grpo-full", "tspmo-decay-full")
+# The order the rows run in: the entropy and TreeRL rows and their counterpart, then full fine-tuning, GRPO's
+# test seeds again last (its forwards are G = 8 a step whatever the rewards; what a rerun adds is its CPU time here)
+ROWS = ("tspmo-decay-entropy", "tspmo-decay-treerl", "tspmo-decay", "grpo-full", "tspmo-decay-full", "grpo")
+SHIPPED_RESULTS = mini_base.DATA / "mini-results.json"  # python mini.py's records: the counterparts' shipped rows
 FULL_LRS = (3e-5, 1e-4, 3e-4)  # a tenth of LoRA's grid: every weight moves, not an adapter whose B starts at 0
 DIFFERENCE = 0.10  # accuracy: 10 points, about twice the seeds' typical standard deviation (docs/mini.md)
 LABELS = {"grpo": "GRPO", "tspmo-decay": "T-SPMO (b)", "grpo-full": "GRPO, full fine-tuning",
@@ -105,7 +108,8 @@ class Row:
     name: str
     rates: tuple[float, ...]
     validation: dict[float, float]
-    shipped: float | None = None  # a counterpart's shipped rate (its test seeds run again at it)
+    shipped: float | None = None  # a counterpart's shipped rate
+    rerun: bool = True  # a counterpart: its test seeds run again at the shipped rate (it was named in --methods)
     extra: float | None = None  # the edge rule's rate, once decided
     lr: float | None = None  # the chosen rate, once the validation runs are in
 
@@ -119,12 +123,13 @@ class Plan:
         self.out, self.bases, self.seeds, self.step_scale = out, bases, seeds, step_scale
         self.steps, self.eval_limit = steps, eval_limit
         self.rows = {}
+        planned = [r for r in ROWS if r in rows or r in {counterpart(x) for x in rows}]  # a row's counterpart too
         for setting in bases:
-            for name in rows:
+            for name in planned:
                 shipped = tuning[setting][name] if name in COUNTERPARTS else None
                 self.rows[setting, name] = Row(setting, name, mini.LRS if shipped else grid(name),
                                                dict(shipped["validation"]) if shipped else {},
-                                               shipped["lr"] if shipped else None)
+                                               shipped["lr"] if shipped else None, name in rows)
 
     def job(self, row: Row, lr: float, seed: int, split: str) -> mini.Job:
         cfg = row_settings(row.name, row.setting, seed, self.bases[row.setting], lr, self.step_scale)
@@ -151,8 +156,9 @@ class Plan:
 
     def ready(self, row: Row) -> list[mini.Job]:
         """The jobs a row's validation accuracies make ready: none until the grid is in; then the edge rule's run;
-        then, once it is in (or none is due), the test seeds at the chosen rate (and a counterpart's at its shipped
-        rate, where the rule chose another)."""
+        then, once it is in (or none is due), the test seeds at the chosen rate. A counterpart's at its shipped rate
+        run again only if it was named (its shipped seeds stand for it otherwise); at a rate the rule chose in its
+        place, always."""
         if row.lr is not None or any(lr not in row.validation for lr in row.rates):
             return []
         if row.extra is None:
@@ -162,7 +168,7 @@ class Plan:
         if row.extra and row.extra not in row.validation:
             return []
         row.lr = mini.choose(row.validation)
-        test_rates = [row.lr] + ([row.shipped] if row.shipped is not None and row.shipped != row.lr else [])
+        test_rates = [lr for lr in {row.lr, row.shipped} - {None} if row.rerun or lr != row.shipped]
         return [self.job(row, lr, seed, "test") for lr in test_rates for seed in range(self.seeds)]
 
     def table(self) -> dict:
@@ -268,38 +274,48 @@ def label(row: str, lr: float, table: dict, setting: str) -> str:
     return LABELS[row]
 
 
-def groups(results: list[dict], setting: str) -> dict[tuple[str, float], list[dict]]:
-    """The test results of a setting by (row, rate), in ROWS' order."""
+def groups(results: list[dict], setting: str) -> dict[tuple[str, float, bool], list[dict]]:
+    """The test results of a setting by (row, rate, shipped), in ROWS' order, this command's before the shipped."""
     out: dict = {}
     for r in sorted((r for r in results if r["setting"] == setting and r["split"] == "test"),
-                    key=lambda r: (ROWS.index(r["method"]), r["lr"], r["seed"])):
-        out.setdefault((r["method"], r["lr"]), []).append(r)
+                    key=lambda r: (ROWS.index(r["method"]), r["lr"], "shipped" in r, r["seed"])):
+        out.setdefault((r["method"], r["lr"], "shipped" in r), []).append(r)
     return out
+
+
+def with_shipped(results: list[dict], table: dict, shipped: list[dict]) -> list[dict]:
+    """This command's results and, for each counterpart in the table, its shipped test seeds at its shipped rate
+    (python mini.py's records, marked "shipped"), which stand for it where it was not run again."""
+    return results + [{**r, "shipped": True} for r in shipped if r["method"] in table.get(r["setting"], {})
+                      and r["lr"] == table[r["setting"]][r["method"]].get("shipped")]
 
 
 def results_table(setting: str, results: list[dict], table: dict) -> str:
     """Accuracy (%) on the test set, mean ± std and each seed; what a run spent: training forwards a step (the
-    forwards of the updates, fresh and replay groups; sampling not counted) and CPU minutes (its own process); for a
-    replaying T-SPMO row, the share of its replays cut at the first token (mean over seeds)."""
+    forwards of the updates, fresh and replay groups; sampling not counted; not in the shipped records) and CPU
+    minutes (its own process, under the load of its own day); for a replaying T-SPMO row, the share of its replays cut
+    at the first token (mean over seeds)."""
     rows = ["| row | learning rate | test accuracy (%), mean ± std | per seed | steps | forwards a step | CPU minutes "
             "a run | replay cuts at the first token (%) |", "|---|---|---|---|---|---|---|---|"]
-    for (row, lr), rs in groups(results, setting).items():
+    for (row, lr, shipped), rs in groups(results, setting).items():
         m, s = mini_report.mean_std([100 * r["accuracy"] for r in rs])
         cuts = (pct(statistics.fmean(r["replay_cuts_at_0"] for r in rs)) if all("replay_cuts_at_0" in r for r in rs)
                 else "—")
-        rows.append(f"| {label(row, lr, table, setting)} | {lr:g} | {m:.1f} ± {s:.1f} | "
-                    f"{', '.join(pct(r['accuracy']) for r in rs)} | {rs[0]['steps']} | "
-                    f"{statistics.fmean(r['forwards'] / r['steps'] for r in rs):.2f} | "
+        forwards = "—" if shipped else f"{statistics.fmean(r['forwards'] / r['steps'] for r in rs):.2f}"
+        rows.append(f"| {label(row, lr, table, setting)}{', shipped (python mini.py)' * shipped} | {lr:g} | "
+                    f"{m:.1f} ± {s:.1f} | {', '.join(pct(r['accuracy']) for r in rs)} | {rs[0]['steps']} | {forwards} | "
                     f"{statistics.fmean(r['cpu_minutes'] for r in rs):.2f} | {cuts} |")
     return "\n".join(rows)
 
 
 def comparisons(setting: str, results: list[dict], table: dict) -> list[tuple[str, str, list[float], list[float]]]:
     """(row, counterpart, the row's accuracies, the counterpart's) for each beyond row run here, against the
-    counterpart at its chosen rate (re-tuned where the edge rule chose another); and GRPO full against T-SPMO (b)
-    full, as GRPO against T-SPMO (b)."""
-    by = {row: [r["accuracy"] for r in rs] for (row, lr), rs in groups(results, setting).items()
-          if lr == table[setting][row]["lr"]}
+    counterpart at its chosen rate (re-tuned where the edge rule chose another; this command's seeds, or the shipped
+    ones where it did not run them again); and GRPO full against T-SPMO (b) full, as GRPO against T-SPMO (b)."""
+    by: dict = {}
+    for (row, lr, _), rs in groups(results, setting).items():  # this command's first, then the shipped
+        if lr == table[setting][row]["lr"]:
+            by.setdefault(row, [r["accuracy"] for r in rs])
     pairs = [(row, BEYOND[row][0]) for row in ROWS if row in BEYOND] + [("grpo", "tspmo-decay"),
                                                                         ("grpo-full", "tspmo-decay-full")]
     return [(a, b, by[a], by[b]) for a, b in pairs if a in by and b in by]
@@ -328,9 +344,11 @@ def tuning_table(table: dict) -> str:
     return "\n".join(rows)
 
 
-def write_results(dest: Path, results: list[dict], table: dict, minutes: float, command: str) -> str:
-    """results.md; returns its text (printed by mini.py)."""
+def write_results(dest: Path, results: list[dict], table: dict, minutes: float, command: str,
+                  shipped: list[dict]) -> str:
+    """results.md, beside the counterparts' `shipped` records; returns its text (printed by mini.py)."""
     cpu = sum(r["cpu_minutes"] for r in results)
+    results = with_shipped(results, table, shipped)
     parts = ["# tokrl: the miniature beyond the paper", "",
              f"`{command}`: {time.strftime('%Y-%m-%d %H:%M %Z')}, {mini_report.machine()}; {minutes:.1f} minutes in "
              f"this command, wall clock; the runs' own CPU time {cpu:.1f} minutes (kept runs: as they were measured).",
@@ -368,7 +386,10 @@ def main(out: Path, bases: dict[str, Path], rows: list[str], tuning: dict, seeds
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": mini_report.machine()}
     (dest / "tuning.json").write_text(json.dumps({**meta, "table": table}, indent=2) + "\n")
     (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(write_results(dest, results, table, minutes, command))
+    # the shipped rows were run at the paper's step counts on every test problem: beside those runs only
+    paper_scale = step_scale == mini.STEP_SCALE and steps is None and eval_limit is None
+    print(write_results(dest, results, table, minutes, command,
+                        json.loads(SHIPPED_RESULTS.read_text()) if paper_scale else []))
     print(f"wrote {dest / 'results.md'}, results.json and tuning.json in {minutes:.1f} min (the runs' CPU time "
           f"{meta['cpu_minutes']} min)")
     return 0
