@@ -699,3 +699,101 @@ def test_tspmo_logpi_objective_against_brute_force(tiny):
         tokrl.tspmo_backward(net, prompt, completions, rewards, lam=0.0, objective="log")
 
 
+
+
+# --- beyond the paper (mini_beyond.py, python mini.py --beyond) -------------------------------------------------------
+
+import mini_beyond  # noqa: E402
+
+
+def test_the_edge_rule_adds_the_rate_beyond_the_edge_the_best_sits_at():
+    """One half-decade of the 1, 3, 10 grid beyond the edge, by hand; inside the grid, none; the best is the grid's
+    own (a rate outside it does not move the edge)."""
+    nxt = mini_beyond.next_rate
+    assert [nxt(3e-3, +1), nxt(3e-4, -1), nxt(3e-4, +1), nxt(3e-5, -1), nxt(1e-3, +1), nxt(1e-4, -1)] == \
+        [1e-2, 1e-4, 1e-3, 1e-5, 3e-3, 3e-5]
+    lora, full = mini.LRS, mini_beyond.FULL_LRS
+    assert full == (3e-5, 1e-4, 3e-4) and lora == (3e-4, 1e-3, 3e-3)
+    edge = mini_beyond.edge_rate
+    assert edge(lora, {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3}) == 1e-2
+    assert edge(lora, {3e-4: 0.3, 1e-3: 0.2, 3e-3: 0.1}) == 1e-4
+    assert edge(lora, {3e-4: 0.1, 1e-3: 0.3, 3e-3: 0.2}) is None
+    assert edge(lora, {3e-4: 0.2, 1e-3: 0.2, 3e-3: 0.2}) == 1e-4  # a tie goes to the smaller rate: an edge
+    assert edge(full, {3e-5: 0.1, 1e-4: 0.2, 3e-4: 0.3}) == 1e-3
+    assert edge(full, {3e-5: 0.3, 1e-4: 0.2, 3e-4: 0.1}) == 1e-5
+    assert edge(lora, {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3, 1e-4: 0.9}) == 1e-2  # the grid's best decides
+
+
+def test_the_difference_rule_as_written():
+    """Differ: means 10 points apart or more and the seeds separate; a lean: as far apart, seeds overlapping; closer
+    (by any margin below 10 points, even with separate seeds): no difference found."""
+    v = mini_beyond.verdict
+    assert v([0.50, 0.52, 0.54], [0.40, 0.42, 0.44]) == "differ"  # exactly 10 points, k/300-style floats
+    assert v([0.40, 0.42, 0.44], [0.50, 0.52, 0.54]) == "differ"  # either way round
+    assert v([0.30, 0.60, 0.63], [0.35, 0.36, 0.37]) == "a lean"  # 15 points apart, 0.30 below 0.35
+    assert v([0.50, 0.51, 0.52], [0.41, 0.42, 0.43]) == "no difference found"  # 9 points, seeds separate
+    assert v([151 / 300, 156 / 300, 161 / 300], [121 / 300, 126 / 300, 131 / 300]) == "differ"  # 30/300 apart
+
+
+def fake_tuning() -> dict:
+    """The counterparts' shipped validation accuracies (data/mini-tuning.json's shape): GRPO inside its grid in both
+    settings; T-SPMO (b) at its upper edge in the first-token setting, inside in the steps setting."""
+    mid, top = {3e-4: 0.1, 1e-3: 0.3, 3e-3: 0.2}, {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3}
+    return {"first-token": {"grpo": {"validation": mid, "lr": 1e-3}, "tspmo-decay": {"validation": top, "lr": 3e-3}},
+            "steps": {"grpo": {"validation": mid, "lr": 1e-3}, "tspmo-decay": {"validation": mid, "lr": 1e-3}}}
+
+
+def result_of(job, accuracy: float) -> dict:
+    return {"setting": job.setting, "method": job.method, "seed": job.seed, "split": job.split, "lr": job.cfg.lr,
+            "accuracy": accuracy}
+
+
+def test_the_beyond_plan_tunes_each_row_on_its_grid_with_the_edge_rule_then_runs_its_seeds(tmp_path):
+    """The jobs --beyond makes: each new row's grid on the validation set (seed 0), the edge rule's one more rate
+    where the best sits at an edge, then 3 test seeds at the best of all; a counterpart tuned from the shipped table
+    (no run at its grid), its edge run where due, its test seeds again only when named, and at a re-tuned rate
+    always. Each row's settings are its counterpart's with the one change."""
+    bases = {s: tmp_path / s for s in mini_base.SETTINGS}
+    plan = mini_beyond.Plan(tmp_path / "b", bases, ["tspmo-decay-entropy"], fake_tuning(), 3, 1.0, None, None)
+    assert set(plan.rows) == {(s, r) for s in mini_base.SETTINGS for r in ("tspmo-decay-entropy", "tspmo-decay")}
+    first = plan.start()
+    key = lambda j: (j.setting, j.method, j.split, j.cfg.lr, j.seed)  # noqa: E731
+    assert sorted(map(key, first)) == sorted(
+        [(s, "tspmo-decay-entropy", "validation", lr, 0) for s in mini_base.SETTINGS for lr in mini.LRS]
+        + [("first-token", "tspmo-decay", "validation", 1e-2, 0)])  # the counterpart's edge run; steps: none due
+    for j in first:
+        counterpart = mini.run_settings("tspmo-decay", j.setting, 0, bases[j.setting], j.cfg.lr)
+        differ = {f.name for f in dataclasses.fields(j.cfg) if getattr(j.cfg, f.name) != getattr(counterpart, f.name)}
+        assert differ == ({"out", "replay_cut"} if j.method == "tspmo-decay-entropy" else {"out"}), j
+        assert j.cfg.replay_cut == ("entropy" if j.method == "tspmo-decay-entropy" else "uniform")
+    # the first-token entropy row is best at 3e-3, an edge: one more run at 1e-2, and nothing else until it is in
+    jobs = {key(j): j for j in first}
+    after = [plan.after(result_of(jobs["first-token", "tspmo-decay-entropy", "validation", lr, 0], a))
+             for lr, a in zip(mini.LRS, (0.1, 0.2, 0.3))]
+    assert after[:2] == [[], []] and [key(j) for j in after[2]] == [
+        ("first-token", "tspmo-decay-entropy", "validation", 1e-2, 0)]
+    tests = plan.after(result_of(after[2][0], 0.25))  # 1e-2 is worse: the best of four is 3e-3
+    assert sorted(map(key, tests)) == [("first-token", "tspmo-decay-entropy", "test", 3e-3, s) for s in range(3)]
+    assert {j.cfg.eval_every for j in tests} == {25} and {j.cfg.steps for j in tests} == {350}
+    # the steps entropy row is best in the middle: no edge run, its seeds at once
+    for lr, a in zip(mini.LRS, (0.1, 0.3, 0.2)):
+        tests = plan.after(result_of(jobs["steps", "tspmo-decay-entropy", "validation", lr, 0], a))
+    assert sorted(map(key, tests)) == [("steps", "tspmo-decay-entropy", "test", 1e-3, s) for s in range(3)]
+    # the counterpart's edge run wins: three seeds at the re-tuned rate; the shipped rate's stand (not named)
+    tests = plan.after(result_of(jobs["first-token", "tspmo-decay", "validation", 1e-2, 0], 0.5))
+    assert sorted(map(key, tests)) == [("first-token", "tspmo-decay", "test", 1e-2, s) for s in range(3)]
+    table = plan.table()
+    assert table["first-token"]["tspmo-decay"] == {"validation": {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3, 1e-2: 0.5},
+                                                   "lr": 1e-2, "grid": list(mini.LRS), "edge": 1e-2, "shipped": 3e-3}
+    assert table["steps"]["tspmo-decay"]["lr"] == 1e-3 and table["steps"]["tspmo-decay"]["edge"] is None
+    # named, a counterpart's test seeds run again at its shipped rate (and at the re-tuned one)
+    named = mini_beyond.Plan(tmp_path / "c", bases, ["tspmo-decay", "grpo"], fake_tuning(), 2, 1.0, None, None)
+    ready = named.start()
+    assert sorted(map(key, ready)) == sorted(
+        [("first-token", "tspmo-decay", "validation", 1e-2, 0)]
+        + [(s, m, "test", 1e-3, seed) for s in mini_base.SETTINGS for m in ("grpo", "tspmo-decay")
+           for seed in range(2) if (s, m) != ("first-token", "tspmo-decay")])
+    tests = named.after(result_of(ready[0] if ready[0].split == "validation" else
+                                  next(j for j in ready if j.split == "validation"), 0.5))
+    assert sorted(map(key, tests)) == [("first-token", "tspmo-decay", "test", lr, s) for lr in (3e-3, 1e-2)
+                                       for s in range(2)]
