@@ -183,6 +183,12 @@ class Plan:
         return out
 
 
+def read_table(raw: dict) -> dict:
+    """A tuning.json's table as Plan.table() made it: JSON wrote each validation rate as a string key."""
+    return {s: {row: {**e, "validation": {float(k): a for k, a in e["validation"].items()}} for row, e in per.items()}
+            for s, per in raw["table"].items()}
+
+
 def priority(job: mini.Job) -> tuple:
     """Rows in ROWS' order; within a row, the settings in order, validation before test."""
     return ROWS.index(job.method), job.setting, job.split != "validation", job.cfg.lr, job.seed

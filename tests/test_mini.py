@@ -797,3 +797,77 @@ def test_the_beyond_plan_tunes_each_row_on_its_grid_with_the_edge_rule_then_runs
                                   next(j for j in ready if j.split == "validation"), 0.5))
     assert sorted(map(key, tests)) == [("first-token", "tspmo-decay", "test", lr, s) for lr in (3e-3, 1e-2)
                                        for s in range(2)]
+
+
+BEYOND_RESULTS = mini_base.DATA / "mini-beyond-results.json"  # OUT/beyond/results.json of the run docs/mini.md reports
+BEYOND_TUNING = mini_base.DATA / "mini-beyond-tuning.json"  # its OUT/beyond/tuning.json
+
+
+def test_docs_beyond_tables_are_what_the_shipped_beyond_results_give():
+    """docs/mini.md's beyond tables (per setting the rows and the rule's verdicts; the learning rates) are what
+    mini_beyond prints from data/mini-beyond-results.json and data/mini-beyond-tuning.json (what python mini.py
+    --beyond wrote) beside the shipped counterparts, row for row; every row there has 3 test seeds."""
+    results = json.loads(BEYOND_RESULTS.read_text())
+    raw = json.loads(BEYOND_TUNING.read_text())
+    assert raw["command"].startswith("python mini.py --beyond")
+    table = mini_beyond.read_table(raw)
+    shown = mini_beyond.with_shipped(results, table, json.loads(RESULTS.read_text()))
+    doc = (ROOT / "docs" / "mini.md").read_text().split("## Beyond the paper", 1)[1].splitlines()
+    printed = [mini_beyond.tuning_table(table)]
+    for setting in table:
+        printed += [mini_beyond.results_table(setting, shown, table), mini_beyond.comparison_table(setting, shown,
+                                                                                                    table)]
+        for (row, lr, _), rs in mini_beyond.groups(shown, setting).items():
+            assert sorted(r["seed"] for r in rs) == [0, 1, 2], (setting, row, lr)
+    for text in printed:
+        lines = text.splitlines()
+        starts = [i for i in range(len(doc)) if doc[i: i + len(lines)] == lines]
+        assert starts, lines[2] if len(lines) > 2 else lines
+
+
+def test_beyond_quick_runs_its_plan_through_train_and_keeps_finished_runs(tmp_path, monkeypatch, capsys):
+    """--beyond --quick with one step, one setting, one row, in this process: the row's grid on the validation set
+    (all score 0 at one step: a tie, so the smallest rate, an edge, and 1e-4 added), one test seed at the best of
+    the four, each through training.train with the row's one change; its files written; the counterpart tuned from
+    the shipped table (inside its grid in this setting: no run). Run again, every run is kept, none trained; with a
+    changed setting (--eval-limit) every run is trained again."""
+    calls = []
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda cfg, *a, **k: calls.append(cfg) or real_train(cfg, *a, **k))
+    out = tmp_path / "m"
+    args = ["--beyond", "--quick", "--out", str(out), "--steps", "1", "--eval-limit", "2", "--settings", "steps",
+            "--methods", "tspmo-decay-treerl", "--parallel", "1"]
+    assert mini.main(args) == 0
+    assert [(c.lr, c.edge_advantage, c.replay_cut, c.algo, c.steps) for c in calls] == \
+        [(lr, "treerl", "uniform", "tspmo", 1) for lr in (*mini.LRS, 1e-4, 1e-4)]
+    dest = out / "beyond" / "quick"
+    results = json.loads((dest / "results.json").read_text())
+    assert [(r["split"], r["lr"]) for r in results] == [("validation", lr) for lr in (*mini.LRS, 1e-4)] + \
+        [("test", 1e-4)]
+    assert all(r["forwards"] == sum(m["forwards"] for m in checkpoints_rows(Path(r["run"]))) for r in results)
+    table = mini_beyond.read_table(json.loads((dest / "tuning.json").read_text()))
+    assert table["steps"]["tspmo-decay-treerl"]["edge"] == 1e-4 and table["steps"]["tspmo-decay-treerl"]["lr"] == 1e-4
+    assert table["steps"]["tspmo-decay"]["lr"] == 1e-3 and table["steps"]["tspmo-decay"]["edge"] is None
+    text = (dest / "results.md").read_text()
+    assert "| T-SPMO (b), TreeRL's advantage | 0.0001 |" in text and "shipped" not in text.split("## Learning")[0]
+    calls.clear()
+    assert mini.main(args) == 0 and calls == []
+    assert capsys.readouterr().out.count("(kept)") == 5
+    assert mini.main([*args[:-2], "--eval-limit", "3", "--parallel", "1"]) == 0 and len(calls) == 5
+
+
+def checkpoints_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bad_beyond_arguments_are_one_line_exit_2_before_any_work(tmp_path, capsys, no_work):
+    out = tmp_path / "m"
+    rows = ",".join(mini_beyond.ROWS)
+    for argv, message in [
+            (["--beyond", "--tune"], "--tune --beyond: --beyond tunes its own rows; choose one"),
+            (["--beyond", "--methods", "sgrpo"], f"--methods sgrpo: unknown method 'sgrpo'; choose from {rows}"),
+            (["--beyond", "--tuning", str(tuning_file(tmp_path / "t.json",
+                                                      lambda raw: raw["table"]["steps"].pop("tspmo-decay")))],
+             f"--tuning {tmp_path / 't.json'}: no learning rate for steps/tspmo-decay; run python mini.py --tune")]:
+        assert mini_refused([*argv, "--out", str(out)], capsys) == f"error: {message}", argv
+        assert not out.exists()
