@@ -871,3 +871,15 @@ def test_bad_beyond_arguments_are_one_line_exit_2_before_any_work(tmp_path, caps
              f"--tuning {tmp_path / 't.json'}: no learning rate for steps/tspmo-decay; run python mini.py --tune")]:
         assert mini_refused([*argv, "--out", str(out)], capsys) == f"error: {message}", argv
         assert not out.exists()
+
+
+def test_the_full_fine_tuning_rows_ask_for_train_full_on_a_tenth_of_the_grid():
+    """Each full-fine-tuning row is its counterpart with train = "full" and nothing else, tuned on 3e-5, 1e-4,
+    3e-4 (a tenth of LoRA's grid); the other rows on LoRA's grid."""
+    assert {r: mini_beyond.BEYOND[r] for r in ("grpo-full", "tspmo-decay-full")} == {
+        "grpo-full": ("grpo", {"train": "full"}), "tspmo-decay-full": ("tspmo-decay", {"train": "full"})}
+    assert [mini_beyond.grid(r) for r in mini_beyond.ROWS] == [
+        {"grpo-full": (3e-5, 1e-4, 3e-4), "tspmo-decay-full": (3e-5, 1e-4, 3e-4)}.get(r, (3e-4, 1e-3, 3e-3))
+        for r in mini_beyond.ROWS]
+    assert [mini_beyond.counterpart(r) for r in mini_beyond.ROWS] == [
+        "tspmo-decay", "tspmo-decay", "tspmo-decay", "grpo", "tspmo-decay", "grpo"]
