@@ -224,13 +224,15 @@ def run_kept(job: mini.Job, loaded=None) -> dict:
     return result
 
 
-def run_plan(plan: Plan, parallel: int, log: Callable = say, worker: Callable = run_kept) -> list[dict]:
+def run_plan(plan: Plan, parallel: int, log: Callable = say, worker: Callable = run_kept,
+             each: Callable[[list[dict]], None] = lambda done: None) -> list[dict]:
     """Every job of the plan, each one a result makes ready queued as the result comes, `parallel` at a time in
-    separate processes (1: in this process, each base loaded once)."""
+    separate processes (1: in this process, each base loaded once); `each(results so far)` after every result."""
     waiting, done = sorted(plan.start(), key=priority), []
 
     def report(r):
         done.append(r)
+        each(done)
         log(f"  {r['setting']:<11} {r['method']:<20} lr {r['lr']:g} seed {r['seed']} | {r['split']} accuracy "
             f"{r['accuracy']:.3f} | {r['steps']} steps | {r['minutes']:.1f} min (CPU {r['cpu_minutes']:.1f}) | "
             f"{r['forwards']} forwards{' (kept)' if r.get('kept') else ''}  [{len(done)} done, {len(waiting)} queued]")
@@ -346,7 +348,8 @@ def tuning_table(table: dict) -> str:
                               for lr, a in sorted(e["validation"].items()))
             edge = f"{e['edge']:g} added" if e["edge"] else "inside the grid: none"
             shipped = f" (shipped: {e['shipped']:g}, data/mini-tuning.json)" if "shipped" in e else ""
-            rows.append(f"| {setting} | {LABELS[row]} | {cells} | {e['lr']:g}{shipped} | {edge} |")
+            chosen = "not yet" if e["lr"] is None else f"{e['lr']:g}"
+            rows.append(f"| {setting} | {LABELS[row]} | {cells} | {chosen}{shipped} | {edge} |")
     return "\n".join(rows)
 
 
@@ -375,8 +378,8 @@ def write_results(dest: Path, results: list[dict], table: dict, minutes: float, 
 
 def main(out: Path, bases: dict[str, Path], rows: list[str], tuning: dict, seeds: int, step_scale: float,
          steps: int | None, eval_limit: int | None, parallel: int, command: str) -> int:
-    """--beyond: the plan run, then OUT/beyond/{tuning.json, results.json, results.md} (OUT/beyond/quick/ with
-    --quick)."""
+    """--beyond: the plan run; OUT/beyond/{tuning.json, results.json, results.md} (OUT/beyond/quick/ with --quick)
+    written again after every result, so that a stopped command leaves the tables of what finished."""
     t0 = time.time()
     dest = out / "beyond" / ("quick" if step_scale != mini.STEP_SCALE else "")
     dest.mkdir(parents=True, exist_ok=True)
@@ -384,18 +387,24 @@ def main(out: Path, bases: dict[str, Path], rows: list[str], tuning: dict, seeds
     parallel = mini.workers(parallel, seeds * len(rows) * len(bases))  # at least this many runs
     say(f"beyond the paper: {', '.join(rows)}; {parallel} at a time, one thread each; progress in "
         f"{dest}/runs/*/log.txt and {dest}/tune/runs/*/log.txt")
-    results = run_plan(plan, parallel)
-    minutes = (time.time() - t0) / 60
-    table = plan.table()
-    meta = {"command": command, "minutes": round(minutes, 1),
-            "cpu_minutes": round(sum(r["cpu_minutes"] for r in results), 1),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": mini_report.machine()}
-    (dest / "tuning.json").write_text(json.dumps({**meta, "table": table}, indent=2) + "\n")
-    (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     # the shipped rows were run at the paper's step counts on every test problem: beside those runs only
     paper_scale = step_scale == mini.STEP_SCALE and steps is None and eval_limit is None
-    print(write_results(dest, results, table, minutes, command,
-                        json.loads(SHIPPED_RESULTS.read_text()) if paper_scale else []))
+    shipped = json.loads(SHIPPED_RESULTS.read_text()) if paper_scale else []
+    meta: dict = {}
+
+    def write(results: list[dict]) -> str:
+        minutes = (time.time() - t0) / 60
+        meta.update({"command": command, "minutes": round(minutes, 1),
+                     "cpu_minutes": round(sum(r["cpu_minutes"] for r in results), 1),
+                     "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": mini_report.machine()})
+        checkpoints.write_atomic(dest / "tuning.json",
+                                 (json.dumps({**meta, "table": plan.table()}, indent=2) + "\n").encode())
+        checkpoints.write_atomic(dest / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        return write_results(dest, results, plan.table(), minutes, command, shipped)
+
+    text = write(run_plan(plan, parallel, each=write))
+    minutes = meta["minutes"]
+    print(text)
     print(f"wrote {dest / 'results.md'}, results.json and tuning.json in {minutes:.1f} min (the runs' CPU time "
           f"{meta['cpu_minutes']} min)")
     return 0
