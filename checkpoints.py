@@ -5,9 +5,10 @@ where a reader would take it for whole.
     RUN/resumes.jsonl               one line per resume: the step it resumed from and the --steps it runs to
     RUN/metrics.jsonl, eval.jsonl   one line per step / evaluation, appended; a torn last line is dropped on reading
     RUN/curves.svg                  rewritten whole: temporary file, then rename
-    RUN/checkpoints/step-NNNNNN/    adapter/ + state.pt, built as .tmp-step-NNNNNN and renamed when complete
+    RUN/checkpoints/step-NNNNNN/    adapter/ (--train full: model/) + state.pt, built as .tmp-step-NNNNNN and
+                                    renamed when complete
     RUN/checkpoints/latest          the newest checkpoint's name (temporary file, then rename)
-    RUN/adapter/                    the final adapter, PEFT format
+    RUN/adapter/                    the final adapter, PEFT format (--train full: RUN/model/, a Hugging Face model)
     RUN/.lock                       the hold of the process writing RUN: its pid, host and start time
 
 One process writes a run directory at a time (`hold_run_dir`): a second one is refused before it touches anything.
@@ -48,7 +49,8 @@ DURABLE = True
 
 FAULT_POINTS = (
     "checkpoint.start",  # nothing of this checkpoint written yet
-    "checkpoint.adapter.partial", "checkpoint.adapter.written",  # adapter weights half written / written, not renamed
+    "checkpoint.adapter.partial", "checkpoint.adapter.written",  # adapter (or --train full: model) weights half
+    # written / written, not renamed
     "checkpoint.state.partial", "checkpoint.state.written",  # state.pt half written / written, not renamed
     "checkpoint.rename",  # the .tmp-step directory complete, not yet renamed
     "checkpoint.renamed",  # renamed; `latest` still names the previous checkpoint
@@ -224,6 +226,22 @@ def write_adapter(net, out: str | os.PathLike, base_model: str = "", point: str 
     write_atomic(out / "adapter_config.json", config.encode())
 
 
+def write_weights(net, out: str | os.PathLike, point: str = "") -> None:
+    """Every weight of the model (--train full) as out/model.safetensors in the Hugging Face layout (a tied head
+    stored once, as the embedding), written atomically through write_atomic."""
+    from safetensors.torch import save
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(out, e) from None
+    state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+    if net.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    write_atomic(out / "model.safetensors", save(state, metadata={"format": "pt"}), point)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading: JSON lines that may end in a torn line
 
@@ -261,6 +279,8 @@ def non_finite(net, opt) -> str | None:
     """The first adapter weight or optimizer-state tensor holding NaN or ±inf, by name; None if all are finite.
     One device sync when all are finite (this runs after every optimizer step)."""
     named = [(f"{name}.{ab}", getattr(m, ab)) for name, m in lora.lora_modules(net) for ab in ("lora_A", "lora_B")]
+    if not named:  # --train full: every weight is trained
+        named = list(net.named_parameters())
     named += [(f"optimizer state {i} {k}", v) for i, st in enumerate(opt.state.values()) for k, v in st.items()
               if torch.is_tensor(v) and v.is_floating_point()]
     flags: dict[torch.device, list[torch.Tensor]] = {}  # AdamW keeps `step` on the CPU, the moments with the weights
@@ -283,7 +303,10 @@ def save_checkpoint(run: Path, step: int, net, opt, state: dict, base_model: str
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        write_adapter(net, tmp / "adapter", base_model, "checkpoint.adapter")
+        if lora.lora_modules(net):
+            write_adapter(net, tmp / "adapter", base_model, "checkpoint.adapter")
+        else:  # --train full: every weight, at the same write points
+            write_weights(net, tmp / "model", "checkpoint.adapter")
         buf = io.BytesIO()
         torch.save({"step": step, "optimizer": opt.state_dict(), **state}, buf)
         write_atomic(tmp / "state.pt", buf.getvalue(), "checkpoint.state")
@@ -340,6 +363,8 @@ def read_checkpoint(ck: Path, accum: int | None = None) -> tuple[dict, dict]:
                          f"{(str(e).splitlines() or [''])[0][:120]})") from None
     if (problem := state_problem(state, int(ck.name[len("step-"):]), accum)) is not None:
         raise ValueError(f"{path}: {problem}")
+    if (ck / "model").is_dir():  # --train full: the model's weights
+        return state, lora.read_adapter_tensors(ck / "model" / "model.safetensors")
     tensors = lora.read_adapter_tensors(ck / "adapter" / "adapter_model.safetensors")
     lora.read_adapter_config(ck / "adapter" / "adapter_config.json")
     return state, tensors

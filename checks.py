@@ -17,7 +17,10 @@ alone; check_inputs reads each file a run will read, whole, then calls check_aga
     lengths              the longest prompt plus the new tokens within config.json's            position_problem
                          max_position_embeddings
     memory               the KV cache alone, then the weights + LoRA with AdamW's state + the   memory_problem
-                         largest KV cache, within the device's whole memory
+                         largest KV cache, within the device's whole memory; --train full:
+                         weights, reference, gradients, moments, activations, KV cache
+                         within what the device has free (full_finetune.py)
+    disk (--train full)  the checkpoints and the final model within the run directory's disk    disk_problem
     a resumed run        config.json (every setting, its type and its rule), resumes.jsonl      read_run_settings
                          the newest intact checkpoint (state.pt, adapter), the logs up to it    check_resume
 
@@ -38,6 +41,7 @@ import torch
 
 import checkpoints
 import distributed
+import full_finetune
 import lora
 import model as M
 from settings import DEVICE, Settings, device_problem, refuse_setting, type_problem, usage_error, validate
@@ -76,11 +80,13 @@ def check_against_model(cfg: Settings, model_cfg: M.Qwen2Config, tok: M.Tokenize
                   f"({'no CUDA device here' if not torch.cuda.is_available() else 'CUDA is available: --device cuda'});"
                   f" the paper's T-SPMO run takes about 960 s a step on a 2-core CPU (docs/performance.md); "
                   f"python mini.py is the paper in miniature, sized for a CPU", file=sys.stderr)
-    if training and lora.num_lora_layers(model_cfg.num_hidden_layers, cfg.lora_fraction) < 1:
+    if training and cfg.train == "full" and (problem := full_finetune.disk_problem(model_cfg, Path(cfg.out or "runs"))):
+        usage_error(problem)  # the checkpoints' weights and AdamW moments, against the run directory's disk
+    if training and cfg.train == "lora" and lora.num_lora_layers(model_cfg.num_hidden_layers, cfg.lora_fraction) < 1:
         L = model_cfg.num_hidden_layers
         usage_error(f"--lora-fraction {cfg.lora_fraction}: adapts round({cfg.lora_fraction} × {L}) = 0 of the "
                     f"model's {L} layers ({model_dir / 'config.json'}); allowed: --lora-fraction >= {0.5 / L:.4g}")
-    if training and (problem := rank_problem(cfg, model_cfg, model_dir / "config.json")):
+    if training and cfg.train == "lora" and (problem := rank_problem(cfg, model_cfg, model_dir / "config.json")):
         usage_error(problem)
     for exact in (False, True):  # an upper bound on the prompts' lengths first: tokenizing them all takes seconds
         uses = cache_uses(cfg, task, tok, training, exact)
@@ -220,6 +226,11 @@ def memory_problem(cfg: Settings, model_cfg: M.Qwen2Config, uses: list[CacheUse]
                     f"({need / 2**30:.2f} GiB), more than all {total / 2**30:.2f} GiB of {device}; allowed: "
                     + (f"{u.length_flag} <= {fits} with {u.rows_flag} {u.rows_setting}, or a smaller "
                        f"{u.rows_flag}" if fits >= 1 else f"a smaller {u.rows_flag}"))
+    if training and cfg.train == "full":  # every weight trains: full_finetune.py's arithmetic, against what is free
+        u = next(u for u in uses if u.prompts == "training")
+        parts = full_finetune.memory_parts(model_cfg, cfg.algo, cfg.beta, u.prompt_len, u.new_tokens, u.rows,
+                                           cfg.backward_batch)
+        return full_finetune.memory_problem(parts, cfg.device, cfg.model)
     dtype = M.DTYPES[cfg.dtype]
     u = max(uses, key=lambda u: M.cache_bytes(model_cfg, u.rows, u.prompt_len + u.new_tokens, dtype))
     parts = {**run_bytes(cfg, model_cfg, training),
@@ -250,7 +261,7 @@ def device_memory(device: str) -> tuple[int, str]:
 # recorded without it replayed from its own group). Every other setting must be in the run's config.json.
 MAY_BE_ABSENT = {"revision", "reward", "eval_max_new_tokens", "tspmo_objective", "lora_targets", "replay_pool",
                  "threads", "critic", "gamma", "gae_lambda", "clip_eps", "ppo_passes", "w1", "w3", "dpo_beta",
-                 "edge_advantage", "replay_cut"}
+                 "edge_advantage", "replay_cut", "train"}
 # config.json's first key, written by train.py: the file is tokrl's own record of a run's settings. ours: a run
 # directory is started again (its logs deleted) only under a config.json that carries it; a run recorded without it
 # still resumes from its checkpoints (its state.pt proves the run), but is never started again.

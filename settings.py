@@ -41,6 +41,10 @@ PAPER_STEPS.update({(task, algo): PAPER_STEPS[task, "grpo"] for task in TASKS fo
 # The sampler divides float32 logits by the temperature: at float32's smallest normal number l/T already overflows for
 # every logit beyond 4, and below it T is a subnormal or 0 there (--temperature 1e-300 is 0 in float32)
 MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+# [decided] (SPEC.md, F1) --lr's default with --train full: TRL's GRPO default for full fine-tuning (the paper's 1e-4 is
+# a LoRA rate, for an adapter whose B starts at 0)
+FULL_LR = 1e-6
+LORA_FLAGS = ("lora_fraction", "lora_rank", "lora_alpha", "lora_targets")  # LoRA's own settings, none with --train full
 REWARD_RULE = "a training reward this task has; allowed: mult exact or partial (S2), svamp exact, gsm8k sympy (S1)"
 Rule = tuple[Callable[[Any, Any], bool], "str | Callable[[Any, Any], str]"]  # (ok(v, s), why or why(v, s))
 
@@ -84,6 +88,22 @@ class Settings:
                           (lambda v, s: device_problem(v) is None, lambda v, s: device_problem(v)))
     dtype: str = setting("float32", "default float32 (the paper's)", choices=("float32", "bfloat16", "float16"),
                          paper=ALL)
+    # F1, beyond the paper (its section V: "infeasible given our single 40GB GPU"): full_finetune.py
+    train: str = setting(
+        "lora", "what trains: lora = LoRA adapters on the frozen base (default, the paper's); full = every weight of "
+        "the model in fp32 by AdamW, no LoRA (F1, beyond the paper: the KL reference a frozen copy of the starting "
+        "weights, none for T-SPMO; --lr defaults to 1e-6; the run writes RUN/model, a Hugging Face model directory)",
+        (lambda v, s: v == "lora" or s.dtype == "float32",
+         lambda v, s: f"full fine-tuning trains every weight in fp32 (an AdamW update of 1e-6 is below {s.dtype}'s "
+                      "resolution for most weights); allowed with --train full: --dtype float32"),
+        (lambda v, s: v == "lora" or s.sample_precision != "bf16",
+         "--sample-precision bf16 copies the frozen weights to bf16, and with --train full no weight is frozen; "
+         "allowed with --train full: --sample-precision fp32 or tf32"),
+        (lambda v, s: v == "lora" or s.critic == "shared",
+         "--critic separate is a second copy of the model trained beside the policy: with --train full its weights, "
+         "gradients and AdamW moments double the memory (Qwen2-1.5B: 24.8 GB more, beyond the paper's 40 GB GPU); "
+         "allowed with --train full: --critic shared (the value head on the policy's states)"),
+        choices=("lora", "full"), why="allowed: lora (the paper's) or full (F1: every weight, fp32)")
     seed: int = setting(0, "0 <= seed < 2^62 (default 0)", (lambda v, s: 0 <= v < 2**62, "allowed: an integer in "
                                                                                          "[0, 2^62)"))
     # the paper, section IV-A
@@ -91,7 +111,7 @@ class Settings:
         350, "optimizer steps, >= 1 (paper: see table below); with --resume, a longer (or shorter, not below the "
         "checkpoint) run", (lambda v, s: v >= 1, "a run needs at least one step; allowed: an integer >= 1"),
         paper=PAPER_STEPS, section="training (defaults: the paper's for the chosen algo and task)")
-    lr: float = setting(1e-4, "AdamW learning rate, 0 < lr <= 1 (1e-4)",
+    lr: float = setting(1e-4, f"AdamW learning rate, 0 < lr <= 1 (1e-4; with --train full {FULL_LR:g})",
                         (lambda v, s: _num(v) and 0 < v <= 1, "AdamW would not move (<= 0) or diverge at once (> 1); "
                                                               "allowed: 0 < lr <= 1 (the paper: 1e-4)"), paper=ALL)
     # [decided] (SPEC.md) AdamW weight decay 0.01, torch's default; the paper names none
@@ -153,7 +173,12 @@ class Settings:
         "no term in the loss (SPEC.md E10: the literal term leaves the adapter inert in the miniature, docs/mini.md); "
         "0.01: E10's λ·Σ‖W‖² read literally",
         (lambda v, s: _num(v) and v >= 0, "an L2 weight in the loss; allowed: a finite number >= 0 (default 0: the "
-                                          "paper's λ as weight decay; 0.01: its λ read literally)"), paper=ALL)
+                                          "paper's λ as weight decay; 0.01: its λ read literally)"),
+        # [decided] (SPEC.md, F1) with --train full E10's λ is AdamW's weight decay over every parameter: the
+        # literal term is defined on the LoRA matrices, which a fully trained model does not have
+        (lambda v, s: v == 0 or s.train == "lora",
+         "the literal λ·Σ‖W‖² is defined on LoRA's matrices; with --train full λ is AdamW's weight decay over every "
+         "parameter (--weight-decay); allowed with --train full: --lam 0"), paper=ALL)
     tspmo_objective: str = setting(  # E10's π_θ(v|p), the paper's; logpi: log π_θ(v|p), an ablation (ours)
         "pi", "T-SPMO's per-edge term: pi = π·A, E10 as the paper writes it (default); logpi = log π·A",
         choices=("pi", "logpi"), why="allowed: pi (E10, the paper's) or logpi (an ablation)", paper=ALL)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import full_finetune
 import lora
 from model import Qwen2ForCausalLM, logprobs_at
 from trie import PrefixTrie, Target
@@ -101,15 +102,21 @@ def frozen_bottom(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tup
     dev, T = model.lm_head.weight.device, max(map(len, seqs))
     x = torch.tensor([list(s) + [0] * (T - len(s)) for s in seqs], device=dev)  # (B, T)
     pos = torch.arange(T, device=dev).expand(len(seqs), T)  # (B, T)
-    with torch.no_grad():
-        h = model.run_layers(model.model.embed_tokens(x), pos, 0, lora.first_lora_layer(model))
+    # trained fully (--train full) the embedding trains too: there is no frozen bottom, and no layer runs here
+    with torch.set_grad_enabled(full_finetune.trains_fully(model)):
+        h = model.run_layers(model.model.embed_tokens(x), pos, 0, first_trained_layer(model))
     return h, pos
+
+
+def first_trained_layer(model: Qwen2ForCausalLM) -> int:
+    """The lowest layer with a weight to train: the first LoRA layer, or 0 for a model trained fully."""
+    return 0 if full_finetune.trains_fully(model) else lora.first_lora_layer(model)
 
 
 def adapted_top(model: Qwen2ForCausalLM, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The layers from the first LoRA layer up and the final norm; hidden states (N, C) at `rows` only: flat
     indices b·T + t into the (B, T) batch (for one sequence, its positions)."""
-    h = model.run_layers(h, pos, lora.first_lora_layer(model))
+    h = model.run_layers(h, pos, first_trained_layer(model))
     return model.model.norm(h.flatten(0, 1)[rows])  # RMSNorm is per position: normalise only the rows we read
 
 
@@ -137,7 +144,10 @@ def batch_states_and_logprobs(model: Qwen2ForCausalLM, seqs: Sequence[Sequence[i
     states = adapted_top(model, h, pos, rows - 1)  # (N, C): the state at p−1 predicts token p
     logp = logprobs_at(model, states, targets)
     ref = None
-    if with_ref:
+    if with_ref and (frozen := full_finetune.reference(model)) is not None:  # --train full: the starting weights
+        with torch.no_grad():  # the copy's own forward, whole (it shares no layer's output with the policy)
+            ref = logprobs_at(frozen, adapted_top(frozen, *frozen_bottom(frozen, seqs), rows - 1), targets)
+    elif with_ref:
         with torch.no_grad(), lora.adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
             ref = logprobs_at(model, adapted_top(model, h, pos, rows - 1), targets)
     sizes = [len(p) for p in positions]
@@ -269,7 +279,8 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
     st = StepStats(edges=U, tokens_generated=sum(map(len, completions)), zero_variance=len(set(rewards)) == 1)
     st.nonzero_adv_tokens = round(trie.nonzero_token_fraction() * st.tokens_generated)
     mine = range(len(targets)) if share is None else share([max(tg.positions) for tg in targets])
-    with _this_group_gradient(lora.lora_parameters(model)):  # so that the logged norms are this group's
+    trained = full_finetune.trained_parameters(model)  # LoRA's A and B, or (--train full) every weight
+    with _this_group_gradient(trained):  # so that the logged norms are this group's
         for tg in (targets[k] for k in mine):
             logp, adv = _prefix_logprobs(model, prompt, completions[tg.completion], tg)  # (N, M) each
             pi = logp.exp() if objective == "pi" else logp  # π_θ(v|p), the paper's; "logpi": log π_θ(v|p), ours
@@ -277,7 +288,7 @@ def tspmo_backward(model: Qwen2ForCausalLM, prompt: Sequence[int], completions: 
             loss.backward()
             st.loss, st.forwards = st.loss + float(loss.detach()), st.forwards + 1
         st.policy_loss = st.loss
-        st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, summed_grads)
+        st.policy_grad_norm, st.policy_grad_norm_A = _policy_grad_norms(mods, summed_grads, trained)
     # λ read literally (reading (a), --lam 0.01). By default ([decided] SPEC.md E10) lam = 0: λ is AdamW's weight
     # decay, nothing is added here (the literal term leaves the miniature's adapter inert: docs/mini.md, "E10's λ")
     if lam:
@@ -317,10 +328,10 @@ def _this_group_gradient(params: list[torch.Tensor]) -> Iterator[None]:
                 p.grad = g if p.grad is None else p.grad.add_(g)
 
 
-def _policy_grad_norms(mods: list, summed_grads=None) -> tuple[float, float]:
+def _policy_grad_norms(mods: list, summed_grads=None, trained: list = ()) -> tuple[float, float]:
     """‖.grad‖ over every A and B, and over the A matrices alone (of the gradient summed over the processes, with
-    `summed_grads`)."""
-    A, B = [m.lora_A for m in mods], [m.lora_B for m in mods]
+    `summed_grads`). No LoRA modules (--train full): over every parameter of `trained`, and 0 for the A alone."""
+    A, B = [m.lora_A for m in mods], [m.lora_B for m in mods] or list(trained)
     if summed_grads is None:
         grads_A, grads_B = [p.grad for p in A], [p.grad for p in B]
     else:

@@ -44,7 +44,8 @@ import model as M
 from checkpoints import WriteError, append_jsonl, write_atomic
 from checks import RUN_MARKER, check_inputs, check_resume, marked_settings_problem, read_run_settings
 from distributed import World
-from settings import ArgumentParser, Settings, add_arguments, flag, paper_defaults, paper_table, usage_error, validate
+from settings import (FULL_LR, LORA_FLAGS, ArgumentParser, Settings, add_arguments, flag, paper_defaults, paper_table,
+                      usage_error, validate)
 from tasks import DataError
 from training import StopRequest, eval_only, interrupt, train
 
@@ -78,6 +79,12 @@ def resolve(args: argparse.Namespace, base: Settings | None = None) -> Settings:
     if base is not None:
         return dataclasses.replace(base, **given)
     algo, task = given.get("algo", Settings.algo), given.get("task", Settings.task)
+    if given.get("train") == "full":  # F1: no LoRA to configure, and a full fine-tuning rate (settings.FULL_LR)
+        if typed := [name for name in LORA_FLAGS if name in given]:
+            usage_error(f"{flag(typed[0])} {given[typed[0]]}: a LoRA setting, and --train full applies no LoRA "
+                        "(every weight trains); allowed with --train full: none of --lora-fraction, --lora-rank, "
+                        "--lora-alpha, --lora-targets")
+        given = {"lr": FULL_LR, **given}
     return Settings(**{**paper_defaults(algo, task), "algo": algo, "task": task, **given})
 
 

@@ -23,15 +23,16 @@ from tqdm import tqdm
 
 import baselines
 import checkpoints
+import full_finetune
 import lora
 import model as M
 import tokrl
 from checkpoints import WriteError, find_checkpoint, save_checkpoint, write_atomic
-from checks import eval_batch
+from checks import eval_batch, longest_prompt
 from distributed import World, combine_stats, env_rank, own_rng, resume_command, rng_for_checkpoint
 from replay import ReplayPool, entropy_cut
 from runlog import RunLog, peak_memory_gb, progress_line, tspmo_metrics
-from settings import Settings
+from settings import Settings, usage_error
 from tasks import Task, TrainStream, make_task
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -203,10 +204,12 @@ def ppo_update(net, critic: baselines.Critic, opt, prompt, completions, rewards,
 
 
 def check_finite(net, st: tokrl.StepStats, more=(), world: World = World()) -> None:
-    """The loss and every gradient (the policy's LoRA, and `more`: a critic's parameters) are finite. With N
+    """The loss and every gradient (the policy's LoRA, or every weight with --train full, and `more`: a critic's
+    parameters) are finite. With N
     processes (whose gradients are still shares) they decide together: all stop, or none."""
     bad = not math.isfinite(st.loss) or any(not torch.isfinite(p.grad).all()
-                                            for p in [*lora.lora_parameters(net), *more] if p.grad is not None)
+                                            for p in [*full_finetune.trained_parameters(net), *more]
+                                            if p.grad is not None)
     if world.size > 1:
         bad = world.sum([float(bad)])[0] > 0
     if bad:
@@ -223,7 +226,7 @@ class Trainer:
         self.dev = next(net.parameters()).device
         # PPO: the critic (value head; separate: and a second copy of the base with its LoRA) trains with the policy
         self.critic = baselines.Critic(net, cfg.critic) if cfg.algo == "ppo" else None
-        params = lora.lora_parameters(net) + (self.critic.parameters() if self.critic else [])
+        params = full_finetune.trained_parameters(net) + (self.critic.parameters() if self.critic else [])
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the sampling generator lives on the model's device (torch.multinomial needs it there): a seed gives different
         # samples on CPU and CUDA (different streams), each reproducible; the other draws are on the CPU everywhere
@@ -422,7 +425,10 @@ def load_everything(cfg: Settings):
 
 def restore(tr: Trainer, ck: Path, state: dict) -> int:
     """A checkpoint back into the trainer: adapter, AdamW, step, RNGs. Returns the data position."""
-    lora.load_adapter_weights(tr.net, ck / "adapter")
+    if tr.cfg.train == "full":
+        full_finetune.load_weights(tr.net, ck / "model")
+    else:
+        lora.load_adapter_weights(tr.net, ck / "adapter")
     tr.opt.load_state_dict(state["optimizer"])
     tr.step = state["step"]
     tr.set_rng_state(own_rng(tr.world, state))  # N processes: each its own generators
@@ -477,9 +483,27 @@ def start(cfg: Settings, run: Path, task: Task | None, loaded, world: World) -> 
     torch.set_flush_denormal(True)
     net, tok, eos = loaded or load_everything(cfg)
     task = task or make_task(cfg.task, tok, cfg.data, cfg.reward)
-    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, targets=cfg.lora_targets.split(","),
-                    generator=torch.Generator().manual_seed(cfg.seed + 4))  # LoRA: A Kaiming-uniform, B = 0
+    if cfg.train == "full":  # every weight trains; the KL reference a frozen copy (full_finetune.py)
+        full_start(cfg, run, net, tok, task, world)
+    else:
+        lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, cfg.lora_alpha, targets=cfg.lora_targets.split(","),
+                        generator=torch.Generator().manual_seed(cfg.seed + 4))  # LoRA: A Kaiming-uniform, B = 0
     return Trainer(cfg, run, net, tok, task, eos, world)
+
+
+def full_start(cfg: Settings, run: Path, net, tok, task: Task, world: World) -> None:
+    """--train full: every parameter trainable and the reference copy (full_finetune.prepare), the memory arithmetic
+    printed (one line), and the disk the checkpoints need checked before the first one is written."""
+    if next(net.parameters()).dtype != torch.float32:  # settings.py refuses --dtype: this is a `loaded` model
+        raise ValueError(f"--train full trains in fp32; the model given is {next(net.parameters()).dtype}")
+    full_finetune.prepare(net, cfg.algo, cfg.beta)
+    prompt_len = longest_prompt(task, tok, task.train_set())
+    parts = full_finetune.memory_parts(net.config, cfg.algo, cfg.beta, prompt_len, cfg.max_new_tokens,
+                                       -(-cfg.group_size // world.size), cfg.backward_batch)
+    if world.main:
+        print(f"memory: {full_finetune.memory_line(parts)} (longest training prompt {prompt_len} tokens)")
+        if (problem := full_finetune.disk_problem(net.config, run)) is not None:
+            usage_error(problem)
 
 
 def run_steps(tr: Trainer, log: RunLog, stream: TrainStream, stop: StopRequest) -> None:
@@ -513,7 +537,7 @@ def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
     try:
         with torch.no_grad():
             e = {"step": tr.step, **evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
-                 **lora.adapter_norms(tr.net)}
+                 **(lora.adapter_norms(tr.net) if tr.cfg.train == "lora" else {})}
     except M.NonFiniteLogits as err:
         err.where = f"the step-{tr.step} evaluation"
         raise
@@ -561,12 +585,18 @@ def finish(tr: Trainer, log: RunLog) -> dict:
     """The last curves and the final adapter (PEFT format); returns the final evaluation."""
     try:
         log.curves()
-        if tr.world.main:
+        if tr.world.main and tr.cfg.train == "full":  # a Hugging Face model directory, for --model and transformers
+            source = M.resolve_model_dir(tr.cfg.model, revision=tr.cfg.revision) if M.is_dir(tr.cfg.model) else None
+            full_finetune.write_model_dir(tr.net, tr.run / "model", tr.tok, tr.eos, source)
+        elif tr.world.main:
             checkpoints.write_adapter(tr.net, tr.run / "adapter", tr.cfg.model)
     except WriteError as e:
         raise SystemExit(f"error: {e}. The run is complete in {tr.last_saved}; once the disk has room, "
                          f"{resume_command(tr.run)} writes the rest") from None
-    tr.say(f"done: accuracy {log.evals[-1]['accuracy']:.4f}; adapter in {tr.run / 'adapter'} (PEFT format)")
+    if tr.cfg.train == "full":
+        tr.say(f"done: accuracy {log.evals[-1]['accuracy']:.4f}; model in {tr.run / 'model'} (Hugging Face format)")
+    else:
+        tr.say(f"done: accuracy {log.evals[-1]['accuracy']:.4f}; adapter in {tr.run / 'adapter'} (PEFT format)")
     return log.evals[-1]
 
 

@@ -18,7 +18,9 @@ Seven parts, each a process of its own in its own process group, under its own t
     eval      70  greedy evaluation throughput at the default --eval-batch, then at 32 rows (eager), 64, 256 and
                   1024, and a batch whose rows end at different steps, fixed-shape against eager
     memory    90  a whole step (sampling 300 tokens + the update) of every algorithm under LoRA at the paper's mult
-                  settings: seconds and peak memory (torch.cuda.max_memory_allocated); T-SPMO also with bf16 sampling
+                  settings: seconds and peak memory (torch.cuda.max_memory_allocated); T-SPMO also with bf16 sampling;
+                  then one GRPO step with --train full (every weight, fp32, the reference copy), its peak beside
+                  full_finetune.memory_parts's arithmetic
     main      55  python train.py --algo tspmo --task mult, 2 steps, --eval-limit 128
 
 The caps add up to 450 s, and the whole check stops at --budget (470 s) after its start whatever the parts do: a
@@ -323,6 +325,33 @@ def part_memory(a, sz: Sizes, dev) -> None:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    del net, fresh
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    part_memory_full(a, sz, dev, w)
+
+
+def part_memory_full(a, sz: Sizes, dev, w: dict) -> None:
+    """One whole GRPO step with --train full (F1): every weight trained in fp32 by AdamW, the frozen reference copy
+    beside it; its peak against full_finetune.memory_parts's arithmetic for the same shape."""
+    import torch
+
+    import benchmark as B
+    import full_finetune
+    import model as M
+    import settings
+    net = M.load_model(a.work / "model", device=dev)
+    full_finetune.prepare(net, "grpo", B.BETA)
+    params = full_finetune.trained_parameters(net)
+    opt = torch.optim.AdamW(params, lr=settings.FULL_LR, weight_decay=B.WD)
+    backward = lambda *x, n=1: B.ours_backward(net, "grpo", *x, opt=opt, backward_batch=n)  # noqa: E731
+    T = sz.step_tokens
+    r = B.whole_step(net, params, opt, backward, B.step_groups(w, "grpo"), dev, sample=T)
+    parts = full_finetune.memory_parts(net.config, "grpo", B.BETA, sz.step_prompt, T, B.G_GRPO)
+    emit(f"a whole GRPO step with --train full, {T} sampled tokens a completion", algorithm="GRPO, --train full",
+         **{"sampling s": r["sample"][0], "training s": r["train"], "step s": r["sample"][0] + r["train"],
+            "peak GiB": gib(r["peak"]), "growth GiB": gib(r["inc"]), "arithmetic GiB": gib(sum(parts.values()))})
 
 
 PART_RUNS = {"model": part_model, "decode": part_decode, "sampling": part_sampling, "eval": part_eval,

@@ -247,9 +247,48 @@ def restore(params, values) -> None:
             p.grad = None
 
 
+def full_worker(model_dir: str, out: str) -> None:
+    """--train full (F1): for GRPO and T-SPMO, the gradient on every weight of the fixed group, each rank's share
+    summed by gloo, against one process's."""
+    import full_finetune
+    import model as M
+    import settings
+    import training
+    torch.set_num_threads(1)
+    world = distributed.from_env("cpu")
+    cfg = dataclasses.replace(settings.Settings(), model=model_dir, device="cpu", group_size=6, train="full", seed=11)
+    res: dict = {"rank": world.rank, "grads": {}}
+    for algo in ("grpo", "tspmo"):
+        net = M.load_model(model_dir)
+        full_finetune.prepare(net, algo, cfg.beta)
+        with torch.no_grad():  # off the starting weights: π_θ ≠ π_ref, a KL gradient
+            g = torch.Generator().manual_seed(2)
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        params = full_finetune.trained_parameters(net)
+        prompt, completions, rewards = fixed_group(cfg.group_size)
+        summed = []
+        for w in (World(), world):
+            for p in params:
+                p.grad = None
+            training.update(net, algo, prompt, completions, rewards, dataclasses.replace(cfg, algo=algo),
+                            {"select": torch.Generator().manual_seed(7)}, 0.5, world=w)
+            w.sum_grads(params)
+            summed.append(grads(params))
+        one, split = summed
+        res["grads"][algo] = {"max_abs_err": max(float((a - b).abs().max()) for a, b in zip(one, split)),
+                              "max_abs": max(float(a.abs().max()) for a in one), "tensors": len(params),
+                              "with_gradient": sum(bool(a.abs().sum() > 0) for a in one)}
+    Path(out, f"full-rank{world.rank}.json").write_text(json.dumps(res))
+    distributed.shutdown(world, synchronize=True)
+
+
 if __name__ == "__main__" and sys.argv[1] == "worker":
     worker(sys.argv[2], sys.argv[3])
     distributed.exit_finished(0)  # the results are written and the group destroyed: no teardown, as train.py's
+if __name__ == "__main__" and sys.argv[1] == "full-worker":
+    full_worker(sys.argv[2], sys.argv[3])
+    distributed.exit_finished(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -290,6 +329,26 @@ def test_one_process_never_touches_torch_distributed(monkeypatch):
     w.sum_grads([p])
     assert p.grad.tolist() == [3.0, 3.0] and w.summed_grads([p])[0].tolist() == [3.0, 3.0]
     assert distributed.rng_for_checkpoint(w, {"x": 1}) == {"rng": {"x": 1}}
+
+
+@pytest.fixture(scope="module")
+def full_pair(tmp_path_factory) -> list[dict]:
+    d = tmp_path_factory.mktemp("dist-full")
+    model = make_checkpoint(d / "tiny")
+    spawn(["full-worker", str(model), str(d)])
+    return [json.loads((d / f"full-rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "tspmo"])
+def test_with_train_full_the_summed_gradient_on_every_weight_equals_one_process_F1(full_pair, algo):
+    """--train full (F1) under 2 processes: the shares' gradients on every weight of the model, summed by gloo,
+    equal one process's on both ranks, and every weight tensor has a gradient."""
+    for r in full_pair:
+        g = r["grads"][algo]
+        print(f"\nF1 {algo} rank {r['rank']}: {g['with_gradient']}/{g['tensors']} tensors with a gradient, max |grad| "
+              f"{g['max_abs']:.3e}, max |sum of shares − one process| {g['max_abs_err']:.1e}")
+        assert g["with_gradient"] == g["tensors"] and g["max_abs"] > 1e-4
+        assert g["max_abs_err"] <= 1e-6 * g["max_abs"] + 1e-9
 
 
 @pytest.mark.parametrize("algo", ALGOS)

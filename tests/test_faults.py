@@ -69,10 +69,12 @@ def varied_rewards(monkeypatch):
 
 
 def argv(tiny: Path, tmp: Path, task: str, algo: str, run: Path, *extra: str) -> list[str]:
+    """`algo` may end in -full: that algorithm with --train full (every weight trained, no LoRA flag)."""
     data = {"mult": [], "svamp": ["--data", str(write_small_svamp(tmp / "svamp"))],
             "gsm8k": ["--data", str(write_gsm8k(tmp / "gsm8k"))]}[task]
-    return ["--task", task, "--algo", algo, "--model", str(tiny), "--device", "cpu", "-G", "4", "--max-new-tokens",
-            "8", "--temperature", "1.0", "--lr", "1e-2", "--lora-fraction", "0.5", "--alpha", "2", "--k", "4",
+    trained = ["--train", "full"] if algo.endswith("-full") else ["--lora-fraction", "0.5"]
+    return ["--task", task, "--algo", algo.removesuffix("-full"), "--model", str(tiny), "--device", "cpu", "-G", "4",
+            "--max-new-tokens", "8", "--temperature", "1.0", "--lr", "1e-2", *trained, "--alpha", "2", "--k", "4",
             "--replay-success", "1", "--eval-limit", "2", "--steps", str(STEPS), "--save-every", "1",
             "--out", str(run), *data, *extra]
 
@@ -92,10 +94,17 @@ def same(a, b) -> bool:
     return a == b
 
 
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The run's trained tensors: the final adapter, or with --train full the final model's weights."""
+    if (run / "model").is_dir():
+        return load_file(str(run / "model" / "model.safetensors"))
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
 def outcome(run: Path) -> dict:
-    """What must be bit-identical: final adapter, the last checkpoint's state (optimizer, RNGs, data position),
-    metrics and evaluations less timings."""
-    return {"adapter": load_file(str(run / "adapter" / "adapter_model.safetensors")),
+    """What must be bit-identical: final adapter (or model), the last checkpoint's state (optimizer, RNGs, data
+    position), metrics and evaluations less timings."""
+    return {"adapter": final_weights(run),
             "state": torch.load(run / "checkpoints" / f"step-{STEPS:06d}" / "state.pt", weights_only=True),
             "metrics": strip(checkpoints.read_jsonl(run / "metrics.jsonl")),
             "evals": strip(checkpoints.read_jsonl(run / "eval.jsonl"))}
@@ -140,7 +149,7 @@ def killed(point: str, n: int, args: list[str]) -> int | None:
 
 # which occurrence of each point to kill at: mid-run, after at least one checkpoint exists
 NTH = {"checkpoint": 2, "latest": 2, "prune": 1, "metrics": 3, "eval": 2, "curves": 2}
-CONFIGS = [("svamp", "tspmo"), ("mult", "sgrpo")]
+CONFIGS = [("svamp", "tspmo"), ("mult", "sgrpo"), ("svamp", "tspmo-full"), ("mult", "grpo-full")]
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +201,13 @@ def test_the_reference_runs_move_the_adapter_and_replay(reference):
     for (task, algo), run in reference.items():
         metrics = checkpoints.read_jsonl(run / "metrics.jsonl")
         assert len({m["reward_mean"] for m in metrics}) > 1
-        B = [t for k, t in load_file(str(run / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
-        assert any(float(b.abs().sum()) > 0 for b in B)
+        if algo.endswith("-full"):  # every weight trained: the final embedding is not the starting one
+            start = load_file(str(Path(json.loads((run / "config.json").read_text())["model"]) / "model.safetensors"))
+            end = final_weights(run)
+            assert not torch.equal(start["model.embed_tokens.weight"], end["model.embed_tokens.weight"])
+        else:
+            B = [t for k, t in final_weights(run).items() if "lora_B" in k]
+            assert any(float(b.abs().sum()) > 0 for b in B)
         if algo == "tspmo":
             assert sum(len(m["replays"]) for m in metrics) >= 2
             # the history pool at work: a later step replays a completion generated at an earlier one, so the kill
@@ -204,7 +218,7 @@ def test_the_reference_runs_move_the_adapter_and_replay(reference):
 # --- resume from every step, every task × algorithm -------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", ["mult", "svamp", "gsm8k"])
-@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo", "grpo-full", "tspmo-full"])
 def test_resume_from_every_step_is_bit_exact(tmp_path, tiny, monkeypatch, task, algo):
     """A run stopped after any step k (mid-epoch for SVAMP/GSM8K, right after a T-SPMO replay) and resumed equals the
     uninterrupted run. The checkpoint of step k of the uninterrupted run is the state a run stopped at k leaves."""
@@ -214,7 +228,7 @@ def test_resume_from_every_step_is_bit_exact(tmp_path, tiny, monkeypatch, task, 
     for k in range(1, STEPS):
         run = tmp_path / f"stopped-at-{k}"
         shutil.copytree(ref, run)
-        shutil.rmtree(run / "adapter")
+        shutil.rmtree(run / ("model" if algo.endswith("-full") else "adapter"))
         for later in range(k + 1, STEPS + 1):
             shutil.rmtree(run / "checkpoints" / f"step-{later:06d}")
         (run / "checkpoints" / "latest").write_text(f"step-{k:06d}\n")

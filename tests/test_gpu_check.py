@@ -28,7 +28,8 @@ TABLES = {  # part: the headings its tables have in summary.md
     "sampling": ["## sampling: sampling: model.sample against transformers' generate"],
     "eval": ["## eval: greedy evaluation, 4-token prompts, 6 new tokens",
              "## eval: greedy evaluation, rows ending at different steps"],
-    "memory": ["## memory: a whole step under LoRA, 4 sampled tokens a completion"],
+    "memory": ["## memory: a whole step under LoRA, 4 sampled tokens a completion",
+               "## memory: a whole GRPO step with --train full, 4 sampled tokens a completion"],
     "main": ["## main: metrics.jsonl", "## main: eval.jsonl"],
 }
 

@@ -12,7 +12,7 @@ from dataclasses import fields
 from conftest import ROOT, assets
 from settings import Settings, flag
 
-TAG_NAMES = r"E\d+|Alg\d|L\d|P\d|S\d|K\d|D\d|B\d"
+TAG_NAMES = r"E\d+|Alg\d|L\d|P\d|S\d|K\d|D\d|B\d|F\d"
 TAG = re.compile(rf"\[({TAG_NAMES})\]")
 SOURCES = sorted(p.name for p in ROOT.glob("*.py"))  # every room of the code; tests/ holds the proofs
 
@@ -36,7 +36,7 @@ def test_every_readme_tag_is_in_the_code_and_back():
     index, code = readme_index(), code_tags()
     assert set(index) == set(code), f"README only: {set(index) - set(code)}; code only: {set(code) - set(index)}"
     assert {"E1", "E2", "E3", "E4", "E5", "E6", "E7", "E8", "E9", "E10", "Alg1", "Alg2", "L1", "P1", "S1",
-            "S2", "K1", "K2", "K3", "K4", "D1", "B1", "B2"} == set(index)
+            "S2", "K1", "K2", "K3", "K4", "D1", "B1", "B2", "F1"} == set(index)
 
 
 def test_the_index_points_at_functions_that_carry_the_tag():
@@ -182,7 +182,7 @@ def test_readme_lists_every_decided_choice_of_the_spec():
     assert sorted(options) == ["B1", "B2", "F1"] and sum(n for _, n in options.values()) == 5
     flags = {flag(f.name) for f in fields(Settings)}
     built = {tag: n for tag, (option, n) in options.items() if option in flags}
-    assert {"B1", "B2"} <= set(built)
+    assert {"B1", "B2", "F1"} <= set(built)
     assert n_spec == 14 + 6 and len(entries) == n_spec + sum(built.values())
     for tag, (option, n) in options.items():  # an option's entries name its flag; none before the option exists
         naming = [e for e in entries if re.search(rf"{re.escape(option)}(?![\w-])", e)]
@@ -201,7 +201,9 @@ def test_every_decided_choice_is_commented_in_the_code():
                    "over all completion tokens", "μ = 4", "w3 = 0.5", "same sampling budget", "β_D = 0.1",
                    "no pair",
                    # SPEC.md, beyond the paper
-                   "TreeRL's process reward", "∝ H_j of y[j]"]:
+                   "TreeRL's process reward", "∝ H_j of y[j]",
+                   "frozen copy of the starting weights", "AdamW's weight decay over every parameter",
+                   "TRL's GRPO default for full fine-tuning"]:
         assert needle in decided, f"no [decided] comment (on its line or the next) says {needle!r}"
 
 
