@@ -883,3 +883,24 @@ def test_the_full_fine_tuning_rows_ask_for_train_full_on_a_tenth_of_the_grid():
         for r in mini_beyond.ROWS]
     assert [mini_beyond.counterpart(r) for r in mini_beyond.ROWS] == [
         "tspmo-decay", "tspmo-decay", "tspmo-decay", "grpo", "tspmo-decay", "grpo"]
+
+
+def test_a_full_fine_tuning_row_runs_its_counterpart_with_train_full_and_trains_every_weight(tmp_path):
+    """The plan's jobs for GRPO full: its three full rates, each the counterpart's settings with train = "full" and
+    nothing else; one step of one of them through mini.run_job changes every weight matrix of the model (not an
+    adapter) and writes the trained model."""
+    bases = {"steps": mini_base.SHIPPED["steps"]}
+    plan = mini_beyond.Plan(tmp_path / "b", bases, ["grpo-full"], fake_tuning(), 3, 1.0, None, None)
+    jobs = [j for j in plan.start() if j.method == "grpo-full"]
+    assert sorted(j.cfg.lr for j in jobs) == [3e-5, 1e-4, 3e-4] and {j.split for j in jobs} == {"validation"}
+    for j in jobs:
+        counterpart = mini.run_settings("grpo", "steps", 0, bases["steps"], j.cfg.lr)
+        differ = {f.name for f in dataclasses.fields(j.cfg) if getattr(j.cfg, f.name) != getattr(counterpart, f.name)}
+        assert differ == {"out", "train"} and j.cfg.train == "full"
+    job = dataclasses.replace(jobs[-1], cfg=dataclasses.replace(jobs[-1].cfg, steps=1, eval_limit=2))
+    before = M.load_model(bases["steps"]).state_dict()
+    result = mini.run_job(job)
+    assert result["method"] == "grpo-full" and result["lr"] == 3e-4
+    after = M.load_model(Path(job.cfg.out) / "model").state_dict()
+    matrices = [k for k, v in before.items() if v.dim() == 2]
+    assert matrices and all(not torch.equal(before[k], after[k]) for k in matrices)
