@@ -5,6 +5,8 @@
     python mini.py --quick        # both settings, the default methods, one seed, 1/9 of the steps -> runs/mini/quick/
     python mini.py --tune         # the learning-rate search on the validation set -> runs/mini/tune/tuning.json
     python mini.py --rebuild-base # build both SFT bases here from seed 0 instead of copying the shipped ones
+    python mini.py --beyond       # beyond the paper: full fine-tuning, entropy cuts, TreeRL's advantage, each tuned
+                                  # and run beside its counterpart (mini_beyond.py) -> runs/mini/beyond/
 
 What it does (each stage writes into --out, default runs/mini/):
   1. the bases (mini_base.py): a 1 M-parameter Qwen2 and a character tokenizer; per setting an SFT'd base, copied
@@ -38,6 +40,7 @@ from typing import NoReturn
 import torch
 
 import mini_base
+import mini_beyond
 import mini_report
 import training
 from mini_base import MAX_NEW_TOKENS, SETTINGS, MiniMult, say
@@ -271,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                        f"{', '.join(f'{lr:g}' for lr in LRS)}, scored on the "
                                                        f"validation set; default methods {','.join(TUNED_METHODS)}) "
                                                        "into OUT/tune/tuning.json")
+    p.add_argument("--beyond", action="store_true",
+                   help="beyond the paper (mini_beyond.py): GRPO and T-SPMO (b) with full fine-tuning, T-SPMO (b) "
+                        "with entropy cuts and with TreeRL's advantage, each tuned (its grid, the edge rule) and run "
+                        "beside its counterpart, whose test seeds run again; into OUT/beyond/ (with --quick "
+                        "OUT/beyond/quick/); --methods chooses among "
+                        f"{','.join(mini_beyond.ROWS)}")
     p.add_argument("--tuning", default=str(TUNING), help="the rates to use (default: the shipped choice, "
                                                          "data/mini-tuning.json; or OUT/tune/tuning.json)")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {','.join(SETTINGS)}")
@@ -326,10 +335,19 @@ def workers(parallel: int, jobs: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = check_names("--settings", args.settings, SETTINGS)
-    default = TUNED_METHODS if args.tune else DEFAULT_METHODS
-    methods = check_names("--methods", ",".join(default) if args.methods is None else args.methods, METHODS)
+    if args.tune and args.beyond:
+        usage_error("--tune --beyond: --beyond tunes its own rows; choose one")
+    default, allowed = ((mini_beyond.ROWS, mini_beyond.ROWS) if args.beyond else
+                        (TUNED_METHODS if args.tune else DEFAULT_METHODS, METHODS))
+    methods = check_names("--methods", ",".join(default) if args.methods is None else args.methods, allowed)
     rates = None if args.tune else with_borrowed(read_tuning(Path(args.tuning)))  # a bad table stops here
-    if rates is not None:
+    if args.beyond:  # the counterparts' validation accuracies come from the table; the new rows are tuned here
+        methods = [m for m in mini_beyond.ROWS if m in methods]
+        rates = {s: {m: e for m, e in per.items() if m not in TUNED_AS} for s, per in rates.items()}
+        needed = [m for m in mini_beyond.COUNTERPARTS if m in {mini_beyond.counterpart(x) for x in methods}]
+        if missing := [f"{s}/{m}" for s in settings for m in needed if m not in rates.get(s, {})]:
+            usage_error(f"--tuning {args.tuning}: no learning rate for {missing[0]}; run python mini.py --tune")
+    elif rates is not None:
         if missing := [f"{s}/{m}" for s in settings for m in methods if m not in rates.get(s, {})]:
             usage_error(f"--tuning {args.tuning}: no learning rate for {missing[0]}; run python mini.py --tune")
     out = Path(args.out)
@@ -345,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     step_scale = QUICK_STEP_SCALE if args.quick else STEP_SCALE
     command = "python mini.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    if args.beyond:
+        return mini_beyond.main(out, bases, methods, rates, args.seeds or (1 if args.quick else 3), step_scale,
+                                args.steps, args.eval_limit, args.parallel, command)
     if args.tune:
         dest = out / "tune"
         table, results = tune(dest, bases, methods, args.parallel, step_scale, args.eval_limit, args.steps)

@@ -702,3 +702,208 @@ def test_tspmo_logpi_objective_against_brute_force(tiny):
         tokrl.tspmo_backward(net, prompt, completions, rewards, lam=0.0, objective="log")
 
 
+
+
+# --- beyond the paper (mini_beyond.py, python mini.py --beyond) -------------------------------------------------------
+
+import mini_beyond  # noqa: E402
+
+
+def test_the_edge_rule_adds_the_rate_beyond_the_edge_the_best_sits_at():
+    """One half-decade of the 1, 3, 10 grid beyond the edge, by hand; inside the grid, none; the best is the grid's
+    own (a rate outside it does not move the edge)."""
+    nxt = mini_beyond.next_rate
+    assert [nxt(3e-3, +1), nxt(3e-4, -1), nxt(3e-4, +1), nxt(3e-5, -1), nxt(1e-3, +1), nxt(1e-4, -1)] == \
+        [1e-2, 1e-4, 1e-3, 1e-5, 3e-3, 3e-5]
+    lora, full = mini.LRS, mini_beyond.FULL_LRS
+    assert full == (3e-5, 1e-4, 3e-4) and lora == (3e-4, 1e-3, 3e-3)
+    edge = mini_beyond.edge_rate
+    assert edge(lora, {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3}) == 1e-2
+    assert edge(lora, {3e-4: 0.3, 1e-3: 0.2, 3e-3: 0.1}) == 1e-4
+    assert edge(lora, {3e-4: 0.1, 1e-3: 0.3, 3e-3: 0.2}) is None
+    assert edge(lora, {3e-4: 0.2, 1e-3: 0.2, 3e-3: 0.2}) == 1e-4  # a tie goes to the smaller rate: an edge
+    assert edge(full, {3e-5: 0.1, 1e-4: 0.2, 3e-4: 0.3}) == 1e-3
+    assert edge(full, {3e-5: 0.3, 1e-4: 0.2, 3e-4: 0.1}) == 1e-5
+    assert edge(lora, {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3, 1e-4: 0.9}) == 1e-2  # the grid's best decides
+
+
+def test_the_difference_rule_as_written():
+    """Differ: means 10 points apart or more and the seeds separate; a lean: as far apart, seeds overlapping; closer
+    (by any margin below 10 points, even with separate seeds): no difference found."""
+    v = mini_beyond.verdict
+    assert v([0.50, 0.52, 0.54], [0.40, 0.42, 0.44]) == "differ"  # exactly 10 points, k/300-style floats
+    assert v([0.40, 0.42, 0.44], [0.50, 0.52, 0.54]) == "differ"  # either way round
+    assert v([0.30, 0.60, 0.63], [0.35, 0.36, 0.37]) == "a lean"  # 15 points apart, 0.30 below 0.35
+    assert v([0.50, 0.51, 0.52], [0.41, 0.42, 0.43]) == "no difference found"  # 9 points, seeds separate
+    assert v([151 / 300, 156 / 300, 161 / 300], [121 / 300, 126 / 300, 131 / 300]) == "differ"  # 30/300 apart
+
+
+def fake_tuning() -> dict:
+    """The counterparts' shipped validation accuracies (data/mini-tuning.json's shape): GRPO inside its grid in both
+    settings; T-SPMO (b) at its upper edge in the first-token setting, inside in the steps setting."""
+    mid, top = {3e-4: 0.1, 1e-3: 0.3, 3e-3: 0.2}, {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3}
+    return {"first-token": {"grpo": {"validation": mid, "lr": 1e-3}, "tspmo-decay": {"validation": top, "lr": 3e-3}},
+            "steps": {"grpo": {"validation": mid, "lr": 1e-3}, "tspmo-decay": {"validation": mid, "lr": 1e-3}}}
+
+
+def result_of(job, accuracy: float) -> dict:
+    return {"setting": job.setting, "method": job.method, "seed": job.seed, "split": job.split, "lr": job.cfg.lr,
+            "accuracy": accuracy}
+
+
+def test_the_beyond_plan_tunes_each_row_on_its_grid_with_the_edge_rule_then_runs_its_seeds(tmp_path):
+    """The jobs --beyond makes: each new row's grid on the validation set (seed 0), the edge rule's one more rate
+    where the best sits at an edge, then 3 test seeds at the best of all; a counterpart tuned from the shipped table
+    (no run at its grid), its edge run where due, its test seeds again only when named, and at a re-tuned rate
+    always. Each row's settings are its counterpart's with the one change."""
+    bases = {s: tmp_path / s for s in mini_base.SETTINGS}
+    plan = mini_beyond.Plan(tmp_path / "b", bases, ["tspmo-decay-entropy"], fake_tuning(), 3, 1.0, None, None)
+    assert set(plan.rows) == {(s, r) for s in mini_base.SETTINGS for r in ("tspmo-decay-entropy", "tspmo-decay")}
+    first = plan.start()
+    key = lambda j: (j.setting, j.method, j.split, j.cfg.lr, j.seed)  # noqa: E731
+    assert sorted(map(key, first)) == sorted(
+        [(s, "tspmo-decay-entropy", "validation", lr, 0) for s in mini_base.SETTINGS for lr in mini.LRS]
+        + [("first-token", "tspmo-decay", "validation", 1e-2, 0)])  # the counterpart's edge run; steps: none due
+    for j in first:
+        counterpart = mini.run_settings("tspmo-decay", j.setting, 0, bases[j.setting], j.cfg.lr)
+        differ = {f.name for f in dataclasses.fields(j.cfg) if getattr(j.cfg, f.name) != getattr(counterpart, f.name)}
+        assert differ == ({"out", "replay_cut"} if j.method == "tspmo-decay-entropy" else {"out"}), j
+        assert j.cfg.replay_cut == ("entropy" if j.method == "tspmo-decay-entropy" else "uniform")
+    # the first-token entropy row is best at 3e-3, an edge: one more run at 1e-2, and nothing else until it is in
+    jobs = {key(j): j for j in first}
+    after = [plan.after(result_of(jobs["first-token", "tspmo-decay-entropy", "validation", lr, 0], a))
+             for lr, a in zip(mini.LRS, (0.1, 0.2, 0.3))]
+    assert after[:2] == [[], []] and [key(j) for j in after[2]] == [
+        ("first-token", "tspmo-decay-entropy", "validation", 1e-2, 0)]
+    tests = plan.after(result_of(after[2][0], 0.25))  # 1e-2 is worse: the best of four is 3e-3
+    assert sorted(map(key, tests)) == [("first-token", "tspmo-decay-entropy", "test", 3e-3, s) for s in range(3)]
+    assert {j.cfg.eval_every for j in tests} == {25} and {j.cfg.steps for j in tests} == {350}
+    # the steps entropy row is best in the middle: no edge run, its seeds at once
+    for lr, a in zip(mini.LRS, (0.1, 0.3, 0.2)):
+        tests = plan.after(result_of(jobs["steps", "tspmo-decay-entropy", "validation", lr, 0], a))
+    assert sorted(map(key, tests)) == [("steps", "tspmo-decay-entropy", "test", 1e-3, s) for s in range(3)]
+    # the counterpart's edge run wins: three seeds at the re-tuned rate; the shipped rate's stand (not named)
+    tests = plan.after(result_of(jobs["first-token", "tspmo-decay", "validation", 1e-2, 0], 0.5))
+    assert sorted(map(key, tests)) == [("first-token", "tspmo-decay", "test", 1e-2, s) for s in range(3)]
+    table = plan.table()
+    assert table["first-token"]["tspmo-decay"] == {"validation": {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3, 1e-2: 0.5},
+                                                   "lr": 1e-2, "grid": list(mini.LRS), "edge": 1e-2, "shipped": 3e-3}
+    assert table["steps"]["tspmo-decay"]["lr"] == 1e-3 and table["steps"]["tspmo-decay"]["edge"] is None
+    # named, a counterpart's test seeds run again at its shipped rate (and at the re-tuned one)
+    named = mini_beyond.Plan(tmp_path / "c", bases, ["tspmo-decay", "grpo"], fake_tuning(), 2, 1.0, None, None)
+    ready = named.start()
+    assert sorted(map(key, ready)) == sorted(
+        [("first-token", "tspmo-decay", "validation", 1e-2, 0)]
+        + [(s, m, "test", 1e-3, seed) for s in mini_base.SETTINGS for m in ("grpo", "tspmo-decay")
+           for seed in range(2) if (s, m) != ("first-token", "tspmo-decay")])
+    tests = named.after(result_of(ready[0] if ready[0].split == "validation" else
+                                  next(j for j in ready if j.split == "validation"), 0.5))
+    assert sorted(map(key, tests)) == [("first-token", "tspmo-decay", "test", lr, s) for lr in (3e-3, 1e-2)
+                                       for s in range(2)]
+
+
+BEYOND_RESULTS = mini_base.DATA / "mini-beyond-results.json"  # OUT/beyond/results.json of the run docs/mini.md reports
+BEYOND_TUNING = mini_base.DATA / "mini-beyond-tuning.json"  # its OUT/beyond/tuning.json
+
+
+def test_docs_beyond_tables_are_what_the_shipped_beyond_results_give():
+    """docs/mini.md's beyond tables (per setting the rows and the rule's verdicts; the learning rates) are what
+    mini_beyond prints from data/mini-beyond-results.json and data/mini-beyond-tuning.json (what python mini.py
+    --beyond wrote) beside the shipped counterparts, row for row; every row there has 3 test seeds."""
+    results = json.loads(BEYOND_RESULTS.read_text())
+    raw = json.loads(BEYOND_TUNING.read_text())
+    assert raw["command"].startswith("python mini.py --beyond")
+    table = mini_beyond.read_table(raw)
+    shown = mini_beyond.with_shipped(results, table, json.loads(RESULTS.read_text()))
+    doc = (ROOT / "docs" / "mini.md").read_text().split("## Beyond the paper", 1)[1].splitlines()
+    printed = [mini_beyond.tuning_table(table)]
+    for setting in table:
+        printed += [mini_beyond.results_table(setting, shown, table), mini_beyond.comparison_table(setting, shown,
+                                                                                                    table)]
+        for (row, lr, _), rs in mini_beyond.groups(shown, setting).items():
+            assert sorted(r["seed"] for r in rs) == [0, 1, 2], (setting, row, lr)
+    for text in printed:
+        lines = text.splitlines()
+        starts = [i for i in range(len(doc)) if doc[i: i + len(lines)] == lines]
+        assert starts, lines[2] if len(lines) > 2 else lines
+
+
+def test_beyond_quick_runs_its_plan_through_train_and_keeps_finished_runs(tmp_path, monkeypatch, capsys):
+    """--beyond --quick with one step, one setting, one row, in this process: the row's grid on the validation set
+    (all score 0 at one step: a tie, so the smallest rate, an edge, and 1e-4 added), one test seed at the best of
+    the four, each through training.train with the row's one change; its files written; the counterpart tuned from
+    the shipped table (inside its grid in this setting: no run). Run again, every run is kept, none trained; with a
+    changed setting (--eval-limit) every run is trained again."""
+    calls = []
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda cfg, *a, **k: calls.append(cfg) or real_train(cfg, *a, **k))
+    out = tmp_path / "m"
+    args = ["--beyond", "--quick", "--out", str(out), "--steps", "1", "--eval-limit", "2", "--settings", "steps",
+            "--methods", "tspmo-decay-treerl", "--parallel", "1"]
+    assert mini.main(args) == 0
+    assert [(c.lr, c.edge_advantage, c.replay_cut, c.algo, c.steps) for c in calls] == \
+        [(lr, "treerl", "uniform", "tspmo", 1) for lr in (*mini.LRS, 1e-4, 1e-4)]
+    dest = out / "beyond" / "quick"
+    results = json.loads((dest / "results.json").read_text())
+    assert [(r["split"], r["lr"]) for r in results] == [("validation", lr) for lr in (*mini.LRS, 1e-4)] + \
+        [("test", 1e-4)]
+    assert all(r["forwards"] == sum(m["forwards"] for m in checkpoints_rows(Path(r["run"]))) for r in results)
+    table = mini_beyond.read_table(json.loads((dest / "tuning.json").read_text()))
+    assert table["steps"]["tspmo-decay-treerl"]["edge"] == 1e-4 and table["steps"]["tspmo-decay-treerl"]["lr"] == 1e-4
+    assert table["steps"]["tspmo-decay"]["lr"] == 1e-3 and table["steps"]["tspmo-decay"]["edge"] is None
+    text = (dest / "results.md").read_text()
+    assert "| T-SPMO (b), TreeRL's advantage | 0.0001 |" in text and "shipped" not in text.split("## Learning")[0]
+    calls.clear()
+    assert mini.main(args) == 0 and calls == []
+    assert capsys.readouterr().out.count("(kept)") == 5
+    assert mini.main([*args[:-2], "--eval-limit", "3", "--parallel", "1"]) == 0 and len(calls) == 5
+
+
+def checkpoints_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bad_beyond_arguments_are_one_line_exit_2_before_any_work(tmp_path, capsys, no_work):
+    out = tmp_path / "m"
+    rows = ",".join(mini_beyond.ROWS)
+    for argv, message in [
+            (["--beyond", "--tune"], "--tune --beyond: --beyond tunes its own rows; choose one"),
+            (["--beyond", "--methods", "sgrpo"], f"--methods sgrpo: unknown method 'sgrpo'; choose from {rows}"),
+            (["--beyond", "--tuning", str(tuning_file(tmp_path / "t.json",
+                                                      lambda raw: raw["table"]["steps"].pop("tspmo-decay")))],
+             f"--tuning {tmp_path / 't.json'}: no learning rate for steps/tspmo-decay; run python mini.py --tune")]:
+        assert mini_refused([*argv, "--out", str(out)], capsys) == f"error: {message}", argv
+        assert not out.exists()
+
+
+def test_the_full_fine_tuning_rows_ask_for_train_full_on_a_tenth_of_the_grid():
+    """Each full-fine-tuning row is its counterpart with train = "full" and nothing else, tuned on 3e-5, 1e-4,
+    3e-4 (a tenth of LoRA's grid); the other rows on LoRA's grid."""
+    assert {r: mini_beyond.BEYOND[r] for r in ("grpo-full", "tspmo-decay-full")} == {
+        "grpo-full": ("grpo", {"train": "full"}), "tspmo-decay-full": ("tspmo-decay", {"train": "full"})}
+    assert [mini_beyond.grid(r) for r in mini_beyond.ROWS] == [
+        {"grpo-full": (3e-5, 1e-4, 3e-4), "tspmo-decay-full": (3e-5, 1e-4, 3e-4)}.get(r, (3e-4, 1e-3, 3e-3))
+        for r in mini_beyond.ROWS]
+    assert [mini_beyond.counterpart(r) for r in mini_beyond.ROWS] == [
+        "tspmo-decay", "tspmo-decay", "tspmo-decay", "grpo", "tspmo-decay", "grpo"]
+
+
+def test_a_full_fine_tuning_row_runs_its_counterpart_with_train_full_and_trains_every_weight(tmp_path):
+    """The plan's jobs for GRPO full: its three full rates, each the counterpart's settings with train = "full" and
+    nothing else; one step of one of them through mini.run_job changes every weight matrix of the model (not an
+    adapter) and writes the trained model."""
+    bases = {"steps": mini_base.SHIPPED["steps"]}
+    plan = mini_beyond.Plan(tmp_path / "b", bases, ["grpo-full"], fake_tuning(), 3, 1.0, None, None)
+    jobs = [j for j in plan.start() if j.method == "grpo-full"]
+    assert sorted(j.cfg.lr for j in jobs) == [3e-5, 1e-4, 3e-4] and {j.split for j in jobs} == {"validation"}
+    for j in jobs:
+        counterpart = mini.run_settings("grpo", "steps", 0, bases["steps"], j.cfg.lr)
+        differ = {f.name for f in dataclasses.fields(j.cfg) if getattr(j.cfg, f.name) != getattr(counterpart, f.name)}
+        assert differ == {"out", "train"} and j.cfg.train == "full"
+    job = dataclasses.replace(jobs[-1], cfg=dataclasses.replace(jobs[-1].cfg, steps=1, eval_limit=2))
+    before = M.load_model(bases["steps"]).state_dict()
+    result = mini.run_job(job)
+    assert result["method"] == "grpo-full" and result["lr"] == 3e-4
+    after = M.load_model(Path(job.cfg.out) / "model").state_dict()
+    matrices = [k for k, v in before.items() if v.dim() == 2]
+    assert matrices and all(not torch.equal(before[k], after[k]) for k in matrices)
