@@ -901,9 +901,9 @@ def test_a_full_fine_tuning_row_runs_its_counterpart_with_train_full_and_trains_
         differ = {f.name for f in dataclasses.fields(j.cfg) if getattr(j.cfg, f.name) != getattr(counterpart, f.name)}
         assert differ == {"out", "train"} and j.cfg.train == "full"
     job = dataclasses.replace(jobs[-1], cfg=dataclasses.replace(jobs[-1].cfg, steps=1, eval_limit=2))
-    before = M.load_model(bases["steps"]).state_dict()
+    before = pretrained.load_model(bases["steps"]).state_dict()
     result = mini.run_job(job)
     assert result["method"] == "grpo-full" and result["lr"] == 3e-4
-    after = M.load_model(Path(job.cfg.out) / "model").state_dict()
+    after = pretrained.load_model(Path(job.cfg.out) / "model").state_dict()
     matrices = [k for k, v in before.items() if v.dim() == 2]
     assert matrices and all(not torch.equal(before[k], after[k]) for k in matrices)
