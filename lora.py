@@ -205,7 +205,7 @@ def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions
     states = _adapted_top(model, h, pos, start, rows)  # (N, C)
     logp = model.logprobs_at(states, targets)
     ref = None
-    if with_ref and reference is not None:  # [F1] the starting weights' copy: it shares no layer with the policy
+    if with_ref and reference is not None:  # --train full: the starting weights' copy, sharing no layer with the policy
         with torch.no_grad():
             h_ref, pos_ref, start_ref = _frozen_bottom(reference, seqs)
             ref = reference.logprobs_at(_adapted_top(reference, h_ref, pos_ref, start_ref, rows), targets)
