@@ -34,9 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import checkpoints
-import mini
 import mini_base
 import mini_report
+import mini_runs
 import training
 from mini_base import say
 from settings import Settings
@@ -67,7 +67,7 @@ def counterpart(row: str) -> str:
 
 
 def grid(row: str) -> tuple[float, ...]:
-    return FULL_LRS if BEYOND.get(row, ("", {}))[1].get("train") == "full" else mini.LRS
+    return FULL_LRS if BEYOND.get(row, ("", {}))[1].get("train") == "full" else mini_runs.LRS
 
 
 def next_rate(lr: float, direction: int) -> float:
@@ -78,13 +78,13 @@ def next_rate(lr: float, direction: int) -> float:
 
 def edge_rate(rates: tuple[float, ...], validation: dict[float, float]) -> float | None:
     """The edge rule: the rate beyond the grid's edge where the grid's best rate sits at that edge; else None."""
-    best = mini.choose({lr: validation[lr] for lr in rates})
+    best = mini_runs.choose({lr: validation[lr] for lr in rates})
     return next_rate(best, +1) if best == max(rates) else next_rate(best, -1) if best == min(rates) else None
 
 
 def row_settings(row: str, setting: str, seed: int, base: Path, lr: float, step_scale: float) -> Settings:
-    """The counterpart's settings (mini.run_settings), with the row's one change."""
-    cfg = mini.run_settings(counterpart(row), setting, seed, base, lr, step_scale)
+    """The counterpart's settings (mini_runs.run_settings), with the row's one change."""
+    cfg = mini_runs.run_settings(counterpart(row), setting, seed, base, lr, step_scale)
     return dataclasses.replace(cfg, **BEYOND[row][1]) if row in BEYOND else cfg
 
 
@@ -127,34 +127,34 @@ class Plan:
         for setting in bases:
             for name in planned:
                 shipped = tuning[setting][name] if name in COUNTERPARTS else None
-                self.rows[setting, name] = Row(setting, name, mini.LRS if shipped else grid(name),
+                self.rows[setting, name] = Row(setting, name, mini_runs.LRS if shipped else grid(name),
                                                dict(shipped["validation"]) if shipped else {},
                                                shipped["lr"] if shipped else None, name in rows)
 
-    def job(self, row: Row, lr: float, seed: int, split: str) -> mini.Job:
+    def job(self, row: Row, lr: float, seed: int, split: str) -> mini_runs.Job:
         cfg = row_settings(row.name, row.setting, seed, self.bases[row.setting], lr, self.step_scale)
         steps = self.steps or cfg.steps
         name = f"{row.setting}-{row.name}-lr{lr:g}"
         if split == "validation":
-            return mini.Job(row.setting, row.name, seed, split, dataclasses.replace(
+            return mini_runs.Job(row.setting, row.name, seed, split, dataclasses.replace(
                 cfg, steps=steps, eval_limit=self.eval_limit, out=str(self.out / "tune" / "runs" / name)))
-        return mini.Job(row.setting, row.name, seed, split, dataclasses.replace(
+        return mini_runs.Job(row.setting, row.name, seed, split, dataclasses.replace(
             cfg, steps=steps, eval_limit=self.eval_limit, eval_every=max(1, min(25, steps // 6)),
             out=str(self.out / "runs" / f"{name}-seed{seed}")))
 
-    def start(self) -> list[mini.Job]:
+    def start(self) -> list[mini_runs.Job]:
         jobs = [self.job(row, lr, 0, "validation") for row in self.rows.values() for lr in row.rates
                 if lr not in row.validation]
         return jobs + [j for row in self.rows.values() for j in self.ready(row)]
 
-    def after(self, result: dict) -> list[mini.Job]:
+    def after(self, result: dict) -> list[mini_runs.Job]:
         row = self.rows[result["setting"], result["method"]]
         if result["split"] != "validation":
             return []
         row.validation[result["lr"]] = result["accuracy"]
         return self.ready(row)
 
-    def ready(self, row: Row) -> list[mini.Job]:
+    def ready(self, row: Row) -> list[mini_runs.Job]:
         """The jobs a row's validation accuracies make ready: none until the grid is in; then the edge rule's run;
         then, once it is in (or none is due), the test seeds at the chosen rate. A counterpart's at its shipped rate
         run again only if it was named (its shipped seeds stand for it otherwise); at a rate the rule chose in its
@@ -167,7 +167,7 @@ class Plan:
                 return [self.job(row, row.extra, 0, "validation")]
         if row.extra and row.extra not in row.validation:
             return []
-        row.lr = mini.choose(row.validation)
+        row.lr = mini_runs.choose(row.validation)
         test_rates = [lr for lr in {row.lr, row.shipped} - {None} if row.rerun or lr != row.shipped]
         return [self.job(row, lr, seed, "test") for lr in test_rates for seed in range(self.seeds)]
 
@@ -189,7 +189,7 @@ def read_table(raw: dict) -> dict:
             for s, per in raw["table"].items()}
 
 
-def priority(job: mini.Job) -> tuple:
+def priority(job: mini_runs.Job) -> tuple:
     """Rows in ROWS' order; within a row, the settings in order, validation before test."""
     return ROWS.index(job.method), job.setting, job.split != "validation", job.cfg.lr, job.seed
 
@@ -205,8 +205,8 @@ def same_settings(recorded: dict, settings: dict) -> bool:
     return set(recorded) <= set(settings) and all(recorded.get(k, defaults[k]) == v for k, v in settings.items())
 
 
-def run_kept(job: mini.Job, loaded=None) -> dict:
-    """mini.run_job, unless RUN/result.json holds a result of the same settings (then that result, not run again);
+def run_kept(job: mini_runs.Job, loaded=None) -> dict:
+    """mini_runs.run_job, unless RUN/result.json holds a result of the same settings (then that result, not run again);
     the result also counts the run's training forwards (metrics.jsonl's, the sampling not included) and, for a
     replaying T-SPMO run, the share of replay cuts at the first token."""
     run = Path(job.cfg.out)
@@ -214,7 +214,7 @@ def run_kept(job: mini.Job, loaded=None) -> dict:
     settings = dataclasses.asdict(job.cfg)
     if kept.is_file() and same_settings(json.loads(kept.read_text())["settings"], settings):
         return {**json.loads(kept.read_text())["result"], "kept": True}
-    result = mini.run_job(job, loaded)
+    result = mini_runs.run_job(job, loaded)
     metrics = checkpoints.read_jsonl(run / "metrics.jsonl")
     result["forwards"] = sum(m["forwards"] for m in metrics)
     cuts = [r["replay_cut"] for m in metrics for r in m.get("replays", [])]
@@ -248,7 +248,7 @@ def run_plan(plan: Plan, parallel: int, log: Callable = say, worker: Callable = 
             report(r)
         return done
     arrived: queue.SimpleQueue = queue.SimpleQueue()
-    with multiprocessing.get_context("spawn").Pool(parallel) as pool:  # spawn: as mini.run_all, and why
+    with multiprocessing.get_context("spawn").Pool(parallel) as pool:  # spawn: as mini_runs.run_all, and why
         running = 0
         while waiting or running:
             while waiting and running < parallel:
@@ -260,7 +260,7 @@ def run_plan(plan: Plan, parallel: int, log: Callable = say, worker: Callable = 
                 raise r
             waiting = sorted(waiting + plan.after(r), key=priority)
             report(r)
-        pool.close()  # each worker exits on its own, running its exit handlers (mini.run_all says why)
+        pool.close()  # each worker exits on its own, running its exit handlers (mini_runs.run_all says why)
         pool.join()
     return done
 
@@ -381,14 +381,14 @@ def main(out: Path, bases: dict[str, Path], rows: list[str], tuning: dict, seeds
     """--beyond: the plan run; OUT/beyond/{tuning.json, results.json, results.md} (OUT/beyond/quick/ with --quick)
     written again after every result, so that a stopped command leaves the tables of what finished."""
     t0 = time.time()
-    dest = out / "beyond" / ("quick" if step_scale != mini.STEP_SCALE else "")
+    dest = out / "beyond" / ("quick" if step_scale != mini_runs.STEP_SCALE else "")
     dest.mkdir(parents=True, exist_ok=True)
     plan = Plan(dest, bases, rows, tuning, seeds, step_scale, steps, eval_limit)
-    parallel = mini.workers(parallel, seeds * len(rows) * len(bases))  # at least this many runs
+    parallel = mini_runs.workers(parallel, seeds * len(rows) * len(bases))  # at least this many runs
     say(f"beyond the paper: {', '.join(rows)}; {parallel} at a time, one thread each; progress in "
         f"{dest}/runs/*/log.txt and {dest}/tune/runs/*/log.txt")
     # the shipped rows were run at the paper's step counts on every test problem: beside those runs only
-    paper_scale = step_scale == mini.STEP_SCALE and steps is None and eval_limit is None
+    paper_scale = step_scale == mini_runs.STEP_SCALE and steps is None and eval_limit is None
     shipped = json.loads(SHIPPED_RESULTS.read_text()) if paper_scale else []
     meta: dict = {}
 

@@ -4,7 +4,7 @@ TreeRL's). Run by hand:
     python bench/benchmark_edge_advantage.py [--groups 50] [--steps 50]
 
 On the miniature's shipped SFT bases (data/: a 1 M-parameter Qwen2 and 2-digit multiplication, both settings) with the
-miniature's T-SPMO settings (mini.run_settings: G = 50, at most 40 new tokens, one success replay, the tuned rate):
+miniature's T-SPMO settings (mini_runs.run_settings: G = 50, at most 40 new tokens, one success replay, the tuned rate):
   1. the same groups for both: --groups groups sampled from the base (its adapter B = 0), each group's trie built
      with each estimator. A group whose rewards are all equal has A = 0 on every edge under both and takes no
      forward; over the others ("varied"): forwards a group (its targets: the update's forward passes), |U| a group,
@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 import mini  # noqa: E402
 import mini_base  # noqa: E402
+import mini_runs  # noqa: E402
 import training  # noqa: E402
 from tasks import TrainStream  # noqa: E402
 from trie import ESTIMATORS, PrefixTrie  # noqa: E402
@@ -78,7 +79,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for setting, base in mini_base.SHIPPED.items():
         lr = rates[setting]["tspmo-decay"]["lr"]
-        cfg = mini.run_settings("tspmo-decay", setting, 0, base, lr)
+        cfg = mini_runs.run_settings("tspmo-decay", setting, 0, base, lr)
         loaded = training.load_everything(cfg)
         groups = same_groups(cfg, (copy.deepcopy(loaded[0]), *loaded[1:]), setting, a.groups)
         for e in ESTIMATORS:

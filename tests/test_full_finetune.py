@@ -18,6 +18,7 @@ import checkpoints
 import full_finetune
 import mini
 import mini_base
+import mini_runs
 import pretrained
 import model as M
 import settings
@@ -149,10 +150,10 @@ def test_full_fine_tuning_learns_the_toy_task(tmp_path, algo, G):
     assert not (tmp_path / "run" / "adapter").exists() and (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
-def mini_job(base: Path, out: Path, method: str) -> mini.Job:
-    cfg = mini.run_settings(method, "steps", 0, base, 1e-3, step_scale=0.01)
+def mini_job(base: Path, out: Path, method: str) -> mini_runs.Job:
+    cfg = mini_runs.run_settings(method, "steps", 0, base, 1e-3, step_scale=0.01)
     cfg = dataclasses.replace(cfg, train="full", steps=2, out=str(out), group_size=4)
-    return mini.Job("steps", method, 0, "validation", cfg)
+    return mini_runs.Job("steps", method, 0, "validation", cfg)
 
 
 @pytest.mark.parametrize("method", ["grpo", "tspmo-decay"])
@@ -178,7 +179,7 @@ def test_minis_run_job_trains_its_tied_model_fully_and_the_reference_stays(tmp_p
 
     training.train = keep
     try:
-        result = mini.run_job(job, loaded)
+        result = mini_runs.run_job(job, loaded)
     finally:
         training.train = real
     trained = taken[0]

@@ -21,6 +21,7 @@ import lora
 import mini
 import mini_base
 import mini_report
+import mini_runs
 import model as M
 import pretrained
 import sampling
@@ -129,7 +130,7 @@ def test_the_steps_sft_slips_each_step_at_its_rate():
 
 
 def test_run_settings_differ_only_where_the_paper_varies_them(tmp_path):
-    cfgs = {m: mini.run_settings(m, "steps", 0, tmp_path, 1e-3) for m in mini.METHODS}
+    cfgs = {m: mini_runs.run_settings(m, "steps", 0, tmp_path, 1e-3) for m in mini_runs.METHODS}
     differ = lambda a, b: {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
     assert differ(cfgs["grpo"], cfgs["sgrpo"]) == {"algo"}  # α, k are set for both; only S-GRPO reads them
     assert differ(cfgs["grpo"], cfgs["tspmo-literal"]) >= {"algo", "group_size", "steps"}
@@ -157,9 +158,9 @@ def test_run_settings_differ_only_where_the_paper_varies_them(tmp_path):
 # --- tuning ------------------------------------------------------------------------------------------------------
 
 def test_choose_takes_the_best_validation_accuracy_and_the_smaller_rate_on_a_tie():
-    assert mini.choose({3e-4: 0.10, 1e-3: 0.30, 3e-3: 0.20}) == 1e-3
-    assert mini.choose({3e-4: 0.30, 1e-3: 0.30, 3e-3: 0.20}) == 3e-4
-    assert mini.choose({3e-3: 0.5, 1e-3: 0.5, 3e-4: 0.5}) == 3e-4
+    assert mini_runs.choose({3e-4: 0.10, 1e-3: 0.30, 3e-3: 0.20}) == 1e-3
+    assert mini_runs.choose({3e-4: 0.30, 1e-3: 0.30, 3e-3: 0.20}) == 3e-4
+    assert mini_runs.choose({3e-3: 0.5, 1e-3: 0.5, 3e-4: 0.5}) == 3e-4
 
 
 # The validation accuracy each tuning run reports, by (algo, lr): GRPO is best at the middle rate and T-SPMO at the
@@ -196,7 +197,7 @@ def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypat
         for method in ("grpo", "tspmo-literal"):
             e = table[setting][method]
             accs = {float(k): v for k, v in e["validation"].items()}
-            assert accs == {lr: TUNED_ACCURACY[method[:5], lr] for lr in mini.LRS}
+            assert accs == {lr: TUNED_ACCURACY[method[:5], lr] for lr in mini_runs.LRS}
             assert e["lr"] == {"grpo": 1e-3, "tspmo-literal": 3e-3}[method]  # the best validation accuracy
             run = out / "tune" / "runs" / f"{setting}-{method}-lr{e['lr']:g}"
             assert json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["accuracy"] == accs[e["lr"]]
@@ -212,10 +213,10 @@ def test_the_shipped_tuning_table_covers_every_method_of_both_settings():
     rates = mini.with_borrowed(raw)
     for setting in mini_base.SETTINGS:
         assert set(raw[setting]) == set(mini.TUNED_METHODS)
-        for method in mini.METHODS:
+        for method in mini_runs.METHODS:
             e = rates[setting][method]
             if method in mini.TUNED_METHODS:
-                assert set(e["validation"]) == set(mini.LRS) and e["lr"] == mini.choose(e["validation"])
+                assert set(e["validation"]) == set(mini_runs.LRS) and e["lr"] == mini_runs.choose(e["validation"])
                 assert "as" not in e
             else:
                 assert e["as"] == mini.TUNED_AS[method] and e["lr"] == raw[setting][e["as"]]["lr"]
@@ -508,7 +509,7 @@ def test_bad_mini_arguments_are_one_line_exit_2_before_any_work(tmp_path, capsys
     malformed --tuning table was a traceback (KeyError, TypeError) and a rate of 1e9 was reported as used. Each is now
     one line naming the flag or the file's entry, exit status 2, and --out is not created."""
     out = tmp_path / "m"
-    choose = f"choose from {','.join(mini.METHODS)}"
+    choose = f"choose from {','.join(mini_runs.METHODS)}"
     cases = [
         (["--methods", "grpo,reinforce"], f"--methods grpo,reinforce: unknown method 'reinforce'; {choose}"),
         (["--methods", ""], f"--methods '': an empty name; {choose}, separated by commas"),
@@ -595,7 +596,7 @@ def test_parallel_is_capped_at_the_runs_and_the_cores_with_a_note(tmp_path, caps
                    "--parallel", "64"])
     assert seen == [(1, 1)]
     assert "note: --parallel 64: 1 run(s) on 4 core(s), so 1 at a time\n" in capsys.readouterr().err
-    assert mini.workers(64, 1) == 1 and mini.workers(64, 10) == 4 and mini.workers(3, 10) == 3
+    assert mini_runs.workers(64, 1) == 1 and mini_runs.workers(64, 10) == 4 and mini_runs.workers(3, 10) == 3
     assert capsys.readouterr().err == ("note: --parallel 64: 1 run(s) on 4 core(s), so 1 at a time\n"
                                        "note: --parallel 64: 10 run(s) on 4 core(s), so 4 at a time\n")
 
@@ -715,7 +716,7 @@ def test_the_edge_rule_adds_the_rate_beyond_the_edge_the_best_sits_at():
     nxt = mini_beyond.next_rate
     assert [nxt(3e-3, +1), nxt(3e-4, -1), nxt(3e-4, +1), nxt(3e-5, -1), nxt(1e-3, +1), nxt(1e-4, -1)] == \
         [1e-2, 1e-4, 1e-3, 1e-5, 3e-3, 3e-5]
-    lora, full = mini.LRS, mini_beyond.FULL_LRS
+    lora, full = mini_runs.LRS, mini_beyond.FULL_LRS
     assert full == (3e-5, 1e-4, 3e-4) and lora == (3e-4, 1e-3, 3e-3)
     edge = mini_beyond.edge_rate
     assert edge(lora, {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3}) == 1e-2
@@ -762,24 +763,24 @@ def test_the_beyond_plan_tunes_each_row_on_its_grid_with_the_edge_rule_then_runs
     first = plan.start()
     key = lambda j: (j.setting, j.method, j.split, j.cfg.lr, j.seed)  # noqa: E731
     assert sorted(map(key, first)) == sorted(
-        [(s, "tspmo-decay-entropy", "validation", lr, 0) for s in mini_base.SETTINGS for lr in mini.LRS]
+        [(s, "tspmo-decay-entropy", "validation", lr, 0) for s in mini_base.SETTINGS for lr in mini_runs.LRS]
         + [("first-token", "tspmo-decay", "validation", 1e-2, 0)])  # the counterpart's edge run; steps: none due
     for j in first:
-        counterpart = mini.run_settings("tspmo-decay", j.setting, 0, bases[j.setting], j.cfg.lr)
+        counterpart = mini_runs.run_settings("tspmo-decay", j.setting, 0, bases[j.setting], j.cfg.lr)
         differ = {f.name for f in dataclasses.fields(j.cfg) if getattr(j.cfg, f.name) != getattr(counterpart, f.name)}
         assert differ == ({"out", "replay_cut"} if j.method == "tspmo-decay-entropy" else {"out"}), j
         assert j.cfg.replay_cut == ("entropy" if j.method == "tspmo-decay-entropy" else "uniform")
     # the first-token entropy row is best at 3e-3, an edge: one more run at 1e-2, and nothing else until it is in
     jobs = {key(j): j for j in first}
     after = [plan.after(result_of(jobs["first-token", "tspmo-decay-entropy", "validation", lr, 0], a))
-             for lr, a in zip(mini.LRS, (0.1, 0.2, 0.3))]
+             for lr, a in zip(mini_runs.LRS, (0.1, 0.2, 0.3))]
     assert after[:2] == [[], []] and [key(j) for j in after[2]] == [
         ("first-token", "tspmo-decay-entropy", "validation", 1e-2, 0)]
     tests = plan.after(result_of(after[2][0], 0.25))  # 1e-2 is worse: the best of four is 3e-3
     assert sorted(map(key, tests)) == [("first-token", "tspmo-decay-entropy", "test", 3e-3, s) for s in range(3)]
     assert {j.cfg.eval_every for j in tests} == {25} and {j.cfg.steps for j in tests} == {350}
     # the steps entropy row is best in the middle: no edge run, its seeds at once
-    for lr, a in zip(mini.LRS, (0.1, 0.3, 0.2)):
+    for lr, a in zip(mini_runs.LRS, (0.1, 0.3, 0.2)):
         tests = plan.after(result_of(jobs["steps", "tspmo-decay-entropy", "validation", lr, 0], a))
     assert sorted(map(key, tests)) == [("steps", "tspmo-decay-entropy", "test", 1e-3, s) for s in range(3)]
     # the counterpart's edge run wins: three seeds at the re-tuned rate; the shipped rate's stand (not named)
@@ -787,7 +788,7 @@ def test_the_beyond_plan_tunes_each_row_on_its_grid_with_the_edge_rule_then_runs
     assert sorted(map(key, tests)) == [("first-token", "tspmo-decay", "test", 1e-2, s) for s in range(3)]
     table = plan.table()
     assert table["first-token"]["tspmo-decay"] == {"validation": {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3, 1e-2: 0.5},
-                                                   "lr": 1e-2, "grid": list(mini.LRS), "edge": 1e-2, "shipped": 3e-3}
+                                                   "lr": 1e-2, "grid": list(mini_runs.LRS), "edge": 1e-2, "shipped": 3e-3}
     assert table["steps"]["tspmo-decay"]["lr"] == 1e-3 and table["steps"]["tspmo-decay"]["edge"] is None
     # named, a counterpart's test seeds run again at its shipped rate (and at the re-tuned one)
     named = mini_beyond.Plan(tmp_path / "c", bases, ["tspmo-decay", "grpo"], fake_tuning(), 2, 1.0, None, None)
@@ -842,10 +843,10 @@ def test_beyond_quick_runs_its_plan_through_train_and_keeps_finished_runs(tmp_pa
             "--methods", "tspmo-decay-treerl", "--parallel", "1"]
     assert mini.main(args) == 0
     assert [(c.lr, c.edge_advantage, c.replay_cut, c.algo, c.steps) for c in calls] == \
-        [(lr, "treerl", "uniform", "tspmo", 1) for lr in (*mini.LRS, 1e-4, 1e-4)]
+        [(lr, "treerl", "uniform", "tspmo", 1) for lr in (*mini_runs.LRS, 1e-4, 1e-4)]
     dest = out / "beyond" / "quick"
     results = json.loads((dest / "results.json").read_text())
-    assert [(r["split"], r["lr"]) for r in results] == [("validation", lr) for lr in (*mini.LRS, 1e-4)] + \
+    assert [(r["split"], r["lr"]) for r in results] == [("validation", lr) for lr in (*mini_runs.LRS, 1e-4)] + \
         [("test", 1e-4)]
     assert all(r["forwards"] == sum(m["forwards"] for m in checkpoints_rows(Path(r["run"]))) for r in results)
     table = mini_beyond.read_table(json.loads((dest / "tuning.json").read_text()))
@@ -890,19 +891,19 @@ def test_the_full_fine_tuning_rows_ask_for_train_full_on_a_tenth_of_the_grid():
 
 def test_a_full_fine_tuning_row_runs_its_counterpart_with_train_full_and_trains_every_weight(tmp_path):
     """The plan's jobs for GRPO full: its three full rates, each the counterpart's settings with train = "full" and
-    nothing else; one step of one of them through mini.run_job changes every weight matrix of the model (not an
+    nothing else; one step of one of them through mini_runs.run_job changes every weight matrix of the model (not an
     adapter) and writes the trained model."""
     bases = {"steps": mini_base.SHIPPED["steps"]}
     plan = mini_beyond.Plan(tmp_path / "b", bases, ["grpo-full"], fake_tuning(), 3, 1.0, None, None)
     jobs = [j for j in plan.start() if j.method == "grpo-full"]
     assert sorted(j.cfg.lr for j in jobs) == [3e-5, 1e-4, 3e-4] and {j.split for j in jobs} == {"validation"}
     for j in jobs:
-        counterpart = mini.run_settings("grpo", "steps", 0, bases["steps"], j.cfg.lr)
+        counterpart = mini_runs.run_settings("grpo", "steps", 0, bases["steps"], j.cfg.lr)
         differ = {f.name for f in dataclasses.fields(j.cfg) if getattr(j.cfg, f.name) != getattr(counterpart, f.name)}
         assert differ == {"out", "train"} and j.cfg.train == "full"
     job = dataclasses.replace(jobs[-1], cfg=dataclasses.replace(jobs[-1].cfg, steps=1, eval_limit=2))
     before = pretrained.load_model(bases["steps"]).state_dict()
-    result = mini.run_job(job)
+    result = mini_runs.run_job(job)
     assert result["method"] == "grpo-full" and result["lr"] == 3e-4
     after = pretrained.load_model(Path(job.cfg.out) / "model").state_dict()
     matrices = [k for k, v in before.items() if v.dim() == 2]
