@@ -41,3 +41,16 @@ def test_no_import_cycle_among_the_rooms():
         if room not in state:
             visit(room, [])
     assert arrows["model"] == {"values"} and "model" in arrows["sampling"] and "model" in arrows["pretrained"]
+
+
+def test_the_evaluation_and_the_stop_lie_below_the_loop_and_the_checks():
+    """evaluation.py sizes its own batch: it imports neither the loop (training.py) nor the input checks (checks.py),
+    which read CPU_EVAL_BATCH from it; stopping.py (the signals) imports no room but distributed.py. The loop and the
+    command line import both."""
+    rooms = {p.stem for p in ROOT.glob("*.py")}
+    arrows = {r: top_level_imports(ROOT / f"{r}.py", rooms) for r in ("evaluation", "stopping", "training", "train",
+                                                                       "checks")}
+    assert not {"training", "checks", "train"} & arrows["evaluation"], arrows["evaluation"]
+    assert arrows["stopping"] <= {"distributed"}, arrows["stopping"]
+    assert {"evaluation", "stopping"} <= arrows["training"] and "stopping" in arrows["train"]
+    assert "evaluation" in arrows["checks"]

@@ -850,7 +850,8 @@ ADVICE_WORDS = re.compile(r"continue (it )?with|start it again|remove the|choose
 def test_every_advice_a_message_gives_has_a_test_that_runs_it():
     """The run's files: every line of a message (a string, not a comment or a docstring's first line) with words
     that tell the user what to do names a phrase of ADVICE or NOT_RUN_HERE, and every test ADVICE names exists."""
-    lines = [line.strip() for f in ("train.py", "training.py", "checkpoints.py", "checks.py", "distributed.py")
+    lines = [line.strip() for f in ("train.py", "training.py", "stopping.py", "evaluation.py", "checkpoints.py",
+                                              "checks.py", "distributed.py")
              for line in (ROOT / f).read_text().splitlines()
              if '"' in line and not line.strip().startswith(("#", '"""')) and ADVICE_WORDS.search(line)]
     assert len(lines) >= len(ADVICE)
