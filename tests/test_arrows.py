@@ -75,9 +75,9 @@ def test_the_readme_s_map_names_every_room_once_with_its_imports_each_pointing_d
     rows = readme_map()
     listed = [room for row, _ in rows for room in row]
     odd = sorted(r for r in listed if listed.count(r) > 1 or r not in rooms)
-    assert sorted(listed) == sorted(rooms), f"left out of the map: {sorted(rooms - set(listed))}; twice or no room: {odd}"
+    assert sorted(listed) == sorted(rooms), f"not in the map: {sorted(rooms - set(listed))}; twice or no room: {odd}"
     for i, (row, named) in enumerate(rows):
         code = set().union(*(top_level_imports(ROOT / f"{r}.py", rooms) for r in row)) - row
-        assert named == code, f"{sorted(row)}: the README names {sorted(named - code)} more, {sorted(code - named)} less"
+        assert named == code, f"{sorted(row)}: the map names {sorted(named - code)} more, {sorted(code - named)} less"
         below = {room for later, _ in rows[i + 1:] for room in later}
         assert named <= below, f"{sorted(row)} imports {sorted(named - below)}, not below it in the README's map"
