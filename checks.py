@@ -41,17 +41,16 @@ import torch
 
 import checkpoints
 import distributed
+import evaluation
 import full_finetune
 import lora
 import model as M
 import pretrained
-import sampling
 import tokenizer
 from settings import DEVICE, Settings, device_problem, refuse_setting, type_problem, usage_error, validate
 from tasks import Task, make_task
 
 CPU_WARN_PARAMETERS = 200_000_000  # training a larger model on the CPU starts with a warning: hours a step
-CPU_EVAL_BATCH = 32  # --eval-batch's default on the CPU
 
 
 def check_inputs(cfg: Settings, training: bool = True, adapter: str | None = None) -> Task:
@@ -130,31 +129,14 @@ def cache_uses(cfg: Settings, task: Task, tok: tokenizer.Tokenizer, training: bo
     tested = task.test_set()[: cfg.eval_limit]
     eval_flag = "--eval-max-new-tokens" if cfg.eval_max_new_tokens else "--max-new-tokens"
     eval_new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
-    rows = cfg.eval_batch or (CPU_EVAL_BATCH if torch.device(cfg.device).type == "cpu" else 1)  # CUDA: sized to fit
+    # the evaluation's rows (evaluation.eval_batch): on CUDA sized to the free memory, so one here
+    rows = cfg.eval_batch or (evaluation.CPU_EVAL_BATCH if torch.device(cfg.device).type == "cpu" else 1)
     uses = [CacheUse("test", longest_prompt(task, tok, tested, exact), eval_flag, eval_new_tokens, "--eval-batch",
                      rows, min(rows, -(-len(tested) // n)))]
     if training:
         uses.insert(0, CacheUse("training", longest_prompt(task, tok, task.train_set(), exact), "--max-new-tokens",
                                 cfg.max_new_tokens, "-G", cfg.group_size, -(-cfg.group_size // n)))
     return uses
-
-
-def eval_batch(cfg: Settings, model_cfg: M.Qwen2Config, prompt_len: int, examples: int) -> int:
-    """Prompts per greedy batch: --eval-batch if given; on the CPU 32; on CUDA as many as half the device's free
-    memory holds, at most `examples`. A row holds its KV cache (cache_bytes: the prompt, once more for the prefill,
-    and the new tokens), its logits with their two working copies (fp32), and its prompt's activations in one
-    layer of the prefill."""
-    if cfg.eval_batch:
-        return cfg.eval_batch
-    if torch.device(cfg.device).type != "cuda":
-        return CPU_EVAL_BATCH
-    dtype = pretrained.DTYPES[cfg.dtype]
-    new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
-    per_row = (M.cache_bytes(model_cfg, 1, 2 * prompt_len + new_tokens + sampling.SLOT_BLOCK, dtype)
-               + 3 * model_cfg.vocab_size * 4
-               + prompt_len * (3 * model_cfg.intermediate_size + 4 * model_cfg.hidden_size) * dtype.itemsize)
-    free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
-    return max(1, min(examples, free // 2 // per_row))
 
 
 def longest_prompt(task: Task, tok: tokenizer.Tokenizer, examples: list, exact: bool = True) -> int:

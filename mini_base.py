@@ -169,7 +169,7 @@ class MiniMult(tasks.Task):
         self.setting, self.split_name = setting, split_name
 
     def test_set(self):
-        return list(split(self.split_name))  # what training.evaluate scores: the test set, or --tune's validation set
+        return list(split(self.split_name))  # what evaluation.evaluate scores: the test set, or --tune's validation set
 
     def train_stream(self, rng: random.Random):
         return pair_stream(rng, frozenset(split("test")) | frozenset(split("validation")))
@@ -181,7 +181,7 @@ class MiniMult(tasks.Task):
         return exact_match_reward(text, ex[0] * ex[1])  # P1: the last integer == A·B
 
     def eval_details(self, text: str, ex) -> dict[str, float]:
-        """Logged beside the accuracy (training.evaluate): the steps setting's right rate of each step (the paper's
+        """Logged beside the accuracy (evaluation.evaluate): the steps setting's right rate of each step (the paper's
         "token-level correctness"); the first-token setting's share of outputs that open a trace."""
         if self.setting == "steps":
             return {f"right_{name}": float(r) for name, r in zip(STEP_NAMES, steps_right(text, *ex))}

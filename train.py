@@ -48,7 +48,8 @@ from distributed import World
 from settings import (FULL_LR, LORA_FLAGS, ArgumentParser, Settings, add_arguments, flag, paper_defaults, paper_table,
                       usage_error, validate)
 from tasks import DataError
-from training import StopRequest, eval_only, interrupt, train
+from stopping import StopRequest, interrupt
+from training import eval_only, train
 
 
 # ----------------------------------------------------------------------------------------------------------------------

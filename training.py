@@ -8,10 +8,11 @@ A reader follows one step top to bottom in the order the code calls it:
     update               the dispatch to the objective (tokrl.py: GRPO, S-GRPO, T-SPMO; baselines.py: PPO, DPO);
                          ppo_update: PPO's μ passes
     train                the run: start, run_steps (evaluations and checkpoints between steps), finish (the adapter)
-    evaluate             greedy test accuracy; eval_only: that alone (--eval-only); restore: a checkpoint back into a
-                         Trainer
+    log_eval             greedy test accuracy between steps (evaluation.py); eval_only: that alone (--eval-only);
+                         restore: a checkpoint back into a Trainer
 
-What each step and evaluation logs, and where: runlog.py. With N processes (distributed.py) every one runs this loop
+A signal stops a run after its step (stopping.py); a failure ends it with one line (stopped). What each step and
+evaluation logs, and where: runlog.py. With N processes (distributed.py) every one runs this loop
 on its share of each group; rank 0 alone prints and writes.
 """
 from __future__ import annotations
@@ -19,17 +20,16 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import baselines
 import checkpoints
+import evaluation
 import full_finetune
 import lora
 import model as M
@@ -38,121 +38,13 @@ import sampling
 import tokenizer
 import tokrl
 from checkpoints import WriteError, find_checkpoint, save_checkpoint, write_atomic
-from checks import eval_batch, longest_prompt
-from distributed import World, combine_stats, env_rank, own_rng, resume_command, rng_for_checkpoint
+from checks import longest_prompt
+from distributed import World, combine_stats, own_rng, resume_command, rng_for_checkpoint
 from replay import ReplayPool, entropy_cut
 from runlog import RunLog, progress_line, step_metrics
 from settings import Settings, usage_error
+from stopping import StopRequest
 from tasks import Task, TrainStream, make_task
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: greedy, batched, accuracy = mean reward ([decided] SPEC.md)
-
-
-class EvalStopped(Exception):
-    """Ctrl-C during an evaluation: it is abandoned between batches (and run again on resume)."""
-
-
-def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None = None,
-             world: World = World()) -> dict:
-    """With N processes each takes a slice of the test set (distributed.py) and the counts are summed. A greedy
-    distribution that is not finite stops it before anything is counted (sampling.NonFiniteLogits, on every process)."""
-    data = task.test_set()[: cfg.eval_limit]
-    if not data:  # the checks refuse every way to get here (--eval-limit 0, an empty split): an accuracy of nothing
-        raise ValueError(f"{task.name}: an evaluation of no test example")
-    mine = [data[i] for i in world.share(len(data))]
-    new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
-    t0, correct, examples, details = time.time(), 0.0, [], {}
-    encoded = [tok.encode(task.prompt(ex)) for ex in mine]
-    rows = eval_batch(cfg, net.config, max(map(len, encoded), default=1), len(mine))
-    # minutes for 3,000 problems: a progress bar on a terminal; none when stderr is not one (disable=None), so that
-    # logs and CI output stay one line per event
-    with tqdm(total=len(mine), desc=f"eval {task.name}", unit="problem", disable=None if world.main else True,
-              leave=False) as bar:
-        for i in range(0, len(mine), rows):
-            if stop is not None and stop.requested and world.size == 1:  # N processes: between steps only
-                raise EvalStopped
-            batch, prompts = mine[i: i + rows], encoded[i: i + rows]
-            try:
-                outs = sampling.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
-            except M.CacheTooLarge as e:
-                e.flags = f"--eval-batch {cfg.eval_batch or f'{rows} (its default here)'}, " \
-                          f"--eval-max-new-tokens {new_tokens}"
-                raise
-            except sampling.NonFiniteLogits as e:  # sent to the other processes in place of this one's examples
-                examples = [e]
-                break
-            for ex, out in zip(batch, outs):
-                text = tok.decode(out)
-                r = task.eval_reward(text, ex)  # the task's own reward, whatever --reward trains with
-                correct += r
-                for k, v in task.eval_details(text, ex).items():  # mult: S2's partial credit
-                    details[k] = details.get(k, 0.0) + v
-                if len(examples) < 3:
-                    examples.append({"example": list(ex) if isinstance(ex, tuple) else ex, "completion": text,
-                                     "reward": r})
-            bar.update(len(batch))
-            bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
-    sampling.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
-    correct, examples = world.sum([correct])[0], world.gather(examples)  # one process: unchanged
-    if failed := [e for e in examples if isinstance(e, sampling.NonFiniteLogits)]:
-        raise failed[0]
-    examples = examples[:3]
-    totals: dict[str, float] = {}
-    for part in world.gather([details]):  # N processes: a rank with no problem has no keys
-        for k, v in part.items():
-            totals[k] = totals.get(k, 0.0) + v
-    return {"accuracy": correct / len(data), "n": len(data), "seconds": round(time.time() - t0, 2),
-            **{k: v / len(data) for k, v in sorted(totals.items())}, "examples": examples}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The training loop
-
-
-class Interrupted(KeyboardInterrupt):
-    """A signal that stops the process at once: `status` is the shell's 128 + the signal's number (130 for SIGINT,
-    143 for SIGTERM)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.status = 128 + signum
-
-
-def interrupt(signum: int, _frame=None):
-    """A handler for SIGTERM outside a run's steps (the checks, the loading): stop at once, as Ctrl-C does."""
-    raise Interrupted(signum)
-
-
-class StopRequest:
-    """First Ctrl-C (or SIGTERM, among `signals`): finish the current step, checkpoint, exit. Second: stop at once
-    (the last checkpoint stays). train.py listens to SIGTERM too, a scheduler's stop (Kubernetes, docker stop, SLURM,
-    torchrun passing it on); mini.py's pool workers keep its default, which their pool's terminate() relies on.
-    `status`: the exit status of a run that a first signal stopped before its end: 0 after Ctrl-C (the user asked),
-    143 after SIGTERM (128 + its number: what a scheduler reads as stopped, not finished); None while nothing did."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,)):
-        self.signals, self.requested, self.signum, self.status = signals, False, None, None
-
-    def __enter__(self):
-        self.old = {s: signal.signal(s, self.handle) for s in self.signals}
-        return self
-
-    def handle(self, signum, _frame=None):
-        if self.requested:
-            raise Interrupted(signum)
-        self.requested, self.signum = True, signum
-        again = "Ctrl-C again to quit now" if signum == signal.SIGINT else "a second signal stops at once"
-        if env_rank() == 0:  # N processes (torchrun passes the signal on to each): rank 0 alone says it
-            name = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
-            print(f"\n{name}stopping after this step ({again}; the last checkpoint stays)", flush=True)
-
-    def stopped_early(self) -> None:
-        self.status = 0 if self.signum in (None, signal.SIGINT) else 128 + self.signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -489,8 +381,8 @@ def start(cfg: Settings, run: Path, task: Task | None, loaded, world: World) -> 
     torch.manual_seed(cfg.seed)  # nothing should draw from the global RNG; this only pins what might
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # CPU: arithmetic on denormal floats (below 1.2e-38) is slow; flushing them to zero changes no result that matters
-    # and made a zero-variance backward 30x faster on the test machine
+    # CPU: arithmetic on denormal floats (below 1.2e-38) is slow, and a zero-variance backward is full of them;
+    # flushing them to zero makes that backward about 30 times faster and changes no result that matters
     torch.set_flush_denormal(True)
     net, tok, eos = loaded or load_everything(cfg)
     task = task or make_task(cfg.task, tok, cfg.data, cfg.reward)
@@ -534,7 +426,7 @@ def run_steps(tr: Trainer, log: RunLog, stream: TrainStream, stop: StopRequest) 
             if tr.step % cfg.save_every == 0 or tr.step == cfg.steps or tr.stopping(stop):
                 tr.save(stream.position)
             log.curves()
-    except EvalStopped:
+    except evaluation.EvalStopped:
         pass
     if tr.stopping(stop) and (tr.last_saved is None or tr.last_saved.name != f"step-{tr.step:06d}"):
         tr.save(stream.position)  # a stop during the step-0 (or another) evaluation: a checkpoint of this step
@@ -547,7 +439,7 @@ def eval_due(cfg: Settings, step: int) -> bool:
 def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
     try:
         with torch.no_grad():
-            e = {"step": tr.step, **evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
+            e = {"step": tr.step, **evaluation.evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
                  **(lora.adapter_norms(tr.net) if tr.cfg.train == "lora" else {})}
     except sampling.NonFiniteLogits as err:
         err.where = f"the step-{tr.step} evaluation"
@@ -620,7 +512,7 @@ def eval_only(cfg: Settings, adapter: str | None, out: Path | None, world: World
         lora.load_adapter(net, adapter)
     try:
         with torch.no_grad():
-            e = evaluate(net, tok, task, cfg, eos, world=world)
+            e = evaluation.evaluate(net, tok, task, cfg, eos, world=world)
     except sampling.NonFiniteLogits as err:
         raise SystemExit(f"error: the evaluation: {err}; {non_finite_cause(err, cfg, False, adapter)}") from None
     if world.main:

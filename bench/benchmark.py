@@ -425,9 +425,9 @@ def evaluations(steps: int) -> int:
 def evaluation_section(tk, dev) -> float:
     """Section 4: greedy evaluation, 300 new tokens (random weights: no EOS, every row runs to the end), 60-token
     prompts; returns seconds per problem at the default --eval-batch."""
-    import checks
+    import evaluation
     from settings import Settings
-    rows = checks.eval_batch(Settings(device=str(dev)), tk.config, 60, 3000)
+    rows = evaluation.eval_batch(Settings(device=str(dev)), tk.config, 60, 3000)
     n = min(rows, 512)
     g = torch.Generator().manual_seed(14)
     prompts = [rand_tokens(60, g) for _ in range(n)]
@@ -441,7 +441,7 @@ def evaluation_section(tk, dev) -> float:
     graph = per_problem(prompts)
     sampling.release_decoders(tk)
     print(f"## 4. Greedy evaluation, 60-token prompts, 300 new tokens each\n\nThe default --eval-batch here is {rows} "
-          f"rows (half the free memory: checks.eval_batch); measured on {n} problems in one batch.\n")
+          f"rows (half the free memory: evaluation.eval_batch); measured on {n} problems in one batch.\n")
     table(["evaluation", "s per problem", "3,000 problems (mult), s", "300 (SVAMP), s"],
           [["--eval-batch 32, eager decode (before)", f"{eager:.4f}", f"{3000 * eager:.0f}", f"{300 * eager:.0f}"],
            [f"--eval-batch {rows} (default), {sampling.default_decode(dev)} decode", f"{graph:.4f}", f"{3000 * graph:.0f}", f"{300 * graph:.0f}"]])

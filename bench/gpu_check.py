@@ -253,19 +253,19 @@ def part_sampling(a, sz: Sizes, dev) -> None:
 
 
 def part_eval(a, sz: Sizes, dev) -> None:
-    """Greedy evaluation as training.evaluate runs it (random weights: no row meets EOS, every row makes
+    """Greedy evaluation as evaluation.evaluate runs it (random weights: no row meets EOS, every row makes
     eval_tokens tokens unless a stop rule ends it), at several batch sizes."""
     import torch
 
     import benchmark as B
-    import checks
+    import evaluation
     import model as M
     import pretrained
     import sampling
     import tokenizer
     import settings
     tk = load(a, dev)
-    default = checks.eval_batch(settings.Settings(device=str(dev), max_new_tokens=sz.eval_tokens), tk.config,
+    default = evaluation.eval_batch(settings.Settings(device=str(dev), max_new_tokens=sz.eval_tokens), tk.config,
                                 sz.eval_prompt, MULT_TEST)
     fixed = sampling.default_decode(dev) if dev.type == "cuda" else "static"
     g = torch.Generator().manual_seed(14)

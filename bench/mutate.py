@@ -207,7 +207,7 @@ MUTANTS = [
            "st.extra = {k: sum(p.extra[k] for p in passes) for k in st.extra}",
            "a logged PPO statistic (clip fraction, approx. KL, entropy, value loss) summed over the μ passes, not "
            "averaged", ("tests/test_wiring.py", "tests/test_baselines.py")),
-    Mutant("eval-accuracy-over-own-share", "training loop",
+    Mutant("eval-accuracy-over-own-share", "evaluation",
            "return {\"accuracy\": correct / len(data),",
            "return {\"accuracy\": correct / len(mine),",
            "with N processes the summed correct count is divided by one process's share", DIST),

@@ -1,5 +1,7 @@
-"""The rooms' imports point down: parsing flags does not load the decoder, and no two rooms import each other."""
+"""The rooms' imports point down: parsing flags does not load the decoder, no two rooms import each other, and the
+README's map of the rooms is the code's."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +43,41 @@ def test_no_import_cycle_among_the_rooms():
         if room not in state:
             visit(room, [])
     assert arrows["model"] == {"values"} and "model" in arrows["sampling"] and "model" in arrows["pretrained"]
+
+
+def test_the_evaluation_and_the_stop_lie_below_the_loop_and_the_checks():
+    """evaluation.py sizes its own batch: it imports neither the loop (training.py) nor the input checks (checks.py),
+    which read CPU_EVAL_BATCH from it; stopping.py (the signals) imports no room but distributed.py. The loop and the
+    command line import both."""
+    rooms = {p.stem for p in ROOT.glob("*.py")}
+    arrows = {r: top_level_imports(ROOT / f"{r}.py", rooms) for r in ("evaluation", "stopping", "training", "train",
+                                                                       "checks")}
+    assert not {"training", "checks", "train"} & arrows["evaluation"], arrows["evaluation"]
+    assert arrows["stopping"] <= {"distributed"}, arrows["stopping"]
+    assert {"evaluation", "stopping"} <= arrows["training"] and "stopping" in arrows["train"]
+    assert "evaluation" in arrows["checks"]
+
+
+def readme_map() -> list[tuple[set[str], set[str]]]:
+    """The README's map of the code, top row first: each row's rooms and the imports it names."""
+    section = (ROOT / "README.md").read_text().split("## The code\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            rooms, _, imports = (cell.strip() for cell in line.strip().strip("|").split("|"))
+            rows.append((set(re.findall(r"`(\w+)\.py`", rooms)),
+                         set() if imports == "—" else {name.strip() for name in imports.split(",")}))
+    return rows
+
+
+def test_the_readme_s_map_names_every_room_once_with_its_imports_each_pointing_down():
+    rooms = {p.stem for p in ROOT.glob("*.py")}
+    rows = readme_map()
+    listed = [room for row, _ in rows for room in row]
+    odd = sorted(r for r in listed if listed.count(r) > 1 or r not in rooms)
+    assert sorted(listed) == sorted(rooms), f"not in the map: {sorted(rooms - set(listed))}; twice or no room: {odd}"
+    for i, (row, named) in enumerate(rows):
+        code = set().union(*(top_level_imports(ROOT / f"{r}.py", rooms) for r in row)) - row
+        assert named == code, f"{sorted(row)}: the map names {sorted(named - code)} more, {sorted(code - named)} less"
+        below = {room for later, _ in rows[i + 1:] for room in later}
+        assert named <= below, f"{sorted(row)} imports {sorted(named - below)}, not below it in the README's map"

@@ -151,6 +151,7 @@ class SameGroupsForAnyN:
 
 
 def worker(model_dir: str, out: str) -> None:
+    import evaluation
     import lora
     import pretrained
     import sampling
@@ -233,8 +234,8 @@ def worker(model_dir: str, out: str) -> None:
 
     # 4. evaluation: each rank a slice of the test set, the counts summed
     with torch.no_grad():
-        res["eval_one"] = training.evaluate(net, tok, task, cfg, eos, world=World())
-        res["eval_split"] = training.evaluate(net, tok, task, cfg, eos, world=world)
+        res["eval_one"] = evaluation.evaluate(net, tok, task, cfg, eos, world=World())
+        res["eval_split"] = evaluation.evaluate(net, tok, task, cfg, eos, world=world)
     for e in (res["eval_one"], res["eval_split"]):
         e.pop("seconds")
     Path(out, f"rank{world.rank}.json").write_text(json.dumps(res))

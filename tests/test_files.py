@@ -22,6 +22,7 @@ import torch
 
 from conftest import ROOT, make_checkpoint, refused
 import checkpoints
+import evaluation
 import lora
 import model as M
 import pretrained
@@ -135,7 +136,7 @@ def test_an_evaluation_of_no_example_is_refused(tmp_path, tiny, capsys, no_loadi
 
 
 def test_evaluate_itself_refuses_an_empty_test_set(tiny):
-    """The checks refuse every way the command line has to an evaluation of nothing; training.evaluate, which mini.py
+    """The checks refuse every way the command line has to an evaluation of nothing; evaluation.evaluate, which mini.py
     and tests call with their own tasks and settings, refuses one too, rather than report an accuracy of 0."""
     import tasks
     tok = tokenizer.Tokenizer(tiny / "tokenizer.json")
@@ -143,7 +144,7 @@ def test_evaluate_itself_refuses_an_empty_test_set(tiny):
     task.test_set = lambda: []
     cfg = train.resolve(train.build_parser().parse_args(["--model", str(tiny), *SMALL]))
     with pytest.raises(ValueError, match="^mult: an evaluation of no test example$"):
-        training.evaluate(pretrained.load_model(tiny), tok, task, cfg, (256,))
+        evaluation.evaluate(pretrained.load_model(tiny), tok, task, cfg, (256,))
 
 
 @pytest.mark.parametrize("how", [["--eval-only"], []], ids=["--eval-only", "a new run"])
@@ -358,7 +359,7 @@ def test_another_process_s_distribution_that_is_not_finite_stops_this_one_too(ti
     cfg = train.resolve(train.build_parser().parse_args(["--model", str(tiny), *SMALL]))
     world = OtherRankFailed(rank=0, size=2)
     with pytest.raises(sampling.NonFiniteLogits) as e:
-        training.evaluate(net, tok, task, cfg, (256,), world=world)
+        evaluation.evaluate(net, tok, task, cfg, (256,), world=world)
     assert e.value.new_token == 2
     trainer = SimpleNamespace(cfg=cfg, world=world, net=net, gens={"sample": torch.Generator()}, eos=(256,),
                               task=task, tok=tok, step=0)
@@ -849,7 +850,8 @@ ADVICE_WORDS = re.compile(r"continue (it )?with|start it again|remove the|choose
 def test_every_advice_a_message_gives_has_a_test_that_runs_it():
     """The run's files: every line of a message (a string, not a comment or a docstring's first line) with words
     that tell the user what to do names a phrase of ADVICE or NOT_RUN_HERE, and every test ADVICE names exists."""
-    lines = [line.strip() for f in ("train.py", "training.py", "checkpoints.py", "checks.py", "distributed.py")
+    lines = [line.strip() for f in ("train.py", "training.py", "stopping.py", "evaluation.py", "checkpoints.py",
+                                              "checks.py", "distributed.py")
              for line in (ROOT / f).read_text().splitlines()
              if '"' in line and not line.strip().startswith(("#", '"""')) and ADVICE_WORDS.search(line)]
     assert len(lines) >= len(ADVICE)

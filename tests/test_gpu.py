@@ -161,13 +161,13 @@ def test_lower_precision_sampling_runs_and_stays_close(tiny):
 
 
 def test_eval_batch_on_cuda_is_what_half_the_free_memory_holds(tiny):
-    import checks
+    import evaluation
     from settings import Settings
     cfg = pretrained.read_config(tiny / "config.json")
     s = Settings(device="cuda", max_new_tokens=300)
-    assert checks.eval_batch(s, cfg, 60, 3000) == 3000  # a tiny model's rows are kilobytes: the whole test set
+    assert evaluation.eval_batch(s, cfg, 60, 3000) == 3000  # a tiny model's rows are kilobytes: the whole test set
     big = M.PRESETS["qwen2-1.5b"]
-    rows = checks.eval_batch(s, big, 60, 10**6)
+    rows = evaluation.eval_batch(s, big, 60, 10**6)
     free = torch.cuda.mem_get_info()[0]
     assert 1 <= rows and rows * M.cache_bytes(big, 1, 60 + 300, torch.float32) < free / 2
-    assert checks.eval_batch(Settings(device="cpu"), big, 60, 3000) == 32
+    assert evaluation.eval_batch(Settings(device="cpu"), big, 60, 3000) == 32

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluation
 import lora
 import mini
 import mini_base
@@ -174,7 +175,7 @@ def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypat
     evaluation fails the test), and the chosen rate is the one with the best validation accuracy, as recorded. The
     tiny runs all score 0: each evaluation's accuracy is replaced by TUNED_ACCURACY's for its run, after the real
     evaluation of the validation split."""
-    real, real_evaluate = MiniMult.test_set, training.evaluate
+    real, real_evaluate = MiniMult.test_set, evaluation.evaluate
     scored = []
 
     def no_test(self):
@@ -187,7 +188,7 @@ def test_tune_scores_the_validation_set_only_and_picks_by_it(tmp_path, monkeypat
         return {**real_evaluate(net, tok, task, cfg, *a, **k), "accuracy": TUNED_ACCURACY[cfg.algo, cfg.lr]}
 
     monkeypatch.setattr(MiniMult, "test_set", no_test)
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
     out = tmp_path / "m"
     assert mini.main(["--tune", "--out", str(out), "--steps", "2", "--methods", "grpo,tspmo-literal", "--eval-limit",
                       "4", "--parallel", "1"]) == 0

@@ -8,8 +8,8 @@ import sys
 import pretrained
 import tokenizer
 import tasks
+import evaluation
 import settings
-import training
 
 
 class Terminal(io.StringIO):
@@ -21,7 +21,7 @@ def evaluate_into(stream: io.StringIO, tiny_dir, monkeypatch) -> dict:
     monkeypatch.setattr(sys, "stderr", stream)  # tqdm writes to sys.stderr as it is when the bar is made
     net, tok = pretrained.load_model(tiny_dir), tokenizer.Tokenizer(tiny_dir / "tokenizer.json")
     cfg = settings.Settings(device="cpu", eval_limit=5, eval_batch=2, max_new_tokens=4)
-    return training.evaluate(net, tok, tasks.make_task("mult", tok), cfg, eos=(256,))
+    return evaluation.evaluate(net, tok, tasks.make_task("mult", tok), cfg, eos=(256,))
 
 
 def test_evaluation_bar_on_a_terminal_only(tiny_dir, monkeypatch):
