@@ -187,7 +187,7 @@ def sampling_row(tk, hf, dev, G: int, N: int) -> dict:
     return row
 
 
-def sampling(tk, hf, dev, N: int) -> None:
+def sampling_section(tk, hf, dev, N: int) -> None:
     print(f"## 1. Sampling: {N} new tokens per completion after a 40-token prompt, temperature {TEMPERATURE}, "
           "top_p 1.0, EOS suppressed; best of 2 after a warm-up\n")
     rows = []
@@ -848,7 +848,7 @@ def main() -> None:
             tk, hf = pretrained.load_model(ckpt, device=dev), load_hf(ckpt, dev)
             print(f"{preset}: {M.num_parameters(tk) / 1e6:.0f} M parameters; parity with transformers: max abs "
                   f"logit error {parity(tk, hf, dev):.1e}\n")
-            sampling(tk, hf, dev, N)
+            sampling_section(tk, hf, dev, N)
             prompt = torch.randint(0, EOS[0], (40,), generator=torch.Generator().manual_seed(9)).tolist()
             ys8 = sampling.sample(tk, prompt, G_GRPO, T, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
                            generator=torch.Generator(dev).manual_seed(10))
@@ -876,7 +876,7 @@ def gpu_main(dev: torch.device, ckpt_dir: str | None, full: bool, kinds: list[st
         faster = decode_section(tk, dev)
         print(f"In fp32 at {G_TSPMO} rows the faster attention kernel here is {faster!r}; sampling.DECODE_ATTENTION is "
               f"{sampling.DECODE_ATTENTION!r}.\n", flush=True)
-        sampling(tk, hf, dev, 64)
+        sampling_section(tk, hf, dev, 64)
         eval_s = evaluation_section(tk, dev)
         del tk, hf  # the measurements run in subprocesses: free this memory for them
         torch.cuda.empty_cache()
