@@ -54,9 +54,11 @@ class EvalStopped(Exception):
 
 
 def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None = None,
-             world: World = World()) -> dict:
+             world: World = World(), sampler: sampling.Sampler | None = None) -> dict:
     """With N processes each takes a slice of the test set (distributed.py) and the counts are summed. A greedy
-    distribution that is not finite stops it before anything is counted (sampling.NonFiniteLogits, on every process)."""
+    distribution that is not finite stops it before anything is counted (sampling.NonFiniteLogits, on every process).
+    `sampler`: the run's (the Trainer's); None: one for this evaluation."""
+    sampler = sampler or sampling.Sampler(net)
     data = task.test_set()[: cfg.eval_limit]
     if not data:  # the checks refuse every way to get here (--eval-limit 0, an empty split): an accuracy of nothing
         raise ValueError(f"{task.name}: an evaluation of no test example")
@@ -74,7 +76,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 raise EvalStopped
             batch, prompts = mine[i: i + rows], encoded[i: i + rows]
             try:
-                outs = sampling.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
+                outs = sampling.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop(), sampler=sampler)
             except M.CacheTooLarge as e:
                 e.flags = f"--eval-batch {cfg.eval_batch or f'{rows} (its default here)'}, " \
                           f"--eval-max-new-tokens {new_tokens}"
@@ -93,7 +95,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                                      "reward": r})
             bar.update(len(batch))
             bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
-    sampling.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
+    sampler.release()  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
     correct, examples = world.sum([correct])[0], world.gather(examples)  # one process: unchanged
     if failed := [e for e in examples if isinstance(e, sampling.NonFiniteLogits)]:
         raise failed[0]
@@ -179,6 +181,7 @@ class Trainer:
     def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos, world: World = World()):
         self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
         self.world = world  # one process, or this one's place among N (distributed.py)
+        self.sampler = sampling.Sampler(net)  # the run's fixed-shape steps (CUDA graphs) and bf16 copy, made once
         self.dev = next(net.parameters()).device
         # PPO: the critic (value head; separate: and a second copy of the base with its LoRA) trains with the policy
         self.critic = baselines.Critic(net, cfg.critic) if cfg.algo == "ppo" else None
@@ -240,7 +243,7 @@ class Trainer:
                 got = sampling.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
                                temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"],
                                eos=self.eos, stop=self.task.stop(prefix), precision=cfg.sample_precision,
-                               entropy=entropy)
+                               entropy=entropy, sampler=self.sampler)
                 outs, hs = got if entropy else (got, [None] * len(got))
         except M.CacheTooLarge as e:
             e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
@@ -547,7 +550,7 @@ def eval_due(cfg: Settings, step: int) -> bool:
 def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
     try:
         with torch.no_grad():
-            e = {"step": tr.step, **evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
+            e = {"step": tr.step, **evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world, tr.sampler),
                  **(lora.adapter_norms(tr.net) if tr.cfg.train == "lora" else {})}
     except sampling.NonFiniteLogits as err:
         err.where = f"the step-{tr.step} evaluation"
