@@ -203,7 +203,7 @@ def part_decode(a, sz: Sizes, dev) -> None:
                                        "reading the weights once, ms": weights / bandwidth * 1000})
         variants = [B.DECODE_VARIANTS[i] for i in (0, 2, 5, 1, 3, 4)]  # eager, the default graph and bf16 first
     else:  # the fixed-shape step without its graph stands for the graph
-        variants = [B.DECODE_VARIANTS[0], ("fixed shape, no graph (CUDA's step)", {"decode": "static"}, None, None)]
+        variants = [B.DECODE_VARIANTS[0], ("fixed shape, no graph (CUDA's step)", {"mode": "static"}, None, None)]
     fixed = "graph" if cuda else "static"
 
     def step_rows(vs):
@@ -219,14 +219,14 @@ def part_decode(a, sz: Sizes, dev) -> None:
             emit(f"one decode step over a {sz.decode_slots}-slot cache", decode=name, **cells, target=target)
 
     step_rows(variants[:3])
-    for rows, decode, ends in sz.profile:
-        decode = fixed if decode == "fixed" else decode
+    for rows, mode, ends in sz.profile:
+        mode = fixed if mode == "fixed" else mode
         try:
-            p = B.step_profile(tk, dev, rows, decode, sz.profile_prompt, sz.profile_steps, ends)
+            p = B.step_profile(tk, dev, rows, mode, sz.profile_prompt, sz.profile_steps, ends)
         except Exception as e:  # a profiler that cannot read this machine must not hide the rest
-            emit("the decode step, profiled", decode=decode, rows=rows, error=f"{type(e).__name__}: {first_line(e)}")
+            emit("the decode step, profiled", decode=mode, rows=rows, error=f"{type(e).__name__}: {first_line(e)}")
             continue
-        emit("the decode step, profiled", decode=decode, rows=rows,
+        emit("the decode step, profiled", decode=mode, rows=rows,
              **{"rows end": f"1 in {ends} a step" if ends else "none", "step ms": p["wall_ms"],
                 "GPU busy ms" if cuda else "CPU ms in aten ops": p["busy_ms"],
                 "busy fraction": p["busy_ms"] / p["wall_ms"], "kernels" if cuda else "aten ops": p["kernels"],
