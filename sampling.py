@@ -2,13 +2,14 @@
 step: eager, on a KVCache of the live rows, or of fixed shape, on a StaticCache, which a CUDA graph captures once and
 replays.
 
-    next_token, draw     one token per row (greedy, or temperature + top-p, drawn in two levels)
-    EagerSteps           decode steps on the live rows' KVCache (the CPU's)
-    StaticCache          keys and values of one fixed shape for a whole decode; decode_step, the step over it
-    decode_loop          draws a token per live row, step by step, until each row stops (mode: eager, static, graph)
-    StepRunner, FixedSteps  that step for one shape, run as it is or replayed as a CUDA graph; the live rows' logits
-    Sampler              what is kept between calls for one model: a StepRunner per shape, the bf16 copy
-    sample, greedy       G completions of one prompt; B prompts' greedy completions, left-padded in one batch
+    next_token, draw        one token per row (greedy, or temperature + top-p, drawn in two levels)
+    StaticCache             keys and values of one fixed shape for a whole decode; decode_step, the step over it
+    decode_loop             a token per live row, step by step, until each row stops
+    EagerSteps              the loop's steps on the live rows' KVCache (mode "eager", the CPU's)
+    StepRunner, FixedSteps  decode_step for one shape, run as it is ("static") or replayed as a CUDA graph
+                            ("graph"); the loop's steps over it, the live rows' logits read out
+    Sampler                 what is kept between calls for one model: a StepRunner per shape, the bf16 copy
+    sample, greedy          G completions of one prompt; B prompts' greedy completions, left-padded in one batch
 """
 from __future__ import annotations
 
