@@ -108,7 +108,7 @@ def test_model_sample_first_tokens_follow_softmax_at_the_temperature(peaked, tem
 
 
 @pytest.mark.parametrize("mode", ["eager", "static"])
-def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing(peaked, decode):
+def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing(peaked, mode):
     """The G rows' first logits are one distribution copied G times: suppressing tokens writes -inf into each row,
     which must be the rows' own memory. Every warning is an error here: PyTorch warns (and is to refuse) an index_put_
     on an expanded tensor. The bug it is written for: the copy dropped after the prefill (the G rows one expanded
@@ -135,7 +135,7 @@ PROMPTS = [[3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1], [1], [200, 100, 50, 25, 12, 6
 
 @pytest.mark.parametrize("mode", ["static", "eager"])
 @pytest.mark.parametrize("early_ends", [False, True])
-def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_weights, monkeypatch, decode,
+def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_weights, monkeypatch, mode,
                                                                         early_ends):
     """greedy() of four prompts of 1 to 9 tokens in one left-padded batch: at every step, every live row's logits
     equal a full forward of its own unpadded prompt and tokens (within 1e-4; the logits reach ±9). mode="static"
@@ -166,7 +166,7 @@ def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_w
                 full = m.logits(torch.tensor([PROMPTS[i] + outs[i][:step]]))[0, -1]
                 worst = max(worst, float((got - full).abs().max()))
                 assert outs[i][step] == int(full.argmax())
-    print(f"\n{decode} decode, left-padded, early ends {early_ends}: max abs logit error {worst:.1e}")
+    print(f"\n{mode} decode, left-padded, early ends {early_ends}: max abs logit error {worst:.1e}")
     assert worst < 1e-4
 
 
