@@ -35,9 +35,11 @@ class EvalStopped(Exception):
 
 # [decided] (SPEC.md) Evaluation: greedy, batched, accuracy = mean reward
 def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None = None,
-             world: World = World()) -> dict:
+             world: World = World(), sampler: sampling.Sampler | None = None) -> dict:
     """With N processes each takes a slice of the test set (distributed.py) and the counts are summed. A greedy
-    distribution that is not finite stops it before anything is counted (sampling.NonFiniteLogits, on every process)."""
+    distribution that is not finite stops it before anything is counted (sampling.NonFiniteLogits, on every process).
+    `sampler`: the run's (the Trainer's); None: one for this evaluation."""
+    sampler = sampler or sampling.Sampler(net)
     data = task.test_set()[: cfg.eval_limit]
     if not data:  # the checks refuse every way to get here (--eval-limit 0, an empty split): an accuracy of nothing
         raise ValueError(f"{task.name}: an evaluation of no test example")
@@ -55,7 +57,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                 raise EvalStopped
             batch, prompts = mine[i: i + rows], encoded[i: i + rows]
             try:
-                outs = sampling.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop())
+                outs = sampling.greedy(net, prompts, new_tokens, eos=eos, stop=task.stop(), sampler=sampler)
             except M.CacheTooLarge as e:
                 e.flags = f"--eval-batch {cfg.eval_batch or f'{rows} (its default here)'}, " \
                           f"--eval-max-new-tokens {new_tokens}"
@@ -74,7 +76,7 @@ def evaluate(net, tok, task: Task, cfg: Settings, eos, stop: StopRequest | None 
                                      "reward": r})
             bar.update(len(batch))
             bar.set_postfix(accuracy=f"{correct / (i + len(batch)):.3f}", refresh=False)
-    sampling.release_decoders(net)  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
+    sampler.release()  # the evaluation's fixed-shape caches and graphs: gigabytes at a large batch
     correct, examples = world.sum([correct])[0], world.gather(examples)  # one process: unchanged
     if failed := [e for e in examples if isinstance(e, sampling.NonFiniteLogits)]:
         raise failed[0]

@@ -2,11 +2,14 @@
 step: eager, on a KVCache of the live rows, or of fixed shape, on a StaticCache, which a CUDA graph captures once and
 replays.
 
-    next_token, draw     one token per row (greedy, or temperature + top-p, drawn in two levels)
-    EagerSteps           decode steps on the live rows' KVCache (the CPU's)
-    StaticCache          keys and values of one fixed shape for a whole decode; decode_step, the step over it
-    Decoder, FixedSteps  that step, run as it is or replayed as a CUDA graph; the live rows' logits read out
-    sample, greedy       G completions of one prompt; B prompts' greedy completions, left-padded in one batch
+    next_token, draw        one token per row (greedy, or temperature + top-p, drawn in two levels)
+    StaticCache             keys and values of one fixed shape for a whole decode; decode_step, the step over it
+    decode_loop             a token per live row, step by step, until each row stops
+    EagerSteps              the loop's steps on the live rows' KVCache (mode "eager", the CPU's)
+    StepRunner, FixedSteps  decode_step for one shape, run as it is ("static") or replayed as a CUDA graph
+                            ("graph"); the loop's steps over it, the live rows' logits read out
+    Sampler                 what is kept between calls for one model: a StepRunner per shape, the bf16 copy
+    sample, greedy          G completions of one prompt; B prompts' greedy completions, left-padded in one batch
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import contextlib
 import copy
 import math
 import sys
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -164,19 +166,19 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None, block: int = 12
 
 
 StopFn = Callable[[list[int]], bool]
-DECODES = ("eager", "static", "graph")  # how sample() and greedy() run their decode steps (`decode`)
+MODES = ("eager", "static", "graph")  # how sample() and greedy() run their decode steps (`mode`)
 PRECISIONS = ("fp32", "tf32", "bf16")  # sample()'s matrix products (`precision`)
 SLOT_BLOCK = 16  # a fixed-shape cache's slots are rounded up to a multiple: prompts of other lengths reuse its graph
 
 
-def default_decode(device) -> str:
+def default_mode(device) -> str:
     """CUDA: the fixed-shape step, replayed as a CUDA graph. The CPU: the eager step, which drops finished rows
     from its cache (on a CPU every row costs compute, and there are no kernel launches to save)."""
     return "graph" if torch.device(device).type == "cuda" else "eager"
 
 
-def _decode(steps, logits: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, generator,
-            eos: Sequence[int], stop: StopFn | None, suppress: Sequence[int], entropy: bool = False):
+def decode_loop(steps, logits: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, generator,
+                eos: Sequence[int], stop: StopFn | None, suppress: Sequence[int], entropy: bool = False):
     """Decode from the rows' last logits (B, V) until each row stops. `steps(tok, keep)` feeds the live rows' new
     tokens (n,) to the model and returns the next logits of the rows it keeps (indices into the live rows).
     entropy=True: (tokens, entropies), each token's H (next_token's) beside it, the rows' H read once at the end."""
@@ -231,25 +233,25 @@ class EagerSteps:
 
 
 class FixedSteps:
-    """Decode steps of fixed shape: every row stays in the Decoder's batch; the live rows' logits are read out."""
+    """Decode steps of fixed shape: every row stays in the StepRunner's batch; the live rows' logits are read out."""
 
-    def __init__(self, model: Qwen2ForCausalLM, decoder: Decoder, prefill: KVCache, pad: torch.Tensor):
-        self.model, self.decoder, self.pad = model, decoder, pad
-        decoder.cache.load_prefix(prefill)
+    def __init__(self, model: Qwen2ForCausalLM, runner: StepRunner, prefill: KVCache, pad: torch.Tensor):
+        self.model, self.runner, self.pad = model, runner, pad
+        runner.cache.load_prefix(prefill)
         self.slot = prefill.length  # the slot of the next token, the same in every row
-        self.live = torch.arange(decoder.cache.rows, device=pad.device)
+        self.live = torch.arange(runner.cache.rows, device=pad.device)
 
     def __call__(self, tok: torch.Tensor, keep: list[int]) -> torch.Tensor:
         if len(keep) < tok.shape[0]:
             idx = torch.tensor(keep, device=tok.device)
             tok, self.live = tok[idx], self.live[idx]
-        d = self.decoder
-        d.tokens.index_copy_(0, self.live, tok)  # a finished row keeps feeding its last token, unread
-        d.positions.copy_(self.slot - self.pad)  # a left-padded row's positions start at 0 after its pad
-        d.cache.slot.fill_(self.slot)
+        r = self.runner
+        r.tokens.index_copy_(0, self.live, tok)  # a finished row keeps feeding its last token, unread
+        r.positions.copy_(self.slot - self.pad)  # a left-padded row's positions start at 0 after its pad
+        r.cache.slot.fill_(self.slot)
         self.slot += 1
-        logits = d.run(self.model)  # (B, V), every row
-        return logits if self.live.shape[0] == d.cache.rows else logits.index_select(0, self.live)
+        logits = r.run(self.model)  # (B, V), every row
+        return logits if self.live.shape[0] == r.cache.rows else logits.index_select(0, self.live)
 
 
 @contextlib.contextmanager
@@ -289,15 +291,13 @@ def out_of_memory(e: BaseException) -> BaseException | None:
     return None
 
 
-class Decoder:
+class StepRunner:
     """A model's decode step over one StaticCache of rows × slots, with fixed input buffers (tokens, positions, the
     cache's slot). graph=False runs the step as it is; graph=True captures it once as a CUDA graph and replays it:
     one launch for the ~1,300 small kernels of a Qwen2-1.5B step, which launched one by one cost more than the
     GPU's work at 8 to 50 rows. The graph reads the model's weights where they lie, so an adapter trained in place
-    (the optimizer's step) is seen at the next replay."""
-
-    captures = 0  # CUDA graphs captured in this process (a test counts them)
-    refused = 0  # captures that failed (each decodes without a graph)
+    (the optimizer's step) is seen at the next replay. A capture the driver or build refuses leaves `graph` None
+    and the error in `refusal`: the step then runs without the graph, slower."""
 
     def __init__(self, model: Qwen2ForCausalLM, rows: int, slots: int, graph: bool, tf32: bool):
         p = next(model.parameters())
@@ -305,6 +305,7 @@ class Decoder:
         self.tokens = torch.zeros(rows, dtype=torch.long, device=p.device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=p.device)
         self.tf32, self.graph, self.logits = tf32, None, None
+        self.refusal: RuntimeError | None = None
         if graph:
             try:
                 self.capture(model)
@@ -313,10 +314,7 @@ class Decoder:
                 if oom := out_of_memory(e):  # not a refusal: these rows do not fit, with or without the graph
                     nbytes = cache_bytes(model.config, rows, slots, p.dtype)
                     raise CaptureOutOfMemory(rows, slots, nbytes, p.device, oom) from None
-                if not Decoder.refused:
-                    print(f"warning: the decode step could not be captured as a CUDA graph ({first_line(e)[:200]}); "
-                          "decoding without it, slower", file=sys.stderr)
-                Decoder.refused += 1
+                self.refusal = e
 
     def capture(self, model: Qwen2ForCausalLM) -> None:
         """Two warm-up steps, then the capture, on one side stream: cuBLAS's handle and workspace, kept per stream,
@@ -332,7 +330,6 @@ class Decoder:
                 self.logits = decode_step(model, self.tokens, self.positions, self.cache)
             torch.cuda.current_stream().wait_stream(side)
         self.cache.valid.zero_()  # the warm-up steps wrote slot 0; load_prefix overwrites it
-        Decoder.captures += 1
 
     def run(self, model: Qwen2ForCausalLM) -> torch.Tensor:
         if self.graph is not None:
@@ -349,102 +346,138 @@ def structure(model: nn.Module) -> tuple:
     return params + tuple((getattr(m, "enabled", None), getattr(m, "merged", None)) for m in model.modules())
 
 
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure, {shape: Decoder})
-_BF16: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure, its bf16 copy)
+class Sampler:
+    """What sampling keeps between calls for one model: its StepRunners, one per shape (a CUDA graph captured once
+    per shape, not once per call), and its bf16 copy; both made again after the model's structure changes (LoRA
+    put on, switched off, merged). A run holds one Sampler, as the training loop and its evaluations do.
+
+    `runners`: (bf16, rows, slots, graph, tf32) -> StepRunner. `captures`: the CUDA graphs it captured; `refused`:
+    the captures refused (each decodes without a graph), warned about at the first."""
+
+    def __init__(self, model: Qwen2ForCausalLM):
+        self.model = model
+        self.runners: dict[tuple, StepRunner] = {}
+        self.captures = self.refused = 0
+        self._bf16: Qwen2ForCausalLM | None = None
+        self._structure: tuple | None = None  # the model's, when the runners and the bf16 copy were made
+
+    def _follow_model(self) -> None:
+        """Drop the runners and the bf16 copy when the model's structure has changed since they were made."""
+        sig = structure(self.model)
+        if sig != self._structure:
+            self.runners, self._bf16, self._structure = {}, None, sig
+
+    def bf16(self) -> Qwen2ForCausalLM:
+        """The model for sampling in bf16: a bf16 copy of every frozen weight, and the very tensors of the trained ones
+        (the LoRA adapter, fp32, applied as in training), so each update is sampled from at once. Made once."""
+        self._follow_model()
+        if self._bf16 is None:
+            memo = {id(p): p if p.requires_grad else nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                    for p in self.model.parameters()}
+            self._bf16 = copy.deepcopy(self.model, memo)
+        return self._bf16
+
+    def runner(self, net: Qwen2ForCausalLM, rows: int, length: int, graph: bool, tf32: bool = False) -> StepRunner:
+        """The StepRunner of `net` (the model, or its bf16 copy) for rows × length (slots rounded up to SLOT_BLOCK),
+        made on first use and kept."""
+        self._follow_model()
+        key = (net is not self.model, rows, -(-length // SLOT_BLOCK) * SLOT_BLOCK, graph, tf32)
+        if key not in self.runners:
+            r = self.runners[key] = StepRunner(net, *key[1:])
+            self.captures += r.graph is not None
+            if r.refusal is not None:
+                if not self.refused:
+                    print(f"warning: the decode step could not be captured as a CUDA graph "
+                          f"({first_line(r.refusal)[:200]}); decoding without it, slower", file=sys.stderr)
+                self.refused += 1
+        return self.runners[key]
+
+    def release(self) -> None:
+        """Free the fixed-shape caches and graphs (the evaluation's large batch holds gigabytes); the bf16 copy and the
+        counts stay."""
+        self.runners = {}
+
+    def _prepare(self, mode: str | None, precision: str = "fp32"):
+        """The network that samples (the model, or its bf16 copy) and the mode to decode in."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+        mode = mode or default_mode(next(self.model.parameters()).device)
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: allowed {', '.join(MODES)}")
+        return (self.bf16() if precision == "bf16" else self.model), mode
+
+    @torch.no_grad()
+    def sample(self, prompt: Sequence[int], num_samples: int, max_new_tokens: int, *, temperature: float,
+               generator: torch.Generator | None, top_p: float = 1.0, eos: Sequence[int] = (),
+               stop: StopFn | None = None, suppress: Sequence[int] = (), mode: str | None = None,
+               precision: str = "fp32", entropy: bool = False):
+        """G = num_samples completions of one prompt: the prompt is prefilled once and its cache copied to G rows.
+
+        Each row stops at an EOS token (kept in its completion), when `stop(tokens)` is true, or at max_new_tokens.
+        Returns the G completions as token lists (generated tokens only). `mode`: eager, static (fixed shape) or
+        graph (fixed shape, a CUDA graph); None: default_mode. The draws come from `generator` in the same order
+        whatever the mode. `precision`: fp32 (the paper's), tf32 (CUDA matrix products in TF32) or bf16 (a bf16 copy
+        of the frozen weights): the samples are then slightly off the fp32 policy (docs/performance.md measures it).
+        entropy=True (T-SPMO's --replay-cut entropy): returns (completions, entropies), entropies[i][t] the entropy in
+        nats of the distribution completions[i][t] was drawn from (next_token's), the same draws as without it."""
+        if not prompt:
+            raise ValueError("sample: the prompt is empty")
+        net, mode = self._prepare(mode, precision)
+        p = next(net.parameters())
+        length = len(prompt) + max_new_tokens
+        with matmul_precision(precision == "tf32"):
+            cache = KVCache(net.config, 1, length if mode == "eager" else len(prompt), p.device, p.dtype)
+            h = net(torch.tensor([list(prompt)], device=p.device), cache)[:, -1]  # (1, C)
+            logits = net.lm_head(h).expand(num_samples, -1).clone()  # (G, V): G independent draws from one distribution
+            pad = torch.zeros(num_samples, dtype=torch.long, device=p.device)
+            if mode == "eager":
+                cache.expand_rows(num_samples)
+                steps = EagerSteps(net, cache, pad)
+            else:
+                fixed = self.runner(net, num_samples, length, mode == "graph", precision == "tf32")
+                steps = FixedSteps(net, fixed, cache, pad)
+            return decode_loop(steps, logits, max_new_tokens, temperature, top_p, generator, eos, stop, suppress,
+                               entropy)
+
+    @torch.no_grad()
+    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, eos: Sequence[int] = (),
+               stop: StopFn | None = None, mode: str | None = None) -> list[list[int]]:
+        """Greedy completions of B different prompts in one batch (left-padded; padding is masked out), in fp32."""
+        net, mode = self._prepare(mode)
+        p = next(net.parameters())
+        B, T = len(prompts), max(len(x) for x in prompts)
+        pad = torch.tensor([T - len(x) for x in prompts], device=p.device)  # (B,)
+        ids = torch.tensor([[0] * (T - len(x)) + list(x) for x in prompts], device=p.device)  # (B, T)
+        with matmul_precision(False):
+            cache = KVCache(net.config, B, T + max_new_tokens if mode == "eager" else T, p.device, p.dtype)
+            cache.valid[:, :T] = torch.arange(T, device=p.device)[None] >= pad[:, None]
+            cache.padded = bool(pad.any())
+            positions = (torch.arange(T, device=p.device)[None] - pad[:, None]).clamp(min=0)  # (B, T)
+            logits = net.lm_head(net(ids, cache, positions)[:, -1])  # (B, V)
+            if mode == "eager":
+                steps = EagerSteps(net, cache, pad)
+            else:
+                steps = FixedSteps(net, self.runner(net, B, T + max_new_tokens, mode == "graph"), cache, pad)
+            return decode_loop(steps, logits, max_new_tokens, 0.0, 1.0, None, eos, stop, ())
 
 
-def decoder(model: Qwen2ForCausalLM, rows: int, length: int, graph: bool, tf32: bool = False) -> Decoder:
-    """The model's Decoder for rows × length (slots rounded up to SLOT_BLOCK), made on first use and kept with the
-    model, so that a shape is captured once per run, not once per call; made again after the model changes."""
-    sig = structure(model)
-    kept = _DECODERS.get(model)
-    if kept is None or kept[0] != sig:
-        kept = _DECODERS[model] = (sig, {})
-    key = (rows, -(-length // SLOT_BLOCK) * SLOT_BLOCK, graph, tf32)
-    if key not in kept[1]:
-        kept[1][key] = Decoder(model, *key)
-    return kept[1][key]
+# The functions the training loop and the evaluation call (a test replaces one of them to script the completions):
+# `sampler` keeps the model's fixed-shape steps and bf16 copy between calls; None makes a fresh one for this call.
+def _sampler_of(model: Qwen2ForCausalLM, sampler: Sampler | None) -> Sampler:
+    if sampler is None:
+        return Sampler(model)
+    if sampler.model is not model:
+        raise ValueError("sampling: the sampler was made for another model")
+    return sampler
 
 
-def release_decoders(model: Qwen2ForCausalLM) -> None:
-    """Free the model's fixed-shape caches and graphs (the evaluation's large batch holds gigabytes)."""
-    _DECODERS.pop(model, None)
-    if model in _BF16:
-        _DECODERS.pop(_BF16[model][1], None)
-
-
-def bf16_copy(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
-    """The model for sampling in bf16: a bf16 copy of every frozen weight, and the very tensors of the trained ones
-    (the LoRA adapter, fp32, applied as in training), so each update is sampled from at once. Made once per model."""
-    sig = structure(model)
-    kept = _BF16.get(model)
-    if kept is None or kept[0] != sig:
-        memo = {id(p): p if p.requires_grad else nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
-                for p in model.parameters()}
-        kept = _BF16[model] = (sig, copy.deepcopy(model, memo))
-    return kept[1]
-
-
-def _prepare(model: Qwen2ForCausalLM, decode: str | None, precision: str = "fp32"):
-    """The network that samples (the model, or its bf16 copy) and the decode to use."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
-    decode = decode or default_decode(next(model.parameters()).device)
-    if decode not in DECODES:
-        raise ValueError(f"decode {decode!r}: allowed {', '.join(DECODES)}")
-    return (bf16_copy(model) if precision == "bf16" else model), decode
-
-
-@torch.no_grad()
 def sample(model: Qwen2ForCausalLM, prompt: Sequence[int], num_samples: int, max_new_tokens: int, *,
-           temperature: float, generator: torch.Generator | None, top_p: float = 1.0, eos: Sequence[int] = (),
-           stop: StopFn | None = None, suppress: Sequence[int] = (), decode: str | None = None,
-           precision: str = "fp32", entropy: bool = False):
-    """G = num_samples completions of one prompt: the prompt is prefilled once and its cache copied to G rows.
-
-    Each row stops at an EOS token (kept in its completion), when `stop(tokens)` is true, or at max_new_tokens.
-    Returns the G completions as token lists (generated tokens only). `decode`: eager, static (fixed shape) or
-    graph (fixed shape, a CUDA graph); None: default_decode. The draws come from `generator` in the same order
-    whatever the decode. `precision`: fp32 (the paper's), tf32 (CUDA matrix products in TF32) or bf16 (a bf16 copy
-    of the frozen weights): the samples are then slightly off the fp32 policy (docs/performance.md measures it).
-    entropy=True (T-SPMO's --replay-cut entropy): returns (completions, entropies), entropies[i][t] the entropy in
-    nats of the distribution completions[i][t] was drawn from (next_token's), the same draws as without it."""
-    if not prompt:
-        raise ValueError("sample: the prompt is empty")
-    net, decode = _prepare(model, decode, precision)
-    p = next(net.parameters())
-    length = len(prompt) + max_new_tokens
-    with matmul_precision(precision == "tf32"):
-        cache = KVCache(net.config, 1, length if decode == "eager" else len(prompt), p.device, p.dtype)
-        h = net(torch.tensor([list(prompt)], device=p.device), cache)[:, -1]  # (1, C)
-        logits = net.lm_head(h).expand(num_samples, -1).clone()  # (G, V): G independent draws from one distribution
-        pad = torch.zeros(num_samples, dtype=torch.long, device=p.device)
-        if decode == "eager":
-            cache.expand_rows(num_samples)
-            steps = EagerSteps(net, cache, pad)
-        else:
-            fixed = decoder(net, num_samples, length, decode == "graph", precision == "tf32")
-            steps = FixedSteps(net, fixed, cache, pad)
-        return _decode(steps, logits, max_new_tokens, temperature, top_p, generator, eos, stop, suppress, entropy)
+           sampler: Sampler | None = None, **kw):
+    """Sampler.sample of `model`, through `sampler` (None: a fresh Sampler, kept for this call only)."""
+    return _sampler_of(model, sampler).sample(prompt, num_samples, max_new_tokens, **kw)
 
 
-@torch.no_grad()
 def greedy(model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-           eos: Sequence[int] = (), stop: StopFn | None = None, decode: str | None = None) -> list[list[int]]:
-    """Greedy completions of B different prompts in one batch (left-padded; padding is masked out), in fp32."""
-    net, decode = _prepare(model, decode)
-    p = next(net.parameters())
-    B, T = len(prompts), max(len(x) for x in prompts)
-    pad = torch.tensor([T - len(x) for x in prompts], device=p.device)  # (B,)
-    ids = torch.tensor([[0] * (T - len(x)) + list(x) for x in prompts], device=p.device)  # (B, T)
-    with matmul_precision(False):
-        cache = KVCache(net.config, B, T + max_new_tokens if decode == "eager" else T, p.device, p.dtype)
-        cache.valid[:, :T] = torch.arange(T, device=p.device)[None] >= pad[:, None]
-        cache.padded = bool(pad.any())
-        positions = (torch.arange(T, device=p.device)[None] - pad[:, None]).clamp(min=0)  # (B, T)
-        logits = net.lm_head(net(ids, cache, positions)[:, -1])  # (B, V)
-        if decode == "eager":
-            steps = EagerSteps(net, cache, pad)
-        else:
-            steps = FixedSteps(net, decoder(net, B, T + max_new_tokens, decode == "graph"), cache, pad)
-        return _decode(steps, logits, max_new_tokens, 0.0, 1.0, None, eos, stop, ())
+           sampler: Sampler | None = None, **kw) -> list[list[int]]:
+    """Sampler.greedy of `model`, through `sampler` (None: a fresh Sampler, kept for this call only)."""
+    return _sampler_of(model, sampler).greedy(prompts, max_new_tokens, **kw)

@@ -71,6 +71,7 @@ class Trainer:
     def __init__(self, cfg: Settings, run: Path, net, tok, task: Task, eos, world: World = World()):
         self.cfg, self.run, self.net, self.tok, self.task, self.eos = cfg, run, net, tok, task, eos
         self.world = world  # one process, or this one's place among N (distributed.py)
+        self.sampler = sampling.Sampler(net)  # the run's fixed-shape steps (CUDA graphs) and bf16 copy, made once
         self.dev = next(net.parameters()).device
         # PPO: the critic (value head; separate: and a second copy of the base with its LoRA) trains with the policy
         self.critic = baselines.Critic(net, cfg.critic) if cfg.algo == "ppo" else None
@@ -132,7 +133,7 @@ class Trainer:
                 got = sampling.sample(self.net, list(prompt_ids) + list(prefix), n, cfg.max_new_tokens - len(prefix),
                                temperature=cfg.temperature, top_p=cfg.top_p, generator=self.gens["sample"],
                                eos=self.eos, stop=self.task.stop(prefix), precision=cfg.sample_precision,
-                               entropy=entropy)
+                               entropy=entropy, sampler=self.sampler)
                 outs, hs = got if entropy else (got, [None] * len(got))
         except M.CacheTooLarge as e:
             e.flags = f"-G {cfg.group_size}, --max-new-tokens {cfg.max_new_tokens}"
@@ -439,7 +440,8 @@ def eval_due(cfg: Settings, step: int) -> bool:
 def log_eval(tr: Trainer, log: RunLog, stop: StopRequest) -> None:
     try:
         with torch.no_grad():
-            e = {"step": tr.step, **evaluation.evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world),
+            e = {"step": tr.step, **evaluation.evaluate(tr.net, tr.tok, tr.task, tr.cfg, tr.eos, stop, tr.world,
+                                                        tr.sampler),
                  **(lora.adapter_norms(tr.net) if tr.cfg.train == "lora" else {})}
     except sampling.NonFiniteLogits as err:
         err.where = f"the step-{tr.step} evaluation"

@@ -160,10 +160,11 @@ def sampling_row(tk, hf, dev, G: int, N: int) -> dict:
     (the CPU's path: the reference the graph is timed against)."""
     prompt = torch.randint(0, EOS[0], (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ids = torch.tensor([prompt], device=dev)
+    sampler = sampling.Sampler(tk)  # one for the calls, as a run holds one: on CUDA its graph is captured once
 
-    def ours(G, n, decode=None):
-        out = sampling.sample(tk, prompt, G, n, temperature=TEMPERATURE, top_p=1.0, eos=EOS, suppress=EOS,
-                       generator=torch.Generator(dev).manual_seed(2), decode=decode)
+    def ours(G, n, mode=None):
+        out = sampler.sample(prompt, G, n, temperature=TEMPERATURE, top_p=1.0, eos=EOS, suppress=EOS,
+                             generator=torch.Generator(dev).manual_seed(2), mode=mode)
         assert all(len(y) == n for y in out)
 
     def theirs(G, n):  # min_new_tokens = N: transformers' own way of suppressing EOS until N tokens
@@ -183,7 +184,7 @@ def sampling_row(tk, hf, dev, G: int, N: int) -> dict:
 
     row = {"tokrl": tok_per_s(ours, G), "transformers": tok_per_s(theirs, G)}
     if dev.type == "cuda":
-        row["eager"] = tok_per_s(lambda G, n: ours(G, n, decode="eager"), G)
+        row["eager"] = tok_per_s(lambda G, n: ours(G, n, mode="eager"), G)
     return row
 
 
@@ -214,7 +215,7 @@ def table(head: list[str], rows: list[list[str]]) -> None:
 
 
 DECODE_VARIANTS = [  # (name, sample()'s keywords, sampling.DECODE_ATTENTION, cuBLAS library)
-    ("eager (the CPU's path; kernels launched one by one)", {"decode": "eager"}, None, None),
+    ("eager (the CPU's path; kernels launched one by one)", {"mode": "eager"}, None, None),
     ("graph, fp32, math attention", {}, "math", None),
     ("graph, fp32, memory-efficient attention", {}, "efficient", None),
     ("graph, fp32, memory-efficient attention, cuBLASLt", {}, "efficient", "cublaslt"),
@@ -229,11 +230,12 @@ def decode_step_ms(tk, dev, rows: int, prompt_len: int = 280, slots: int = 400, 
     prefill in it), after a warm-up. The eager step attends to the tokens so far (here positions 300 to 400)."""
     prompt = rand_tokens(prompt_len, torch.Generator().manual_seed(12))
     k2 = slots - prompt_len
+    sampler = sampling.Sampler(tk)  # its graphs are captured under the attention kernel and library set now
 
     def run(k: int) -> float:
         t0 = sync(dev)
-        sampling.sample(tk, prompt, rows, slots - prompt_len, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
-                 generator=torch.Generator(dev).manual_seed(2), stop=lambda y: len(y) >= k, **kw)
+        sampler.sample(prompt, rows, slots - prompt_len, temperature=TEMPERATURE, eos=EOS, suppress=EOS,
+                       generator=torch.Generator(dev).manual_seed(2), stop=lambda y: len(y) >= k, **kw)
         return sync(dev) - t0
     run(k1)  # warm-up: the graph's capture, cuBLAS's choices
     return (run(k2) - run(k1)) / (k2 - k1) * 1000
@@ -241,19 +243,17 @@ def decode_step_ms(tk, dev, rows: int, prompt_len: int = 280, slots: int = 400, 
 
 def decode_variant_ms(tk, dev, variant: tuple, rows: tuple[int, ...], **shape) -> list[float]:
     """decode_step_ms at each row count under one of DECODE_VARIANTS (its attention kernel and cuBLAS library set
-    for the call and restored after; the model's decoders captured again under them)."""
+    for the call and restored after; each decode_step_ms captures its graph under them)."""
     name, kw, attention, blas = variant
     before = (sampling.DECODE_ATTENTION, torch.backends.cuda.preferred_blas_library())
     sampling.DECODE_ATTENTION = attention or before[0]
     if blas:
         torch.backends.cuda.preferred_blas_library(blas)
-    sampling.release_decoders(tk)
     try:
         return [decode_step_ms(tk, dev, r, **shape, **kw) for r in rows]
     finally:
         sampling.DECODE_ATTENTION = before[0]
         torch.backends.cuda.preferred_blas_library(before[1])
-        sampling.release_decoders(tk)
 
 
 def decode_section(tk, dev) -> str:
@@ -297,7 +297,7 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
-def step_profile(tk, dev, rows: int, decode: str, prompt_len: int = 200, steps: tuple[int, int] = (8, 24),
+def step_profile(tk, dev, rows: int, mode: str, prompt_len: int = 200, steps: tuple[int, int] = (8, 24),
                  ends: int = 0) -> dict:
     """One decode step as the device sees it, at `rows` rows after a prompt of `prompt_len` tokens. sample() runs
     n1 and n2 steps with the same draws (the n2 run extends the n1 run), and every figure is the difference over the
@@ -314,12 +314,13 @@ def step_profile(tk, dev, rows: int, decode: str, prompt_len: int = 200, steps: 
     from torch.profiler import profile as torch_profile
     cuda, (n1, n2) = dev.type == "cuda", steps
     prompt = rand_tokens(prompt_len, torch.Generator().manual_seed(12))
+    sampler = sampling.Sampler(tk)
 
     def run(n: int) -> float:
         t0 = sync(dev)
-        sampling.sample(tk, prompt, rows, n2, temperature=TEMPERATURE, eos=EOS, suppress=EOS, decode=decode,
-                 generator=torch.Generator(dev).manual_seed(2),
-                 stop=lambda y: len(y) >= n or bool(ends and y[-1] % ends == 0))
+        sampler.sample(prompt, rows, n2, temperature=TEMPERATURE, eos=EOS, suppress=EOS, mode=mode,
+                       generator=torch.Generator(dev).manual_seed(2),
+                       stop=lambda y: len(y) >= n or bool(ends and y[-1] % ends == 0))
         return sync(dev) - t0
 
     def profiled(n: int) -> dict:
@@ -357,7 +358,6 @@ def step_profile(tk, dev, rows: int, decode: str, prompt_len: int = 200, steps: 
     per = {k: (b[k] - a[k]) / n for k in ("kernels", "busy_us", "launches", "syncs", "copies")}
     sa, sb = sync_sites(n1), sync_sites(n2)
     sites = {k: (sb[k] - sa[k]) / n for k in sb}
-    sampling.release_decoders(tk)
     return {"wall_ms": wall, "busy_ms": per["busy_us"] / 1000, "kernels": per["kernels"], "launches": per["launches"],
             "syncs": per["syncs"], "copies": per["copies"],
             "sites": ", ".join(f"{k} ×{v:.2g}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1]) if v > 0)}
@@ -368,9 +368,9 @@ def profile(tk, dev) -> None:
     print("One decode step through torch.profiler, per step over 16 steps after a 200-token prompt (no row ends):\n")
     rows = []
     for r in (G_GRPO, G_TSPMO):
-        for decode in ("eager", "graph"):
-            p = step_profile(tk, dev, r, decode)
-            rows.append([f"{decode}, {r} rows", f"{p['wall_ms']:.2f}", f"{p['busy_ms']:.2f}",
+        for mode in ("eager", "graph"):
+            p = step_profile(tk, dev, r, mode)
+            rows.append([f"{mode}, {r} rows", f"{p['wall_ms']:.2f}", f"{p['busy_ms']:.2f}",
                          f"{p['busy_ms'] / p['wall_ms']:.2f}", f"{p['kernels']:.0f}", f"{p['launches']:.1f}",
                          f"{p['syncs']:.1f}", f"{p['copies']:.1f}", p["sites"] or "-"])
     table(["decode", "step ms", "GPU busy ms", "busy fraction", "kernels", "launches", "host syncs",
@@ -382,16 +382,16 @@ def mismatch_rows(tk, dev) -> list[dict]:
     """How far the opt-in precisions' samples are from the fp32 policy: log π of each sampled token under the
     sampler's precision against fp32's (the same forward, T = 1: the log-probs a ratio π_θ/π_θold would read)."""
     prompt = rand_tokens(40, torch.Generator().manual_seed(13))
-    rows = []
+    rows, sampler = [], sampling.Sampler(tk)
     for precision in ("tf32", "bf16"):
-        ys = sampling.sample(tk, prompt, 16, 64, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
-                      generator=torch.Generator(dev).manual_seed(3))
+        ys = sampler.sample(prompt, 16, 64, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
+                            generator=torch.Generator(dev).manual_seed(3))
         diffs = []
         for y in ys:
             pos = torch.arange(len(prompt), len(prompt) + len(y), device=dev)
             fp32 = lora.logprobs(tk, [prompt + y], [pos]).logp[0]
             with sampling.matmul_precision(precision == "tf32"):
-                net = sampling.bf16_copy(tk) if precision == "bf16" else tk
+                net = sampler.bf16() if precision == "bf16" else tk
                 low = lora.logprobs(net, [prompt + y], [pos]).logp[0]
             diffs.append((low.float() - fp32).abs())
         d = torch.cat(diffs)
@@ -431,20 +431,21 @@ def evaluation_section(tk, dev) -> float:
     n = min(rows, 512)
     g = torch.Generator().manual_seed(14)
     prompts = [rand_tokens(60, g) for _ in range(n)]
+    sampler = sampling.Sampler(tk)
 
-    def per_problem(batch: list, decode=None) -> float:
-        sampling.greedy(tk, batch[:2], 4, decode=decode)  # warm-up
+    def per_problem(batch: list, mode=None) -> float:
+        sampler.greedy(batch[:2], 4, mode=mode)  # warm-up
         t0 = sync(dev)
-        sampling.greedy(tk, batch, 300, decode=decode)
+        sampler.greedy(batch, 300, mode=mode)
         return (sync(dev) - t0) / len(batch)
     eager = per_problem(prompts[:32], "eager")
     graph = per_problem(prompts)
-    sampling.release_decoders(tk)
+    sampler.release()
     print(f"## 4. Greedy evaluation, 60-token prompts, 300 new tokens each\n\nThe default --eval-batch here is {rows} "
           f"rows (half the free memory: evaluation.eval_batch); measured on {n} problems in one batch.\n")
     table(["evaluation", "s per problem", "3,000 problems (mult), s", "300 (SVAMP), s"],
           [["--eval-batch 32, eager decode (before)", f"{eager:.4f}", f"{3000 * eager:.0f}", f"{300 * eager:.0f}"],
-           [f"--eval-batch {rows} (default), {sampling.default_decode(dev)} decode", f"{graph:.4f}", f"{3000 * graph:.0f}", f"{300 * graph:.0f}"]])
+           [f"--eval-batch {rows} (default), {sampling.default_mode(dev)} decode", f"{graph:.4f}", f"{3000 * graph:.0f}", f"{300 * graph:.0f}"]])
     return graph
 
 
@@ -524,20 +525,21 @@ def trie_info(w: dict) -> str:
 # The two implementations of a training step
 
 
-def sample_group(model, prompt, G: int, L: int, n: int, dev, precision: str = "fp32") -> tuple[float, float]:
-    """Sample G completions of L tokens (EOS suppressed); returns (seconds measured, seconds for L tokens).
+def sample_group(sampler, prompt, G: int, L: int, n: int, dev, precision: str = "fp32") -> tuple[float, float]:
+    """Sample G completions of L tokens (EOS suppressed) through `sampler` (the step's: its graphs and bf16 copy kept
+    between the calls); returns (seconds measured, seconds for L tokens).
 
     n < L (CPU, section 3): sample 1 and n tokens and extrapolate the per-token cost to L, and fill a KV cache of the
     full length first, so that the step's memory includes what full-length sampling would hold."""
     def run(k: int) -> float:
         t0 = sync(dev)
-        sampling.sample(model, prompt, G, k, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
-                 generator=torch.Generator(dev).manual_seed(5))
+        sampler.sample(prompt, G, k, temperature=TEMPERATURE, eos=EOS, suppress=EOS, precision=precision,
+                       generator=torch.Generator(dev).manual_seed(5))
         return sync(dev) - t0
     if n >= L:
         t = run(L)
         return t, t
-    cache = M.KVCache(model.config, G, len(prompt) + L, dev, torch.float32)
+    cache = M.KVCache(sampler.model.config, G, len(prompt) + L, dev, torch.float32)
     for x in cache.k + cache.v:
         x.zero_()  # written pages only: an untouched allocation does not count in the RSS
     del cache
@@ -625,10 +627,10 @@ def whole_step(model, params, opt, backward, groups, dev, sample: int = 0, preci
     backward(groups[0][0], [list(range(1, 9)), list(range(11, 19))], [0.0, 1.0], [[0, 1]] * 2)
     opt.zero_grad(set_to_none=True)
     base = memory_reset(dev)
-    t_sample, t_train, grads = [], [], None
+    t_sample, t_train, grads, sampler = [], [], None, sampling.Sampler(model)
     for prompt, ys, rs, sel in groups:
         if sample:  # section 3: a whole step samples the group first
-            t_sample.append(sample_group(model, prompt, len(ys), len(ys[0]), sample, dev, precision))
+            t_sample.append(sample_group(sampler, prompt, len(ys), len(ys[0]), sample, dev, precision))
         t0 = sync(dev)
         backward(prompt, ys, rs, sel)
         if grads is None:
@@ -682,7 +684,8 @@ def one(args) -> None:
         result[f"batch{n}"] = {"train": sync(dev) - t0, "peak": memory_peak(dev), "inc": memory_peak(dev) - base}
     if args.opt_in:  # the same groups sampled in bf16 (a bf16 copy of the base beside the fp32 weights)
         base = memory_reset(dev)
-        s = [sample_group(model, prompt, len(ys), len(ys[0]), args.sample, dev, "bf16") for prompt, ys, _, _ in groups]
+        sampler = sampling.Sampler(model)
+        s = [sample_group(sampler, prompt, len(ys), len(ys[0]), args.sample, dev, "bf16") for prompt, ys, _, _ in groups]
         result["opt_in"] = {"sample": [sum(x) for x in zip(*s)], "peak": memory_peak(dev)}
     print("RESULT", json.dumps(result))
 

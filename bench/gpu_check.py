@@ -203,7 +203,7 @@ def part_decode(a, sz: Sizes, dev) -> None:
                                        "reading the weights once, ms": weights / bandwidth * 1000})
         variants = [B.DECODE_VARIANTS[i] for i in (0, 2, 5, 1, 3, 4)]  # eager, the default graph and bf16 first
     else:  # the fixed-shape step without its graph stands for the graph
-        variants = [B.DECODE_VARIANTS[0], ("fixed shape, no graph (CUDA's step)", {"decode": "static"}, None, None)]
+        variants = [B.DECODE_VARIANTS[0], ("fixed shape, no graph (CUDA's step)", {"mode": "static"}, None, None)]
     fixed = "graph" if cuda else "static"
 
     def step_rows(vs):
@@ -219,14 +219,14 @@ def part_decode(a, sz: Sizes, dev) -> None:
             emit(f"one decode step over a {sz.decode_slots}-slot cache", decode=name, **cells, target=target)
 
     step_rows(variants[:3])
-    for rows, decode, ends in sz.profile:
-        decode = fixed if decode == "fixed" else decode
+    for rows, mode, ends in sz.profile:
+        mode = fixed if mode == "fixed" else mode
         try:
-            p = B.step_profile(tk, dev, rows, decode, sz.profile_prompt, sz.profile_steps, ends)
+            p = B.step_profile(tk, dev, rows, mode, sz.profile_prompt, sz.profile_steps, ends)
         except Exception as e:  # a profiler that cannot read this machine must not hide the rest
-            emit("the decode step, profiled", decode=decode, rows=rows, error=f"{type(e).__name__}: {first_line(e)}")
+            emit("the decode step, profiled", decode=mode, rows=rows, error=f"{type(e).__name__}: {first_line(e)}")
             continue
-        emit("the decode step, profiled", decode=decode, rows=rows,
+        emit("the decode step, profiled", decode=mode, rows=rows,
              **{"rows end": f"1 in {ends} a step" if ends else "none", "step ms": p["wall_ms"],
                 "GPU busy ms" if cuda else "CPU ms in aten ops": p["busy_ms"],
                 "busy fraction": p["busy_ms"] / p["wall_ms"], "kernels" if cuda else "aten ops": p["kernels"],
@@ -267,44 +267,45 @@ def part_eval(a, sz: Sizes, dev) -> None:
     tk = load(a, dev)
     default = evaluation.eval_batch(settings.Settings(device=str(dev), max_new_tokens=sz.eval_tokens), tk.config,
                                 sz.eval_prompt, MULT_TEST)
-    fixed = sampling.default_decode(dev) if dev.type == "cuda" else "static"
+    fixed = sampling.default_mode(dev) if dev.type == "cuda" else "static"
+    sampler = sampling.Sampler(tk)  # the evaluation's, as in a run: the warm-up's graph is the timed one's
     g = torch.Generator().manual_seed(14)
     prompts = [B.rand_tokens(sz.eval_prompt, g) for _ in range(max(default, *sz.eval_batches, sz.eval_eager_batch))]
 
-    def run(batch: int, decode: str, stop) -> float:
+    def run(batch: int, mode: str, stop) -> float:
         t0 = B.sync(dev)
-        sampling.greedy(tk, prompts[:batch], sz.eval_tokens, stop=stop, decode=decode)
+        sampler.greedy(prompts[:batch], sz.eval_tokens, stop=stop, mode=mode)
         return B.sync(dev) - t0
 
     batches = [(default, fixed), (sz.eval_eager_batch, "eager")] + [(b, fixed) for b in sz.eval_batches if b < default]
-    for batch, decode in batches:
+    for batch, mode in batches:
         k1, k2 = sz.eval_steps
-        run(batch, decode, lambda y: len(y) >= k1)  # warm-up: the capture, cuBLAS's choices
-        t1, t2 = (run(batch, decode, lambda y, k=k: len(y) >= k) for k in (k1, k2))
+        run(batch, mode, lambda y: len(y) >= k1)  # warm-up: the capture, cuBLAS's choices
+        t1, t2 = (run(batch, mode, lambda y, k=k: len(y) >= k) for k in (k1, k2))
         step = (t2 - t1) / (k2 - k1)
         prefill = max(t1 - (k1 - 1) * step, 0.0)  # k1 tokens: the prefill's, then k1 − 1 steps
         one = prefill + (sz.eval_tokens - 1) * step  # a batch of eval_tokens new tokens
         emit(f"greedy evaluation, {sz.eval_prompt}-token prompts, {sz.eval_tokens} new tokens", batch=batch,
-             decode=decode, **{"default": "yes" if batch == default else "", "prefill s": prefill,
+             decode=mode, **{"default": "yes" if batch == default else "", "prefill s": prefill,
                                "step ms": step * 1000, "problems a second": batch / one,
                                f"{MULT_TEST:,} problems, s": math.ceil(MULT_TEST / batch) * one,
                                "_s_per_problem": one / batch})
-        sampling.release_decoders(tk)  # a large batch's cache holds gigabytes
+        sampler.release()  # a large batch's cache holds gigabytes
     every, batch = sz.eval_early_every, min(sz.eval_early_batch, default)
-    for decode in (fixed, "eager"):  # rows that end early: kept computing (fixed shape) or dropped (eager)
+    for mode in (fixed, "eager"):  # rows that end early: kept computing (fixed shape) or dropped (eager)
         t0 = B.sync(dev)
-        outs = sampling.greedy(tk, prompts[:batch], sz.eval_tokens, stop=lambda y: y[-1] % every == 0, decode=decode)
+        outs = sampler.greedy(prompts[:batch], sz.eval_tokens, stop=lambda y: y[-1] % every == 0, mode=mode)
         s = B.sync(dev) - t0
-        emit("greedy evaluation, rows ending at different steps", batch=batch, decode=decode,
+        emit("greedy evaluation, rows ending at different steps", batch=batch, decode=mode,
              **{"mean length": sum(map(len, outs)) / batch, "longest": max(map(len, outs)), "s": s,
                 "useful tokens a second": sum(map(len, outs)) / s})
-        sampling.release_decoders(tk)
+        sampler.release()
 
 
 def part_memory(a, sz: Sizes, dev) -> None:
     """One whole step of every algorithm (benchmark.whole_step: the group sampled, then the update) in this one
-    process, each from the same fresh adapter with its own optimizer (and critic), the decoders released between
-    them, so that each peak (max_memory_allocated, reset before the step) is its own."""
+    process, each from the same fresh adapter with its own optimizer (and critic) and its own Sampler (whole_step's),
+    freed between them, so that each peak (max_memory_allocated, reset before the step) is its own."""
     import gc
 
     import torch
@@ -313,7 +314,6 @@ def part_memory(a, sz: Sizes, dev) -> None:
     import lora
     import model as M
     import pretrained
-    import sampling
     import tokenizer
     net = pretrained.load_model(a.work / "model", device=dev)
     lora.apply_lora(net, r=B.LORA_R, fraction=B.LORA_FRACTION, generator=torch.Generator().manual_seed(4))
@@ -333,7 +333,6 @@ def part_memory(a, sz: Sizes, dev) -> None:
                 "peak GiB": gib(r["peak"]), "growth GiB": gib(r["inc"]),
                 "peak < 12 GB": "yes" if r["peak"] < 12e9 else "NO", "_kind": kind, "_precision": precision})
         del params, opt, backward, r
-        sampling.release_decoders(net)
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -81,3 +81,21 @@ def test_the_readme_s_map_names_every_room_once_with_its_imports_each_pointing_d
         assert named == code, f"{sorted(row)}: the map names {sorted(named - code)} more, {sorted(code - named)} less"
         below = {room for later, _ in rows[i + 1:] for room in later}
         assert named <= below, f"{sorted(row)} imports {sorted(named - below)}, not below it in the README's map"
+
+
+def test_no_script_shadows_a_room_it_imports():
+    """A top-level function, class or assignment named as a module the file imports at its top level replaces that
+    module for every function of the file (a section function named `sampling` in bench/benchmark.py makes each
+    `sampling.sample` there an AttributeError). Checked over the rooms and the bench/ scripts."""
+    clashes = []
+    for path in sorted(ROOT.glob("*.py")) + sorted((ROOT / "bench").glob("*.py")):
+        imported, defined = set(), set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Assign):
+                defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        clashes += [f"{path.relative_to(ROOT)}: {name}" for name in sorted(imported & defined)]
+    assert clashes == []

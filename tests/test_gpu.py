@@ -122,14 +122,14 @@ def test_graphed_decode_equals_the_eager_decode_token_for_token_and_draw_for_dra
     gpu = adapted_pair(tiny)[1]
     prompts = [[1, 2, 3, 4], [9, 8, 7], [5] * 9]
     eos = list(range(0, 272, 5))
-    assert sampling.greedy(gpu, prompts, 24, decode="graph") == sampling.greedy(gpu, prompts, 24, decode="eager")
-    assert sampling.greedy(gpu, prompts, 24, eos=eos, decode="graph") == sampling.greedy(gpu, prompts, 24, eos=eos, decode="eager")
-    before = sampling.Decoder.captures
-    runs = [sampling.sample(gpu, [3, 1, 4, 1, 5], 8, 30, temperature=t, eos=eos, decode=d,
-                     generator=torch.Generator(CUDA).manual_seed(9)) for t in (0.7, 2.0) for d in ("graph", "eager")]
+    assert sampling.greedy(gpu, prompts, 24, mode="graph") == sampling.greedy(gpu, prompts, 24, mode="eager")
+    assert sampling.greedy(gpu, prompts, 24, eos=eos, mode="graph") == sampling.greedy(gpu, prompts, 24, eos=eos, mode="eager")
+    sampler = sampling.Sampler(gpu)
+    runs = [sampler.sample([3, 1, 4, 1, 5], 8, 30, temperature=t, eos=eos, mode=d,
+                           generator=torch.Generator(CUDA).manual_seed(9)) for t in (0.7, 2.0) for d in ("graph", "eager")]
     assert runs[0] == runs[1] and runs[2] == runs[3]
     assert len({len(y) for y in runs[2]}) > 1  # rows finished at different steps
-    assert sampling.Decoder.captures == before + 1  # one shape: captured once for 2 calls of up to 29 steps each
+    assert sampler.captures == 1 and sampler.refused == 0  # one shape: captured once for 2 calls of up to 29 steps each
 
 
 def test_graphed_decode_records_the_eager_decode_s_entropies_B1(tiny):
@@ -138,9 +138,9 @@ def test_graphed_decode_records_the_eager_decode_s_entropies_B1(tiny):
     entropies within fp32 rounding of the two decodes' logits."""
     gpu = adapted_pair(tiny)[1]
     eos, kw = list(range(0, 272, 5)), dict(temperature=0.7)
-    runs = {d: sampling.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, decode=d, entropy=True, **kw,
+    runs = {d: sampling.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, mode=d, entropy=True, **kw,
                         generator=torch.Generator(CUDA).manual_seed(9)) for d in ("graph", "eager")}
-    plain = sampling.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, decode="graph", **kw,
+    plain = sampling.sample(gpu, [3, 1, 4, 1, 5], 8, 30, eos=eos, mode="graph", **kw,
                      generator=torch.Generator(CUDA).manual_seed(9))
     (ys, hs), (ys_eager, hs_eager) = runs["graph"], runs["eager"]
     assert ys == ys_eager == plain and len({len(y) for y in ys}) > 1
@@ -157,7 +157,7 @@ def test_lower_precision_sampling_runs_and_stays_close(tiny):
         assert all(1 <= len(y) <= 16 and all(0 <= t < 272 for t in y) for y in ys)
     x = torch.tensor([[1, 2, 3, 4]], device=CUDA)
     with torch.no_grad():
-        assert (sampling.bf16_copy(gpu).logits(x).float() - gpu.logits(x)).abs().max() < 0.05
+        assert (sampling.Sampler(gpu).bf16().logits(x).float() - gpu.logits(x)).abs().max() < 0.05
 
 
 def test_eval_batch_on_cuda_is_what_half_the_free_memory_holds(tiny):

@@ -193,12 +193,12 @@ def test_finite_logits_whose_quotient_by_t_overflows_are_flagged():
     assert int(sampling.next_token(logits, 2e-38, 1.0, torch.Generator().manual_seed(0))) == sampling.NOT_FINITE
     assert int(sampling.next_token(logits, 1e-37, 1.0, torch.Generator().manual_seed(0))) == 255  # the largest logit
     with pytest.raises(sampling.NonFiniteLogits) as e:  # the decode loop says so, with the largest |logit|: -30's
-        sampling._decode(None, logits - 5, 4, 2e-38, 1.0, torch.Generator(), (), None, ())
+        sampling.decode_loop(None, logits - 5, 4, 2e-38, 1.0, torch.Generator(), (), None, ())
     assert (e.value.new_token, e.value.logits_finite, e.value.largest) == (1, True, 35.0)
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
-def test_sampling_and_greedy_refuse_a_distribution_that_is_not_finite(tmp_path, decode):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_sampling_and_greedy_refuse_a_distribution_that_is_not_finite(tmp_path, mode):
     """A NaN in one LM-head row (untied) makes every next-token distribution NaN: sample and greedy raise
     NonFiniteLogits at the first token, which says the logits themselves are not finite. A model of large logits
     (weights of std 1) sampled at float32's smallest normal temperature: the logits are finite, their quotient by T
@@ -206,8 +206,8 @@ def test_sampling_and_greedy_refuse_a_distribution_that_is_not_finite(tmp_path, 
     m = pretrained.load_model(make_checkpoint(tmp_path / "untied", tiny_config(tie_word_embeddings=False)))
     m.lm_head.weight[7, 3] = float("nan")
     prompt = [10, 20, 30, 40]
-    for run in (lambda: sampling.sample(m, prompt, 4, 6, temperature=0.7, generator=torch.Generator(), decode=decode),
-                lambda: sampling.greedy(m, [prompt, prompt[:2]], 6, decode=decode)):
+    for run in (lambda: sampling.sample(m, prompt, 4, 6, temperature=0.7, generator=torch.Generator(), mode=mode),
+                lambda: sampling.greedy(m, [prompt, prompt[:2]], 6, mode=mode)):
         with pytest.raises(sampling.NonFiniteLogits) as e:
             run()
         assert (e.value.new_token, e.value.logits_finite) == (1, False)
@@ -215,11 +215,11 @@ def test_sampling_and_greedy_refuse_a_distribution_that_is_not_finite(tmp_path, 
     big = pretrained.load_model(make_checkpoint(tmp_path / "big", std=1.0))
     with pytest.raises(sampling.NonFiniteLogits) as e:
         sampling.sample(big, prompt, 4, 6, temperature=torch.finfo(torch.float32).tiny, generator=torch.Generator(),
-                 decode=decode)
+                 mode=mode)
     largest = float(big.logits(torch.tensor([prompt]))[0, -1].abs().max())
     assert (e.value.new_token, e.value.logits_finite) == (1, True)
     assert e.value.largest == pytest.approx(largest, rel=1e-5) and largest > 4  # |l| > 4: l/T > 3.4e38
-    assert sampling.greedy(big, [prompt], 6, decode=decode)  # greedy divides by nothing: it runs
+    assert sampling.greedy(big, [prompt], 6, mode=mode)  # greedy divides by nothing: it runs
 
 
 # --- fixed-shape decode (the CUDA path's, run here without a graph) ---------------------------------------------
@@ -234,9 +234,9 @@ def test_fixed_shape_decode_samples_what_the_eager_decode_samples(tiny_dir, G, t
     eos, suppress = list(range(0, 272, 4)), [5, 9, 13]
     stop = lambda toks: len(toks) >= 3 and toks[-1] == toks[-3]  # noqa: E731
     runs = {}
-    for decode in ("eager", "static"):
-        runs[decode] = sampling.sample(m, [10, 20, 30, 40], G, 24, temperature=temperature, top_p=top_p, eos=eos,
-                                stop=stop, suppress=suppress, decode=decode,
+    for mode in ("eager", "static"):
+        runs[mode] = sampling.sample(m, [10, 20, 30, 40], G, 24, temperature=temperature, top_p=top_p, eos=eos,
+                                stop=stop, suppress=suppress, mode=mode,
                                 generator=torch.Generator().manual_seed(11))
     assert runs["static"] == runs["eager"]
     assert not any(t in suppress for y in runs["eager"] for t in y)
@@ -247,11 +247,11 @@ def test_fixed_shape_decode_samples_what_the_eager_decode_samples(tiny_dir, G, t
 def test_fixed_shape_greedy_equals_eager_greedy_with_padding_and_early_ends(tiny_dir):
     m = pretrained.load_model(tiny_dir)
     prompts = [[3, 4, 5], [9, 8, 7, 6, 5, 4, 3], [1], [200, 100, 50, 25]]
-    solo = sampling.greedy(m, prompts, 20, decode="eager")
+    solo = sampling.greedy(m, prompts, 20, mode="eager")
     eos = [solo[0][3], solo[2][6]]  # rows 0 and 2 (at least) end early
     for e in ([], eos):
-        assert sampling.greedy(m, prompts, 20, eos=e, decode="static") == sampling.greedy(m, prompts, 20, eos=e, decode="eager")
-    assert len({len(y) for y in sampling.greedy(m, prompts, 20, eos=eos, decode="static")}) > 1
+        assert sampling.greedy(m, prompts, 20, eos=e, mode="static") == sampling.greedy(m, prompts, 20, eos=e, mode="eager")
+    assert len({len(y) for y in sampling.greedy(m, prompts, 20, eos=eos, mode="static")}) > 1
 
 
 def test_fixed_shape_logits_equal_a_full_forward_at_every_step(tiny_dir, monkeypatch):
@@ -267,7 +267,7 @@ def test_fixed_shape_logits_equal_a_full_forward_at_every_step(tiny_dir, monkeyp
     monkeypatch.setattr(sampling, "next_token", spy)
     prompt, eos = [10, 20, 30, 40], list(range(0, 272, 4))
     rows = sampling.sample(m, prompt, 8, 8, temperature=5.0, generator=torch.Generator().manual_seed(3), eos=eos,
-                    decode="static")
+                    mode="static")
     assert len({len(r) for r in rows}) > 2
     for step, logits in enumerate(seen):
         live = [r for r in rows if len(r) > step]
@@ -276,34 +276,30 @@ def test_fixed_shape_logits_equal_a_full_forward_at_every_step(tiny_dir, monkeyp
             assert (got - m.logits(torch.tensor([prompt + r[:step]]))[0, -1]).abs().max() < 1e-4
 
 
-def test_a_decoder_is_made_once_per_shape_and_again_when_the_model_changes(tiny_dir):
-    """Calls of one shape (prompts of different lengths within one SLOT_BLOCK) reuse the model's Decoder, as a CUDA
-    run reuses its captured graph; LoRA put on the model, or switched off, makes a new one."""
+def test_a_step_runner_is_made_once_per_shape_and_again_when_the_model_changes(tiny_dir):
+    """Calls of one shape (prompts of different lengths within one SLOT_BLOCK) reuse the Sampler's StepRunner, as a
+    CUDA run reuses its captured graph; LoRA put on the model, or switched off, makes a new one. A fresh Sampler
+    (what sampling.sample makes without one) keeps nothing from another's."""
     import lora
     m = pretrained.load_model(tiny_dir)
-    made = []
-    real_init = sampling.Decoder.__init__
+    sampler, made = sampling.Sampler(m), []
 
-    def counting(self, *a, **kw):
-        made.append(a[1:3])
-        real_init(self, *a, **kw)
+    def run(prompt, rows):
+        sampler.sample(prompt, rows, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), mode="static")
+        made.extend(r for r in sampler.runners.values() if r not in made)
 
-    sampling.Decoder.__init__ = counting
-    try:
-        for prompt in ([1, 2, 3], [1, 2, 3, 4, 5, 6]):
-            sampling.sample(m, prompt, 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
-        assert made == [(4, sampling.SLOT_BLOCK)]  # 4 rows; 3 + 10 and 6 + 10 positions both round up to one block
-        sampling.sample(m, [1, 2, 3], 5, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
-        assert len(made) == 2  # another row count, another shape
-        lora.apply_lora(m, r=2, fraction=0.5, generator=torch.Generator().manual_seed(0))
-        sampling.sample(m, [1, 2, 3], 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="static")
-        assert len(made) == 3
-        with lora.adapters_off(m):
-            sampling.sample(m, [1, 2, 3], 4, 10, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                     decode="static")
-        assert len(made) == 4
-    finally:
-        sampling.Decoder.__init__ = real_init
+    for prompt in ([1, 2, 3], [1, 2, 3, 4, 5, 6]):
+        run(prompt, 4)
+    assert [(r.cache.rows, r.cache.slots) for r in made] == [(4, sampling.SLOT_BLOCK)]  # 3 + 10, 6 + 10: one block
+    run([1, 2, 3], 5)
+    assert len(made) == 2  # another row count, another shape
+    lora.apply_lora(m, r=2, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    run([1, 2, 3], 4)
+    assert len(made) == 3 and len(sampler.runners) == 1  # the runners of the model without LoRA are dropped
+    with lora.adapters_off(m):
+        run([1, 2, 3], 4)
+    assert len(made) == 4
+    assert sampling.Sampler(m).runners == {}
 
 
 # A capture that fails: refused (the graph cannot be made here) or out of memory (these rows do not fit). The capture
@@ -330,14 +326,17 @@ def test_a_refused_capture_decodes_without_the_graph_under_its_warning(tiny_dir,
     """A capture the driver refuses: the warning says so, once, and the decode runs without the graph, with the
     eager decode's tokens."""
     m = pretrained.load_model(tiny_dir)
-    monkeypatch.setattr(sampling.Decoder, "capture", failed_capture(REFUSED))
-    monkeypatch.setattr(sampling.Decoder, "refused", 0)  # the warning is printed at a process's first refusal
-    want = sampling.greedy(m, [[3, 4, 5], [9, 8]], 12, decode="eager")
-    assert sampling.greedy(m, [[3, 4, 5], [9, 8]], 12, decode="graph") == want
+    monkeypatch.setattr(sampling.StepRunner, "capture", failed_capture(REFUSED))
+    sampler = sampling.Sampler(m)  # the warning is printed at a Sampler's first refusal: once a run
+    want = sampling.greedy(m, [[3, 4, 5], [9, 8]], 12, mode="eager")
+    assert sampler.greedy([[3, 4, 5], [9, 8]], 12, mode="graph") == want
+    other = [[3, 4, 5], [9, 8, 7, 6, 5]]  # 5 + 12 positions: a second shape, a second refusal, no second warning
+    assert sampler.greedy(other, 12, mode="graph") == sampling.greedy(m, other, 12, mode="eager")
     err = capsys.readouterr().err
     assert err == ("warning: the decode step could not be captured as a CUDA graph (CUDA error: operation not "
                    "permitted when stream is capturing); decoding without it, slower\n")
-    assert sampling.decoder(m, 2, 15, graph=True).graph is None and sampling.Decoder.refused == 1
+    assert sampler.runner(m, 2, 15, graph=True).graph is None
+    assert (sampler.refused, sampler.captures, len(sampler.runners)) == (2, 0, 2)
 
 
 @pytest.mark.parametrize("error", out_of_memory_in_the_capture(), ids=["OutOfMemoryError", "driver", "context"])
@@ -347,10 +346,10 @@ def test_out_of_memory_in_the_capture_is_named_with_its_batch_not_as_a_refused_c
     behind a batch's size name them here too) with the rows and slots of the batch and the allocator's first line;
     no refusal is counted or warned about, and nothing decodes."""
     m = pretrained.load_model(tiny_dir)
-    monkeypatch.setattr(sampling.Decoder, "capture", failed_capture(error))
-    monkeypatch.setattr(sampling.Decoder, "refused", 0)
+    monkeypatch.setattr(sampling.StepRunner, "capture", failed_capture(error))
+    sampler = sampling.Sampler(m)
     with pytest.raises(sampling.CaptureOutOfMemory) as e:
-        sampling.sample(m, [1, 2, 3], 6, 20, temperature=1.0, generator=torch.Generator().manual_seed(0), decode="graph")
+        sampler.sample([1, 2, 3], 6, 20, temperature=1.0, generator=torch.Generator().manual_seed(0), mode="graph")
     assert isinstance(e.value, M.CacheTooLarge)
     slots = 2 * sampling.SLOT_BLOCK  # 3 + 20 positions, rounded up to a block
     nbytes = 6 * slots * (2 * 4 * 2 * 16 * 4 + 1)  # tiny_config: 4 layers × 2 KV heads × 16 head dims, fp32, + mask
@@ -362,7 +361,7 @@ def test_out_of_memory_in_the_capture_is_named_with_its_batch_not_as_a_refused_c
                                    f"ran out of memory on cpu while captured as a CUDA graph, beside its "
                                    f"{nbytes / 2**30:.2f} GiB fixed-shape cache ({reason}")
     assert str(e.value).endswith("); fewer rows lower it") and "\n" not in str(e.value)
-    assert sampling.Decoder.refused == 0 and capsys.readouterr().err == ""
+    assert sampler.refused == 0 and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("where", ["evaluation", "training"])
@@ -371,14 +370,13 @@ def test_out_of_memory_in_the_capture_stops_a_run_with_the_flag_that_lowers_it(t
     """Through the CLI, with the graph decode chosen as on CUDA: the evaluation's batch names --eval-batch, a
     training group names -G; one error line, and no refusal warning."""
     from conftest import refused
-    monkeypatch.setattr(sampling, "default_decode", lambda device: "graph")
+    monkeypatch.setattr(sampling, "default_mode", lambda device: "graph")
     oom = failed_capture(torch.OutOfMemoryError("CUDA out of memory."))
     # training: the step-0 evaluation's one-row batch decodes without a graph (as a capture that did nothing); the
     # group of 4 runs out of memory
     def capture(self, model):
         return (oom if where == "evaluation" or self.cache.rows == 4 else lambda *_: None)(self, model)
-    monkeypatch.setattr(sampling.Decoder, "capture", capture)
-    monkeypatch.setattr(sampling.Decoder, "refused", 0)
+    monkeypatch.setattr(sampling.StepRunner, "capture", capture)
     common = ["--model", str(tiny_dir), "--task", "mult", "--device", "cpu", "--max-new-tokens", "8",
               "--lora-fraction", "0.5"]
     if where == "evaluation":
@@ -400,7 +398,8 @@ def test_bf16_sampling_uses_a_bf16_base_and_the_very_adapter_tensors(tiny_dir):
     import lora
     m = pretrained.load_model(tiny_dir)
     lora.apply_lora(m, r=2, fraction=0.5, generator=torch.Generator().manual_seed(0))
-    copy16 = sampling.bf16_copy(m)
+    sampler = sampling.Sampler(m)
+    copy16 = sampler.bf16()
     adapter = {id(p) for p in lora.lora_parameters(m)}
     for name, p in copy16.named_parameters():
         assert (id(p) in adapter) == ("lora_" in name)
@@ -409,19 +408,19 @@ def test_bf16_sampling_uses_a_bf16_base_and_the_very_adapter_tensors(tiny_dir):
     with torch.no_grad():
         for p in lora.lora_parameters(m):
             p.add_(0.5)
-    assert sampling.bf16_copy(m) is copy16
+    assert sampler.bf16() is copy16
     x = torch.tensor([[1, 2, 3, 4]])
     diff = (copy16.logits(x).float() - m.logits(x)).abs().max()
     assert 0 < diff < 0.05  # bf16's rounding, with the moved adapter in both
     ys = sampling.sample(m, [1, 2, 3], 4, 12, temperature=0.7, generator=torch.Generator().manual_seed(1),
-                  precision="bf16", decode="static")
+                  precision="bf16", mode="static")
     assert all(1 <= len(y) <= 12 and all(0 <= t < m.config.vocab_size for t in y) for y in ys)
 
 
-def test_unknown_decode_or_precision_is_named(tiny_dir):
+def test_unknown_mode_or_precision_is_named(tiny_dir):
     m = pretrained.load_model(tiny_dir)
-    with pytest.raises(ValueError, match="decode 'fast'"):
-        sampling.sample(m, [1], 2, 2, temperature=1.0, generator=None, decode="fast")
+    with pytest.raises(ValueError, match="mode 'fast'"):
+        sampling.sample(m, [1], 2, 2, temperature=1.0, generator=None, mode="fast")
     with pytest.raises(ValueError, match="precision 'fp8'"):
         sampling.sample(m, [1], 2, 2, temperature=1.0, generator=None, precision="fp8")
 
@@ -468,9 +467,9 @@ def test_next_token_s_entropy_by_hand():
     assert tok.tolist() == [0, 0] and h.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
+@pytest.mark.parametrize("mode", ["eager", "static"])
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.0, 0.9), (0.0, 1.0)])
-def test_sample_records_the_entropy_of_the_distribution_each_token_was_drawn_from(tmp_path, decode, temperature,
+def test_sample_records_the_entropy_of_the_distribution_each_token_was_drawn_from(tmp_path, mode, temperature,
                                                                                   top_p):
     """sample(entropy=True), B1's H_j: for every row and every token r[t], entropy_by_hand of the logits of a full
     forward over prompt + r[:t] (the distribution r[t] was drawn from, not the next one), suppressed tokens out; 0
@@ -479,7 +478,7 @@ def test_sample_records_the_entropy_of_the_distribution_each_token_was_drawn_fro
     where it is left without."""
     m = pretrained.load_model(make_checkpoint(tmp_path / "m", std=0.1))  # peaked enough that neighbouring H differ (~0.05)
     prompt, eos, suppress = [10, 20, 30, 40], list(range(0, 272, 8)), [5, 9, 13]
-    kw = dict(temperature=temperature, top_p=top_p, eos=eos, suppress=suppress, decode=decode)
+    kw = dict(temperature=temperature, top_p=top_p, eos=eos, suppress=suppress, mode=mode)
     g, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
     plain = sampling.sample(m, prompt, 6, 10, generator=g, **kw)
     rows, hs = sampling.sample(m, prompt, 6, 10, generator=g2, entropy=True, **kw)

@@ -366,3 +366,30 @@ def test_the_reward_curve_is_a_moving_mean_of_ten_steps():
     assert moving_mean([1.0, 2.0, 3.0, 4.0], n=2) == [1.0, 1.5, 2.5, 3.5]
     rewards = [0.0] * 3 + [1.0] * 10  # 13 steps: step 10 averages 3 zeros and 7 ones, step 13 ten ones
     assert moving_mean(rewards)[9] == 0.7 and moving_mean(rewards)[12] == 1.0 and moving_mean(rewards)[0] == 0.0
+
+
+def test_the_trainer_samples_and_evaluates_through_one_sampler_whose_runners_last_the_run(tmp_path, tiny,
+                                                                                           monkeypatch):
+    """With the fixed-shape decode chosen (as CUDA chooses its graph), the Trainer's Sampler makes the group's
+    StepRunner at the first step and every later step reuses it (on CUDA: one capture a run, not one a step); the
+    evaluation decodes through the same Sampler and frees its runners when it ends (its batch holds gigabytes)."""
+    import lora
+    import sampling
+    monkeypatch.setattr(sampling, "default_mode", lambda device: "static")
+    cfg = settings.Settings(**{**settings.paper_defaults("grpo", "mult"), "device": "cpu", "group_size": 4,
+                               "max_new_tokens": 6, "lora_fraction": 0.5, "model": str(tiny), "eval_limit": 2})
+    net, tok, eos = training.load_everything(cfg)
+    lora.apply_lora(net, cfg.lora_rank, cfg.lora_fraction, generator=torch.Generator().manual_seed(0))
+    tr = training.Trainer(cfg, tmp_path, net, tok, tasks.make_task("mult", tok), eos)
+    stream, seen = tasks.TrainStream(tr.task, 0), []
+    for _ in range(2):
+        tr.step = tr.train_step(stream)["step"]
+        seen.append(list(tr.sampler.runners.values()))
+    assert len(seen[0]) == 1 and seen[1] == seen[0]  # the same StepRunner object at both steps
+    assert seen[0][0].cache.rows == cfg.group_size
+    released, release = [], tr.sampler.release
+    monkeypatch.setattr(tr.sampler, "release", lambda: released.append(dict(tr.sampler.runners)) or release())
+    training.evaluate(tr.net, tr.tok, tr.task, cfg, tr.eos, sampler=tr.sampler)
+    assert len(released) == 1 and tr.sampler.runners == {}  # released once, at the evaluation's end
+    rows = {r.cache.rows for r in released[0].values()}
+    assert rows == {cfg.group_size, 2}  # the group's runner, and the evaluation's batch of eval_limit = 2 prompts

@@ -107,8 +107,8 @@ def test_model_sample_first_tokens_follow_softmax_at_the_temperature(peaked, tem
         assert chi_square(counts, torch.softmax(l / (1.3 - temperature), -1))[0] > 10 * bound(df)
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
-def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing(peaked, decode):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing(peaked, mode):
     """The G rows' first logits are one distribution copied G times: suppressing tokens writes -inf into each row,
     which must be the rows' own memory. Every warning is an error here: PyTorch warns (and is to refuse) an index_put_
     on an expanded tensor. The bug it is written for: the copy dropped after the prefill (the G rows one expanded
@@ -116,7 +116,7 @@ def test_sampling_with_suppressed_tokens_writes_no_shared_view_and_warns_nothing
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ys = sampling.sample(peaked, [10, 20, 30, 40], 8, 3, temperature=1.0, suppress=[5, 9], decode=decode,
+        ys = sampling.sample(peaked, [10, 20, 30, 40], 8, 3, temperature=1.0, suppress=[5, 9], mode=mode,
                       generator=torch.Generator().manual_seed(0))
     assert len(ys) == 8 and not any(t in (5, 9) for y in ys for t in y)
 
@@ -133,12 +133,12 @@ def large_weights(tmp_path_factory):
 PROMPTS = [[3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1], [1], [200, 100, 50, 25, 12, 6]]
 
 
-@pytest.mark.parametrize("decode", ["static", "eager"])
+@pytest.mark.parametrize("mode", ["static", "eager"])
 @pytest.mark.parametrize("early_ends", [False, True])
-def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_weights, monkeypatch, decode,
+def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_weights, monkeypatch, mode,
                                                                         early_ends):
     """greedy() of four prompts of 1 to 9 tokens in one left-padded batch: at every step, every live row's logits
-    equal a full forward of its own unpadded prompt and tokens (within 1e-4; the logits reach ±9). decode="static"
+    equal a full forward of its own unpadded prompt and tokens (within 1e-4; the logits reach ±9). mode="static"
     is the fixed-shape step CUDA runs (here without its graph). With early ends, rows 0 and 2 stop at an EOS and the
     others decode on (the eager decode drops the finished rows from its cache; the fixed-shape one keeps them). The
     bugs it is written for: positions that ignore left padding (in the prefill, in either decode's steps), padding
@@ -151,10 +151,10 @@ def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_w
 
     eos = []
     if early_ends:
-        alone = sampling.greedy(m, PROMPTS, 8, decode="eager")
+        alone = sampling.greedy(m, PROMPTS, 8, mode="eager")
         eos = [alone[0][2], alone[2][4]]
     monkeypatch.setattr(sampling, "next_token", spy)
-    outs = sampling.greedy(m, PROMPTS, 8, eos=eos, decode=decode)
+    outs = sampling.greedy(m, PROMPTS, 8, eos=eos, mode=mode)
     if early_ends:
         assert len({len(y) for y in outs}) > 1 and min(map(len, outs)) < 8  # rows did end early
     worst = 0.0
@@ -166,7 +166,7 @@ def test_left_padded_greedy_logits_equal_each_prompt_alone_at_every_step(large_w
                 full = m.logits(torch.tensor([PROMPTS[i] + outs[i][:step]]))[0, -1]
                 worst = max(worst, float((got - full).abs().max()))
                 assert outs[i][step] == int(full.argmax())
-    print(f"\n{decode} decode, left-padded, early ends {early_ends}: max abs logit error {worst:.1e}")
+    print(f"\n{mode} decode, left-padded, early ends {early_ends}: max abs logit error {worst:.1e}")
     assert worst < 1e-4
 
 
