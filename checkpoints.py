@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import lora
+from values import first_line, is_integer
 
 KEEP = 2  # checkpoints kept on disk (the newest two: one stays whole while the next is written)
 # fsync each file before its rename, so that a power loss (not only a crash) cannot leave an empty file under the real
@@ -360,7 +361,7 @@ def read_checkpoint(ck: Path, accum: int | None = None) -> tuple[dict, dict]:
         state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds (pickle, zip, EOF, ...): any of them means "not whole"
         raise ValueError(f"{path}: not a checkpoint torch can read ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:120]})") from None
+                         f"{first_line(e)[:120]})") from None
     if (problem := state_problem(state, int(ck.name[len("step-"):]), accum)) is not None:
         raise ValueError(f"{path}: {problem}")
     if (ck / "model").is_dir():  # --train full: the model's weights
@@ -372,15 +373,12 @@ def read_checkpoint(ck: Path, accum: int | None = None) -> tuple[dict, dict]:
 
 def state_problem(state, step: int, accum: int | None) -> str | None:
     """What is wrong with state.pt's contents (None: nothing), read before a resume uses any of it."""
-    def integer(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     if not isinstance(state, dict) or not {"step", "optimizer", "rng", "data_position"} <= set(state):
         return "lacks step, optimizer, rng or data_position"
-    if not integer(state["step"]) or state["step"] != step:
+    if not is_integer(state["step"]) or state["step"] != step:
         return f"step is {reprlib.repr(state['step'])}, not this checkpoint's {step}"
     most = step * accum if accum else 2**62
-    if not integer(state["data_position"]) or not 0 <= state["data_position"] <= most:
+    if not is_integer(state["data_position"]) or not 0 <= state["data_position"] <= most:
         return (f"data_position is {reprlib.repr(state['data_position'])}; allowed: the examples drawn by step {step}, "
                 f"an integer from 0 to {most}")
     ranks = state.get("rng_ranks", [])

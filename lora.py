@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from values import first_line, is_finite_number, is_integer
+
 if TYPE_CHECKING:  # annotations only: parsing flags reads lora.py's checks (settings.py) without the decoder
     import model as M
 
@@ -344,11 +346,11 @@ class AdapterMismatch(ValueError):
 
 
 def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return is_integer(v) and v >= 1
 
 
 def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return is_finite_number(v) and v > 0
 
 
 # adapter_config.json's fields that loading reads: each value allowed, and what is allowed in words
@@ -358,8 +360,7 @@ _FIELD_RULES = {
     "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "target_modules": (lambda v: isinstance(v, str) and v or isinstance(v, list) and v and
                        all(isinstance(t, str) for t in v), "a non-empty list of module names, or a regular expression"),
-    "layers_to_transform": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) or
-                            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+    "layers_to_transform": (lambda v: v is None or is_integer(v) or isinstance(v, list) and all(map(is_integer, v)),
                             "a layer index or a list of them"),
     "rank_pattern": (lambda v: v is None or isinstance(v, dict) and all(_integer(r) for r in v.values()),
                      "an object of integers >= 1"),
@@ -374,7 +375,7 @@ def read_adapter_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5,000-digit integer
-        raise ValueError(f"{path}: not valid JSON ({(str(e).splitlines() or [''])[0]})") from None
+        raise ValueError(f"{path}: not valid JSON ({first_line(e)})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object")
     check_peft_config(cfg, path)
@@ -481,7 +482,7 @@ def read_adapter_tensors(w_path: Path) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{w_path}: cannot read the tensors ({(str(e).splitlines() or [''])[0]})") from None
+        raise ValueError(f"{w_path}: cannot read the tensors ({first_line(e)})") from None
     for name, t in sorted(tensors.items()):
         if not torch.isfinite(t).all():
             raise ValueError(f"{w_path}: {name} holds non-finite values (NaN or inf)")

@@ -45,6 +45,7 @@ import mini_report
 import training
 from mini_base import MAX_NEW_TOKENS, SETTINGS, MiniMult, say
 from settings import ArgumentParser, Settings, paper_defaults, setting_problem, usage_error
+from values import first_line
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The methods and their settings
@@ -222,7 +223,7 @@ def read_tuning(path: Path) -> dict:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or not UTF-8
-        refuse(f"cannot read the tuning table ({(str(e).splitlines() or [''])[0]})")
+        refuse(f"cannot read the tuning table ({first_line(e)})")
     if not (isinstance(raw, dict) and isinstance(raw.get("table"), dict)):
         refuse('not a tuning table: expected {"table": {setting: {method: {"lr": rate, "validation": {rate: '
                'accuracy}}}}}, as python mini.py --tune writes it')
