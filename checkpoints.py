@@ -44,8 +44,8 @@ from values import first_line, is_integer
 
 KEEP = 2  # checkpoints kept on disk (the newest two: one stays whole while the next is written)
 # fsync each file before its rename, so that a power loss (not only a crash) cannot leave an empty file under the real
-# name. About 7 ms a file on the test machine: the fault tests, which write hundreds of checkpoints and where the
-# fault is a killed process (the page cache survives it), turn it off.
+# name. An fsync costs milliseconds a file: the fault tests, which write hundreds of checkpoints and where the fault is
+# a killed process (the page cache survives it), turn it off.
 DURABLE = True
 
 FAULT_POINTS = (
@@ -162,19 +162,25 @@ def describe_holder(record: str) -> str:
 # Writing
 
 
+def write_halves(f, data: bytes, point: str = "") -> None:
+    """data to the open file `f` in two halves, then flushed (and fsynced, if DURABLE). With a fault `point`, the
+    first half reaches the file before point.partial: a process killed there leaves exactly half of it written."""
+    f.write(data[: len(data) // 2])
+    if point:
+        f.flush()
+        fault(point + ".partial")
+    f.write(data[len(data) // 2:])
+    f.flush()
+    if DURABLE:
+        os.fsync(f.fileno())
+
+
 def write_atomic(path: Path, data: bytes, point: str = "") -> None:
     """data to a temporary file beside `path`, flushed to disk, then renamed over it: whole or not at all."""
     tmp = path.parent / f".{path.name}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(data[: len(data) // 2])
-            if point:
-                f.flush()
-                fault(point + ".partial")
-            f.write(data[len(data) // 2:])
-            f.flush()
-            if DURABLE:
-                os.fsync(f.fileno())
+            write_halves(f, data, point)
         if point:
             fault(point + ".written")
         os.replace(tmp, path)
@@ -190,14 +196,7 @@ def append_jsonl(path: Path, row: dict, point: str = "") -> None:
         with open(path, "ab") as f:
             size = f.tell()
             try:
-                f.write(line[: len(line) // 2])
-                if point:
-                    f.flush()
-                    fault(point + ".partial")
-                f.write(line[len(line) // 2:])
-                f.flush()
-                if DURABLE:
-                    os.fsync(f.fileno())
+                write_halves(f, line, point)
             except OSError:
                 f.truncate(size)
                 raise
