@@ -470,19 +470,14 @@ ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the floa
 def read_adapter_tensors(w_path: Path) -> dict[str, torch.Tensor]:
     """adapter_model.safetensors' tensors: the header first (names, dtypes and shapes, no tensor read), then the
     tensors, which must be finite. Errors name the file and the tensor."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from pretrained import safetensors_header  # here, not at the top: settings reads lora's limits without the decoder
+    # here, not at the top: settings reads lora's limits without the decoder
+    from pretrained import load_safetensors, safetensors_header
 
     for name, (dtype, _) in safetensors_header(w_path).items():  # the reader the model's own files go through
         if dtype not in ADAPTER_DTYPES:
             raise ValueError(f"{w_path}: {name} holds {dtype} numbers; allowed: floating point "
                              f"({', '.join(ADAPTER_DTYPES)})")
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{w_path}: cannot read the tensors ({first_line(e)})") from None
+    tensors = load_safetensors(w_path)
     for name, t in sorted(tensors.items()):
         if not torch.isfinite(t).all():
             raise ValueError(f"{w_path}: {name} holds non-finite values (NaN or inf)")
