@@ -214,9 +214,7 @@ def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions
     elif with_ref:
         with torch.no_grad(), adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
             ref = model.logprobs_at(_adapted_top(model, h, pos, start, rows), targets)
-    sizes = [len(p) for p in positions]
-    split = lambda t: list(t.split(sizes)) if t is not None else [None] * len(sizes)  # noqa: E731
-    return Scored(split(states), split(logp), split(ref))
+    return Scored(per_sequence(states, positions), per_sequence(logp, positions), per_sequence(ref, positions))
 
 
 def states_at(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]],
@@ -225,6 +223,11 @@ def states_at(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]],
     order, with no LM head: what a separate critic's copy of the model gives its value head (baselines.py)."""
     h, pos, start = _frozen_bottom(model, seqs)
     return _adapted_top(model, h, pos, start, _rows(positions, h.shape[1]))
+
+
+def per_sequence(t: torch.Tensor | None, positions: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """(N, ...) rows in sequence order back into each sequence's (N_i, ...); None for every sequence when t is None."""
+    return list(t.split([len(p) for p in positions])) if t is not None else [None] * len(positions)
 
 
 def _frozen_bottom(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
