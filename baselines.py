@@ -85,8 +85,8 @@ class Critic:
         copy's own (one forward of the right-padded batch)."""
         if self.net is None:
             return [self.head(s) for s in policy_states]
-        v = self.head(lora.states_at(self.net, seqs, positions))  # the state at p−1, as for the policy
-        return list(v.split([len(p) for p in positions]))
+        # one head over the copy's rows (N, C), then each sequence's (N_i,), as lora.logprobs splits the policy's
+        return lora.per_sequence(self.head(lora.states_at(self.net, seqs, positions)), positions)
 
     def _named(self) -> dict[str, nn.Parameter]:
         out = {f"value_head.{k}": p for k, p in self.head.named_parameters()}
@@ -120,26 +120,28 @@ def terminal_rewards(T: int, reward: float) -> torch.Tensor:
     return r
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    """A_t (T,) = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γ·V(s_{t+1}) − V(s_t), with V after the last token = 0.
-    Computed backwards as A_t = δ_t + γλ·A_{t+1}, in float64 on the CPU (T scalars: no device round trips)."""
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, gae_lambda: float) -> torch.Tensor:
+    """A_t (T,) = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γ·V(s_{t+1}) − V(s_t), with V after the last token = 0; γ is
+    `gamma`, λ is `gae_lambda` (--gamma, --gae-lambda). Computed backwards as A_t = δ_t + γλ·A_{t+1}, in float64
+    on the CPU (T scalars: no device round trips)."""
     r, v = rewards.double().cpu().tolist(), values.detach().double().cpu().tolist()
     adv = [0.0] * len(r)
     running, next_value = 0.0, 0.0
     for t in reversed(range(len(r))):
         delta = r[t] + gamma * next_value - v[t]  # δ_t = r_t + γ·V(s_{t+1}) − V(s_t)
-        running = delta + gamma * lam * running  # [K2] A_t = δ_t + γλ·A_{t+1} = Σ_l (γλ)^l δ_{t+l}
+        running = delta + gamma * gae_lambda * running  # [K2] A_t = δ_t + γλ·A_{t+1} = Σ_l (γλ)^l δ_{t+l}
         adv[t] = running
         next_value = v[t]
     return torch.tensor(adv, dtype=torch.float64)
 
 
-def gae_by_definition(rewards: Sequence[float], values: Sequence[float], gamma: float, lam: float) -> list[float]:
+def gae_by_definition(rewards: Sequence[float], values: Sequence[float], gamma: float,
+                      gae_lambda: float) -> list[float]:
     """The slow path: the double sum of K2 as written, no recursion."""
     T = len(rewards)
     v = list(values) + [0.0]  # V after the last token = 0
     delta = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(T)]
-    return [sum((gamma * lam) ** l * delta[t + l] for l in range(T - t)) for t in range(T)]
+    return [sum((gamma * gae_lambda) ** l * delta[t + l] for l in range(T - t)) for t in range(T)]
 
 
 def whiten(advantages: list[torch.Tensor], eps: float = WHITEN_EPS) -> list[torch.Tensor]:

@@ -40,11 +40,12 @@ from pathlib import Path
 import torch
 
 import lora
+from values import first_line, is_integer
 
 KEEP = 2  # checkpoints kept on disk (the newest two: one stays whole while the next is written)
 # fsync each file before its rename, so that a power loss (not only a crash) cannot leave an empty file under the real
-# name. About 7 ms a file on the test machine: the fault tests, which write hundreds of checkpoints and where the
-# fault is a killed process (the page cache survives it), turn it off.
+# name. An fsync costs milliseconds a file: the fault tests, which write hundreds of checkpoints and where the fault is
+# a killed process (the page cache survives it), turn it off.
 DURABLE = True
 
 FAULT_POINTS = (
@@ -161,19 +162,25 @@ def describe_holder(record: str) -> str:
 # Writing
 
 
+def write_halves(f, data: bytes, point: str = "") -> None:
+    """data to the open file `f` in two halves, then flushed (and fsynced, if DURABLE). With a fault `point`, the
+    first half reaches the file before point.partial: a process killed there leaves exactly half of it written."""
+    f.write(data[: len(data) // 2])
+    if point:
+        f.flush()
+        fault(point + ".partial")
+    f.write(data[len(data) // 2:])
+    f.flush()
+    if DURABLE:
+        os.fsync(f.fileno())
+
+
 def write_atomic(path: Path, data: bytes, point: str = "") -> None:
     """data to a temporary file beside `path`, flushed to disk, then renamed over it: whole or not at all."""
     tmp = path.parent / f".{path.name}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(data[: len(data) // 2])
-            if point:
-                f.flush()
-                fault(point + ".partial")
-            f.write(data[len(data) // 2:])
-            f.flush()
-            if DURABLE:
-                os.fsync(f.fileno())
+            write_halves(f, data, point)
         if point:
             fault(point + ".written")
         os.replace(tmp, path)
@@ -189,14 +196,7 @@ def append_jsonl(path: Path, row: dict, point: str = "") -> None:
         with open(path, "ab") as f:
             size = f.tell()
             try:
-                f.write(line[: len(line) // 2])
-                if point:
-                    f.flush()
-                    fault(point + ".partial")
-                f.write(line[len(line) // 2:])
-                f.flush()
-                if DURABLE:
-                    os.fsync(f.fileno())
+                write_halves(f, line, point)
             except OSError:
                 f.truncate(size)
                 raise
@@ -360,7 +360,7 @@ def read_checkpoint(ck: Path, accum: int | None = None) -> tuple[dict, dict]:
         state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds (pickle, zip, EOF, ...): any of them means "not whole"
         raise ValueError(f"{path}: not a checkpoint torch can read ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:120]})") from None
+                         f"{first_line(e)[:120]})") from None
     if (problem := state_problem(state, int(ck.name[len("step-"):]), accum)) is not None:
         raise ValueError(f"{path}: {problem}")
     if (ck / "model").is_dir():  # --train full: the model's weights
@@ -372,15 +372,12 @@ def read_checkpoint(ck: Path, accum: int | None = None) -> tuple[dict, dict]:
 
 def state_problem(state, step: int, accum: int | None) -> str | None:
     """What is wrong with state.pt's contents (None: nothing), read before a resume uses any of it."""
-    def integer(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     if not isinstance(state, dict) or not {"step", "optimizer", "rng", "data_position"} <= set(state):
         return "lacks step, optimizer, rng or data_position"
-    if not integer(state["step"]) or state["step"] != step:
+    if not is_integer(state["step"]) or state["step"] != step:
         return f"step is {reprlib.repr(state['step'])}, not this checkpoint's {step}"
     most = step * accum if accum else 2**62
-    if not integer(state["data_position"]) or not 0 <= state["data_position"] <= most:
+    if not is_integer(state["data_position"]) or not 0 <= state["data_position"] <= most:
         return (f"data_position is {reprlib.repr(state['data_position'])}; allowed: the examples drawn by step {step}, "
                 f"an integer from 0 to {most}")
     ranks = state.get("rng_ranks", [])

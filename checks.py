@@ -49,6 +49,7 @@ import pretrained
 import tokenizer
 from settings import DEVICE, Settings, device_problem, refuse_setting, type_problem, usage_error, validate
 from tasks import Task, make_task
+from values import first_line, is_integer
 
 CPU_WARN_PARAMETERS = 200_000_000  # training a larger model on the CPU starts with a warning: hours a step
 
@@ -274,7 +275,7 @@ def marked_settings_problem(path: Path) -> str | None:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:
-        return f"it cannot be read as JSON ({(str(e).splitlines() or [''])[0][:80]})"
+        return f"it cannot be read as JSON ({first_line(e)[:80]})"
     if not isinstance(saved, dict) or saved.get(RUN_MARKER[0]) != RUN_MARKER[1]:
         return f"it lacks their marker, \"{RUN_MARKER[0]}\": \"{RUN_MARKER[1]}\""
     if why := settings_fields_problem(saved):
@@ -294,7 +295,7 @@ def read_run_settings(run: Path, device: str | None = None) -> Settings:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5,000-digit integer
-        usage_error(f"{path}: cannot read the run's settings ({(str(e).splitlines() or [''])[0]})")
+        usage_error(f"{path}: cannot read the run's settings ({first_line(e)})")
     if why := settings_fields_problem(saved):
         usage_error(f"{path}: not the settings of a run of this tokrl ({why})")
     cfg = Settings(**{"replay_pool": "group", **{k: v for k, v in saved.items() if k != RUN_MARKER[0]}})
@@ -312,7 +313,7 @@ def read_run_settings(run: Path, device: str | None = None) -> Settings:
         usage_error(str(e))
     if resumes:
         steps = resumes[-1].get("steps")
-        if not (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps < 2**62):
+        if not (is_integer(steps) and 1 <= steps < 2**62):
             usage_error(f"{run / 'resumes.jsonl'}: its last line's steps is {steps!r:.60}; allowed: an integer >= 1")
         cfg = dataclasses.replace(cfg, steps=steps)
     return cfg

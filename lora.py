@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from values import first_line, is_finite_number, is_integer
+
 if TYPE_CHECKING:  # annotations only: parsing flags reads lora.py's checks (settings.py) without the decoder
     import model as M
 
@@ -212,9 +214,7 @@ def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions
     elif with_ref:
         with torch.no_grad(), adapters_off(model):  # π_ref: same weights, adapters off (SPEC.md)
             ref = model.logprobs_at(_adapted_top(model, h, pos, start, rows), targets)
-    sizes = [len(p) for p in positions]
-    split = lambda t: list(t.split(sizes)) if t is not None else [None] * len(sizes)  # noqa: E731
-    return Scored(split(states), split(logp), split(ref))
+    return Scored(per_sequence(states, positions), per_sequence(logp, positions), per_sequence(ref, positions))
 
 
 def states_at(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]],
@@ -223,6 +223,11 @@ def states_at(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]],
     order, with no LM head: what a separate critic's copy of the model gives its value head (baselines.py)."""
     h, pos, start = _frozen_bottom(model, seqs)
     return _adapted_top(model, h, pos, start, _rows(positions, h.shape[1]))
+
+
+def per_sequence(t: torch.Tensor | None, positions: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """(N, ...) rows in sequence order back into each sequence's (N_i, ...); None for every sequence when t is None."""
+    return list(t.split([len(p) for p in positions])) if t is not None else [None] * len(positions)
 
 
 def _frozen_bottom(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -344,11 +349,11 @@ class AdapterMismatch(ValueError):
 
 
 def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return is_integer(v) and v >= 1
 
 
 def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return is_finite_number(v) and v > 0
 
 
 # adapter_config.json's fields that loading reads: each value allowed, and what is allowed in words
@@ -358,8 +363,7 @@ _FIELD_RULES = {
     "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "target_modules": (lambda v: isinstance(v, str) and v or isinstance(v, list) and v and
                        all(isinstance(t, str) for t in v), "a non-empty list of module names, or a regular expression"),
-    "layers_to_transform": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) or
-                            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+    "layers_to_transform": (lambda v: v is None or is_integer(v) or isinstance(v, list) and all(map(is_integer, v)),
                             "a layer index or a list of them"),
     "rank_pattern": (lambda v: v is None or isinstance(v, dict) and all(_integer(r) for r in v.values()),
                      "an object of integers >= 1"),
@@ -374,7 +378,7 @@ def read_adapter_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5,000-digit integer
-        raise ValueError(f"{path}: not valid JSON ({(str(e).splitlines() or [''])[0]})") from None
+        raise ValueError(f"{path}: not valid JSON ({first_line(e)})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object")
     check_peft_config(cfg, path)
@@ -469,19 +473,14 @@ ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the floa
 def read_adapter_tensors(w_path: Path) -> dict[str, torch.Tensor]:
     """adapter_model.safetensors' tensors: the header first (names, dtypes and shapes, no tensor read), then the
     tensors, which must be finite. Errors name the file and the tensor."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from pretrained import safetensors_header  # here, not at the top: settings reads lora's limits without the decoder
+    # here, not at the top: settings reads lora's limits without the decoder
+    from pretrained import load_safetensors, safetensors_header
 
     for name, (dtype, _) in safetensors_header(w_path).items():  # the reader the model's own files go through
         if dtype not in ADAPTER_DTYPES:
             raise ValueError(f"{w_path}: {name} holds {dtype} numbers; allowed: floating point "
                              f"({', '.join(ADAPTER_DTYPES)})")
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{w_path}: cannot read the tensors ({(str(e).splitlines() or [''])[0]})") from None
+    tensors = load_safetensors(w_path)
     for name, t in sorted(tensors.items()):
         if not torch.isfinite(t).all():
             raise ValueError(f"{w_path}: {name} holds non-finite values (NaN or inf)")

@@ -42,6 +42,7 @@ from mini_runs import (LRS, METHODS, QUICK_STEP_SCALE, STEP_SCALE, Job, choose, 
                        workers)
 from mini_base import SETTINGS, say
 from settings import ArgumentParser, setting_problem, usage_error
+from values import first_line
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The methods run by default (mini_runs.py defines them) and the rates they borrow
@@ -100,7 +101,7 @@ def read_tuning(path: Path) -> dict:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or not UTF-8
-        refuse(f"cannot read the tuning table ({(str(e).splitlines() or [''])[0]})")
+        refuse(f"cannot read the tuning table ({first_line(e)})")
     if not (isinstance(raw, dict) and isinstance(raw.get("table"), dict)):
         refuse('not a tuning table: expected {"table": {setting: {method: {"lr": rate, "validation": {rate: '
                'accuracy}}}}}, as python mini.py --tune writes it')

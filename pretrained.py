@@ -3,8 +3,8 @@ checked and saved, and the Hub that fills one.
 
     config.json      config_from_dict, read_config, config_to_dict: the file's keys to and from Qwen2Config, refusing
                      what the decoder does not implement (naming the key)
-    safetensors      read_state_dict, check_state_dict, safetensors_header, check_model_dir (headers only, in
-                     seconds), check_weights (every value finite), load_model, save_model
+    safetensors      load_safetensors, read_state_dict, check_state_dict, safetensors_header, check_model_dir
+                     (headers only, in seconds), check_weights (every value finite), load_model, save_model
     the Hub          resolve_model_dir: a local directory as it is, else a repo id through huggingface_hub
     end of text      eos_ids: config.json's, generation_config.json's and the tokenizer's end tokens
 """
@@ -144,18 +144,24 @@ def weight_files(model_dir: Path) -> list[Path]:
     return [single]
 
 
-def read_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, up-cast (or cast) to `dtype`, with errors that name the file."""
+def load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, on the CPU: the model's weights here, an adapter's (lora.py) and a
+    checkpoint's. A file the library cannot read is a ValueError naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{f}: cannot read safetensors file, it may be truncated or corrupt "
+                         f"({first_line(e)})") from None
+
+
+def read_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, up-cast (or cast) to `dtype`, with errors that name the file."""
     state = {}
     for f in weight_files(model_dir):
-        try:
-            tensors = load_file(str(f))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{f}: cannot read safetensors file, it may be truncated or corrupt ({e})") from None
-        for name, t in tensors.items():
+        for name, t in load_safetensors(f).items():
             if name in state:
                 raise ValueError(f"{f}: tensor {name} also appears in another shard")
             if (problem := dtype_problem(name, _SAFETENSORS_NAME.get(t.dtype, str(t.dtype)))) is not None:

@@ -1,19 +1,24 @@
 """What a run logs: each step's metrics (metrics.jsonl) and its progress line, the evaluations (eval.jsonl) and
-curves.svg, as a RunLog holds them in memory and on disk. README "What a run writes" lists every key."""
+curves.svg, as a RunLog holds them in memory and on disk. README "What a run writes" lists every key.
+
+Logging takes what it logs as values (the objectives' StepStats, the adapter's mean |A| and |B|): it imports neither
+the objectives nor the adapter, so what a step logs is what the loop hands it."""
 from __future__ import annotations
 
 import datetime
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-import lora
-import tokrl
 from checkpoints import append_jsonl, read_jsonl, write_atomic, write_jsonl
 from plot import svg_plot
 from settings import Settings
+
+if TYPE_CHECKING:  # annotations only
+    from tokrl import StepStats
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -23,12 +28,14 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process peak)
 
 
-def step_metrics(step: int, algo: str, net, rewards: list[float], lengths: list[int], fresh: list[tokrl.StepStats],
-                 replays: list[tokrl.StepStats], seconds: float, device: torch.device) -> dict:
+def step_metrics(step: int, algo: str, rewards: list[float], lengths: list[int], fresh: list[StepStats],
+                 replays: list[StepStats], seconds: float, device: torch.device,
+                 adapter_means: tuple[float, float] | None = None) -> dict:
     """A step's line of metrics.jsonl, from its fresh groups (their rewards, completion lengths and StepStats, in
     order) and T-SPMO's replays: the reward's mean and spread, the loss and KL, lengths, forwards, the algorithm's own
-    statistics (T-SPMO's: tspmo_metrics; PPO's and DPO's: their StepStats.extra), time, tokens a second and peak
-    memory. README "What a run writes" lists every key."""
+    statistics (T-SPMO's: tspmo_metrics, with `adapter_means`, the adapter's mean |A| and |B| after the step; PPO's
+    and DPO's: their StepStats.extra), time, tokens a second and peak memory. README "What a run writes" lists every
+    key."""
     n = len(rewards)
     mean = sum(rewards) / n  # [E1] J(θ) = E_{Y~π_θ}[r(Y)], estimated by the mean reward of the group
     every = fresh + replays  # fresh groups, then replay groups: all of them did forwards and took a loss
@@ -37,7 +44,7 @@ def step_metrics(step: int, algo: str, net, rewards: list[float], lengths: list[
          "loss": sum(s.loss for s in every), "kl": sum(s.kl for s in fresh) / len(fresh),
          "len_mean": sum(lengths) / n, "len_max": max(lengths), "forwards": sum(s.forwards for s in every)}
     if algo == "tspmo":
-        m.update(tspmo_metrics(net, fresh, replays))
+        m.update(tspmo_metrics(fresh, replays, *adapter_means))
     else:
         m["loss_token_fraction"] = sum(s.tokens_in_loss for s in fresh) / max(sum(lengths), 1)
         m.update({k: v for s in fresh for k, v in s.extra.items()})  # PPO / DPO statistics (baselines.py)
@@ -51,13 +58,13 @@ GROUP_FIELDS = ("edges", "forwards", "nonzero_adv_tokens", "tokens_generated", "
                 "policy_grad_norm", "l2_grad_norm", "policy_grad_norm_A", "l2_grad_norm_A")
 
 
-def tspmo_metrics(net, fresh: list[tokrl.StepStats], replays: list[tokrl.StepStats]) -> dict:
+def tspmo_metrics(fresh: list[StepStats], replays: list[StepStats], mean_A: float, mean_B: float) -> dict:
     """T-SPMO's log, fresh and replay groups alike: |U|, the fraction of generated tokens whose edge has A ≠ 0, the
-    policy and λ terms with their gradient norms (per group: which term drives the adapter), and mean |A|, |B|."""
+    policy and λ terms with their gradient norms (per group: which term drives the adapter), and the adapter's mean
+    |A|, |B| as given (lora.mean_abs)."""
     every = fresh + replays
     groups = [{"kind": "fresh" if i < len(fresh) else "replay", **{f: getattr(s, f) for f in GROUP_FIELDS},
                **s.extra} for i, s in enumerate(every)]
-    mean_A, mean_B = lora.mean_abs(net)
     return {"edges": sum(s.edges for s in every),
             "nonzero_adv_token_fraction": sum(s.nonzero_adv_tokens for s in every) /
             max(sum(s.tokens_generated for s in every), 1),

@@ -13,7 +13,6 @@ setting means one declaration below, and its use.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import reprlib
 import sys
@@ -25,6 +24,7 @@ import torch
 
 import lora
 from tasks import TASKS
+from values import is_finite_number as _num, is_integer, is_number  # _num: a finite number, not a bool
 
 ALGOS = ("grpo", "sgrpo", "tspmo", "ppo", "dpo")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # lora.apply_lora adapts attention projections
@@ -62,10 +62,6 @@ def setting(default, help: str, *rules: Rule, choices: tuple = (), why: str = ""
         rules = ((lambda v, s: v in choices, why or "allowed: " + ", ".join(choices)), *rules)
     return field(default=default, metadata=dict(help=help, rules=rules, choices=choices, paper=paper,
                                                 section=section, short=short, warn=warn))
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -404,9 +400,9 @@ def type_problem(name: str, value) -> str | None:
     base, _, optional = Settings.__dataclass_fields__[name].type.partition(" | ")
     if value is None and optional:
         return None
-    if base == "int" and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**62:
+    if base == "int" and is_integer(value) and abs(value) < 2**62:
         return None
-    if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if base == "float" and is_number(value):
         return None
     if base == "str" and isinstance(value, str) and len(value) <= MAX_STR:
         return None

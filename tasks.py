@@ -21,6 +21,7 @@ from pathlib import Path
 
 import tokenizer
 from reward import exact_match_reward, partial_credit_reward, sympy_reward
+from values import is_number
 
 
 class DataError(ValueError):
@@ -193,7 +194,7 @@ class Svamp(Task):
     def record_problem(r) -> str | None:
         """What is wrong with one SVAMP record (None: nothing), down to an Answer the reward can read."""
         if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("Body", "Question")) and
-                isinstance(r.get("Answer"), (int, float)) and not isinstance(r.get("Answer"), bool)):
+                is_number(r.get("Answer"))):
             return "needs string Body and Question and a numeric Answer"
         if not math.isfinite(r["Answer"]):
             return f"Answer {r['Answer']} is not a finite number"

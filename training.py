@@ -108,8 +108,8 @@ class Trainer:
         self.optimizer_step()
         replays = self.replay(fresh) if self.replays else []
         rewards, lengths = [r for g in fresh for r in g.rewards], [len(y) for g in fresh for y in g.completions]
-        return step_metrics(self.step + 1, self.cfg.algo, self.net, rewards, lengths, [g.stats for g in fresh],
-                            replays, time.time() - t0, self.dev)
+        return step_metrics(self.step + 1, self.cfg.algo, rewards, lengths, [g.stats for g in fresh], replays,
+                            time.time() - t0, self.dev, lora.mean_abs(self.net) if self.cfg.algo == "tspmo" else None)
 
     def fresh_group(self, ex) -> Group:
         """The group of example `ex`: G completions sampled and scored, then its backward, 1/accum of the step's."""

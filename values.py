@@ -1,7 +1,8 @@
 """Small predicates on values read from files and flags, and an exception's first line for one-line messages.
 
 Shared by the rooms that check what they read (pretrained.py's config.json, lora.py's adapter_config.json,
-settings.py's flags, checkpoints.py's saved state); imports nothing of the project.
+settings.py's flags, checkpoints.py's saved state, tasks.py's SVAMP records) and by every one-line error message;
+imports nothing of the project.
 """
 from __future__ import annotations
 

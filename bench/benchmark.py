@@ -60,6 +60,7 @@ import settings  # noqa: E402
 import tokrl  # noqa: E402
 from training import ppo_update  # noqa: E402
 from trie import PrefixTrie  # noqa: E402
+from values import first_line  # noqa: E402
 
 # The paper's multiplication settings (SPEC.md "Training settings", S-GRPO / T-SPMO).
 # T-SPMO's λ: the literal reading's term in the loss (--lam 0.01), not the CLI's default (--lam 0: λ as AdamW's weight
@@ -271,14 +272,14 @@ def decode_section(tk, dev) -> str:
                 fp32[attention] = ms[1]
         except RuntimeError as e:  # a kernel that refuses these inputs is a result too
             ms = None
-            print(f"{name}: failed: {str(e).splitlines()[0][:200]}")
+            print(f"{name}: failed: {first_line(e)[:200]}")
         rows.append([name, *(f"{x:.2f}" for x in ms)] if ms else [name, "-", "-"])
     table(["decode", f"{G_GRPO} rows, ms", f"{G_TSPMO} rows, ms"], rows)
     for part in (profile, mismatch):
         try:
             part(tk, dev)
         except Exception as e:  # a profiler that cannot read this machine must not hide the rest
-            print(f"{part.__name__}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n")
+            print(f"{part.__name__}: failed: {type(e).__name__}: {first_line(e)[:200]}\n")
     return min(fp32, key=fp32.get) if fp32 else sampling.DECODE_ATTENTION
 
 

@@ -62,6 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's rooms: values.py here, the others inside each part
+from values import first_line  # noqa: E402
+
 BUDGET_S = 470  # the whole check, from its start to summary.md's last write
 RESERVE_S = 10  # kept back from the budget to end a part, write summary.md and remove the model
 MIN_CAP_S = 15  # a part that would get less is not started
@@ -215,7 +218,7 @@ def part_decode(a, sz: Sizes, dev) -> None:
                 ms = B.decode_variant_ms(tk, dev, v, sz.decode_rows, **shape)
                 cells = {f"{r} rows, ms": x for r, x in zip(sz.decode_rows, ms)}
             except RuntimeError as e:  # a kernel that refuses these inputs is a result too
-                cells = {f"{r} rows, ms": "failed" for r in sz.decode_rows} | {"error": first_line(e)}
+                cells = {f"{r} rows, ms": "failed" for r in sz.decode_rows} | {"error": first_line(e)[:200]}
             emit(f"one decode step over a {sz.decode_slots}-slot cache", decode=name, **cells, target=target)
 
     step_rows(variants[:3])
@@ -224,7 +227,8 @@ def part_decode(a, sz: Sizes, dev) -> None:
         try:
             p = B.step_profile(tk, dev, rows, mode, sz.profile_prompt, sz.profile_steps, ends)
         except Exception as e:  # a profiler that cannot read this machine must not hide the rest
-            emit("the decode step, profiled", decode=mode, rows=rows, error=f"{type(e).__name__}: {first_line(e)}")
+            emit("the decode step, profiled", decode=mode, rows=rows,
+                 error=f"{type(e).__name__}: {first_line(e)[:200]}")
             continue
         emit("the decode step, profiled", decode=mode, rows=rows,
              **{"rows end": f"1 in {ends} a step" if ends else "none", "step ms": p["wall_ms"],
@@ -367,10 +371,6 @@ def part_memory_full(a, sz: Sizes, dev, w: dict) -> None:
 
 PART_RUNS = {"model": part_model, "decode": part_decode, "sampling": part_sampling, "eval": part_eval,
              "memory": part_memory}
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def die_with_parent(parent: int) -> None:
@@ -521,7 +521,7 @@ class Check:
             text = summary(self)
         except Exception as e:  # the parts' states at least, whatever a log holds
             text = "# tokrl GPU check\n\n" + "\n".join(f"- {n}: {s['status']}" for n, s in self.state.items()) + \
-                f"\n\nThe tables could not be written: {type(e).__name__}: {first_line(e)}\n"
+                f"\n\nThe tables could not be written: {type(e).__name__}: {first_line(e)[:200]}\n"
         tmp = self.out / "summary.md.partial"
         tmp.write_text(text)
         os.replace(tmp, self.out / "summary.md")  # whole, even if the check is killed while writing
@@ -657,7 +657,7 @@ def check_tokenizer(path: Path) -> None:
     try:
         added = {t["content"]: t["id"] for t in json.loads(path.read_text())["added_tokens"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"--tokenizer {path}: not a tokenizer.json with added_tokens ({type(e).__name__}: {first_line(e)})")
+        fail(f"--tokenizer {path}: not a tokenizer.json with added_tokens ({type(e).__name__}: {first_line(e)[:200]})")
     for tok in ("<|endoftext|>", "<|im_end|>"):
         if added.get(tok) != QWEN_IDS[tok]:
             fail(f"--tokenizer {path}: {tok} has id {added.get(tok)}, not Qwen2's {QWEN_IDS[tok]}")

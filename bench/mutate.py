@@ -247,8 +247,8 @@ MUTANTS = [
            REPLAY + ("tests/test_faults.py",)),
     # -- checkpoints (checkpoints.py) -----------------------------------------------------------------------------
     Mutant("state-step-unchecked", "checkpoints",
-           "if not integer(state[\"step\"]) or state[\"step\"] != step:",
-           "if not integer(state[\"step\"]):",
+           "if not is_integer(state[\"step\"]) or state[\"step\"] != step:",
+           "if not is_integer(state[\"step\"]):",
            "checkpoint validation: a state.pt of another step is taken for this one", FAULTS),
     Mutant("data-position-bound-strict", "checkpoints",
            "not 0 <= state[\"data_position\"] <= most",

@@ -99,3 +99,27 @@ def test_no_script_shadows_a_room_it_imports():
                 defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
         clashes += [f"{path.relative_to(ROOT)}: {name}" for name in sorted(imported & defined)]
     assert clashes == []
+
+
+def runtime_imports(path: Path, rooms: set[str]) -> set[str]:
+    """The project's modules that `path` imports anywhere, in functions too, but not under `if TYPE_CHECKING:`
+    (annotations only: those never run)."""
+    found, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo += node.orelse
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+        todo += ast.iter_child_nodes(node)
+    return found & rooms
+
+
+def test_logging_does_not_import_the_objectives_or_the_adapter():
+    rooms = {p.stem for p in ROOT.glob("*.py")}
+    assert runtime_imports(ROOT / "lora.py", rooms) >= {"pretrained", "values"}  # the reader sees function imports
+    assert "model" not in runtime_imports(ROOT / "lora.py", rooms)  # and skips lora's annotations-only import
+    assert runtime_imports(ROOT / "runlog.py", rooms) & {"tokrl", "lora", "baselines"} == set()

@@ -34,7 +34,7 @@ def test_gae_by_hand():
     r = B.terminal_rewards(4, 1.0)
     assert r.tolist() == [0, 0, 0, 1]
     v = torch.tensor([0.5, 0.4, 0.6, 0.8], dtype=torch.float64)
-    a = B.gae(r, v, gamma=0.9, lam=0.5)
+    a = B.gae(r, v, gamma=0.9, gae_lambda=0.5)
     assert a.tolist() == pytest.approx([-0.034475, 0.2345, 0.21, 0.2], abs=1e-12)
     assert (a + v).tolist() == pytest.approx([0.465525, 0.6345, 0.81, 1.0], abs=1e-12)
     assert a.tolist() == pytest.approx(B.gae_by_definition(r.tolist(), v.tolist(), 0.9, 0.5), abs=1e-12)
@@ -48,9 +48,9 @@ def test_gae_recursion_equals_the_double_sum_on_random_input():
     g = torch.Generator().manual_seed(0)
     for T in (1, 2, 7, 30):
         r, v = torch.randn(T, generator=g, dtype=torch.float64), torch.randn(T, generator=g, dtype=torch.float64)
-        for gamma, lam in ((1.0, 0.95), (0.99, 0.9), (0.5, 1.0)):
-            assert B.gae(r, v, gamma, lam).tolist() == pytest.approx(
-                B.gae_by_definition(r.tolist(), v.tolist(), gamma, lam), abs=1e-10)
+        for gamma, gae_lambda in ((1.0, 0.95), (0.99, 0.9), (0.5, 1.0)):
+            assert B.gae(r, v, gamma, gae_lambda).tolist() == pytest.approx(
+                B.gae_by_definition(r.tolist(), v.tolist(), gamma, gae_lambda), abs=1e-10)
 
 
 def test_whitening_is_over_all_tokens_of_the_step():

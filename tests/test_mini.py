@@ -85,7 +85,8 @@ def test_tasks_reward_the_last_integer_and_prefill_the_opener_in_the_steps_setti
 
 def test_validation_test_and_training_problems_are_disjoint(tok):
     """The two fixed splits (300 distinct pairs each) share nothing; RL's training stream and the steps base's SFT
-    draw neither; the first-token base's SFT (built before the validation set existed) excludes the test set."""
+    draw neither; the first-token base's SFT (the shipped base's, which sees the validation pairs) excludes the test
+    set."""
     test, validation = set(mini_base.split("test")), set(mini_base.split("validation"))
     assert len(test) == len(validation) == 300 and not test & validation
     assert list(mini_base.split("test")) == MiniMult(tok).test_set()  # what the runs are scored on
