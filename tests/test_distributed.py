@@ -349,7 +349,8 @@ def test_with_train_full_the_summed_gradient_on_every_weight_equals_one_process_
         g = r["grads"][algo]
         print(f"\nF1 {algo} rank {r['rank']}: {g['with_gradient']}/{g['tensors']} tensors with a gradient, max |grad| "
               f"{g['max_abs']:.3e}, max |sum of shares − one process| {g['max_abs_err']:.1e}")
-        assert g["with_gradient"] == g["tensors"] and g["max_abs"] > 1e-4
+        # a real gradient: T-SPMO's largest here is about 9e-5, five decades above the tolerance below
+        assert g["with_gradient"] == g["tensors"] and g["max_abs"] > 1e-5
         assert g["max_abs_err"] <= 1e-6 * g["max_abs"] + 1e-9
 
 
