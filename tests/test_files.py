@@ -362,7 +362,7 @@ def test_another_process_s_distribution_that_is_not_finite_stops_this_one_too(ti
         evaluation.evaluate(net, tok, task, cfg, (256,), world=world)
     assert e.value.new_token == 2
     trainer = SimpleNamespace(cfg=cfg, world=world, net=net, gens={"sample": torch.Generator()}, eos=(256,),
-                              task=task, tok=tok, step=0)
+                              task=task, tok=tok, step=0, sampler=sampling.Sampler(net))
     with pytest.raises(sampling.NonFiniteLogits) as e:
         training.Trainer.sample_group(trainer, tok.encode(task.prompt((123, 456))), (123, 456))
     assert e.value.new_token == 2

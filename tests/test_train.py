@@ -373,6 +373,7 @@ def test_the_trainer_samples_and_evaluates_through_one_sampler_whose_runners_las
     """With the fixed-shape decode chosen (as CUDA chooses its graph), the Trainer's Sampler makes the group's
     StepRunner at the first step and every later step reuses it (on CUDA: one capture a run, not one a step); the
     evaluation decodes through the same Sampler and frees its runners when it ends (its batch holds gigabytes)."""
+    import evaluation
     import lora
     import sampling
     monkeypatch.setattr(sampling, "default_mode", lambda device: "static")
@@ -389,7 +390,7 @@ def test_the_trainer_samples_and_evaluates_through_one_sampler_whose_runners_las
     assert seen[0][0].cache.rows == cfg.group_size
     released, release = [], tr.sampler.release
     monkeypatch.setattr(tr.sampler, "release", lambda: released.append(dict(tr.sampler.runners)) or release())
-    training.evaluate(tr.net, tr.tok, tr.task, cfg, tr.eos, sampler=tr.sampler)
+    evaluation.evaluate(tr.net, tr.tok, tr.task, cfg, tr.eos, sampler=tr.sampler)
     assert len(released) == 1 and tr.sampler.runners == {}  # released once, at the evaluation's end
     rows = {r.cache.rows for r in released[0].values()}
     assert rows == {cfg.group_size, 2}  # the group's runner, and the evaluation's batch of eval_limit = 2 prompts
