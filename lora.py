@@ -183,8 +183,8 @@ def adapters_off(model: nn.Module) -> Iterator[None]:
 @dataclass
 class Scored:
     """Per sequence, at its positions: the final-normed states (N_i, C) that predict the targets (a value head reads
-    them: baselines.py, K1), log π_θ (N_i,) or (N_i, M) with gradient, and log π_ref (adapters off, no gradient) or
-    None."""
+    them: baselines.py, K1), log π_θ (N_i,) or (N_i, M) with gradient, and log π_ref (adapters off, or --train full's
+    frozen copy; no gradient) or None."""
     states: list[torch.Tensor]
     logp: list[torch.Tensor]
     ref: list[torch.Tensor | None]
@@ -208,7 +208,7 @@ def logprobs(model: M.Qwen2ForCausalLM, seqs: Sequence[Sequence[int]], positions
     logp = model.logprobs_at(states, targets)
     ref = None
     if with_ref and reference is not None:  # --train full: the starting weights' copy, sharing no layer with the policy
-        with torch.no_grad():
+        with torch.no_grad():  # the copy has no adapter and trains nothing: its every layer runs in the bottom
             h_ref, pos_ref, start_ref = _frozen_bottom(reference, seqs)
             ref = reference.logprobs_at(_adapted_top(reference, h_ref, pos_ref, start_ref, rows), targets)
     elif with_ref:
